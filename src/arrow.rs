@@ -1,0 +1,161 @@
+//! The table's schema and the conversion of deduplicated updates into an Arrow
+//! record batch. Pure: no I/O.
+//!
+//! Invariant kept here: [`schema`] is the single definition of the table's columns;
+//! the Delta table, the MERGE and the readers all follow from it.
+
+use std::sync::Arc;
+
+use deltalake::arrow::array::{
+    ArrayRef, Float64Builder, Int32Builder, Int64Builder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+};
+use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use deltalake::arrow::error::ArrowError;
+
+use crate::update::PositionUpdate;
+
+/// The partition column.
+pub const PARTITION_COLUMN: &str = "symbol";
+
+/// Columns set from the message, in table order (`conid` .. `realized_pnl`), then lineage.
+pub const PAYLOAD_COLUMNS: [&str; 12] = [
+    "conid",
+    "symbol",
+    "position",
+    "timestamp",
+    "account",
+    "sec_type",
+    "currency",
+    "avg_cost",
+    "market_price",
+    "market_value",
+    "unrealized_pnl",
+    "realized_pnl",
+];
+
+/// Lineage columns: where and when each row was ingested.
+pub const LINEAGE_COLUMNS: [&str; 4] = ["kafka_topic", "kafka_partition", "kafka_offset", "ingested_at"];
+
+fn utc_micros() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// The table's Arrow schema.
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("conid", DataType::Int64, false),
+        Field::new("symbol", DataType::Utf8, false),
+        Field::new("position", DataType::Float64, false),
+        Field::new("timestamp", utc_micros(), false),
+        Field::new("account", DataType::Utf8, true),
+        Field::new("sec_type", DataType::Utf8, true),
+        Field::new("currency", DataType::Utf8, true),
+        Field::new("avg_cost", DataType::Float64, true),
+        Field::new("market_price", DataType::Float64, true),
+        Field::new("market_value", DataType::Float64, true),
+        Field::new("unrealized_pnl", DataType::Float64, true),
+        Field::new("realized_pnl", DataType::Float64, true),
+        Field::new("kafka_topic", DataType::Utf8, false),
+        Field::new("kafka_partition", DataType::Int32, false),
+        Field::new("kafka_offset", DataType::Int64, false),
+        Field::new("ingested_at", utc_micros(), false),
+    ]))
+}
+
+/// Converts updates to a record batch of [`schema`], stamping `ingested_at_micros`.
+///
+/// # Errors
+/// Only if Arrow rejects the arrays, which would be a bug in this module.
+pub fn to_record_batch(rows: &[PositionUpdate], ingested_at_micros: i64) -> Result<RecordBatch, ArrowError> {
+    let n = rows.len();
+    let mut conid = Int64Builder::with_capacity(n);
+    let mut symbol = StringBuilder::with_capacity(n, n * 8);
+    let mut position = Float64Builder::with_capacity(n);
+    let mut timestamp = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut account = StringBuilder::with_capacity(n, n * 8);
+    let mut sec_type = StringBuilder::with_capacity(n, n * 3);
+    let mut currency = StringBuilder::with_capacity(n, n * 3);
+    let mut avg_cost = Float64Builder::with_capacity(n);
+    let mut market_price = Float64Builder::with_capacity(n);
+    let mut market_value = Float64Builder::with_capacity(n);
+    let mut unrealized_pnl = Float64Builder::with_capacity(n);
+    let mut realized_pnl = Float64Builder::with_capacity(n);
+    let mut kafka_topic = StringBuilder::with_capacity(n, n * 16);
+    let mut kafka_partition = Int32Builder::with_capacity(n);
+    let mut kafka_offset = Int64Builder::with_capacity(n);
+    let mut ingested_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    for row in rows {
+        conid.append_value(row.conid);
+        symbol.append_value(&row.symbol);
+        position.append_value(row.position);
+        timestamp.append_value(row.timestamp_micros);
+        account.append_option(row.account.as_deref());
+        sec_type.append_option(row.sec_type.as_deref());
+        currency.append_option(row.currency.as_deref());
+        avg_cost.append_option(row.avg_cost);
+        market_price.append_option(row.market_price);
+        market_value.append_option(row.market_value);
+        unrealized_pnl.append_option(row.unrealized_pnl);
+        realized_pnl.append_option(row.realized_pnl);
+        kafka_topic.append_value(&row.source.tp.topic);
+        kafka_partition.append_value(row.source.tp.partition.0);
+        kafka_offset.append_value(row.source.offset.0);
+        ingested_at.append_value(ingested_at_micros);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(conid.finish()),
+        Arc::new(symbol.finish()),
+        Arc::new(position.finish()),
+        Arc::new(timestamp.finish()),
+        Arc::new(account.finish()),
+        Arc::new(sec_type.finish()),
+        Arc::new(currency.finish()),
+        Arc::new(avg_cost.finish()),
+        Arc::new(market_price.finish()),
+        Arc::new(market_value.finish()),
+        Arc::new(unrealized_pnl.finish()),
+        Arc::new(realized_pnl.finish()),
+        Arc::new(kafka_topic.finish()),
+        Arc::new(kafka_partition.finish()),
+        Arc::new(kafka_offset.finish()),
+        Arc::new(ingested_at.finish()),
+    ];
+    RecordBatch::try_new(schema(), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltalake::arrow::array::{Array, AsArray};
+    use deltalake::arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType};
+
+    use crate::update::tests::update;
+
+    #[test]
+    fn schema_lists_payload_then_lineage_columns() {
+        let names: Vec<String> = schema().fields().iter().map(|f| f.name().clone()).collect();
+        let expected: Vec<&str> = PAYLOAD_COLUMNS.iter().chain(LINEAGE_COLUMNS.iter()).copied().collect();
+        assert_eq!(names, expected);
+    }
+
+    #[test]
+    fn converts_values_and_nulls() {
+        let mut a = update(5, "MSFT", 1_000_000, 2, 77);
+        a.avg_cost = Some(12.5);
+        a.account = Some("U9".into());
+        let b = update(6, "IBM", 2_000_000, 0, 3);
+        let batch = to_record_batch(&[a, b], 42).unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(batch.column_by_name("conid").unwrap().as_primitive::<Int64Type>().value(0), 5);
+        assert_eq!(batch.column_by_name("symbol").unwrap().as_string::<i32>().value(1), "IBM");
+        let avg = batch.column_by_name("avg_cost").unwrap().as_primitive::<Float64Type>();
+        assert_eq!(avg.value(0), 12.5);
+        assert!(avg.is_null(1));
+        assert!(batch.column_by_name("account").unwrap().is_null(1));
+        let ts = batch.column_by_name("timestamp").unwrap().as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(ts.value(1), 2_000_000);
+        assert_eq!(batch.column_by_name("kafka_offset").unwrap().as_primitive::<Int64Type>().value(0), 77);
+        let ing = batch.column_by_name("ingested_at").unwrap().as_primitive::<TimestampMicrosecondType>();
+        assert_eq!(ing.value(1), 42);
+    }
+}

@@ -1,0 +1,173 @@
+//! The flush buffer: accepted updates collected between flushes, deduplicated per row
+//! key with last-write-wins, and the offsets they cover.
+//!
+//! Invariant kept here: a [`Batch`] covers, for each partition it names, every message
+//! consumed from that partition since the previous batch up to its offset — so once the
+//! batch is durable, that offset + 1 may be committed. Memory is bounded by the caller
+//! checking [`Buffer::is_full`] before reading more.
+
+use std::collections::HashMap;
+
+use crate::offsets::{OffsetMap, TopicPartition};
+use crate::update::{KeyColumn, PositionUpdate, RowKey};
+
+/// When a buffer counts as full.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Messages consumed (before dedup).
+    pub max_records: usize,
+    /// Bytes of message payload consumed (before dedup).
+    pub max_bytes: usize,
+}
+
+/// Updates gathered for the next flush.
+#[derive(Debug)]
+pub struct Buffer {
+    keys: Vec<KeyColumn>,
+    limits: Limits,
+    rows: HashMap<RowKey, PositionUpdate>,
+    offsets: OffsetMap,
+    messages: usize,
+    bytes: usize,
+}
+
+/// What one flush writes: the winning update per row key and the offsets covered.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// One update per row key, in no particular order.
+    pub rows: Vec<PositionUpdate>,
+    /// The highest consumed offset per partition (valid or not).
+    pub offsets: OffsetMap,
+    /// Messages consumed into this batch, before dedup.
+    pub messages: usize,
+}
+
+impl Buffer {
+    /// An empty buffer deduplicating on `keys`.
+    pub fn new(keys: Vec<KeyColumn>, limits: Limits) -> Self {
+        Self { keys, limits, rows: HashMap::new(), offsets: OffsetMap::default(), messages: 0, bytes: 0 }
+    }
+
+    /// Adds a valid update of `size` payload bytes; an older update of the same key is dropped.
+    pub fn push(&mut self, update: PositionUpdate, size: usize) {
+        self.note_consumed(&update.source.tp, update.source.offset, size);
+        let key = update.key(&self.keys);
+        match self.rows.get_mut(&key) {
+            Some(current) if update.supersedes(current) => *current = update,
+            Some(_) => {}
+            None => {
+                self.rows.insert(key, update);
+            }
+        }
+    }
+
+    /// Records a consumed message that yields no row, so its offset is still covered.
+    pub fn note_consumed(&mut self, tp: &TopicPartition, offset: crate::offsets::Offset, size: usize) {
+        self.offsets.observe(tp, offset);
+        self.messages += 1;
+        self.bytes += size;
+    }
+
+    /// Whether the buffer reached a size limit and must be flushed before reading more.
+    pub fn is_full(&self) -> bool {
+        self.messages >= self.limits.max_records || self.bytes >= self.limits.max_bytes
+    }
+
+    /// Whether nothing was consumed since the last flush.
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
+    /// Drops everything consumed from `revoked` partitions: their new owner re-reads it.
+    pub fn drop_partitions(&mut self, revoked: &[TopicPartition]) {
+        if revoked.is_empty() {
+            return;
+        }
+        self.rows.retain(|_, u| !revoked.contains(&u.source.tp));
+        for tp in revoked {
+            self.offsets.remove(tp);
+        }
+        if self.offsets.is_empty() {
+            self.messages = 0;
+            self.bytes = 0;
+        }
+    }
+
+    /// Hands over the buffered batch and starts an empty one.
+    pub fn take(&mut self) -> Batch {
+        let batch = Batch {
+            rows: self.rows.drain().map(|(_, u)| u).collect(),
+            offsets: std::mem::take(&mut self.offsets),
+            messages: self.messages,
+        };
+        self.messages = 0;
+        self.bytes = 0;
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offsets::Offset;
+    use crate::update::tests::update;
+
+    fn buffer() -> Buffer {
+        Buffer::new(vec![KeyColumn::Conid], Limits { max_records: 3, max_bytes: 1000 })
+    }
+
+    #[test]
+    fn keeps_the_latest_update_per_key_in_any_arrival_order() {
+        let mut b = buffer();
+        b.push(update(1, "A", 300, 0, 1), 10);
+        b.push(update(1, "A", 100, 0, 2), 10);
+        b.push(update(1, "A", 200, 0, 3), 10);
+        let batch = b.take();
+        assert_eq!(batch.rows.len(), 1);
+        assert_eq!(batch.rows[0].timestamp_micros, 300);
+        assert_eq!(batch.offsets.get(&TopicPartition::new("positions", 0)), Some(Offset(3)));
+        assert_eq!(batch.messages, 3);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn equal_timestamps_keep_the_later_offset() {
+        let mut b = buffer();
+        b.push(update(1, "A", 100, 0, 9), 10);
+        b.push(update(1, "A", 100, 0, 4), 10);
+        assert_eq!(b.take().rows[0].source.offset, Offset(9));
+    }
+
+    #[test]
+    fn different_symbols_are_different_rows() {
+        let mut b = buffer();
+        b.push(update(1, "A", 100, 0, 1), 10);
+        b.push(update(1, "B", 100, 0, 2), 10);
+        assert_eq!(b.take().rows.len(), 2);
+    }
+
+    #[test]
+    fn is_full_by_records_or_bytes() {
+        let mut b = buffer();
+        b.push(update(1, "A", 1, 0, 1), 10);
+        b.push(update(1, "A", 2, 0, 2), 10);
+        assert!(!b.is_full());
+        b.push(update(1, "A", 3, 0, 3), 10);
+        assert!(b.is_full());
+        let mut b = buffer();
+        b.push(update(1, "A", 1, 0, 1), 1000);
+        assert!(b.is_full());
+    }
+
+    #[test]
+    fn dropping_a_revoked_partition_keeps_the_others() {
+        let mut b = buffer();
+        b.push(update(1, "A", 1, 0, 1), 10);
+        b.push(update(2, "A", 1, 1, 1), 10);
+        b.drop_partitions(&[TopicPartition::new("positions", 0)]);
+        let batch = b.take();
+        assert_eq!(batch.rows.len(), 1);
+        assert_eq!(batch.rows[0].conid, 2);
+        assert_eq!(batch.offsets.len(), 1);
+    }
+}

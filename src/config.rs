@@ -1,0 +1,384 @@
+//! Configuration: one typed tree, layered as built-in defaults → TOML file →
+//! `POSITION_SINK__<SECTION>__<KEY>` environment variables → command-line flags,
+//! and validated once at start-up.
+//!
+//! Invariant kept here: a [`Config`] that exists has passed [`Config::validate`];
+//! every error names the key and what to put there. Secrets never reach `Debug`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::update::KeyColumn;
+
+/// Environment variable prefix; sections and keys are separated by `__`.
+pub const ENV_PREFIX: &str = "POSITION_SINK__";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where updates come from.
+    pub kafka: KafkaConfig,
+    /// Where they go.
+    pub delta: DeltaConfig,
+    /// When buffered updates are written.
+    pub flush: FlushConfig,
+    /// What counts as a valid message.
+    pub decode: DecodeConfig,
+    /// How failed writes are retried.
+    pub retry: RetryConfig,
+    /// Process lifecycle.
+    pub worker: WorkerConfig,
+}
+
+/// `[kafka]`: the consumer group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma-separated `host:port` (librdkafka's `bootstrap.servers`).
+    pub brokers: String,
+    /// Consumer group id; all workers writing one table share it.
+    pub group_id: String,
+    /// Topics to consume (a list, or one comma-separated string in an environment variable).
+    #[serde(deserialize_with = "string_or_list")]
+    pub topics: Vec<String>,
+    /// Where a partition starts when neither the group nor the table has an offset for it.
+    pub auto_offset_reset: OffsetReset,
+    /// Raw librdkafka consumer settings, passed through (e.g. `security.protocol`,
+    /// `sasl.password`). Keys this program manages itself are refused.
+    pub librdkafka: Settings,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "position-sink".into(),
+            topics: vec!["positions".into()],
+            auto_offset_reset: OffsetReset::Earliest,
+            librdkafka: Settings::default(),
+        }
+    }
+}
+
+/// Start position of a partition that has no committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffsetReset {
+    /// The oldest message still in the topic: nothing already published is skipped.
+    Earliest,
+    /// Only messages published after the worker joins.
+    Latest,
+}
+
+impl OffsetReset {
+    /// librdkafka's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
+/// `[delta]`: the table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeltaConfig {
+    /// Table location: a local path or a URL (`file:///…`, `s3://…`). Created if missing.
+    pub table_uri: String,
+    /// Columns that identify a row, besides `symbol` (always part of it, as the partition
+    /// column). Must include `conid`; may add `account`, `sec_type`, `currency`.
+    pub key_columns: Vec<KeyColumn>,
+    /// Options for the object store (credentials, endpoint), passed to delta-rs.
+    pub storage_options: Settings,
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        Self {
+            table_uri: "./data/positions".into(),
+            key_columns: vec![KeyColumn::Conid],
+            storage_options: Settings::default(),
+        }
+    }
+}
+
+/// `[flush]`: when the buffer is written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    /// Longest time an update waits in the buffer (e.g. `"3s"`, `"500ms"`).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Flush early once this many messages are buffered.
+    pub max_records: usize,
+    /// Flush early once this many bytes of messages are buffered. Memory held by
+    /// buffers stays within about twice this (one batch being written, one filling).
+    pub max_bytes: usize,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(3), max_records: 100_000, max_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+/// `[decode]`: message validation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    /// Largest accepted message (key + value) in bytes; larger ones are invalid.
+    pub max_message_bytes: usize,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self { max_message_bytes: 1024 * 1024 }
+    }
+}
+
+/// `[retry]`: bounded exponential backoff with jitter around storage and broker I/O.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First delay.
+    #[serde(with = "humantime_serde")]
+    pub min_delay: Duration,
+    /// Longest delay between two attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Attempts after the first before the worker gives up and exits non-zero.
+    pub max_retries: usize,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { min_delay: Duration::from_millis(100), max_delay: Duration::from_secs(10), max_retries: 10 }
+    }
+}
+
+/// `[worker]`: lifecycle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// On SIGINT/SIGTERM, how long to wait for the last flush before exiting anyway
+    /// (nothing unwritten is committed; it is re-read on restart).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Exit once every assigned partition is read to its end and written (batch mode).
+    pub exit_when_caught_up: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { shutdown_timeout: Duration::from_secs(30), exit_when_caught_up: false }
+    }
+}
+
+/// A string map whose values are masked in `Debug` when the key looks secret.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Settings(pub BTreeMap<String, String>);
+
+impl Settings {
+    fn is_secret(key: &str) -> bool {
+        let key = key.to_ascii_lowercase();
+        ["password", "secret", "token", "key", "credential"].iter().any(|word| key.contains(word))
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (k, if Self::is_secret(k) { "***" } else { v.as_str() })))
+            .finish()
+    }
+}
+
+fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(s) => s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect(),
+        OneOrMany::Many(list) => list,
+    })
+}
+
+/// A configuration that cannot be used, with the key at fault and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The layers do not parse or contain unknown keys.
+    #[error("configuration error: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A value is out of its allowed range.
+    #[error("configuration key `{key}` {problem}; {fix}")]
+    Invalid {
+        /// Dotted key, e.g. `flush.max_records`.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+        /// What to do.
+        fix: &'static str,
+    },
+}
+
+/// librdkafka settings the worker sets itself; overriding them would break delivery.
+const MANAGED_LIBRDKAFKA_KEYS: [(&str, &str); 6] = [
+    ("bootstrap.servers", "set kafka.brokers instead"),
+    ("metadata.broker.list", "set kafka.brokers instead"),
+    ("group.id", "set kafka.group_id instead"),
+    ("auto.offset.reset", "set kafka.auto_offset_reset instead"),
+    ("enable.auto.commit", "remove it: offsets are committed only after the Delta commit"),
+    ("enable.auto.offset.store", "remove it: offsets are committed only after the Delta commit"),
+];
+
+impl Config {
+    /// Loads the layers: defaults, then `file` (if given), then the environment, then `overrides`.
+    ///
+    /// # Errors
+    /// When a layer does not parse, names an unknown key, or a value is invalid.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            .merge(overrides)
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value a worker relies on.
+    ///
+    /// # Errors
+    /// The first invalid key, with its fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str, fix| Err(ConfigError::Invalid { key, problem: problem.to_string(), fix });
+        if self.kafka.brokers.trim().is_empty() {
+            return invalid("kafka.brokers", "is empty", "set it to the bootstrap brokers, e.g. \"127.0.0.1:9092\"");
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return invalid("kafka.group_id", "is empty", "set it to the consumer group shared by all workers");
+        }
+        if self.kafka.topics.is_empty() {
+            return invalid("kafka.topics", "is empty", "list at least one topic, e.g. [\"positions\"]");
+        }
+        if let Some(bad) = self.kafka.topics.iter().find(|t| !is_valid_topic(t)) {
+            return invalid(
+                "kafka.topics",
+                &format!("contains {bad:?}, which is not a Kafka topic name"),
+                "use 1-249 characters of ASCII letters, digits, '.', '_' and '-'",
+            );
+        }
+        if let Some((key, fix)) = MANAGED_LIBRDKAFKA_KEYS.iter().find(|(k, _)| self.kafka.librdkafka.0.contains_key(*k)) {
+            return invalid("kafka.librdkafka", &format!("sets `{key}`, which position-sink manages itself"), fix);
+        }
+        if self.delta.table_uri.trim().is_empty() {
+            return invalid("delta.table_uri", "is empty", "set it to a directory or URL, e.g. \"./data/positions\"");
+        }
+        if !self.delta.key_columns.contains(&KeyColumn::Conid) {
+            return invalid("delta.key_columns", "does not include \"conid\"", "add \"conid\" to the list");
+        }
+        if self.flush.interval.is_zero() {
+            return invalid("flush.interval", "is zero", "set a positive duration, e.g. \"3s\"");
+        }
+        if self.flush.max_records == 0 {
+            return invalid("flush.max_records", "is zero", "set a positive number of messages, e.g. 100000");
+        }
+        if self.flush.max_bytes < 1024 {
+            return invalid("flush.max_bytes", "is below 1024", "set a byte count of at least 1024, e.g. 67108864");
+        }
+        if self.decode.max_message_bytes == 0 {
+            return invalid("decode.max_message_bytes", "is zero", "set a positive byte count, e.g. 1048576");
+        }
+        if self.retry.min_delay > self.retry.max_delay {
+            return invalid("retry.min_delay", "is longer than retry.max_delay", "make min_delay <= max_delay");
+        }
+        Ok(())
+    }
+}
+
+fn is_valid_topic(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic != "."
+        && topic != ".."
+        && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::default().flush.interval, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn durations_and_lists_parse() {
+        let c = load_toml("[flush]\ninterval = \"500ms\"\n[kafka]\ntopics = \"a, b\"\n").unwrap();
+        assert_eq!(c.flush.interval, Duration::from_millis(500));
+        assert_eq!(c.kafka.topics, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = load_toml("[flush]\nintervall = \"1s\"\n").unwrap_err().to_string();
+        assert!(err.contains("intervall"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err = load_toml("[flush]\nmax_records = 0\n").unwrap_err().to_string();
+        assert!(err.contains("flush.max_records"), "{err}");
+        let err = load_toml("[delta]\nkey_columns = [\"account\"]\n").unwrap_err().to_string();
+        assert!(err.contains("delta.key_columns"), "{err}");
+        let err = load_toml("[kafka.librdkafka]\n\"enable.auto.commit\" = \"true\"\n").unwrap_err().to_string();
+        assert!(err.contains("enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_masked_in_debug() {
+        let c = load_toml("[kafka.librdkafka]\n\"sasl.password\" = \"hunter2\"\n\"security.protocol\" = \"SASL_SSL\"\n")
+            .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains("SASL_SSL"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[kafka]\nbrokers = \"file:1\"\ngroup_id = \"g\"\n")?;
+            jail.set_env("POSITION_SINK__KAFKA__BROKERS", "env:2");
+            jail.set_env("POSITION_SINK__FLUSH__MAX_RECORDS", "77");
+            let c = Config::load(Some(Path::new("c.toml")), Figment::new()).map_err(|e| e.to_string())?;
+            assert_eq!(c.kafka.brokers, "env:2");
+            assert_eq!(c.kafka.group_id, "g");
+            assert_eq!(c.flush.max_records, 77);
+            Ok(())
+        });
+    }
+}

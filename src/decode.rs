@@ -1,0 +1,487 @@
+//! Decoding and validation: Kafka key and value bytes → [`PositionUpdate`], or a
+//! [`Rejection`] that says exactly what is wrong with the message.
+//!
+//! Invariant kept here: every message either becomes a valid update or gets a reason;
+//! nothing in the bytes can panic the decoder. Pure functions, no I/O.
+
+use std::fmt;
+
+use chrono::DateTime;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::offsets::Coordinates;
+use crate::update::{KeyColumn, PositionUpdate};
+
+/// Earliest event time accepted: 1900-01-01T00:00:00Z, in microseconds.
+const MIN_TIMESTAMP_MICROS: i64 = -2_208_988_800_000_000;
+/// Latest event time accepted (exclusive): 2262-01-01T00:00:00Z, in microseconds.
+/// Later instants overflow the nanosecond timestamps of pandas and Spark's legacy readers.
+const MAX_TIMESTAMP_MICROS: i64 = 9_183_110_400_000_000;
+
+/// What the decoder needs to know beyond the bytes.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Key columns besides `conid`: they must be present and non-empty.
+    pub key_columns: Vec<KeyColumn>,
+    /// Largest accepted message (key + value), in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self { key_columns: vec![KeyColumn::Conid], max_message_bytes: 1024 * 1024 }
+    }
+}
+
+/// Why a message cannot become a position update.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    /// The message has no value (a tombstone or an empty record).
+    #[error("message has no value")]
+    EmptyValue,
+    /// The message is larger than `decode.max_message_bytes`.
+    #[error("message is {size} bytes, larger than the limit of {limit} bytes (decode.max_message_bytes)")]
+    TooLarge {
+        /// Key plus value size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The value bytes are not UTF-8.
+    #[error("value is not valid UTF-8 ({0})")]
+    NotUtf8(String),
+    /// The value does not parse as JSON.
+    #[error("value is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The value is JSON but not an object.
+    #[error("value is JSON but not an object")]
+    NotAnObject,
+    /// A required field is absent.
+    #[error("missing required field \"{0}\"")]
+    MissingField(&'static str),
+    /// A required field is JSON `null`.
+    #[error("required field \"{0}\" is null")]
+    NullField(&'static str),
+    /// A field has the wrong JSON type.
+    #[error("\"{field}\" must be {expected}, got {found}")]
+    WrongType {
+        /// The field.
+        field: &'static str,
+        /// What was expected.
+        expected: &'static str,
+        /// A short description of what was found.
+        found: String,
+    },
+    /// A number is outside the range its column can hold.
+    #[error("\"{field}\" is out of range: {detail}")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// What is out of range.
+        detail: String,
+    },
+    /// A string field that is part of the identity is empty or blank.
+    #[error("\"{0}\" is empty or blank")]
+    Blank(&'static str),
+    /// The timestamp does not parse or is impossible.
+    #[error("\"timestamp\" is invalid: {0}")]
+    InvalidTimestamp(String),
+    /// The same field appears twice with different values.
+    #[error("field \"{0}\" appears twice with different values")]
+    DuplicateField(&'static str),
+    /// The Kafka key is not a decimal conid.
+    #[error("key {0:?} is not a decimal conid")]
+    InvalidKey(String),
+    /// The Kafka key names another conid than the body.
+    #[error("key \"{key}\" disagrees with conid {conid}")]
+    KeyMismatch {
+        /// The key as text.
+        key: String,
+        /// The body's conid.
+        conid: i64,
+    },
+}
+
+impl Rejection {
+    /// A stable, low-cardinality name for counting rejections by reason.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Rejection::EmptyValue => "empty_value",
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::NotUtf8(_) => "not_utf8",
+            Rejection::InvalidJson(_) => "invalid_json",
+            Rejection::NotAnObject => "not_an_object",
+            Rejection::MissingField(_) => "missing_field",
+            Rejection::NullField(_) => "null_field",
+            Rejection::WrongType { .. } => "wrong_type",
+            Rejection::OutOfRange { .. } => "out_of_range",
+            Rejection::Blank(_) => "blank_field",
+            Rejection::InvalidTimestamp(_) => "invalid_timestamp",
+            Rejection::DuplicateField(_) => "duplicate_field",
+            Rejection::InvalidKey(_) => "invalid_key",
+            Rejection::KeyMismatch { .. } => "key_mismatch",
+        }
+    }
+}
+
+/// Decodes one Kafka message into a position update.
+///
+/// # Errors
+/// A [`Rejection`] naming the first problem found.
+pub fn decode(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    source: Coordinates,
+    options: &DecodeOptions,
+) -> Result<PositionUpdate, Rejection> {
+    let value = value.filter(|v| !v.is_empty()).ok_or(Rejection::EmptyValue)?;
+    let size = value.len() + key.map_or(0, <[u8]>::len);
+    if size > options.max_message_bytes {
+        return Err(Rejection::TooLarge { size, limit: options.max_message_bytes });
+    }
+    let text = std::str::from_utf8(value).map_err(|e| Rejection::NotUtf8(e.to_string()))?;
+    let fields = parse_fields(text)?;
+    let update = fields.validate(source, options)?;
+    check_key(key, update.conid)?;
+    Ok(update)
+}
+
+fn check_key(key: Option<&[u8]>, conid: i64) -> Result<(), Rejection> {
+    let Some(key) = key else { return Ok(()) };
+    let text = String::from_utf8_lossy(key);
+    let parsed = if !key.is_empty() && key.iter().all(u8::is_ascii_digit) { text.parse::<i64>().ok() } else { None };
+    match parsed {
+        None => Err(Rejection::InvalidKey(text.into_owned())),
+        Some(k) if k != conid => Err(Rejection::KeyMismatch { key: text.into_owned(), conid }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The fields the table knows, in slot order.
+const FIELD_NAMES: [&str; 12] = [
+    "conid",
+    "symbol",
+    "position",
+    "timestamp",
+    "account",
+    "sec_type",
+    "currency",
+    "avg_cost",
+    "market_price",
+    "market_value",
+    "unrealized_pnl",
+    "realized_pnl",
+];
+
+/// The raw JSON values of the known fields, before validation.
+#[derive(Default)]
+struct Fields {
+    slots: [Option<Value>; FIELD_NAMES.len()],
+    duplicate: Option<&'static str>,
+}
+
+fn parse_fields(text: &str) -> Result<Fields, Rejection> {
+    if !text.trim_start().starts_with('{') {
+        return Err(match serde_json::from_str::<IgnoredAny>(text) {
+            Ok(_) => Rejection::NotAnObject,
+            Err(e) => Rejection::InvalidJson(e.to_string()),
+        });
+    }
+    serde_json::from_str::<Fields>(text).map_err(|e| Rejection::InvalidJson(e.to_string()))
+}
+
+/// A known field's slot, or `None` for a field the table does not have.
+struct Slot(Option<usize>);
+
+impl<'de> Deserialize<'de> for Slot {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SlotVisitor;
+        impl Visitor<'_> for SlotVisitor {
+            type Value = Slot;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<Slot, E> {
+                Ok(Slot(FIELD_NAMES.iter().position(|known| *known == name)))
+            }
+        }
+        deserializer.deserialize_str(SlotVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                let mut fields = Fields::default();
+                while let Some(Slot(slot)) = map.next_key::<Slot>()? {
+                    let Some(index) = slot else {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    };
+                    let value = map.next_value::<Value>()?;
+                    match &fields.slots[index] {
+                        Some(first) if *first != value => {
+                            fields.duplicate.get_or_insert(FIELD_NAMES[index]);
+                        }
+                        Some(_) => {}
+                        None => fields.slots[index] = Some(value),
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+impl Fields {
+    fn validate(mut self, source: Coordinates, options: &DecodeOptions) -> Result<PositionUpdate, Rejection> {
+        if let Some(field) = self.duplicate {
+            return Err(Rejection::DuplicateField(field));
+        }
+        let conid = required_conid(self.take(0))?;
+        let symbol = required(self.take(1)).and_then(|v| string(v, "symbol"))?;
+        if symbol.trim().is_empty() {
+            return Err(Rejection::Blank("symbol"));
+        }
+        let position = required(self.take(2)).and_then(|v| number(v, "position"))?;
+        let timestamp_micros = required(self.take(3)).and_then(timestamp)?;
+        let update = PositionUpdate {
+            conid,
+            symbol,
+            position,
+            timestamp_micros,
+            account: optional(self.take(4), string)?,
+            sec_type: optional(self.take(5), string)?,
+            currency: optional(self.take(6), string)?,
+            avg_cost: optional(self.take(7), number)?,
+            market_price: optional(self.take(8), number)?,
+            market_value: optional(self.take(9), number)?,
+            unrealized_pnl: optional(self.take(10), number)?,
+            realized_pnl: optional(self.take(11), number)?,
+            source,
+        };
+        for column in &options.key_columns {
+            let value = match column {
+                KeyColumn::Conid => continue,
+                KeyColumn::Account => &update.account,
+                KeyColumn::SecType => &update.sec_type,
+                KeyColumn::Currency => &update.currency,
+            };
+            match value {
+                None => return Err(Rejection::MissingField(column.name())),
+                Some(text) if text.trim().is_empty() => return Err(Rejection::Blank(column.name())),
+                Some(_) => {}
+            }
+        }
+        Ok(update)
+    }
+
+    fn take(&mut self, slot: usize) -> (Option<Value>, &'static str) {
+        (self.slots[slot].take(), FIELD_NAMES[slot])
+    }
+}
+
+fn required((value, field): (Option<Value>, &'static str)) -> Result<Value, Rejection> {
+    match value {
+        None => Err(Rejection::MissingField(field)),
+        Some(Value::Null) => Err(Rejection::NullField(field)),
+        Some(v) => Ok(v),
+    }
+}
+
+fn optional<T>(
+    (value, field): (Option<Value>, &'static str),
+    convert: fn(Value, &'static str) -> Result<T, Rejection>,
+) -> Result<Option<T>, Rejection> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => convert(v, field).map(Some),
+    }
+}
+
+fn required_conid(slot: (Option<Value>, &'static str)) -> Result<i64, Rejection> {
+    let value = required(slot)?;
+    let Value::Number(n) = &value else { return Err(wrong_type("conid", "a positive integer", &value)) };
+    match (n.as_i64(), n.as_u64()) {
+        (Some(id), _) if id > 0 => Ok(id),
+        (Some(id), _) => Err(Rejection::OutOfRange { field: "conid", detail: format!("{id} is not greater than 0") }),
+        (None, Some(big)) => {
+            Err(Rejection::OutOfRange { field: "conid", detail: format!("{big} does not fit a 64-bit signed integer") })
+        }
+        (None, None) => Err(wrong_type("conid", "a positive integer", &value)),
+    }
+}
+
+fn string(value: Value, field: &'static str) -> Result<String, Rejection> {
+    match value {
+        Value::String(s) => Ok(s),
+        other => Err(wrong_type(field, "a string", &other)),
+    }
+}
+
+fn number(value: Value, field: &'static str) -> Result<f64, Rejection> {
+    match &value {
+        Value::Number(n) => match n.as_f64() {
+            Some(x) if x.is_finite() => Ok(x),
+            _ => Err(Rejection::OutOfRange { field, detail: format!("{n} is not a finite number") }),
+        },
+        _ => Err(wrong_type(field, "a number", &value)),
+    }
+}
+
+fn timestamp(value: Value) -> Result<i64, Rejection> {
+    let micros = match &value {
+        Value::String(text) => DateTime::parse_from_rfc3339(text)
+            .map_err(|e| Rejection::InvalidTimestamp(format!("{text:?} is not RFC 3339 with an offset ({e})")))?
+            .timestamp_micros(),
+        Value::Number(n) => match n.as_i64() {
+            Some(millis) => millis.checked_mul(1000).ok_or_else(|| {
+                Rejection::InvalidTimestamp(format!("{millis} epoch milliseconds is out of range"))
+            })?,
+            None => return Err(wrong_type("timestamp", "an RFC 3339 string or integer epoch milliseconds", &value)),
+        },
+        _ => return Err(wrong_type("timestamp", "an RFC 3339 string or integer epoch milliseconds", &value)),
+    };
+    if !(MIN_TIMESTAMP_MICROS..MAX_TIMESTAMP_MICROS).contains(&micros) {
+        return Err(Rejection::InvalidTimestamp(format!(
+            "{value} is outside 1900-01-01 .. 2262-01-01, the range every reader of the table supports"
+        )));
+    }
+    Ok(micros)
+}
+
+fn wrong_type(field: &'static str, expected: &'static str, found: &Value) -> Rejection {
+    let found = match found {
+        Value::Null => "null".to_string(),
+        Value::Bool(b) => format!("boolean {b}"),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(s) => format!("string {:?}", truncate(s, 40)),
+        Value::Array(_) => "an array".to_string(),
+        Value::Object(_) => "an object".to_string(),
+    };
+    Rejection::WrongType { field, expected, found }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offsets::{Offset, TopicPartition};
+
+    fn at() -> Coordinates {
+        Coordinates { tp: TopicPartition::new("positions", 0), offset: Offset(42) }
+    }
+
+    fn decode_str(key: Option<&str>, value: &str) -> Result<PositionUpdate, Rejection> {
+        decode(key.map(str::as_bytes), Some(value.as_bytes()), at(), &DecodeOptions::default())
+    }
+
+    const GOOD: &str = r#"{"conid":265598,"symbol":"AAPL","position":100.5,"timestamp":"2026-11-25T14:30:00.123456Z"}"#;
+
+    #[test]
+    fn decodes_a_complete_update() {
+        let u = decode_str(
+            Some("265598"),
+            r#"{"conid":265598,"symbol":"AAPL","position":-3,"timestamp":"2026-11-25T15:30:00.123456+01:00",
+                "account":"U1","sec_type":"STK","currency":"USD","avg_cost":1.5,"market_price":2,
+                "market_value":null,"unrealized_pnl":0.25,"realized_pnl":-1e3,"extra":{"x":[1,2]}}"#,
+        )
+        .unwrap();
+        assert_eq!(u.conid, 265598);
+        assert_eq!(u.symbol, "AAPL");
+        assert_eq!(u.position, -3.0);
+        assert_eq!(u.timestamp_micros, 1_795_617_000_123_456);
+        assert_eq!(u.account.as_deref(), Some("U1"));
+        assert_eq!(u.market_price, Some(2.0));
+        assert_eq!(u.market_value, None);
+        assert_eq!(u.realized_pnl, Some(-1000.0));
+        assert_eq!(u.source, at());
+    }
+
+    #[test]
+    fn epoch_milliseconds_are_accepted() {
+        let u = decode_str(None, r#"{"conid":1,"symbol":"A","position":0,"timestamp":1764081000123}"#).unwrap();
+        assert_eq!(u.timestamp_micros, 1_764_081_000_123_000);
+    }
+
+    #[test]
+    fn rejects_each_kind_of_bad_input() {
+        let cases: &[(Option<&str>, &str, &str)] = &[
+            (None, "not json", "invalid_json"),
+            (None, "[1,2]", "not_an_object"),
+            (None, r#"{"symbol":"A","position":1,"timestamp":1}"#, "missing_field"),
+            (None, r#"{"conid":null,"symbol":"A","position":1,"timestamp":1}"#, "null_field"),
+            (None, r#"{"conid":"1","symbol":"A","position":1,"timestamp":1}"#, "wrong_type"),
+            (None, r#"{"conid":1.5,"symbol":"A","position":1,"timestamp":1}"#, "wrong_type"),
+            (None, r#"{"conid":0,"symbol":"A","position":1,"timestamp":1}"#, "out_of_range"),
+            (None, r#"{"conid":18446744073709551615,"symbol":"A","position":1,"timestamp":1}"#, "out_of_range"),
+            (None, r#"{"conid":1,"symbol":"  ","position":1,"timestamp":1}"#, "blank_field"),
+            (None, r#"{"conid":1,"symbol":"A","position":"NaN","timestamp":1}"#, "wrong_type"),
+            (None, r#"{"conid":1,"symbol":"A","position":NaN,"timestamp":1}"#, "invalid_json"),
+            (None, r#"{"conid":1,"symbol":"A","position":1e999,"timestamp":1}"#, "invalid_json"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":"2026-13-01T00:00:00Z"}"#, "invalid_timestamp"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":"2026-11-25 10:00"}"#, "invalid_timestamp"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":99999999999999999}"#, "invalid_timestamp"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":1.5}"#, "wrong_type"),
+            (None, r#"{"conid":1,"symbol":"A","symbol":"B","position":1,"timestamp":1}"#, "duplicate_field"),
+            (Some("2"), r#"{"conid":1,"symbol":"A","position":1,"timestamp":1}"#, "key_mismatch"),
+            (Some("x1"), r#"{"conid":1,"symbol":"A","position":1,"timestamp":1}"#, "invalid_key"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":1} trailing"#, "invalid_json"),
+        ];
+        for (key, value, category) in cases {
+            let got = decode_str(*key, value).expect_err(value);
+            assert_eq!(got.category(), *category, "{value}: {got}");
+        }
+    }
+
+    #[test]
+    fn duplicate_field_with_equal_values_is_accepted() {
+        assert!(decode_str(None, r#"{"conid":1,"conid":1,"symbol":"A","position":1,"timestamp":1}"#).is_ok());
+    }
+
+    #[test]
+    fn invalid_utf8_and_empty_values_are_rejected() {
+        let opts = DecodeOptions::default();
+        let bad = decode(None, Some(b"{\"conid\":\xff}"), at(), &opts).unwrap_err();
+        assert_eq!(bad.category(), "not_utf8");
+        assert_eq!(decode(None, None, at(), &opts).unwrap_err(), Rejection::EmptyValue);
+        assert_eq!(decode(None, Some(b""), at(), &opts).unwrap_err(), Rejection::EmptyValue);
+    }
+
+    #[test]
+    fn oversized_messages_are_rejected() {
+        let opts = DecodeOptions { max_message_bytes: 10, ..DecodeOptions::default() };
+        let got = decode(None, Some(GOOD.as_bytes()), at(), &opts).unwrap_err();
+        assert_eq!(got.category(), "too_large");
+    }
+
+    #[test]
+    fn key_columns_must_be_present() {
+        let opts = DecodeOptions { key_columns: vec![KeyColumn::Account, KeyColumn::Conid], ..Default::default() };
+        let got = decode(None, Some(GOOD.as_bytes()), at(), &opts).unwrap_err();
+        assert_eq!(got, Rejection::MissingField("account"));
+    }
+
+    #[test]
+    fn reasons_name_the_field() {
+        let got = decode_str(None, r#"{"conid":1,"position":1,"timestamp":1}"#).unwrap_err();
+        assert_eq!(got.to_string(), "missing required field \"symbol\"");
+        let got = decode_str(Some("123"), r#"{"conid":456,"symbol":"A","position":1,"timestamp":1}"#).unwrap_err();
+        assert_eq!(got.to_string(), "key \"123\" disagrees with conid 456");
+    }
+}

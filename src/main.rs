@@ -1,0 +1,184 @@
+//! The `position-sink` binary: parses the command line, starts logging, loads the
+//! configuration and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use figment::Figment;
+use figment::providers::Serialized;
+use position_sink::config::Config;
+use position_sink::sample::{SampleSpec, generate};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// Kafka position updates → a last-write-wins Delta Lake table, exactly-once in effect.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume updates and keep the table current, until SIGINT/SIGTERM.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Exit once every assigned partition is written to its end.
+        #[arg(long)]
+        exit_when_caught_up: bool,
+        /// Flush interval, e.g. "3s" (flush.interval).
+        #[arg(long)]
+        flush_interval: Option<String>,
+    },
+    /// Publish a deterministic stream of sample updates (for demos and load tests).
+    Generate {
+        #[command(flatten)]
+        common: Common,
+        /// Messages to publish.
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        /// Distinct instruments.
+        #[arg(long, default_value_t = 200)]
+        instruments: usize,
+        /// Seed of the stream.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Print a summary of the table.
+    Show {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// Options every command takes; each overrides its configuration key.
+#[derive(Args)]
+struct Common {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Bootstrap brokers (kafka.brokers).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Consumer group (kafka.group_id).
+    #[arg(long)]
+    group_id: Option<String>,
+    /// Topic; repeat for several (kafka.topics).
+    #[arg(long = "topic")]
+    topics: Vec<String>,
+    /// Table location (delta.table_uri).
+    #[arg(long)]
+    table_uri: Option<String>,
+}
+
+impl Common {
+    fn load(&self, extra: Figment) -> anyhow::Result<Config> {
+        let mut flags = Figment::new();
+        if let Some(v) = &self.brokers {
+            flags = flags.merge(Serialized::default("kafka.brokers", v));
+        }
+        if let Some(v) = &self.group_id {
+            flags = flags.merge(Serialized::default("kafka.group_id", v));
+        }
+        if !self.topics.is_empty() {
+            flags = flags.merge(Serialized::default("kafka.topics", &self.topics));
+        }
+        if let Some(v) = &self.table_uri {
+            flags = flags.merge(Serialized::default("delta.table_uri", v));
+        }
+        Ok(Config::load(self.config.as_deref(), flags.merge(extra))?)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(Cli::parse())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { common, exit_when_caught_up, flush_interval } => {
+            let mut extra = Figment::new();
+            if exit_when_caught_up {
+                extra = extra.merge(Serialized::default("worker.exit_when_caught_up", true));
+            }
+            if let Some(v) = flush_interval {
+                extra = extra.merge(Serialized::default("flush.interval", v));
+            }
+            let config = common.load(extra)?;
+            info!(?config, "starting");
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let summary = position_sink::run(config, shutdown).await?;
+            info!(?summary, "done");
+            Ok(())
+        }
+        Command::Generate { common, count, instruments, seed } => {
+            let config = common.load(Figment::new())?;
+            let topic = config.kafka.topics.first().context("kafka.topics is empty")?;
+            let stream = generate(SampleSpec { count, instruments, seed, ..SampleSpec::default() });
+            let sent = position_sink::kafka::publish(
+                &config.kafka.brokers,
+                topic,
+                stream.iter().map(|m| (m.key.as_str(), m.value.as_str())),
+            )
+            .await
+            .with_context(|| format!("publishing to topic {topic} at {}", config.kafka.brokers))?;
+            info!(sent, topic, "published sample updates");
+            Ok(())
+        }
+        Command::Show { common } => {
+            let config = common.load(Figment::new())?;
+            position_sink::inspect::show(&config.delta).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                shutdown.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("shutdown requested; flushing");
+    shutdown.cancel();
+}
