@@ -112,7 +112,7 @@ LOG
   java "${java_opts[@]}" -cp "$LIBS/*" kafka.tools.StorageTool format --standalone \
     -t "$(java -cp "$LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)" \
     -c "$dir/server.properties" >"$dir/format.log" 2>&1 || { log "storage format failed:"; cat "$dir/format.log" >&2; exit 1; }
-  nohup java "${java_opts[@]}" -cp "$LIBS/*" kafka.Kafka "$dir/server.properties" >"$dir/server.log" 2>&1 &
+  nohup java "${java_opts[@]}" -cp "$LIBS/*" kafka.Kafka "$dir/server.properties" >"$dir/server.log" 2>&1 9>&- &
   echo $! > "$dir/pid"
   for _ in $(seq 1 120); do
     if port_open "$port"; then log "broker ready on 127.0.0.1:$port (pid $(cat "$dir/pid"), logs $dir/server.log)"; return 0; fi
@@ -124,6 +124,10 @@ LOG
 
 ensure() {
   local port="${1:-9092}"
+  mkdir -p "$RUN_DIR"
+  # Several test processes may ask at once: one starts the broker, the others wait.
+  exec 9>"$RUN_DIR/ensure-$port.lock"
+  flock 9
   if port_open "$port"; then return 0; fi
   start "$port"
 }

@@ -38,4 +38,4 @@ pub mod update;
 pub mod worker;
 
 pub use config::Config;
-pub use worker::{Faults, RunSummary, WorkerError, run, run_with_faults};
+pub use worker::{Faults, Progress, RunSummary, WorkerError, run, run_with_faults};

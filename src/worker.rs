@@ -60,12 +60,23 @@ pub enum WorkerError {
     InjectedCrash(&'static str),
 }
 
-/// Faults a test can inject to prove recovery.
+/// Faults a test can inject to prove recovery, and live counters it can watch.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     /// Stop with an error right after this many Delta commits, before committing their
     /// Kafka offsets — a crash between the two commits.
     pub crash_after_delta_commits: Option<usize>,
+    /// Counters updated while the worker runs.
+    pub progress: std::sync::Arc<Progress>,
+}
+
+/// Live counters of a running worker.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Messages consumed so far.
+    pub messages: std::sync::atomic::AtomicU64,
+    /// Delta commits so far.
+    pub delta_commits: std::sync::atomic::AtomicU64,
 }
 
 /// Totals of one run.
@@ -211,6 +222,7 @@ impl Worker {
         match received {
             Received::Update(update, size) => {
                 self.summary.messages += 1;
+                self.faults.progress.messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.consumed.observe(&update.source.tp, update.source.offset);
                 if self.is_already_written(&update.source).await? {
                     self.summary.skipped_already_written += 1;
@@ -252,8 +264,10 @@ impl Worker {
             if let Err(error) = kafka::seek(&self.consumer, &at.tp, next) {
                 debug!(%error, "seek not possible yet; skipping message by message");
             }
+            // The table holds everything below the floor: Kafka may say so too.
             let mut written = OffsetMap::default();
             written.observe(&at.tp, Offset(next.0 - 1));
+            self.durable.observe(&at.tp, Offset(next.0 - 1));
             if let Err(error) = kafka::commit(&self.consumer, &written, CommitMode::Async) {
                 warn!(%error, "could not commit the table's recorded offset to Kafka");
             }
@@ -272,7 +286,13 @@ impl Worker {
             .await?;
         let recorded = self.reader.recorded_offsets(&partitions).await?;
         for tp in partitions {
-            let next = recorded.get(&tp).map_or(Offset(0), |o| o.next());
+            let next = match recorded.get(&tp) {
+                Some(offset) => {
+                    self.durable.observe(&tp, *offset);
+                    offset.next()
+                }
+                None => Offset(0),
+            };
             self.floors.insert(tp, Floor { next, sought: false });
         }
         Ok(())
@@ -313,6 +333,7 @@ impl Worker {
         let report = result?;
         if report.committed {
             self.summary.delta_commits += 1;
+            self.faults.progress.delta_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.summary.rows_written += (report.inserted + report.updated) as u64;
             if self.faults.crash_after_delta_commits.is_some_and(|n| self.summary.delta_commits >= n as u64) {
                 return Err(WorkerError::InjectedCrash("after the Delta commit, before the Kafka commit"));
@@ -345,7 +366,8 @@ impl Worker {
         let Ok(assigned) = kafka::assignment(&self.consumer) else { return false };
         !assigned.is_empty()
             && assigned.iter().all(|tp| {
-                let next = self.consumed.get(tp).map(Offset::next).or(self.floors.get(tp).map(|f| f.next));
+                // Messages below the floor may have been skipped by a seek, unseen.
+                let next = self.consumed.get(tp).map(Offset::next).max(self.floors.get(tp).map(|f| f.next));
                 match kafka::cached_high_watermark(&self.consumer, tp) {
                     Some(high) => next.unwrap_or(Offset(0)) >= high,
                     None => false,

@@ -1,0 +1,349 @@
+//! Helpers for tests against a real Kafka broker: the broker itself (started through
+//! `scripts/kafka.sh ensure` unless `POSITION_SINK_TEST_BROKERS` names one), unique
+//! topics, a producer that reports where each message landed, a worker spawned in the
+//! test's runtime, the table read back, and the model of the expected table.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
+use deltalake::datafusion::prelude::SessionContext;
+use position_sink::config::Config;
+use position_sink::{Faults, RunSummary, WorkerError};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Port of the broker the tests start when none is given.
+const TEST_BROKER_PORT: u16 = 39092;
+
+/// The bootstrap address of the test broker, starting it on first use.
+pub fn brokers() -> String {
+    static BROKERS: OnceLock<String> = OnceLock::new();
+    BROKERS
+        .get_or_init(|| {
+            if let Ok(brokers) = std::env::var("POSITION_SINK_TEST_BROKERS") {
+                return brokers;
+            }
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh");
+            let status = std::process::Command::new("bash")
+                .arg(&script)
+                .args(["ensure", &TEST_BROKER_PORT.to_string()])
+                .status()
+                .expect("run scripts/kafka.sh");
+            assert!(status.success(), "scripts/kafka.sh ensure {TEST_BROKER_PORT} failed");
+            format!("127.0.0.1:{TEST_BROKER_PORT}")
+        })
+        .clone()
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{prefix}-{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Creates a topic with `partitions` partitions and returns its name.
+pub async fn create_topic(prefix: &str, partitions: i32) -> String {
+    let topic = unique(prefix);
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let results = admin
+        .create_topics(&[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    for r in results {
+        r.expect("topic created");
+    }
+    topic
+}
+
+/// A produced message and where it landed.
+#[derive(Debug, Clone)]
+pub struct Produced {
+    pub key: Option<String>,
+    pub value: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Publishes `(key, value)` pairs in order to explicit partitions (`partition_of`) or
+/// by key hash (`None`), waiting for each acknowledgement.
+pub async fn produce(topic: &str, messages: &[(Option<String>, String)], partitions: Option<i32>) -> Vec<Produced> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let sends = messages.iter().enumerate().map(|(i, (key, value))| {
+        let producer = &producer;
+        async move {
+            let mut record = FutureRecord::to(topic).payload(value.as_str());
+            if let Some(k) = key {
+                record = record.key(k.as_str());
+            }
+            if let (None, Some(n)) = (key, partitions) {
+                record = record.partition(i as i32 % n);
+            }
+            let delivery = producer.send(record, Duration::from_secs(30)).await.expect("delivered");
+            Produced { key: key.clone(), value: value.clone(), partition: delivery.partition, offset: delivery.offset }
+        }
+    });
+    // Ordered sends keep per-partition order equal to the slice's order.
+    use futures::StreamExt;
+    futures::stream::iter(sends).buffered(1000).collect().await
+}
+
+/// A worker configuration for tests: short flush window, quick retries.
+pub fn config(topic: &str, group: &str, table: &Path) -> Config {
+    let mut c = Config::default();
+    c.kafka.brokers = brokers();
+    c.kafka.group_id = group.to_string();
+    c.kafka.topics = vec![topic.to_string()];
+    c.kafka.librdkafka.0.insert("session.timeout.ms".into(), "6000".into());
+    c.kafka.librdkafka.0.insert("heartbeat.interval.ms".into(), "500".into());
+    c.delta.table_uri = table.display().to_string();
+    c.flush.interval = Duration::from_millis(500);
+    c.retry.min_delay = Duration::from_millis(50);
+    c.retry.max_delay = Duration::from_millis(500);
+    c.worker.shutdown_timeout = Duration::from_secs(30);
+    c.validate().expect("valid test config");
+    c
+}
+
+/// A running worker.
+pub struct Worker {
+    pub handle: JoinHandle<Result<RunSummary, WorkerError>>,
+    pub shutdown: CancellationToken,
+    pub faults: Faults,
+}
+
+impl Worker {
+    /// Asks the worker to stop and waits for its result.
+    pub async fn stop(self) -> Result<RunSummary, WorkerError> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.handle).await.expect("worker stops in time").expect("join")
+    }
+
+    /// Messages consumed so far.
+    pub fn messages(&self) -> u64 {
+        self.faults.progress.messages.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts a worker in the test's runtime.
+pub fn spawn_worker(config: Config, faults: Faults) -> Worker {
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(position_sink::run_with_faults(config, shutdown.clone(), faults.clone()));
+    Worker { handle, shutdown, faults }
+}
+
+/// Runs a worker until it has written every partition to its end, and returns its summary.
+pub async fn run_to_end(mut config: Config) -> Result<RunSummary, WorkerError> {
+    config.worker.exit_when_caught_up = true;
+    tokio::time::timeout(Duration::from_secs(120), position_sink::run(config, CancellationToken::new()))
+        .await
+        .expect("worker caught up within 120 s")
+}
+
+/// Polls `check` until it returns true or `limit` passes.
+pub async fn wait_until<F: AsyncFnMut() -> bool>(limit: Duration, what: &str, mut check: F) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The group's committed offset per partition of `topic` (`None`: nothing committed).
+pub fn committed_offsets(group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, Option<i64>> {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", group).create().expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { Some(o) } else { None }))
+        .collect()
+}
+
+/// Commits `offset` for every partition of `topic` in `group` (the group must be empty).
+pub fn reset_group(group: &str, topic: &str, partitions: i32, offset: i64) {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", group).create().expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, Offset::Offset(offset)).expect("offset");
+    }
+    consumer.commit(&list, rdkafka::consumer::CommitMode::Sync).expect("reset offsets");
+}
+
+/// The end offset (next offset to be written) of each partition, from what was produced.
+pub fn end_offsets(produced: &[Produced], partitions: i32) -> BTreeMap<i32, Option<i64>> {
+    (0..partitions)
+        .map(|p| (p, produced.iter().filter(|m| m.partition == p).map(|m| m.offset + 1).max()))
+        .collect()
+}
+
+/// One table row, as compared by the tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub conid: i64,
+    pub symbol: String,
+    pub position: f64,
+    pub timestamp_micros: i64,
+    pub account: Option<String>,
+    pub market_price: Option<f64>,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub ingested_at: i64,
+}
+
+/// The expected table: for each (symbol, conid), the produced update with the greatest
+/// (timestamp, offset, partition). Computed from the produced JSON with serde_json alone.
+pub fn model(produced: &[Produced]) -> BTreeMap<(String, i64), Row> {
+    let mut expected: BTreeMap<(String, i64), Row> = BTreeMap::new();
+    for m in produced {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&m.value) else { continue };
+        let ts = match &v["timestamp"] {
+            serde_json::Value::String(s) => chrono::DateTime::parse_from_rfc3339(s).expect("ts").timestamp_micros(),
+            other => other.as_i64().expect("millis") * 1000,
+        };
+        let row = Row {
+            conid: v["conid"].as_i64().expect("conid"),
+            symbol: v["symbol"].as_str().expect("symbol").to_string(),
+            position: v["position"].as_f64().expect("position"),
+            timestamp_micros: ts,
+            account: v["account"].as_str().map(String::from),
+            market_price: v["market_price"].as_f64(),
+            kafka_partition: m.partition,
+            kafka_offset: m.offset,
+            ingested_at: 0,
+        };
+        let key = (row.symbol.clone(), row.conid);
+        let wins = |old: &Row| {
+            (row.timestamp_micros, row.kafka_offset, row.kafka_partition)
+                > (old.timestamp_micros, old.kafka_offset, old.kafka_partition)
+        };
+        if expected.get(&key).is_none_or(wins) {
+            expected.insert(key, row);
+        }
+    }
+    expected
+}
+
+/// Reads the whole table at `path`, keyed like [`model`].
+pub async fn read_table(path: &Path) -> BTreeMap<(String, i64), Row> {
+    let url = deltalake::ensure_table_uri(path.display().to_string()).expect("url");
+    let table = deltalake::open_table(url).await.expect("open table");
+    let ctx = SessionContext::new();
+    ctx.register_table("t", table.table_provider().await.expect("provider")).expect("register");
+    let batches = ctx
+        .sql("SELECT conid, symbol, position, \"timestamp\", account, market_price, kafka_partition, kafka_offset, ingested_at FROM t")
+        .await
+        .expect("query")
+        .collect()
+        .await
+        .expect("collect");
+    let mut rows = BTreeMap::new();
+    for b in &batches {
+        for row in rows_of(b) {
+            let key = (row.symbol.clone(), row.conid);
+            assert!(rows.insert(key.clone(), row).is_none(), "duplicate row for {key:?}");
+        }
+    }
+    rows
+}
+
+fn rows_of(b: &RecordBatch) -> Vec<Row> {
+    let text = |i: usize, r: usize| {
+        let c = b.column(i);
+        let s = deltalake::arrow::compute::cast(c, &deltalake::arrow::datatypes::DataType::Utf8).expect("cast");
+        let s = s.as_string::<i32>();
+        (!s.is_null(r)).then(|| s.value(r).to_string())
+    };
+    let f64_opt = |i: usize, r: usize| {
+        let c = b.column(i).as_primitive::<Float64Type>();
+        (!c.is_null(r)).then(|| c.value(r))
+    };
+    (0..b.num_rows())
+        .map(|r| Row {
+            conid: b.column(0).as_primitive::<Int64Type>().value(r),
+            symbol: text(1, r).expect("symbol"),
+            position: b.column(2).as_primitive::<Float64Type>().value(r),
+            timestamp_micros: b.column(3).as_primitive::<TimestampMicrosecondType>().value(r),
+            account: text(4, r),
+            market_price: f64_opt(5, r),
+            kafka_partition: b.column(6).as_primitive::<Int32Type>().value(r),
+            kafka_offset: b.column(7).as_primitive::<Int64Type>().value(r),
+            ingested_at: b.column(8).as_primitive::<TimestampMicrosecondType>().value(r),
+        })
+        .collect()
+}
+
+/// Asserts the table equals the model, row by row (ignoring `ingested_at`).
+pub fn assert_table_matches(actual: &BTreeMap<(String, i64), Row>, expected: &BTreeMap<(String, i64), Row>) {
+    let strip = |m: &BTreeMap<(String, i64), Row>| -> Vec<Row> {
+        m.values().cloned().map(|mut r| { r.ingested_at = 0; r }).collect()
+    };
+    let (a, e) = (strip(actual), strip(expected));
+    let missing: Vec<_> = e.iter().filter(|r| !a.contains(r)).take(5).collect();
+    let unexpected: Vec<_> = a.iter().filter(|r| !e.contains(r)).take(5).collect();
+    assert!(
+        missing.is_empty() && unexpected.is_empty() && a.len() == e.len(),
+        "table differs from the model: {} rows vs {} expected\nmissing (first 5): {missing:#?}\nunexpected (first 5): {unexpected:#?}",
+        a.len(),
+        e.len()
+    );
+}
+
+/// The table's latest version.
+pub async fn table_version(path: &Path) -> u64 {
+    let url = deltalake::ensure_table_uri(path.display().to_string()).expect("url");
+    deltalake::open_table(url).await.expect("open").version().expect("version")
+}
+
+/// A fresh temporary directory for a table.
+pub fn table_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("positions");
+    (dir, path)
+}
+
+/// Sample messages as `(key, value)` pairs.
+pub fn sample(count: usize, instruments: usize, seed: u64) -> Vec<(Option<String>, String)> {
+    position_sink::sample::generate(position_sink::sample::SampleSpec {
+        count,
+        instruments,
+        seed,
+        ..Default::default()
+    })
+    .into_iter()
+    .map(|m| (Some(m.key), m.value))
+    .collect()
+}
+
+/// A minimal update as JSON.
+pub fn update_json(conid: i64, symbol: &str, position: f64, timestamp: &str) -> (Option<String>, String) {
+    (
+        Some(conid.to_string()),
+        serde_json::json!({"conid": conid, "symbol": symbol, "position": position, "timestamp": timestamp}).to_string(),
+    )
+}

@@ -1,0 +1,174 @@
+//! End-to-end delivery against a real Kafka broker: the table equals the model of the
+//! produced stream, offsets follow the table, replays and crashes change nothing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use position_sink::Faults;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_equals_the_model_of_the_stream_and_offsets_reach_the_end() {
+    let topic = create_topic("e2e", 4).await;
+    let produced = produce(&topic, &sample(20_000, 500, 7), None).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    let started = Instant::now();
+    let summary = run_to_end(config(&topic, &group, &table)).await.expect("worker succeeds");
+    let elapsed = started.elapsed();
+    eprintln!(
+        "throughput: {} messages in {:.2} s = {:.0} messages/s ({} Delta commits)",
+        summary.messages,
+        elapsed.as_secs_f64(),
+        summary.messages as f64 / elapsed.as_secs_f64(),
+        summary.delta_commits
+    );
+    assert_eq!(summary.messages, produced.len() as u64);
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    assert_eq!(committed_offsets(&group, &topic, 4), end_offsets(&produced, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_update_never_overwrites_newer_within_or_across_batches() {
+    let topic = create_topic("stale", 1).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    // Within one batch: the newer update arrives first.
+    let first = produce(
+        &topic,
+        &[
+            update_json(11, "AAA", 5.0, "2026-01-02T10:00:00Z"),
+            update_json(11, "AAA", 1.0, "2026-01-02T09:00:00Z"),
+            update_json(12, "BBB", 7.0, "2026-01-02T10:00:00.000001Z"),
+            update_json(12, "BBB", 8.0, "2026-01-02T10:00:00.000001Z"),
+        ],
+        None,
+    )
+    .await;
+    run_to_end(config(&topic, &group, &table)).await.expect("first run");
+    let rows = read_table(&table).await;
+    assert_eq!(rows[&("AAA".to_string(), 11)].position, 5.0, "older update in the same batch lost");
+    assert_eq!(rows[&("BBB".to_string(), 12)].position, 8.0, "equal timestamps: the later offset wins");
+    // Across batches: an older update arrives in a later batch.
+    let second = produce(&topic, &[update_json(11, "AAA", -1.0, "2026-01-01T00:00:00Z")], None).await;
+    run_to_end(config(&topic, &group, &table)).await.expect("second run");
+    let rows = read_table(&table).await;
+    assert_eq!(rows[&("AAA".to_string(), 11)].position, 5.0, "an older update replaced a newer one");
+    let all: Vec<_> = first.into_iter().chain(second).collect();
+    assert_table_matches(&rows, &model(&all));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_stream_leaves_the_table_unchanged() {
+    let topic = create_topic("replay", 3).await;
+    let produced = produce(&topic, &sample(3000, 100, 11), None).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    run_to_end(config(&topic, &group, &table)).await.expect("first run");
+    let before = read_table(&table).await;
+    let version = table_version(&table).await;
+
+    // The same group, reset to the earliest offset: the table's recorded offsets skip it all.
+    reset_group(&group, &topic, 3, 0);
+    let summary = run_to_end(config(&topic, &group, &table)).await.expect("replay, same group");
+    assert!(summary.skipped_already_written > 0);
+    assert_eq!((summary.delta_commits, summary.rows_written), (0, 0), "a replay wrote to the table");
+    assert_eq!(table_version(&table).await, version, "a replay made a new table version");
+    assert_eq!(read_table(&table).await, before);
+    assert_eq!(committed_offsets(&group, &topic, 3), end_offsets(&produced, 3));
+
+    // Another group over the same table: every row is offered again and none changes.
+    run_to_end(config(&topic, &unique("other"), &table)).await.expect("replay, new group");
+    assert_eq!(read_table(&table).await, before, "replay by another group changed rows");
+    assert_table_matches(&before, &model(&produced));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_delta_and_kafka_commit_writes_nothing_twice() {
+    let topic = create_topic("crash", 2).await;
+    let produced = produce(&topic, &sample(2000, 80, 3), None).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    let mut crashing = config(&topic, &group, &table);
+    crashing.flush.interval = Duration::from_secs(3);
+    crashing.worker.exit_when_caught_up = true;
+    let faults = Faults { crash_after_delta_commits: Some(1), ..Faults::default() };
+    let result = position_sink::run_with_faults(crashing, Default::default(), faults).await;
+    assert!(matches!(result, Err(position_sink::WorkerError::InjectedCrash(_))), "{result:?}");
+    let versions_after_crash = table_version(&table).await;
+    let committed = committed_offsets(&group, &topic, 2);
+    assert!(committed.values().all(Option::is_none), "offsets were committed before the crash: {committed:?}");
+    let written_before = read_table(&table).await;
+    assert!(!written_before.is_empty());
+
+    let summary = run_to_end(config(&topic, &group, &table)).await.expect("restart");
+    assert!(summary.skipped_already_written > 0, "the restart did not skip what the table held");
+    let rows = read_table(&table).await;
+    assert_table_matches(&rows, &model(&produced));
+    for (key, row) in &written_before {
+        assert_eq!(rows[key].ingested_at, row.ingested_at, "row {key:?} was written again after the crash");
+    }
+    assert!(table_version(&table).await >= versions_after_crash);
+    assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_mid_window_flushes_what_was_buffered() {
+    let topic = create_topic("shutdown", 2).await;
+    let produced = produce(&topic, &sample(1500, 60, 5), None).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    let mut c = config(&topic, &group, &table);
+    c.flush.interval = Duration::from_secs(3600);
+    let worker = spawn_worker(c, Faults::default());
+    wait_until(Duration::from_secs(60), "every message consumed", async || worker.messages() == 1500).await;
+    assert!(!table.join("_delta_log/00000000000000000001.json").exists(), "flushed before the window ended");
+    let summary = worker.stop().await.expect("clean stop");
+    assert_eq!(summary.delta_commits, 1);
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_in_one_group_build_the_model_table() {
+    let topic = create_topic("pair", 4).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    let mut produced = produce(&topic, &sample(3000, 150, 21), None).await;
+    let a = spawn_worker(config(&topic, &group, &table), Faults::default());
+    let b = spawn_worker(config(&topic, &group, &table), Faults::default());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    produced.extend(produce(&topic, &sample(3000, 150, 22), None).await);
+    let end = end_offsets(&produced, 4);
+    wait_until(Duration::from_secs(90), "both workers committed to the end", async || {
+        committed_offsets(&group, &topic, 4) == end
+    })
+    .await;
+    let (sa, sb) = (a.stop().await.expect("worker a"), b.stop().await.expect("worker b"));
+    assert!(sa.messages + sb.messages >= produced.len() as u64);
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_message_stops_the_worker_with_its_coordinates_and_commits_nothing_past_it() {
+    let topic = create_topic("invalid", 1).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    let produced = produce(
+        &topic,
+        &[
+            update_json(1, "A", 1.0, "2026-01-01T00:00:00Z"),
+            (Some("2".into()), r#"{"conid":2,"position":1,"timestamp":"2026-01-01T00:00:00Z"}"#.into()),
+            update_json(3, "C", 1.0, "2026-01-01T00:00:00Z"),
+        ],
+        None,
+    )
+    .await;
+    let err = run_to_end(config(&topic, &group, &table)).await.expect_err("the worker must stop");
+    let message = err.to_string();
+    assert!(message.contains(&format!("topic {topic} partition 0 offset 1")), "{message}");
+    assert!(message.contains("missing required field \"symbol\""), "{message}");
+    assert_table_matches(&read_table(&table).await, &model(&produced[..1]));
+    assert_eq!(committed_offsets(&group, &topic, 1)[&0], Some(1));
+}
