@@ -1,0 +1,54 @@
+//! The table is readable by the tools users use: the Python `deltalake` and `polars`
+//! packages read it back and see the expected rows and the `symbol` partitioning.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// The Python interpreter with `deltalake` and `polars` (set by scripts/test.sh).
+fn python() -> String {
+    std::env::var("POSITION_SINK_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_deltalake_and_polars_read_the_expected_rows() {
+    let topic = create_topic("readers", 3).await;
+    let mut messages = sample(2000, 120, 9);
+    // Symbols that need escaping in partition paths.
+    messages.push(update_json(9001, "BRK/B", 3.0, "2026-03-01T10:00:00Z"));
+    messages.push(update_json(9002, "ÄÖ ü=%", 4.0, "2026-03-01T10:00:00.5Z"));
+    messages.push(update_json(9003, "a.b..c", 5.0, "2026-03-01T10:00:01+02:00"));
+    let produced = produce(&topic, &messages, None).await;
+    let (dir, table) = table_dir();
+    run_to_end(config(&topic, &unique("g"), &table)).await.expect("worker");
+    let expected: Vec<_> = model(&produced)
+        .into_values()
+        .map(|r| {
+            serde_json::json!({
+                "symbol": r.symbol, "conid": r.conid, "position": r.position,
+                "timestamp_micros": r.timestamp_micros, "kafka_partition": r.kafka_partition,
+                "kafka_offset": r.kafka_offset,
+            })
+        })
+        .collect();
+    let expected_path = dir.path().join("expected.json");
+    std::fs::write(&expected_path, serde_json::to_vec(&expected).unwrap()).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/readers/check_table.py");
+    let output = Command::new(python())
+        .arg(&script)
+        .arg(&table)
+        .arg(&expected_path)
+        .output()
+        .expect("run the Python reader (set POSITION_SINK_PYTHON, or run scripts/test.sh, which installs it)");
+    assert!(
+        output.status.success(),
+        "Python reader check failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Nothing was written outside the table's directory.
+    let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries.len(), 2, "unexpected files beside the table: {entries:?}");
+}
