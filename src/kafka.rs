@@ -33,7 +33,17 @@ impl SinkContext {
     }
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            // End of a partition is how the worker learns it is caught up, not a fault.
+            KafkaError::PartitionEOF(_) => {}
+            // librdkafka reconnects and retries by itself; the worker's readiness and
+            // retries cover what depends on it.
+            error => warn!(%error, reason, "Kafka client error"),
+        }
+    }
+}
 
 impl ConsumerContext for SinkContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -94,11 +94,15 @@ impl Common {
     }
 }
 
+/// Logging when `RUST_LOG` is unset: this program at info, libraries at warn (delta-rs'
+/// MERGE warns about a metric it derives itself on every flush, so it is kept at error).
+const DEFAULT_LOG_FILTER: &str = "warn,position_sink=info,deltalake_core::operations::merge=error";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,position_sink=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .init();

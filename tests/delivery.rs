@@ -172,3 +172,34 @@ async fn invalid_message_stops_the_worker_with_its_coordinates_and_commits_nothi
     assert_table_matches(&read_table(&table).await, &model(&produced[..1]));
     assert_eq!(committed_offsets(&group, &topic, 1)[&0], Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_drops_revoked_buffers_and_the_new_owner_rereads_them() {
+    let topic = create_topic("rebalance", 4).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    let mut produced = produce(&topic, &sample(2000, 100, 31), None).await;
+    // Worker A buffers everything and would not flush for an hour.
+    let mut slow = config(&topic, &group, &table);
+    slow.flush.interval = Duration::from_secs(3600);
+    let a = spawn_worker(slow, Faults::default());
+    wait_until(Duration::from_secs(60), "worker A buffered the stream", async || a.messages() == 2000).await;
+    // Worker B joins: A's partitions are revoked mid-window, with nothing written yet.
+    let b = spawn_worker(config(&topic, &group, &table), Faults::default());
+    produced.extend(produce(&topic, &sample(1000, 100, 32), None).await);
+    let end = end_offsets(&produced, 4);
+    wait_until(Duration::from_secs(60), "A re-read after the revocation", async || a.messages() > 2000).await;
+    wait_until(Duration::from_secs(60), "B committed its partitions", async || {
+        let committed = committed_offsets(&group, &topic, 4);
+        committed.iter().filter(|(p, o)| **o == end[*p]).count() >= 1
+    })
+    .await;
+    let summary_a = a.stop().await.expect("worker A");
+    wait_until(Duration::from_secs(60), "every partition committed to the end", async || {
+        committed_offsets(&group, &topic, 4) == end
+    })
+    .await;
+    b.stop().await.expect("worker B");
+    assert!(summary_a.messages > 2000, "A never re-read its revoked partitions");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+}
