@@ -16,7 +16,8 @@ use std::time::Instant;
 
 use deltalake::arrow::datatypes::{DataType as ArrowType, TimeUnit};
 use deltalake::datafusion::prelude::{Expr, SessionContext, col};
-use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::kernel::{DataType, PrimitiveType, StructField, Transaction};
 use deltalake::{DeltaTable, DeltaTableError};
 
@@ -24,7 +25,7 @@ use crate::arrow::{LINEAGE_COLUMNS, PARTITION_COLUMN, PAYLOAD_COLUMNS, schema, t
 use crate::batch::Batch;
 use crate::config::DeltaConfig;
 use crate::offsets::{Offset, TopicPartition};
-use crate::update::KeyColumn;
+use crate::update::{KeyColumn, PositionUpdate};
 
 /// A Delta table version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -251,9 +252,35 @@ impl PositionTable {
         if transactions.is_empty() {
             return Ok(unchanged);
         }
+        let version_before = self.table.version();
+        let (inserted, updated) = if rows.is_empty() {
+            (0, 0)
+        } else {
+            self.merge_rows(&rows, transactions.clone()).await?
+        };
+        // delta-rs makes no commit for a MERGE that changes nothing (or has no rows);
+        // the offsets must be recorded all the same.
+        if self.table.version() == version_before {
+            self.commit_offsets_only(transactions, rows.len()).await?;
+        }
+        Ok(WriteReport {
+            version: self.version().unwrap_or(TableVersion(0)),
+            rows_offered: rows.len(),
+            inserted,
+            updated,
+            committed: true,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    async fn merge_rows(
+        &mut self,
+        rows: &[PositionUpdate],
+        transactions: Vec<Transaction>,
+    ) -> Result<(usize, usize), TableError> {
         let write_err = |source| TableError::Write { uri: self.uri.clone(), rows: rows.len(), source };
         let ingested_at = chrono::Utc::now().timestamp_micros();
-        let record_batch = to_record_batch(&rows, ingested_at)
+        let record_batch = to_record_batch(rows, ingested_at)
             .map_err(|e| write_err(DeltaTableError::Generic(format!("building the Arrow batch: {e}"))))?;
         let source = SessionContext::new().read_batch(record_batch).map_err(|e| write_err(e.into()))?;
         let (table, metrics) = self
@@ -278,14 +305,20 @@ impl PositionTable {
             .await
             .map_err(write_err)?;
         self.table = table;
-        Ok(WriteReport {
-            version: self.version().unwrap_or(TableVersion(0)),
-            rows_offered: rows.len(),
-            inserted: metrics.num_target_rows_inserted,
-            updated: metrics.num_target_rows_updated,
-            committed: true,
-            elapsed: started.elapsed(),
-        })
+        Ok((metrics.num_target_rows_inserted, metrics.num_target_rows_updated))
+    }
+
+    /// A commit that only records offsets: for a batch whose rows are all older than
+    /// the table's, or already written.
+    async fn commit_offsets_only(&mut self, transactions: Vec<Transaction>, rows: usize) -> Result<(), TableError> {
+        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows, source };
+        let snapshot = self.table.snapshot().map_err(write_err)?;
+        let operation = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
+        CommitBuilder::from(CommitProperties::default().with_application_transactions(transactions))
+            .build(Some(snapshot), self.table.log_store(), operation)
+            .await
+            .map_err(|e| write_err(e.into()))?;
+        self.table.update_state().await.map_err(write_err)
     }
 
     /// `target.symbol = source.symbol AND target.k = source.k ...`: the partition column

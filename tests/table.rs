@@ -40,3 +40,60 @@ async fn a_new_table_is_created_partitioned_by_symbol_and_reopens() {
     PositionTable::open_or_create(&config, "g").await.expect("reopens its own table");
     assert!(path.join("_delta_log/00000000000000000000.json").exists());
 }
+
+fn batch(rows: Vec<position_sink::update::PositionUpdate>, offsets: &[(&str, i32, i64)]) -> position_sink::batch::Batch {
+    let mut b = position_sink::batch::Batch::default();
+    for (topic, partition, offset) in offsets {
+        b.offsets.observe(&position_sink::offsets::TopicPartition::new(*topic, *partition), position_sink::offsets::Offset(*offset));
+    }
+    b.messages = rows.len();
+    b.rows = rows;
+    b
+}
+
+fn update(conid: i64, ts: i64, partition: i32, offset: i64) -> position_sink::update::PositionUpdate {
+    let at = position_sink::offsets::Coordinates {
+        tp: position_sink::offsets::TopicPartition::new("t", partition),
+        offset: position_sink::offsets::Offset(offset),
+    };
+    let json = format!(r#"{{"conid":{conid},"symbol":"S","position":{ts},"timestamp":{ts}}}"#);
+    position_sink::decode::decode(None, Some(json.as_bytes()), at, &Default::default()).unwrap()
+}
+
+#[tokio::test]
+async fn offsets_of_a_partition_without_rows_are_recorded_and_written_batches_are_not_repeated() {
+    let (_dir, path) = common::table_dir();
+    let config = DeltaConfig { table_uri: path.display().to_string(), ..DeltaConfig::default() };
+    let table = PositionTable::open_or_create(&config, "g").await.unwrap();
+    let first = batch(vec![update(1, 1000, 0, 5)], &[("t", 0, 5), ("t", 1, 9)]);
+    let (table, report) = table.write(&first).await.unwrap();
+    assert!(report.committed);
+    assert_eq!(report.inserted, 1);
+    let tps = [position_sink::offsets::TopicPartition::new("t", 0), position_sink::offsets::TopicPartition::new("t", 1)];
+    let recorded = table.recorded_offsets(&tps).await.unwrap();
+    assert_eq!(recorded[&tps[0]].0, 5);
+    assert_eq!(recorded[&tps[1]].0, 9);
+
+    // The same batch again: nothing new, no commit.
+    let (table, again) = table.write(&first).await.unwrap();
+    assert!(!again.committed);
+    assert_eq!(table.version(), report_version(&report));
+
+    // Only offsets advance (every row already recorded): a commit with no rows.
+    let offsets_only = batch(vec![update(1, 1000, 0, 5)], &[("t", 0, 5), ("t", 1, 12)]);
+    let (table, moved) = table.write(&offsets_only).await.unwrap();
+    assert!(moved.committed);
+    assert_eq!((moved.inserted, moved.updated), (0, 0));
+    assert_eq!(table.recorded_offsets(&tps).await.unwrap()[&tps[1]].0, 12);
+
+    // An older update in a later batch is not applied; a newer one is.
+    let (table, stale) = table.write(&batch(vec![update(1, 500, 0, 6)], &[("t", 0, 6)])).await.unwrap();
+    assert_eq!((stale.inserted, stale.updated), (0, 0));
+    assert_eq!(table.recorded_offsets(&tps).await.unwrap()[&tps[0]].0, 6, "a batch of stale rows recorded no offset");
+    let (_, fresh) = table.write(&batch(vec![update(1, 2000, 0, 7)], &[("t", 0, 7)])).await.unwrap();
+    assert_eq!((fresh.inserted, fresh.updated), (0, 1));
+}
+
+fn report_version(report: &position_sink::table::WriteReport) -> Option<position_sink::table::TableVersion> {
+    Some(report.version)
+}
