@@ -358,6 +358,16 @@ impl Worker {
         Ok(())
     }
 
+    /// Waits for the running flush, if any, and commits its offsets.
+    async fn await_in_flight(&mut self) -> Result<(), WorkerError> {
+        if self.in_flight.is_some() {
+            let done = join(&mut self.in_flight).await?;
+            self.in_flight = None;
+            self.finish_flush(done)?;
+        }
+        Ok(())
+    }
+
     /// Whether every assigned partition is consumed to its high watermark and written.
     fn is_caught_up(&self) -> bool {
         if !self.buffer.is_empty() || self.in_flight.is_some() {
@@ -380,18 +390,9 @@ impl Worker {
     async fn drain(&mut self) -> Result<(), WorkerError> {
         let timeout = self.config.worker.shutdown_timeout;
         let finished = tokio::time::timeout(timeout, async {
-            if self.in_flight.is_some() {
-                let done = join(&mut self.in_flight).await?;
-                self.in_flight = None;
-                self.finish_flush(done)?;
-            }
+            self.await_in_flight().await?;
             self.start_flush();
-            if self.in_flight.is_some() {
-                let done = join(&mut self.in_flight).await?;
-                self.in_flight = None;
-                self.finish_flush(done)?;
-            }
-            Ok::<(), WorkerError>(())
+            self.await_in_flight().await
         })
         .await;
         match finished {
