@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::{info, warn};
 
@@ -35,13 +35,12 @@ impl SinkContext {
 
 impl ClientContext for SinkContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        match error {
-            // End of a partition is how the worker learns it is caught up, not a fault.
-            KafkaError::PartitionEOF(_) => {}
-            // librdkafka reconnects and retries by itself; the worker's readiness and
-            // retries cover what depends on it.
-            error => warn!(%error, reason, "Kafka client error"),
+        // End of a partition is how the worker learns it is caught up, not a fault.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            return;
         }
+        // librdkafka reconnects and retries by itself; what depends on it is retried too.
+        warn!(%error, reason, "Kafka client error");
     }
 }
 

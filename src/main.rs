@@ -94,9 +94,12 @@ impl Common {
     }
 }
 
-/// Logging when `RUST_LOG` is unset: this program at info, libraries at warn (delta-rs'
-/// MERGE warns about a metric it derives itself on every flush, so it is kept at error).
-const DEFAULT_LOG_FILTER: &str = "warn,position_sink=info,deltalake_core::operations::merge=error";
+/// Logging when `RUST_LOG` is unset: this program at info, libraries at warn. Two
+/// library messages that are not faults are hidden: delta-rs' MERGE warns about a metric
+/// it derives itself on every flush, and delta-kernel logs an error when it opens a
+/// table location that has no log yet (a new table, which the worker then creates).
+const DEFAULT_LOG_FILTER: &str =
+    "warn,position_sink=info,deltalake_core::operations::merge=error,buoyant_kernel::snapshot::builder=off";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()

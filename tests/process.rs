@@ -1,0 +1,63 @@
+//! The binary as a user runs it: killed with SIGKILL at random moments while it
+//! ingests, restarted each time; the final table equals the model and the group's
+//! offsets reach the end.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn start(config_file: &std::path::Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_position-sink"))
+        .arg("run")
+        .arg("--config")
+        .arg(config_file)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start position-sink")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
+    let topic = create_topic("kill", 4).await;
+    let produced = produce(&topic, &sample(30_000, 400, 41), None).await;
+    let (dir, table) = table_dir();
+    let group = unique("g");
+    let config_file = dir.path().join("sink.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n\
+             [kafka.librdkafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
+             [delta]\ntable_uri = \"{}\"\n[flush]\ninterval = \"200ms\"\nmax_records = 1500\n",
+            brokers(),
+            table.display()
+        ),
+    )
+    .unwrap();
+    let seed: u64 = rand::random();
+    eprintln!("kill schedule seed: {seed}");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    for _ in 0..4 {
+        let mut child = start(&config_file, &[]);
+        let delay = rand::Rng::random_range(&mut rng, 1500..4000);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = start(&config_file, &["--exit-when-caught-up"]);
+        child.wait()
+    })
+    .await
+    .unwrap()
+    .expect("final run");
+    assert!(status.success(), "final run failed: {status}");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    assert_eq!(committed_offsets(&group, &topic, 4), end_offsets(&produced, 4));
+}
