@@ -61,3 +61,32 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     assert_table_matches(&read_table(&table).await, &model(&produced));
     assert_eq!(committed_offsets(&group, &topic, 4), end_offsets(&produced, 4));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_window_flushes_commits_and_exits_zero() {
+    let topic = create_topic("sigterm", 2).await;
+    let produced = produce(&topic, &sample(800, 50, 43), None).await;
+    let (dir, table) = table_dir();
+    let group = unique("g");
+    let config_file = dir.path().join("sink.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n\
+             [delta]\ntable_uri = \"{}\"\n[flush]\ninterval = \"1h\"\n",
+            brokers(),
+            table.display()
+        ),
+    )
+    .unwrap();
+    let mut child = start(&config_file, &[]);
+    // Long enough to join the group and read 800 messages; the window is an hour.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!table.join("_delta_log/00000000000000000001.json").exists(), "flushed before the window ended");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "SIGTERM exit status {exit}");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
+}
