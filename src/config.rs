@@ -369,6 +369,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err, reason = "figment::Jail's closure type returns figment::Error")]
     fn environment_overrides_the_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "[kafka]\nbrokers = \"file:1\"\ngroup_id = \"g\"\n")?;

@@ -20,6 +20,10 @@ const MIN_TIMESTAMP_MICROS: i64 = -2_208_988_800_000_000;
 /// Later instants overflow the nanosecond timestamps of pandas and Spark's legacy readers.
 const MAX_TIMESTAMP_MICROS: i64 = 9_183_110_400_000_000;
 
+/// Longest accepted symbol in UTF-8 bytes. The symbol names a partition directory,
+/// where escaping can triple its length, and file names are limited to 255 bytes.
+pub const MAX_SYMBOL_BYTES: usize = 80;
+
 /// What the decoder needs to know beyond the bytes.
 #[derive(Debug, Clone)]
 pub struct DecodeOptions {
@@ -85,6 +89,9 @@ pub enum Rejection {
     /// A string field that is part of the identity is empty or blank.
     #[error("\"{0}\" is empty or blank")]
     Blank(&'static str),
+    /// The symbol cannot name a partition: too long, or with control characters.
+    #[error("\"symbol\" {0}")]
+    InvalidSymbol(String),
     /// The timestamp does not parse or is impossible.
     #[error("\"timestamp\" is invalid: {0}")]
     InvalidTimestamp(String),
@@ -118,6 +125,7 @@ impl Rejection {
             Rejection::WrongType { .. } => "wrong_type",
             Rejection::OutOfRange { .. } => "out_of_range",
             Rejection::Blank(_) => "blank_field",
+            Rejection::InvalidSymbol(_) => "invalid_symbol",
             Rejection::InvalidTimestamp(_) => "invalid_timestamp",
             Rejection::DuplicateField(_) => "duplicate_field",
             Rejection::InvalidKey(_) => "invalid_key",
@@ -249,9 +257,7 @@ impl Fields {
         }
         let conid = required_conid(self.take(0))?;
         let symbol = required(self.take(1)).and_then(|v| string(v, "symbol"))?;
-        if symbol.trim().is_empty() {
-            return Err(Rejection::Blank("symbol"));
-        }
+        check_symbol(&symbol)?;
         let position = required(self.take(2)).and_then(|v| number(v, "position"))?;
         let timestamp_micros = required(self.take(3)).and_then(timestamp)?;
         let update = PositionUpdate {
@@ -288,6 +294,22 @@ impl Fields {
     fn take(&mut self, slot: usize) -> (Option<Value>, &'static str) {
         (self.slots[slot].take(), FIELD_NAMES[slot])
     }
+}
+
+fn check_symbol(symbol: &str) -> Result<(), Rejection> {
+    if symbol.trim().is_empty() {
+        return Err(Rejection::Blank("symbol"));
+    }
+    if symbol.len() > MAX_SYMBOL_BYTES {
+        return Err(Rejection::InvalidSymbol(format!(
+            "is {} bytes long, more than the {MAX_SYMBOL_BYTES} a partition name can hold",
+            symbol.len()
+        )));
+    }
+    if symbol.chars().any(char::is_control) {
+        return Err(Rejection::InvalidSymbol(format!("{:?} contains control characters", truncate(symbol, 40))));
+    }
+    Ok(())
 }
 
 fn required((value, field): (Option<Value>, &'static str)) -> Result<Value, Rejection> {
@@ -431,6 +453,7 @@ mod tests {
             (None, r#"{"conid":0,"symbol":"A","position":1,"timestamp":1}"#, "out_of_range"),
             (None, r#"{"conid":18446744073709551615,"symbol":"A","position":1,"timestamp":1}"#, "out_of_range"),
             (None, r#"{"conid":1,"symbol":"  ","position":1,"timestamp":1}"#, "blank_field"),
+            (None, r#"{"conid":1,"symbol":"A\nB","position":1,"timestamp":1}"#, "invalid_symbol"),
             (None, r#"{"conid":1,"symbol":"A","position":"NaN","timestamp":1}"#, "wrong_type"),
             (None, r#"{"conid":1,"symbol":"A","position":NaN,"timestamp":1}"#, "invalid_json"),
             (None, r#"{"conid":1,"symbol":"A","position":1e999,"timestamp":1}"#, "invalid_json"),
@@ -447,6 +470,16 @@ mod tests {
             let got = decode_str(*key, value).expect_err(value);
             assert_eq!(got.category(), *category, "{value}: {got}");
         }
+    }
+
+    #[test]
+    fn symbols_longer_than_a_partition_name_allows_are_rejected() {
+        let long = "S".repeat(MAX_SYMBOL_BYTES + 1);
+        let value = format!(r#"{{"conid":1,"symbol":"{long}","position":1,"timestamp":1}}"#);
+        assert_eq!(decode_str(None, &value).unwrap_err().category(), "invalid_symbol");
+        let fits = "Ü".repeat(MAX_SYMBOL_BYTES / 2);
+        let value = format!(r#"{{"conid":1,"symbol":"{fits}","position":1,"timestamp":1}}"#);
+        assert_eq!(decode_str(None, &value).unwrap().symbol, fits);
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub enum TableError {
         /// Table location.
         uri: String,
         /// Cause.
-        source: DeltaTableError,
+        source: Box<DeltaTableError>,
     },
     /// The table exists with columns or partitioning this program cannot write.
     #[error(
@@ -59,7 +59,7 @@ pub enum TableError {
         /// Table location.
         uri: String,
         /// Cause.
-        source: DeltaTableError,
+        source: Box<DeltaTableError>,
     },
     /// The MERGE or its commit failed (conflict, storage error).
     #[error("writing {rows} rows to the Delta table at {uri} failed: {source}")]
@@ -69,7 +69,7 @@ pub enum TableError {
         /// Rows in the failed write.
         rows: usize,
         /// Cause.
-        source: DeltaTableError,
+        source: Box<DeltaTableError>,
     },
 }
 
@@ -115,7 +115,7 @@ impl PositionTable {
     /// table exists with other columns or partitioning.
     pub async fn open_or_create(config: &DeltaConfig, group_id: &str) -> Result<Self, TableError> {
         let uri = config.table_uri.clone();
-        let open_err = |source| TableError::Open { uri: uri.clone(), source };
+        let open_err = |source| TableError::Open { uri: uri.clone(), source: Box::new(source) };
         let url = deltalake::ensure_table_uri(&uri).map_err(open_err)?;
         let options: HashMap<String, String> = config.storage_options.0.clone().into_iter().collect();
         let mut table = DeltaTable::try_from_url_with_storage_options(url.clone(), options.clone())
@@ -188,7 +188,7 @@ impl PositionTable {
     /// [`TableError::Read`] when the log cannot be read.
     pub async fn refreshed(&self) -> Result<PositionTable, TableError> {
         let mut fresh = self.clone();
-        fresh.table.update_state().await.map_err(|source| TableError::Read { uri: self.uri.clone(), source })?;
+        fresh.table.update_state().await.map_err(|source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) })?;
         Ok(fresh)
     }
 
@@ -201,7 +201,7 @@ impl PositionTable {
         &self,
         partitions: &[TopicPartition],
     ) -> Result<HashMap<TopicPartition, Offset>, TableError> {
-        let read_err = |source| TableError::Read { uri: self.uri.clone(), source };
+        let read_err = |source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) };
         let snapshot = self.table.snapshot().map_err(read_err)?;
         let log_store = self.table.log_store();
         let mut recorded = HashMap::new();
@@ -278,7 +278,7 @@ impl PositionTable {
         rows: &[PositionUpdate],
         transactions: Vec<Transaction>,
     ) -> Result<(usize, usize), TableError> {
-        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows: rows.len(), source };
+        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows: rows.len(), source: Box::new(source) };
         let ingested_at = chrono::Utc::now().timestamp_micros();
         let record_batch = to_record_batch(rows, ingested_at)
             .map_err(|e| write_err(DeltaTableError::Generic(format!("building the Arrow batch: {e}"))))?;
@@ -311,13 +311,13 @@ impl PositionTable {
     /// A commit that only records offsets: for a batch whose rows are all older than
     /// the table's, or already written.
     async fn commit_offsets_only(&mut self, transactions: Vec<Transaction>, rows: usize) -> Result<(), TableError> {
-        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows, source };
+        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows, source: Box::new(source) };
         let snapshot = self.table.snapshot().map_err(write_err)?;
         let operation = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
         CommitBuilder::from(CommitProperties::default().with_application_transactions(transactions))
             .build(Some(snapshot), self.table.log_store(), operation)
             .await
-            .map_err(|e| write_err(e.into()))?;
+            .map_err(write_err)?;
         self.table.update_state().await.map_err(write_err)
     }
 

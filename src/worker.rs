@@ -404,10 +404,10 @@ impl Worker {
                 return Err(WorkerError::ShutdownTimedOut(timeout));
             }
         }
-        if !self.durable.is_empty() {
-            if let Err(error) = kafka::commit(&self.consumer, &self.durable, CommitMode::Sync) {
-                warn!(%error, "final Kafka offset commit failed; the table's recorded offsets cover it");
-            }
+        if !self.durable.is_empty()
+            && let Err(error) = kafka::commit(&self.consumer, &self.durable, CommitMode::Sync)
+        {
+            warn!(%error, "final Kafka offset commit failed; the table's recorded offsets cover it");
         }
         info!(messages = self.summary.messages, delta_commits = self.summary.delta_commits, "worker stopped");
         Ok(())

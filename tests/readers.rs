@@ -27,6 +27,10 @@ async fn python_deltalake_and_polars_read_the_expected_rows() {
     messages.push(update_json(9001, "BRK/B", 3.0, "2026-03-01T10:00:00Z"));
     messages.push(update_json(9002, "ÄÖ ü=%", 4.0, "2026-03-01T10:00:00.5Z"));
     messages.push(update_json(9003, "a.b..c", 5.0, "2026-03-01T10:00:01+02:00"));
+    // The longest symbols accepted, with every byte escaped in the partition path.
+    messages.push(update_json(9004, &"Ü".repeat(40), 6.0, "2026-03-01T10:00:02Z"));
+    messages.push(update_json(9005, &"=".repeat(80), 7.0, "2026-03-01T10:00:03Z"));
+    messages.push(update_json(9006, "../../escape", 8.0, "2026-03-01T10:00:04Z"));
     let produced = produce(&topic, &messages, None).await;
     let (dir, table) = table_dir();
     run_to_end(config(&topic, &unique("g"), &table)).await.expect("worker");
