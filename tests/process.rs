@@ -22,24 +22,32 @@ fn start(config_file: &std::path::Path, extra: &[&str]) -> Child {
         .expect("start position-sink")
 }
 
+/// Writes a TOML config for `topic`, `group` and `table`, followed by `extra` sections.
+fn write_config(dir: &std::path::Path, topic: &str, group: &str, table: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let file = dir.join("sink.toml");
+    let text = format!(
+        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n[delta]\ntable_uri = \"{}\"\n{extra}",
+        brokers(),
+        table.display()
+    );
+    std::fs::write(&file, text).expect("write config");
+    file
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let topic = create_topic("kill", 4).await;
     let produced = produce(&topic, &sample(30_000, 400, 41), None).await;
     let (dir, table) = table_dir();
     let group = unique("g");
-    let config_file = dir.path().join("sink.toml");
-    std::fs::write(
-        &config_file,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n\
-             [kafka.librdkafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
-             [delta]\ntable_uri = \"{}\"\n[flush]\ninterval = \"200ms\"\nmax_records = 1500\n",
-            brokers(),
-            table.display()
-        ),
-    )
-    .unwrap();
+    let config_file = write_config(
+        dir.path(),
+        &topic,
+        &group,
+        &table,
+        "[kafka.librdkafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
+         [flush]\ninterval = \"200ms\"\nmax_records = 1500\n",
+    );
     let seed: u64 = rand::random();
     eprintln!("kill schedule seed: {seed}");
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
@@ -68,17 +76,7 @@ async fn sigterm_mid_window_flushes_commits_and_exits_zero() {
     let produced = produce(&topic, &sample(800, 50, 43), None).await;
     let (dir, table) = table_dir();
     let group = unique("g");
-    let config_file = dir.path().join("sink.toml");
-    std::fs::write(
-        &config_file,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n\
-             [delta]\ntable_uri = \"{}\"\n[flush]\ninterval = \"1h\"\n",
-            brokers(),
-            table.display()
-        ),
-    )
-    .unwrap();
+    let config_file = write_config(dir.path(), &topic, &group, &table, "[flush]\ninterval = \"1h\"\n");
     let mut child = start(&config_file, &[]);
     // Long enough to join the group and read 800 messages; the window is an hour.
     tokio::time::sleep(Duration::from_secs(10)).await;
