@@ -1,5 +1,6 @@
 //! The flush buffer: accepted updates collected between flushes, deduplicated per row
-//! key with last-write-wins, and the offsets they cover.
+//! key with last-write-wins, the dead letters of rejected messages, and the offsets
+//! they cover.
 //!
 //! Invariant kept here: a [`Batch`] covers, for each partition it names, every message
 //! consumed from that partition since the previous batch up to its offset — so once the
@@ -8,7 +9,8 @@
 
 use std::collections::HashMap;
 
-use crate::offsets::{OffsetMap, TopicPartition};
+use crate::dead_letter::DeadLetter;
+use crate::offsets::{Offset, OffsetMap, TopicPartition};
 use crate::update::{KeyColumn, PositionUpdate, RowKey};
 
 /// When a buffer counts as full.
@@ -26,6 +28,7 @@ pub struct Buffer {
     keys: Vec<KeyColumn>,
     limits: Limits,
     rows: HashMap<RowKey, PositionUpdate>,
+    dead_letters: Vec<DeadLetter>,
     offsets: OffsetMap,
     messages: usize,
     bytes: usize,
@@ -36,6 +39,8 @@ pub struct Buffer {
 pub struct Batch {
     /// One update per row key, in no particular order.
     pub rows: Vec<PositionUpdate>,
+    /// Every rejected message, in consumption order.
+    pub dead_letters: Vec<DeadLetter>,
     /// The highest consumed offset per partition (valid or not).
     pub offsets: OffsetMap,
     /// Messages consumed into this batch, before dedup.
@@ -45,7 +50,15 @@ pub struct Batch {
 impl Buffer {
     /// An empty buffer deduplicating on `keys`.
     pub fn new(keys: Vec<KeyColumn>, limits: Limits) -> Self {
-        Self { keys, limits, rows: HashMap::new(), offsets: OffsetMap::default(), messages: 0, bytes: 0 }
+        Self {
+            keys,
+            limits,
+            rows: HashMap::new(),
+            dead_letters: Vec::new(),
+            offsets: OffsetMap::default(),
+            messages: 0,
+            bytes: 0,
+        }
     }
 
     /// Adds a valid update of `size` payload bytes; an older update of the same key is dropped.
@@ -61,8 +74,14 @@ impl Buffer {
         }
     }
 
+    /// Adds the dead letter of a rejected message.
+    pub fn reject(&mut self, dead_letter: DeadLetter) {
+        self.note_consumed(&dead_letter.source.tp, dead_letter.source.offset, dead_letter.size());
+        self.dead_letters.push(dead_letter);
+    }
+
     /// Records a consumed message that yields no row, so its offset is still covered.
-    pub fn note_consumed(&mut self, tp: &TopicPartition, offset: crate::offsets::Offset, size: usize) {
+    pub fn note_consumed(&mut self, tp: &TopicPartition, offset: Offset, size: usize) {
         self.offsets.observe(tp, offset);
         self.messages += 1;
         self.bytes += size;
@@ -84,6 +103,7 @@ impl Buffer {
             return;
         }
         self.rows.retain(|_, u| !revoked.contains(&u.source.tp));
+        self.dead_letters.retain(|d| !revoked.contains(&d.source.tp));
         for tp in revoked {
             self.offsets.remove(tp);
         }
@@ -97,6 +117,7 @@ impl Buffer {
     pub fn take(&mut self) -> Batch {
         let batch = Batch {
             rows: self.rows.drain().map(|(_, u)| u).collect(),
+            dead_letters: std::mem::take(&mut self.dead_letters),
             offsets: std::mem::take(&mut self.offsets),
             messages: self.messages,
         };
@@ -109,7 +130,6 @@ impl Buffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offsets::Offset;
     use crate::update::tests::update;
 
     fn buffer() -> Buffer {
@@ -157,6 +177,25 @@ mod tests {
         let mut b = buffer();
         b.push(update(1, "A", 1, 0, 1), 1000);
         assert!(b.is_full());
+    }
+
+    #[test]
+    fn rejected_messages_are_kept_and_their_offsets_covered() {
+        use crate::decode::Rejection;
+        use crate::offsets::Coordinates;
+        let mut b = buffer();
+        b.push(update(1, "A", 1, 0, 1), 10);
+        let at = Coordinates { tp: TopicPartition::new("positions", 0), offset: Offset(2) };
+        b.reject(DeadLetter::new(at, Some(b"1"), Some(b"{"), Some(5), &Rejection::EmptyValue));
+        let at = Coordinates { tp: TopicPartition::new("positions", 1), offset: Offset(7) };
+        b.reject(DeadLetter::new(at, None, None, None, &Rejection::EmptyValue));
+        b.drop_partitions(&[TopicPartition::new("positions", 1)]);
+        let batch = b.take();
+        assert_eq!(batch.rows.len(), 1);
+        assert_eq!(batch.dead_letters.len(), 1);
+        assert_eq!(batch.dead_letters[0].value.as_deref(), Some(&b"{"[..]));
+        assert_eq!(batch.offsets.get(&TopicPartition::new("positions", 0)), Some(Offset(2)));
+        assert_eq!(batch.offsets.len(), 1);
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Config {
     pub flush: FlushConfig,
     /// What counts as a valid message.
     pub decode: DecodeConfig,
+    /// Where invalid messages go.
+    pub dead_letter: DeadLetterConfig,
     /// How failed writes are retried.
     pub retry: RetryConfig,
     /// Process lifecycle.
@@ -144,6 +146,59 @@ impl Default for DecodeConfig {
     }
 }
 
+/// Where dead letters are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterDestination {
+    /// A Delta table (`dead_letter.table_uri`), written in the same flush as the
+    /// positions; exactly-once through the table's recorded offsets.
+    Table,
+    /// A Kafka topic (`dead_letter.topic`): the original bytes as the value, the
+    /// reason and coordinates in headers; exactly-once for `read_committed` readers
+    /// through a Kafka transaction that also commits the consumer offsets.
+    Topic,
+}
+
+/// `[dead_letter]`: where messages that are not valid updates go, with their reason.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// `"table"` (default) or `"topic"`.
+    pub destination: DeadLetterDestination,
+    /// Location of the dead-letter Delta table; empty means beside the positions
+    /// table: `<delta.table_uri>_dead_letters`.
+    pub table_uri: String,
+    /// The dead-letter topic, for `destination = "topic"`; it must exist.
+    pub topic: String,
+    /// Longest time a dead-letter transaction may stay open (librdkafka's
+    /// `transaction.timeout.ms`); after a crash, the next worker waits up to this long
+    /// for the broker to abort the crashed worker's transaction.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            destination: DeadLetterDestination::Table,
+            table_uri: String::new(),
+            topic: String::new(),
+            transaction_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl DeadLetterConfig {
+    /// The dead-letter table's location: `table_uri`, or `<positions table>_dead_letters`.
+    pub fn resolved_table_uri(&self, delta: &DeltaConfig) -> String {
+        if self.table_uri.trim().is_empty() {
+            format!("{}_dead_letters", delta.table_uri.trim_end_matches('/'))
+        } else {
+            self.table_uri.clone()
+        }
+    }
+}
+
 /// `[retry]`: bounded exponential backoff with jitter around storage and broker I/O.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -253,11 +308,8 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        let config: Config = figment
-            .merge(Env::prefixed(ENV_PREFIX).split("__"))
-            .merge(overrides)
-            .extract()
-            .map_err(Box::new)?;
+        let config: Config =
+            figment.merge(Env::prefixed(ENV_PREFIX).split("__")).merge(overrides).extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
     }
@@ -284,7 +336,8 @@ impl Config {
                 "use 1-249 characters of ASCII letters, digits, '.', '_' and '-'",
             );
         }
-        if let Some((key, fix)) = MANAGED_LIBRDKAFKA_KEYS.iter().find(|(k, _)| self.kafka.librdkafka.0.contains_key(*k)) {
+        if let Some((key, fix)) = MANAGED_LIBRDKAFKA_KEYS.iter().find(|(k, _)| self.kafka.librdkafka.0.contains_key(*k))
+        {
             return invalid("kafka.librdkafka", &format!("sets `{key}`, which position-sink manages itself"), fix);
         }
         if self.delta.table_uri.trim().is_empty() {
@@ -304,6 +357,33 @@ impl Config {
         }
         if self.decode.max_message_bytes == 0 {
             return invalid("decode.max_message_bytes", "is zero", "set a positive byte count, e.g. 1048576");
+        }
+        if self.dead_letter.destination == DeadLetterDestination::Topic {
+            if !is_valid_topic(&self.dead_letter.topic) {
+                return invalid(
+                    "dead_letter.topic",
+                    &format!("is {:?}, not a Kafka topic name", self.dead_letter.topic),
+                    "name an existing topic for dead letters, e.g. \"positions.dead-letters\", or set dead_letter.destination = \"table\"",
+                );
+            }
+            if self.kafka.topics.contains(&self.dead_letter.topic) {
+                return invalid(
+                    "dead_letter.topic",
+                    "is also in kafka.topics, so dead letters would be read back as input",
+                    "use a separate topic for dead letters",
+                );
+            }
+            if self.dead_letter.transaction_timeout < Duration::from_secs(1) {
+                return invalid("dead_letter.transaction_timeout", "is below 1s", "set at least \"1s\", e.g. \"30s\"");
+            }
+        } else if self.dead_letter.resolved_table_uri(&self.delta).trim_end_matches('/')
+            == self.delta.table_uri.trim_end_matches('/')
+        {
+            return invalid(
+                "dead_letter.table_uri",
+                "is the positions table itself",
+                "leave it empty (a table beside the positions table) or name another location",
+            );
         }
         if self.retry.min_delay > self.retry.max_delay {
             return invalid("retry.min_delay", "is longer than retry.max_delay", "make min_delay <= max_delay");
@@ -360,9 +440,21 @@ mod tests {
     }
 
     #[test]
+    fn dead_letters_default_to_a_table_beside_the_positions_table() {
+        let c = load_toml("[delta]\ntable_uri = \"s3://bucket/positions/\"\n").unwrap();
+        assert_eq!(c.dead_letter.resolved_table_uri(&c.delta), "s3://bucket/positions_dead_letters");
+        let err = load_toml("[dead_letter]\ndestination = \"topic\"\n").unwrap_err().to_string();
+        assert!(err.contains("dead_letter.topic"), "{err}");
+        let err = load_toml("[dead_letter]\ndestination = \"topic\"\ntopic = \"positions\"\n").unwrap_err().to_string();
+        assert!(err.contains("kafka.topics"), "{err}");
+        assert!(load_toml("[dead_letter]\ndestination = \"topic\"\ntopic = \"dlq\"\n").is_ok());
+    }
+
+    #[test]
     fn secrets_are_masked_in_debug() {
-        let c = load_toml("[kafka.librdkafka]\n\"sasl.password\" = \"hunter2\"\n\"security.protocol\" = \"SASL_SSL\"\n")
-            .unwrap();
+        let c =
+            load_toml("[kafka.librdkafka]\n\"sasl.password\" = \"hunter2\"\n\"security.protocol\" = \"SASL_SSL\"\n")
+                .unwrap();
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2"));
         assert!(shown.contains("SASL_SSL"));

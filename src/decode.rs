@@ -7,8 +7,8 @@
 use std::fmt;
 
 use chrono::DateTime;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
 use crate::offsets::Coordinates;
@@ -57,8 +57,19 @@ pub enum Rejection {
     #[error("value is not valid UTF-8 ({0})")]
     NotUtf8(String),
     /// The value does not parse as JSON.
-    #[error("value is not valid JSON: {0}")]
-    InvalidJson(String),
+    #[error("value is not valid JSON at line {line} column {column}: {problem}")]
+    InvalidJson {
+        /// 1-based line of the problem.
+        line: usize,
+        /// 1-based column (byte) of the problem.
+        column: usize,
+        /// What the parser expected or found.
+        problem: String,
+    },
+    /// A number is NaN or infinite (bare, which JSON does not allow, or as a string),
+    /// or too large for a 64-bit float.
+    #[error("\"{0}\" is not a finite number")]
+    NotFinite(&'static str),
     /// The value is JSON but not an object.
     #[error("value is JSON but not an object")]
     NotAnObject,
@@ -118,7 +129,8 @@ impl Rejection {
             Rejection::EmptyValue => "empty_value",
             Rejection::TooLarge { .. } => "too_large",
             Rejection::NotUtf8(_) => "not_utf8",
-            Rejection::InvalidJson(_) => "invalid_json",
+            Rejection::InvalidJson { .. } => "invalid_json",
+            Rejection::NotFinite(_) => "not_finite",
             Rejection::NotAnObject => "not_an_object",
             Rejection::MissingField(_) => "missing_field",
             Rejection::NullField(_) => "null_field",
@@ -194,10 +206,52 @@ fn parse_fields(text: &str) -> Result<Fields, Rejection> {
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<IgnoredAny>(text) {
             Ok(_) => Rejection::NotAnObject,
-            Err(e) => Rejection::InvalidJson(e.to_string()),
+            Err(e) => json_error(text, &e),
         });
     }
-    serde_json::from_str::<Fields>(text).map_err(|e| Rejection::InvalidJson(e.to_string()))
+    serde_json::from_str::<Fields>(text).map_err(|e| json_error(text, &e))
+}
+
+/// Tokens producers write for non-finite floats; JSON has none of them.
+const NON_FINITE_TOKENS: [&str; 7] = ["NaN", "-NaN", "Infinity", "-Infinity", "+Infinity", "inf", "-inf"];
+
+/// Turns a parse error into a reason; a bare `NaN`/`Infinity` or an overflowing number
+/// in a known field is reported as that field's problem.
+fn json_error(text: &str, error: &serde_json::Error) -> Rejection {
+    let (line, column) = (error.line(), error.column());
+    let at = byte_position(text, line, column);
+    let field = |start: usize| field_before(text, start).and_then(|f| FIELD_NAMES.iter().find(|known| **known == f));
+    // The parser stops after a sign, before the word.
+    let token = if at > 0 && text.as_bytes().get(at - 1).is_some_and(|b| b"+-".contains(b)) { at - 1 } else { at };
+    let rest = text.get(token..).unwrap_or("");
+    if NON_FINITE_TOKENS.iter().any(|t| rest.starts_with(t))
+        && let Some(field) = field(token)
+    {
+        return Rejection::NotFinite(field);
+    }
+    let message = error.to_string();
+    if message.starts_with("number out of range") {
+        let start =
+            text[..at.min(text.len())].trim_end_matches(|c: char| c.is_ascii_alphanumeric() || "+-.".contains(c)).len();
+        if let Some(field) = field(start) {
+            return Rejection::NotFinite(field);
+        }
+    }
+    let problem = message.split(" at line ").next().unwrap_or(&message).to_string();
+    Rejection::InvalidJson { line, column, problem }
+}
+
+/// The byte offset of serde_json's 1-based `line`/`column` in `text`.
+fn byte_position(text: &str, line: usize, column: usize) -> usize {
+    let line_start: usize = text.split_inclusive('\n').take(line.saturating_sub(1)).map(str::len).sum();
+    (line_start + column.saturating_sub(1)).min(text.len())
+}
+
+/// The object key whose value starts at byte `start`: `"key"` then `:` just before it.
+fn field_before(text: &str, start: usize) -> Option<&str> {
+    let before = text.get(..start)?.trim_end().strip_suffix(':')?.trim_end().strip_suffix('"')?;
+    let open = before.rfind('"')?;
+    Some(&before[open + 1..])
 }
 
 /// A known field's slot, or `None` for a field the table does not have.
@@ -339,6 +393,9 @@ fn required_conid(slot: (Option<Value>, &'static str)) -> Result<i64, Rejection>
         (None, Some(big)) => {
             Err(Rejection::OutOfRange { field: "conid", detail: format!("{big} does not fit a 64-bit signed integer") })
         }
+        (None, None) if n.as_f64().is_some_and(|x| x.fract() == 0.0 && x.abs() >= 9.2e18) => {
+            Err(Rejection::OutOfRange { field: "conid", detail: format!("{n} does not fit a 64-bit signed integer") })
+        }
         (None, None) => Err(wrong_type("conid", "a positive integer", &value)),
     }
 }
@@ -354,10 +411,16 @@ fn number(value: Value, field: &'static str) -> Result<f64, Rejection> {
     match &value {
         Value::Number(n) => match n.as_f64() {
             Some(x) if x.is_finite() => Ok(x),
-            _ => Err(Rejection::OutOfRange { field, detail: format!("{n} is not a finite number") }),
+            _ => Err(Rejection::NotFinite(field)),
         },
+        Value::String(s) if is_non_finite_word(s) => Err(Rejection::NotFinite(field)),
         _ => Err(wrong_type(field, "a number", &value)),
     }
+}
+
+fn is_non_finite_word(s: &str) -> bool {
+    let word = s.trim().trim_start_matches(['+', '-']).to_ascii_lowercase();
+    ["nan", "inf", "infinity"].contains(&word.as_str())
 }
 
 fn timestamp(value: Value) -> Result<i64, Rejection> {
@@ -366,9 +429,13 @@ fn timestamp(value: Value) -> Result<i64, Rejection> {
             .map_err(|e| Rejection::InvalidTimestamp(format!("{text:?} is not RFC 3339 with an offset ({e})")))?
             .timestamp_micros(),
         Value::Number(n) => match n.as_i64() {
-            Some(millis) => millis.checked_mul(1000).ok_or_else(|| {
-                Rejection::InvalidTimestamp(format!("{millis} epoch milliseconds is out of range"))
-            })?,
+            Some(millis) => millis
+                .checked_mul(1000)
+                .ok_or_else(|| Rejection::InvalidTimestamp(format!("{millis} epoch milliseconds is out of range")))?,
+            // Integral but beyond i64 (serde_json holds it as u64, or as f64 past u64).
+            None if n.is_u64() || n.as_f64().is_some_and(|x| x.fract() == 0.0 && x.abs() >= 9.2e18) => {
+                return Err(Rejection::InvalidTimestamp(format!("{n} epoch milliseconds is out of range")));
+            }
             None => return Err(wrong_type("timestamp", "an RFC 3339 string or integer epoch milliseconds", &value)),
         },
         _ => return Err(wrong_type("timestamp", "an RFC 3339 string or integer epoch milliseconds", &value)),
@@ -454,9 +521,26 @@ mod tests {
             (None, r#"{"conid":18446744073709551615,"symbol":"A","position":1,"timestamp":1}"#, "out_of_range"),
             (None, r#"{"conid":1,"symbol":"  ","position":1,"timestamp":1}"#, "blank_field"),
             (None, r#"{"conid":1,"symbol":"A\nB","position":1,"timestamp":1}"#, "invalid_symbol"),
-            (None, r#"{"conid":1,"symbol":"A","position":"NaN","timestamp":1}"#, "wrong_type"),
-            (None, r#"{"conid":1,"symbol":"A","position":NaN,"timestamp":1}"#, "invalid_json"),
-            (None, r#"{"conid":1,"symbol":"A","position":1e999,"timestamp":1}"#, "invalid_json"),
+            (None, r#"{"conid":1,"symbol":"A","position":"NaN","timestamp":1}"#, "not_finite"),
+            (None, r#"{"conid":1,"symbol":"A","position":"-Infinity","timestamp":1}"#, "not_finite"),
+            (None, r#"{"conid":1,"symbol":"A","position":"12","timestamp":1}"#, "wrong_type"),
+            (None, r#"{"conid":1,"symbol":"A","position":NaN,"timestamp":1}"#, "not_finite"),
+            (None, r#"{"conid":1,"symbol":"A","position": Infinity,"timestamp":1}"#, "not_finite"),
+            (None, r#"{"conid":1,"symbol":"A","market_price":-Infinity,"position":1,"timestamp":1}"#, "not_finite"),
+            (None, r#"{"conid":1,"symbol":"A","position":1e999,"timestamp":1}"#, "not_finite"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":1,"x":NaN}"#, "invalid_json"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":99999999999999999999}"#, "invalid_timestamp"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":9223372036854775807}"#, "invalid_timestamp"),
+            (None, r#"{"conid":-5,"symbol":"A","position":1,"timestamp":1}"#, "out_of_range"),
+            (None, r#"{"conid":99999999999999999999,"symbol":"A","position":1,"timestamp":1}"#, "out_of_range"),
+            (None, r#"{"conid":1,"symbol":"","position":1,"timestamp":1}"#, "blank_field"),
+            (None, r#"{"conid":1,"symbol":5,"position":1,"timestamp":1}"#, "wrong_type"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":"2026-02-30T00:00:00Z"}"#, "invalid_timestamp"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":"1800-01-01T00:00:00Z"}"#, "invalid_timestamp"),
+            (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":null}"#, "null_field"),
+            (None, "\"just a string\"", "not_an_object"),
+            (None, "null", "not_an_object"),
+            (None, "{", "invalid_json"),
             (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":"2026-13-01T00:00:00Z"}"#, "invalid_timestamp"),
             (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":"2026-11-25 10:00"}"#, "invalid_timestamp"),
             (None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":99999999999999999}"#, "invalid_timestamp"),
@@ -508,6 +592,14 @@ mod tests {
         let opts = DecodeOptions { key_columns: vec![KeyColumn::Account, KeyColumn::Conid], ..Default::default() };
         let got = decode(None, Some(GOOD.as_bytes()), at(), &opts).unwrap_err();
         assert_eq!(got, Rejection::MissingField("account"));
+    }
+
+    #[test]
+    fn json_errors_give_line_and_column() {
+        let got = decode_str(None, r#"{"conid":1,"symbol":}"#).unwrap_err();
+        assert_eq!(got.to_string(), "value is not valid JSON at line 1 column 21: expected value");
+        let got = decode_str(None, r#"{"conid":1,"symbol":"A","position":NaN,"timestamp":1}"#).unwrap_err();
+        assert_eq!(got.to_string(), "\"position\" is not a finite number");
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! Reading the table back for people: a summary printed by `position-sink show`.
 
-
 use deltalake::DeltaTableError;
 use deltalake::datafusion::prelude::SessionContext;
 

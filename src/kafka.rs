@@ -167,7 +167,7 @@ fn describe(partitions: &[TopicPartition]) -> String {
 pub async fn publish<'a>(
     brokers: &str,
     topic: &str,
-    messages: impl IntoIterator<Item = (&'a str, &'a str)>,
+    messages: impl IntoIterator<Item = (Option<&'a [u8]>, Option<&'a [u8]>)>,
 ) -> KafkaResult<usize> {
     use futures::StreamExt;
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -180,10 +180,14 @@ pub async fn publish<'a>(
     let deliveries = futures::stream::iter(messages.into_iter().map(|(key, value)| {
         let producer = &producer;
         async move {
-            producer
-                .send(FutureRecord::to(topic).key(key).payload(value), std::time::Duration::from_secs(30))
-                .await
-                .map_err(|(error, _)| error)
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            if let Some(value) = value {
+                record = record.payload(value);
+            }
+            producer.send(record, std::time::Duration::from_secs(30)).await.map_err(|(error, _)| error)
         }
     }))
     .buffered(10_000);

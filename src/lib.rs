@@ -7,17 +7,19 @@
 //!  Kafka (consumer group, manual offsets)             kafka.rs
 //!    │ key + value bytes, topic/partition/offset
 //!    ▼
-//!  decode + validate ──── invalid ──▶ stop with coordinates   decode.rs
-//!    │ PositionUpdate
-//!    ▼
-//!  buffer: dedup per key, last write wins                     batch.rs, update.rs
+//!  decode + validate ── invalid ──▶ dead letter (bytes, coordinates, reason)
+//!    │ PositionUpdate                     │                   decode.rs, dead_letter/
+//!    ▼                                    ▼
+//!  buffer: dedup per key, last write wins, dead letters kept  batch.rs, update.rs
 //!    │ flush every flush.interval, or early on size limits
+//!    ▼                                                         sink.rs (the order)
+//!  dead letters → Delta table (append + txn offsets)          dead_letter/table.rs
 //!    ▼
-//!  Arrow record batch                                          arrow.rs
+//!  Arrow record batch → Delta MERGE (LWW guard) + txn offsets  arrow.rs, table.rs
 //!    ▼
-//!  Delta MERGE (LWW guard) + txn offsets, one commit           table.rs
-//!    ▼
-//!  Kafka offset commit (after the Delta commit)                kafka.rs
+//!  Kafka offset commit (after the Delta commits)              kafka.rs
+//!    (or, with dead letters in a Kafka topic: one Kafka transaction with the
+//!     dead letters and the offsets)                           dead_letter/topic.rs
 //! ```
 //!
 //! The loop that ties these together is [`worker`]; [`run`] is the entry point used
@@ -27,12 +29,15 @@
 pub mod arrow;
 pub mod batch;
 pub mod config;
+pub mod dead_letter;
 pub mod decode;
+pub mod delta;
 pub mod inspect;
 pub mod kafka;
 pub mod offsets;
 pub mod retry;
 pub mod sample;
+pub mod sink;
 pub mod table;
 pub mod update;
 pub mod worker;

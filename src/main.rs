@@ -47,11 +47,54 @@ enum Command {
         /// Seed of the stream.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Percentage of invalid messages, of every kind in turn.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100))]
+        bad_percent: u64,
     },
     /// Print a summary of the table.
     Show {
         #[command(flatten)]
         common: Common,
+    },
+    /// Review rejected messages, and re-publish them once their cause is fixed.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// List the most recent dead letters with their reasons, newest first.
+    List {
+        #[command(flatten)]
+        common: Common,
+        /// Only this reason category (e.g. invalid_json, missing_field).
+        #[arg(long)]
+        category: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Characters of key and value to print.
+        #[arg(long, default_value_t = 200)]
+        width: usize,
+    },
+    /// Re-publish selected dead letters, byte for byte, to their source topics.
+    Republish {
+        #[command(flatten)]
+        common: Common,
+        /// A dead letter by source coordinates, `topic:partition:offset`; repeat for several.
+        #[arg(long = "at")]
+        at: Vec<position_sink::offsets::Coordinates>,
+        /// Every dead letter of this reason category.
+        #[arg(long)]
+        category: Option<String>,
+        /// Also re-publish messages the current rules still reject.
+        #[arg(long)]
+        force: bool,
+        /// Show what would be re-published, publish nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -143,14 +186,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             info!(?summary, "done");
             Ok(())
         }
-        Command::Generate { common, count, instruments, seed } => {
+        Command::Generate { common, count, instruments, seed, bad_percent } => {
             let config = common.load(Figment::new())?;
             let topic = config.kafka.topics.first().context("kafka.topics is empty")?;
-            let stream = generate(SampleSpec { count, instruments, seed, ..SampleSpec::default() });
+            let stream = generate(SampleSpec { count, instruments, seed, bad_percent, ..SampleSpec::default() });
             let sent = position_sink::kafka::publish(
                 &config.kafka.brokers,
                 topic,
-                stream.iter().map(|m| (m.key.as_str(), m.value.as_str())),
+                stream.iter().map(|m| (Some(m.key.as_bytes()), Some(m.value.as_slice()))),
             )
             .await
             .with_context(|| format!("publishing to topic {topic} at {}", config.kafka.brokers))?;
@@ -160,6 +203,62 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Show { common } => {
             let config = common.load(Figment::new())?;
             position_sink::inspect::show(&config.delta).await?;
+            Ok(())
+        }
+        Command::DeadLetters { action } => dead_letters(action).await,
+    }
+}
+
+async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {
+    use position_sink::dead_letter::{ReasonCounts, preview, review};
+    match action {
+        DeadLetterAction::List { common, category, limit, width } => {
+            let config = common.load(Figment::new())?;
+            let found = review::list(&config, category.as_deref(), limit).await?;
+            let mut counts = ReasonCounts::default();
+            for d in &found {
+                counts.add(&d.category, 1);
+                let rejected = chrono::DateTime::from_timestamp_micros(d.rejected_at_micros)
+                    .map_or_else(|| d.rejected_at_micros.to_string(), |t| t.to_rfc3339());
+                println!(
+                    "{}:{}:{}  {}  {}",
+                    d.source.tp.topic, d.source.tp.partition.0, d.source.offset.0, d.category, rejected
+                );
+                println!("  reason: {}", d.reason);
+                println!("  key:    {}", preview(d.key.as_deref(), width));
+                println!("  value:  {}", preview(d.value.as_deref(), width));
+            }
+            println!(
+                "{} dead letters shown ({})",
+                found.len(),
+                if counts.total() == 0 { "none".into() } else { counts.to_string() }
+            );
+            Ok(())
+        }
+        DeadLetterAction::Republish { common, at, category, force, dry_run } => {
+            anyhow::ensure!(
+                !at.is_empty() || category.is_some(),
+                "select dead letters with --at topic:partition:offset or --category NAME"
+            );
+            let config = common.load(Figment::new())?;
+            let selection = review::Selection { at, category };
+            let report = review::republish(&config, &selection, force, dry_run).await?;
+            let verb = if dry_run { "would re-publish" } else { "re-published" };
+            for c in &report.republished {
+                println!("{verb} {c}");
+            }
+            for (c, reason) in &report.still_invalid {
+                println!("skipped {c}: still rejected by the current rules ({reason}); fix it upstream or use --force");
+            }
+            for c in &report.not_found {
+                println!("not found: no dead letter at {c}");
+            }
+            println!(
+                "{} {verb}, {} still invalid, {} not found",
+                report.republished.len(),
+                report.still_invalid.len(),
+                report.not_found.len()
+            );
             Ok(())
         }
     }

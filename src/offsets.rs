@@ -65,6 +65,25 @@ impl fmt::Display for Coordinates {
     }
 }
 
+impl std::str::FromStr for Coordinates {
+    type Err = String;
+
+    /// Parses `topic:partition:offset` (topic names cannot contain `:`).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let usage = || format!("{text:?} is not topic:partition:offset, e.g. positions:3:1042");
+        let mut parts = text.rsplitn(3, ':');
+        let (Some(offset), Some(partition), Some(topic)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(usage());
+        };
+        let partition = partition.parse().map_err(|_| usage())?;
+        let offset = offset.parse().map_err(|_| usage())?;
+        if topic.is_empty() {
+            return Err(usage());
+        }
+        Ok(Coordinates { tp: TopicPartition::new(topic, partition), offset: Offset(offset) })
+    }
+}
+
 /// The highest offset seen per partition; merging keeps the maximum.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OffsetMap(BTreeMap<TopicPartition, Offset>);
@@ -117,6 +136,15 @@ mod tests {
         map.observe(&tp, Offset(5));
         map.observe(&tp, Offset(3));
         assert_eq!(map.get(&tp), Some(Offset(5)));
+    }
+
+    #[test]
+    fn coordinates_parse_from_topic_partition_offset() {
+        let c: Coordinates = "pos.v1:3:1042".parse().unwrap();
+        assert_eq!(c, Coordinates { tp: TopicPartition::new("pos.v1", 3), offset: Offset(1042) });
+        assert!("pos:3".parse::<Coordinates>().is_err());
+        assert!(":1:2".parse::<Coordinates>().is_err());
+        assert!("pos:x:2".parse::<Coordinates>().is_err());
     }
 
     #[test]

@@ -59,14 +59,33 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_until_success() {
         let mut calls = 0;
-        let got = retry(&policy(5), "t", || { calls += 1; let c = calls; async move { if c < 3 { Err("no") } else { Ok(c) } } }, |_| true).await;
+        let got = retry(
+            &policy(5),
+            "t",
+            || {
+                calls += 1;
+                let c = calls;
+                async move { if c < 3 { Err("no") } else { Ok(c) } }
+            },
+            |_| true,
+        )
+        .await;
         assert_eq!(got, Ok(3));
     }
 
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_the_bound() {
         let mut calls = 0;
-        let got: Result<(), &str> = retry(&policy(2), "t", || { calls += 1; async { Err("no") } }, |_| true).await;
+        let got: Result<(), &str> = retry(
+            &policy(2),
+            "t",
+            || {
+                calls += 1;
+                async { Err("no") }
+            },
+            |_| true,
+        )
+        .await;
         assert_eq!(got, Err("no"));
         assert_eq!(calls, 3);
     }
@@ -74,7 +93,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn does_not_retry_permanent_errors() {
         let mut calls = 0;
-        let got: Result<(), &str> = retry(&policy(5), "t", || { calls += 1; async { Err("bad") } }, |_| false).await;
+        let got: Result<(), &str> = retry(
+            &policy(5),
+            "t",
+            || {
+                calls += 1;
+                async { Err("bad") }
+            },
+            |_| false,
+        )
+        .await;
         assert_eq!(got, Err("bad"));
         assert_eq!(calls, 1);
     }

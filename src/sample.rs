@@ -1,16 +1,19 @@
 //! Sample position updates: a deterministic stream with the awkward parts of real
-//! feeds (repeated messages, late updates with older timestamps, many symbols), used by
-//! the demo, the tests and the benchmarks.
+//! feeds (repeated messages, late updates with older timestamps, many symbols, and on
+//! request invalid messages of every kind), used by the demo, the tests and the
+//! benchmarks.
 
 use serde_json::json;
 
-/// One message to publish: the Kafka key and the JSON value.
+/// One message to publish: the Kafka key and the value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleMessage {
     /// The conid as decimal text.
     pub key: String,
-    /// The JSON value.
-    pub value: String,
+    /// The value: JSON, except for some invalid messages.
+    pub value: Vec<u8>,
+    /// For an invalid message, the reason category the decoder must give it.
+    pub rejection: Option<&'static str>,
     /// The conid.
     pub conid: i64,
     /// The symbol.
@@ -32,17 +35,19 @@ pub struct SampleSpec {
     pub seed: u64,
     /// Event time of the first message, epoch microseconds.
     pub start_micros: i64,
+    /// Percentage of invalid messages (0-100), of every kind in turn.
+    pub bad_percent: u64,
 }
 
 impl Default for SampleSpec {
     fn default() -> Self {
-        Self { count: 5000, instruments: 200, seed: 1, start_micros: 1_764_057_600_000_000 }
+        Self { count: 5000, instruments: 200, seed: 1, start_micros: 1_764_057_600_000_000, bad_percent: 0 }
     }
 }
 
 const TICKERS: [&str; 20] = [
-    "AAPL", "MSFT", "NVDA", "AMZN", "GOOGL", "META", "TSLA", "BRK B", "JPM", "V", "XOM", "UNH", "JNJ", "WMT",
-    "MA", "PG", "HD", "CVX", "KO", "PEP",
+    "AAPL", "MSFT", "NVDA", "AMZN", "GOOGL", "META", "TSLA", "BRK B", "JPM", "V", "XOM", "UNH", "JNJ", "WMT", "MA",
+    "PG", "HD", "CVX", "KO", "PEP",
 ];
 
 /// The symbol of the `index`-th instrument.
@@ -75,11 +80,57 @@ impl SplitMix {
     }
 }
 
+/// Invalid messages, one per kind: a JSON template (`{conid}`, `{symbol}`,
+/// `{other}` are filled in) and the category the decoder must give it.
+const BAD_KINDS: [(&str, &str); 13] = [
+    (r#"{"conid":{conid},"symbol":"{symbol}","position":"#, "invalid_json"),
+    (r#"[{conid},"{symbol}"]"#, "not_an_object"),
+    (r#"{"conid":{conid},"position":1,"timestamp":"2026-11-25T10:00:00Z"}"#, "missing_field"),
+    (r#"{"conid":{conid},"symbol":"{symbol}","position":null,"timestamp":"2026-11-25T10:00:00Z"}"#, "null_field"),
+    (r#"{"conid":{conid},"symbol":"{symbol}","position":"ten","timestamp":"2026-11-25T10:00:00Z"}"#, "wrong_type"),
+    (r#"{"conid":{conid},"symbol":"{symbol}","position":NaN,"timestamp":"2026-11-25T10:00:00Z"}"#, "not_finite"),
+    (r#"{"conid":-{conid},"symbol":"{symbol}","position":1,"timestamp":"2026-11-25T10:00:00Z"}"#, "out_of_range"),
+    (r#"{"conid":{conid},"symbol":"   ","position":1,"timestamp":"2026-11-25T10:00:00Z"}"#, "blank_field"),
+    (r#"{"conid":{conid},"symbol":"{symbol}","position":1,"timestamp":"2026-02-30T10:00:00Z"}"#, "invalid_timestamp"),
+    (r#"{"conid":{other},"symbol":"{symbol}","position":1,"timestamp":"2026-11-25T10:00:00Z"}"#, "key_mismatch"),
+    (
+        r#"{"conid":{conid},"symbol":"{symbol}","symbol":"X","position":1,"timestamp":"2026-11-25T10:00:00Z"}"#,
+        "duplicate_field",
+    ),
+    ("", "empty_value"),
+    ("", "not_utf8"),
+];
+
+fn bad_message(rng: &mut SplitMix, kind: usize, conid: i64, symbol: &str) -> SampleMessage {
+    let (template, category) = BAD_KINDS[kind % BAD_KINDS.len()];
+    let mut value = template
+        .replace("{conid}", &conid.to_string())
+        .replace("{other}", &(conid + 1 + rng.below(1000) as i64).to_string())
+        .replace("{symbol}", symbol)
+        .into_bytes();
+    if category == "not_utf8" {
+        // A Latin-1 "é" where UTF-8 is required.
+        value = format!(r#"{{"conid":{conid},"symbol":"CAF"#).into_bytes();
+        value.extend_from_slice(b"\xe9\",\"position\":1,\"timestamp\":1}");
+    }
+    SampleMessage {
+        key: conid.to_string(),
+        value,
+        rejection: Some(category),
+        conid,
+        symbol: symbol.to_string(),
+        position: 0.0,
+        timestamp_micros: 0,
+    }
+}
+
 /// Generates the stream described by `spec`: about 5% exact repeats of an earlier
-/// message and 10% late updates whose timestamp is older than the previous one.
+/// message, 10% late updates whose timestamp is older than the previous one, and
+/// `bad_percent` invalid messages cycling through every kind.
 pub fn generate(spec: SampleSpec) -> Vec<SampleMessage> {
     let mut rng = SplitMix(spec.seed);
     let mut out: Vec<SampleMessage> = Vec::with_capacity(spec.count);
+    let mut bad_kind = 0;
     for i in 0..spec.count {
         if i > 0 && rng.below(100) < 5 {
             let earlier = out[rng.below(i as u64) as usize].clone();
@@ -89,9 +140,13 @@ pub fn generate(spec: SampleSpec) -> Vec<SampleMessage> {
         let index = rng.below(spec.instruments as u64) as usize;
         let conid = conid_of(index);
         let symbol = symbol_of(index);
+        if rng.below(100) < spec.bad_percent {
+            out.push(bad_message(&mut rng, bad_kind, conid, &symbol));
+            bad_kind += 1;
+            continue;
+        }
         let late = rng.below(100) < 10;
-        let timestamp_micros =
-            spec.start_micros + i as i64 * 1000 - if late { rng.below(5_000_000) as i64 } else { 0 };
+        let timestamp_micros = spec.start_micros + i as i64 * 1000 - if late { rng.below(5_000_000) as i64 } else { 0 };
         let position = (rng.below(20_001) as f64 - 10_000.0) / 4.0;
         let price = 10.0 + rng.below(100_000) as f64 / 100.0;
         let value = json!({
@@ -109,8 +164,17 @@ pub fn generate(spec: SampleSpec) -> Vec<SampleMessage> {
             "unrealized_pnl": price * position * 0.02,
             "realized_pnl": null,
         })
-        .to_string();
-        out.push(SampleMessage { key: conid.to_string(), value, conid, symbol, position, timestamp_micros });
+        .to_string()
+        .into_bytes();
+        out.push(SampleMessage {
+            key: conid.to_string(),
+            value,
+            rejection: None,
+            conid,
+            symbol,
+            position,
+            timestamp_micros,
+        });
     }
     out
 }
@@ -118,6 +182,31 @@ pub fn generate(spec: SampleSpec) -> Vec<SampleMessage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_messages_get_the_category_they_were_made_for() {
+        use crate::decode::{DecodeOptions, decode};
+        use crate::offsets::{Coordinates, Offset, TopicPartition};
+        let stream = generate(SampleSpec { count: 3000, bad_percent: 10, ..SampleSpec::default() });
+        let mut seen = std::collections::BTreeSet::new();
+        for m in &stream {
+            let at = Coordinates { tp: TopicPartition::new("t", 0), offset: Offset(0) };
+            let got = decode(Some(m.key.as_bytes()), Some(&m.value), at, &DecodeOptions::default());
+            match m.rejection {
+                Some(category) => {
+                    assert_eq!(
+                        got.map_err(|r| r.category()).unwrap_err(),
+                        category,
+                        "{:?}",
+                        String::from_utf8_lossy(&m.value)
+                    );
+                    seen.insert(category);
+                }
+                None => assert!(got.is_ok()),
+            }
+        }
+        assert_eq!(seen.len(), BAD_KINDS.len());
+    }
 
     #[test]
     fn the_same_seed_gives_the_same_stream() {
@@ -140,7 +229,7 @@ mod tests {
         use crate::offsets::{Coordinates, Offset, TopicPartition};
         for m in generate(SampleSpec { count: 300, ..SampleSpec::default() }) {
             let at = Coordinates { tp: TopicPartition::new("t", 0), offset: Offset(0) };
-            let u = decode(Some(m.key.as_bytes()), Some(m.value.as_bytes()), at, &DecodeOptions::default()).unwrap();
+            let u = decode(Some(m.key.as_bytes()), Some(&m.value), at, &DecodeOptions::default()).unwrap();
             assert_eq!((u.conid, u.timestamp_micros, u.position), (m.conid, m.timestamp_micros, m.position));
         }
     }

@@ -14,72 +14,23 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use deltalake::arrow::datatypes::{DataType as ArrowType, TimeUnit};
 use deltalake::datafusion::prelude::{Expr, SessionContext, col};
+use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::kernel::{DataType, PrimitiveType, StructField, Transaction};
 use deltalake::{DeltaTable, DeltaTableError};
 
 use crate::arrow::{LINEAGE_COLUMNS, PARTITION_COLUMN, PAYLOAD_COLUMNS, schema, to_record_batch};
 use crate::batch::Batch;
 use crate::config::DeltaConfig;
+pub use crate::delta::TableError;
+use crate::delta::{self, TableSpec};
 use crate::offsets::{Offset, TopicPartition};
 use crate::update::{KeyColumn, PositionUpdate};
 
 /// A Delta table version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TableVersion(pub u64);
-
-/// Failures of the table, with the table's location.
-#[derive(Debug, thiserror::Error)]
-pub enum TableError {
-    /// The table could not be opened or created.
-    #[error("cannot open or create the Delta table at {uri}: {source}")]
-    Open {
-        /// Table location.
-        uri: String,
-        /// Cause.
-        source: Box<DeltaTableError>,
-    },
-    /// The table exists with columns or partitioning this program cannot write.
-    #[error(
-        "the Delta table at {uri} is not a positions table: {differences}. \
-         Point delta.table_uri at a new location, or migrate the table"
-    )]
-    Incompatible {
-        /// Table location.
-        uri: String,
-        /// What differs from the expected schema.
-        differences: String,
-    },
-    /// Reading the table's state or recorded offsets failed.
-    #[error("cannot read the state of the Delta table at {uri}: {source}")]
-    Read {
-        /// Table location.
-        uri: String,
-        /// Cause.
-        source: Box<DeltaTableError>,
-    },
-    /// The MERGE or its commit failed (conflict, storage error).
-    #[error("writing {rows} rows to the Delta table at {uri} failed: {source}")]
-    Write {
-        /// Table location.
-        uri: String,
-        /// Rows in the failed write.
-        rows: usize,
-        /// Cause.
-        source: Box<DeltaTableError>,
-    },
-}
-
-impl TableError {
-    /// Whether trying again can help: storage and commit-conflict failures can, a
-    /// schema mismatch cannot.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, TableError::Incompatible { .. })
-    }
-}
 
 /// What one [`PositionTable::write`] did.
 #[derive(Debug, Clone)]
@@ -114,30 +65,13 @@ impl PositionTable {
     /// [`TableError::Open`] when storage fails, [`TableError::Incompatible`] when the
     /// table exists with other columns or partitioning.
     pub async fn open_or_create(config: &DeltaConfig, group_id: &str) -> Result<Self, TableError> {
-        let uri = config.table_uri.clone();
-        let open_err = |source| TableError::Open { uri: uri.clone(), source: Box::new(source) };
-        let url = deltalake::ensure_table_uri(&uri).map_err(open_err)?;
-        let options: HashMap<String, String> = config.storage_options.0.clone().into_iter().collect();
-        let mut table = DeltaTable::try_from_url_with_storage_options(url.clone(), options.clone())
-            .await
-            .map_err(open_err)?;
-        if table.version().is_none() {
-            let created = table
-                .create()
-                .with_columns(delta_columns())
-                .with_partition_columns([PARTITION_COLUMN])
-                .with_table_name("positions")
-                .with_comment("Latest position per instrument, written by position-sink")
-                .await;
-            table = match created {
-                Ok(t) => t,
-                // Another worker created it first: use theirs.
-                Err(_) => DeltaTable::try_from_url_with_storage_options(url, options).await.map_err(open_err)?,
-            };
-        }
-        let opened = Self { table, uri, group_id: group_id.to_string(), key_columns: config.key_columns.clone() };
-        opened.check_schema()?;
-        Ok(opened)
+        let table = delta::open_or_create(&config.table_uri, &config.storage_options, &spec()).await?;
+        Ok(Self {
+            table,
+            uri: config.table_uri.clone(),
+            group_id: group_id.to_string(),
+            key_columns: config.key_columns.clone(),
+        })
     }
 
     /// The table location as configured.
@@ -150,46 +84,12 @@ impl PositionTable {
         self.table.version().map(TableVersion)
     }
 
-    fn check_schema(&self) -> Result<(), TableError> {
-        let incompatible = |differences| TableError::Incompatible { uri: self.uri.clone(), differences };
-        let snapshot = self.table.snapshot().map_err(|e| incompatible(format!("no snapshot ({e})")))?;
-        let actual = snapshot.schema();
-        let mut differences = Vec::new();
-        for expected in delta_columns() {
-            match actual.field(expected.name()) {
-                None => differences.push(format!("column `{}` is missing", expected.name())),
-                Some(found) if found.data_type() != expected.data_type() => differences.push(format!(
-                    "column `{}` is {:?}, expected {:?}",
-                    expected.name(),
-                    found.data_type(),
-                    expected.data_type()
-                )),
-                Some(found) if found.is_nullable() && !expected.is_nullable() => {
-                    differences.push(format!("column `{}` is nullable, expected NOT NULL", expected.name()))
-                }
-                Some(_) => {}
-            }
-        }
-        for extra in actual.fields() {
-            if !extra.is_nullable() && schema().field_with_name(extra.name()).is_err() {
-                differences.push(format!("extra column `{}` is NOT NULL, so rows cannot be inserted", extra.name()));
-            }
-        }
-        let partitioning = snapshot.metadata().partition_columns();
-        if partitioning != [PARTITION_COLUMN.to_string()] {
-            differences.push(format!("it is partitioned by {partitioning:?}, expected [\"{PARTITION_COLUMN}\"]"));
-        }
-        if differences.is_empty() { Ok(()) } else { Err(incompatible(differences.join("; "))) }
-    }
-
     /// A handle at the latest table version.
     ///
     /// # Errors
     /// [`TableError::Read`] when the log cannot be read.
     pub async fn refreshed(&self) -> Result<PositionTable, TableError> {
-        let mut fresh = self.clone();
-        fresh.table.update_state().await.map_err(|source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) })?;
-        Ok(fresh)
+        Ok(Self { table: delta::refreshed(&self.table, &self.uri).await?, ..self.clone() })
     }
 
     /// The last offset recorded in the table for each of `partitions` (absent: none yet),
@@ -201,18 +101,7 @@ impl PositionTable {
         &self,
         partitions: &[TopicPartition],
     ) -> Result<HashMap<TopicPartition, Offset>, TableError> {
-        let read_err = |source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) };
-        let snapshot = self.table.snapshot().map_err(read_err)?;
-        let log_store = self.table.log_store();
-        let mut recorded = HashMap::new();
-        for tp in partitions {
-            if let Some(version) =
-                snapshot.transaction_version(log_store.as_ref(), tp.app_id(&self.group_id)).await.map_err(read_err)?
-            {
-                recorded.insert(tp.clone(), Offset(version));
-            }
-        }
-        Ok(recorded)
+        delta::recorded_offsets(&self.table, &self.uri, &self.group_id, partitions).await
     }
 
     /// Writes `batch` in one commit on top of the latest version: rows above each
@@ -253,11 +142,8 @@ impl PositionTable {
             return Ok(unchanged);
         }
         let version_before = self.table.version();
-        let (inserted, updated) = if rows.is_empty() {
-            (0, 0)
-        } else {
-            self.merge_rows(&rows, transactions.clone()).await?
-        };
+        let (inserted, updated) =
+            if rows.is_empty() { (0, 0) } else { self.merge_rows(&rows, transactions.clone()).await? };
         // delta-rs makes no commit for a MERGE that changes nothing (or has no rows);
         // the offsets must be recorded all the same.
         if self.table.version() == version_before {
@@ -278,7 +164,8 @@ impl PositionTable {
         rows: &[PositionUpdate],
         transactions: Vec<Transaction>,
     ) -> Result<(usize, usize), TableError> {
-        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows: rows.len(), source: Box::new(source) };
+        let write_err =
+            |source| TableError::Write { uri: self.uri.clone(), rows: rows.len(), source: Box::new(source) };
         let ingested_at = chrono::Utc::now().timestamp_micros();
         let record_batch = to_record_batch(rows, ingested_at)
             .map_err(|e| write_err(DeltaTableError::Generic(format!("building the Arrow batch: {e}"))))?;
@@ -350,21 +237,14 @@ fn target_col(name: &str) -> Expr {
     col(format!("target.{name}"))
 }
 
-/// The Delta columns, derived from the Arrow schema in [`crate::arrow::schema`].
-fn delta_columns() -> Vec<StructField> {
-    schema()
-        .fields()
-        .iter()
-        .map(|f| {
-            let primitive = match f.data_type() {
-                ArrowType::Int64 => PrimitiveType::Long,
-                ArrowType::Int32 => PrimitiveType::Integer,
-                ArrowType::Float64 => PrimitiveType::Double,
-                ArrowType::Utf8 => PrimitiveType::String,
-                ArrowType::Timestamp(TimeUnit::Microsecond, Some(_)) => PrimitiveType::Timestamp,
-                other => unreachable!("the table schema has no column of type {other}"),
-            };
-            StructField::new(f.name().clone(), DataType::Primitive(primitive), f.is_nullable())
-        })
-        .collect()
+/// The positions table: the columns of [`crate::arrow::schema`], partitioned by `symbol`.
+pub fn spec() -> TableSpec {
+    TableSpec {
+        kind: "positions",
+        config_key: "delta.table_uri",
+        name: "positions",
+        comment: "Latest position per instrument, written by position-sink",
+        schema: schema(),
+        partition_columns: &[PARTITION_COLUMN],
+    }
 }

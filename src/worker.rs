@@ -1,12 +1,16 @@
-//! The worker loop: consume → decode → buffer → flush to Delta → commit offsets.
+//! The worker loop: consume → decode → buffer → flush (dead letters and positions) →
+//! commit offsets.
 //!
 //! Invariants kept here:
 //! - At most one flush is in flight; while it runs, reading continues into the next
 //!   buffer until that buffer is full, then reading stops (memory stays bounded).
-//! - Kafka offsets are committed only after the flush that covers them is committed
-//!   to Delta, and only for partitions this worker still owns.
-//! - A message at or below the offset the table records for its partition is skipped:
-//!   it is already in the table, whatever the group's committed offset says.
+//! - Kafka offsets are committed only after the flush that covers them is durable
+//!   ([`crate::sink`] gives the order), and only for partitions this worker still owns.
+//! - A rejected message never stops the partition: it becomes a dead letter in the
+//!   batch, and its offset advances with the batch.
+//! - With dead letters in a Delta table, a message at or below the offset the positions
+//!   table records for its partition is skipped: it is durable already, whatever the
+//!   group's committed offset says.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,16 +22,21 @@ use rdkafka::message::BorrowedMessage;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::batch::{Batch, Buffer, Limits};
 use crate::config::Config;
-use crate::decode::{DecodeOptions, Rejection, decode};
+use crate::dead_letter::{DeadLetter, ReasonCounts};
+use crate::decode::{DecodeOptions, decode};
 use crate::kafka::{self, SinkConsumer};
 use crate::offsets::{Coordinates, Offset, OffsetMap, TopicPartition};
 use crate::retry::retry;
-use crate::table::{PositionTable, TableError, WriteReport};
+use crate::sink::{DeadLetterSink, FlushError, FlushReport, Sinks};
+use crate::table::{PositionTable, TableError};
 use crate::update::PositionUpdate;
+
+/// Rejected messages logged one by one per flush window; the rest are only counted.
+const REJECTIONS_LOGGED_PER_FLUSH: usize = 20;
 
 /// Why a worker stopped with an error. Offsets past the failure were not committed;
 /// a restart resumes from the table's recorded offsets.
@@ -36,17 +45,12 @@ pub enum WorkerError {
     /// The Kafka client could not be created or subscribed.
     #[error("Kafka consumer setup failed: {0}. Check kafka.brokers, kafka.topics and kafka.librdkafka")]
     Kafka(#[from] KafkaError),
-    /// The table failed and retries (retry.max_retries) were exhausted.
+    /// A table failed and retries (retry.max_retries) were exhausted.
     #[error("{0}")]
     Table(#[from] TableError),
-    /// A message is not a valid position update.
-    #[error("invalid message at {at}: {reason}. Fix or remove the message upstream; offsets were not committed past it")]
-    InvalidMessage {
-        /// Where the message is.
-        at: Coordinates,
-        /// What is wrong with it.
-        reason: Rejection,
-    },
+    /// A flush failed: a table after its retries, or the dead-letter topic.
+    #[error("{0}")]
+    Flush(#[from] FlushError),
     /// The flush task panicked (a bug).
     #[error("the flush task failed: {0}")]
     FlushTask(#[from] tokio::task::JoinError),
@@ -55,17 +59,18 @@ pub enum WorkerError {
         "shutdown timed out after {0:?} waiting for the last flush; nothing unwritten was committed and it will be re-read"
     )]
     ShutdownTimedOut(Duration),
-    /// A fault injected by a test.
-    #[error("injected crash: {0}")]
-    InjectedCrash(&'static str),
 }
 
 /// Faults a test can inject to prove recovery, and live counters it can watch.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
-    /// Stop with an error right after this many Delta commits, before committing their
-    /// Kafka offsets — a crash between the two commits.
+    /// Stop with an error right after this many positions-table commits, before
+    /// committing their Kafka offsets — a crash between the Delta and Kafka commits.
     pub crash_after_delta_commits: Option<usize>,
+    /// Stop with an error at the this-many-th dead-letter write: with a dead-letter
+    /// table, right after its commit and before the positions table's commit; with a
+    /// dead-letter topic, with the transaction sent but left uncommitted.
+    pub crash_after_dead_letter_commits: Option<usize>,
     /// Counters updated while the worker runs.
     pub progress: std::sync::Arc<Progress>,
 }
@@ -75,8 +80,10 @@ pub struct Faults {
 pub struct Progress {
     /// Messages consumed so far.
     pub messages: std::sync::atomic::AtomicU64,
-    /// Delta commits so far.
+    /// Positions-table commits so far.
     pub delta_commits: std::sync::atomic::AtomicU64,
+    /// Dead-letter writes so far (table commits, or topic transactions).
+    pub dead_letter_commits: std::sync::atomic::AtomicU64,
 }
 
 /// Totals of one run.
@@ -90,6 +97,8 @@ pub struct RunSummary {
     pub delta_commits: u64,
     /// Rows inserted or updated.
     pub rows_written: u64,
+    /// Dead letters written, by reason.
+    pub dead_letters: ReasonCounts,
 }
 
 /// Runs a worker until `shutdown` is cancelled (or, with `worker.exit_when_caught_up`,
@@ -110,28 +119,27 @@ pub async fn run_with_faults(
     shutdown: CancellationToken,
     faults: Faults,
 ) -> Result<RunSummary, WorkerError> {
-    let table = retry(
-        &config.retry,
-        "open Delta table",
-        || PositionTable::open_or_create(&config.delta, &config.kafka.group_id),
-        TableError::is_retryable,
-    )
-    .await?;
-    info!(table = table.uri(), version = ?table.version().map(|v| v.0), "opened Delta table");
+    let sinks = Sinks::open(&config).await?;
+    let dead_letters = match &sinks.dead_letters {
+        DeadLetterSink::Table(t) => format!("table {}", t.uri()),
+        DeadLetterSink::Topic(t) => format!("topic {}", t.topic()),
+    };
+    info!(table = sinks.positions.uri(), version = ?sinks.positions.version().map(|v| v.0), dead_letters, "opened destinations");
     let consumer = kafka::subscribe(&config.kafka)?;
     info!(brokers = %config.kafka.brokers, group = %config.kafka.group_id, topics = ?config.kafka.topics, "subscribed");
-    let mut worker = Worker::new(config, consumer, table, faults);
+    let mut worker = Worker::new(config, consumer, sinks, faults);
     worker.run(shutdown).await?;
     Ok(worker.summary)
 }
 
-/// A flush running in the background: it hands the table back when done.
-type InFlight = JoinHandle<(PositionTable, Batch, Result<WriteReport, TableError>)>;
+/// A flush running in the background: it hands the sinks back when done.
+type InFlight = JoinHandle<Flushed>;
+type Flushed = (Sinks, Batch, Result<FlushReport, FlushError>);
 
 /// What the broker handed us, decoded and detached from the consumer.
 enum Received {
     Update(PositionUpdate, usize),
-    Invalid(Coordinates, Rejection),
+    Invalid(DeadLetter),
     EndOfPartition,
     Error(KafkaError),
 }
@@ -148,22 +156,33 @@ struct Worker {
     consumer: SinkConsumer,
     decode_options: DecodeOptions,
     buffer: Buffer,
-    /// The table handle when no flush is running.
-    idle_table: Option<PositionTable>,
+    /// The destinations when no flush is running.
+    idle_sinks: Option<Sinks>,
+    /// Whether the positions table's recorded offsets vouch for dead letters too, so
+    /// messages below them are skipped (dead letters in a table), or the group's
+    /// committed offsets are the record (dead letters in a topic).
+    skip_recorded: bool,
     /// A separate handle for reading recorded offsets while a flush runs.
     reader: PositionTable,
     in_flight: Option<InFlight>,
     floors: HashMap<TopicPartition, Floor>,
+    /// First offset consumed per partition since assignment: where a rewind goes when
+    /// nothing of the partition was committed yet.
+    started: HashMap<TopicPartition, Offset>,
     /// Highest offset consumed per partition since assignment.
     consumed: OffsetMap,
-    /// Highest offset durable in the table per partition, for the final commit.
+    /// Highest offset durable per partition, for the final commit.
     durable: OffsetMap,
+    /// Rejections logged individually in the current flush window.
+    rejections_logged: usize,
+    /// Flushes in a row whose dead-letter transaction was aborted.
+    aborted_in_a_row: usize,
     faults: Faults,
     summary: RunSummary,
 }
 
 impl Worker {
-    fn new(config: Config, consumer: SinkConsumer, table: PositionTable, faults: Faults) -> Self {
+    fn new(config: Config, consumer: SinkConsumer, sinks: Sinks, faults: Faults) -> Self {
         let limits = Limits { max_records: config.flush.max_records, max_bytes: config.flush.max_bytes };
         Self {
             decode_options: DecodeOptions {
@@ -171,12 +190,16 @@ impl Worker {
                 max_message_bytes: config.decode.max_message_bytes,
             },
             buffer: Buffer::new(config.delta.key_columns.clone(), limits),
-            reader: table.clone(),
-            idle_table: Some(table),
+            reader: sinks.positions.clone(),
+            skip_recorded: sinks.table_offsets_cover_dead_letters(),
+            idle_sinks: Some(sinks),
             in_flight: None,
             floors: HashMap::new(),
+            started: HashMap::new(),
             consumed: OffsetMap::default(),
             durable: OffsetMap::default(),
+            rejections_logged: 0,
+            aborted_in_a_row: 0,
             consumer,
             config,
             faults,
@@ -185,7 +208,8 @@ impl Worker {
     }
 
     async fn run(&mut self, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        let mut tick = tokio::time::interval_at(Instant::now() + self.config.flush.interval, self.config.flush.interval);
+        let mut tick =
+            tokio::time::interval_at(Instant::now() + self.config.flush.interval, self.config.flush.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let flushing = self.in_flight.is_some();
@@ -198,7 +222,7 @@ impl Worker {
                 () = shutdown.cancelled() => break,
                 done = join(&mut self.in_flight), if flushing => {
                     self.in_flight = None;
-                    self.finish_flush(done?)?;
+                    self.finish_flush(done?).await?;
                 }
                 _ = tick.tick() => self.start_flush(),
                 message = self.consumer.recv(), if can_read => {
@@ -219,30 +243,35 @@ impl Worker {
 
     async fn handle(&mut self, received: Received) -> Result<(), WorkerError> {
         self.apply_revocations();
+        let at = match &received {
+            Received::Update(update, _) => update.source.clone(),
+            Received::Invalid(dead_letter) => dead_letter.source.clone(),
+            Received::EndOfPartition => return Ok(()),
+            Received::Error(error) => {
+                warn!(%error, "Kafka consumer error; librdkafka retries by itself");
+                return Ok(());
+            }
+        };
+        self.summary.messages += 1;
+        self.faults.progress.messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.consumed.observe(&at.tp, at.offset);
+        self.started.entry(at.tp.clone()).or_insert(at.offset);
+        if self.is_already_written(&at).await? {
+            self.summary.skipped_already_written += 1;
+            return Ok(());
+        }
         match received {
-            Received::Update(update, size) => {
-                self.summary.messages += 1;
-                self.faults.progress.messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.consumed.observe(&update.source.tp, update.source.offset);
-                if self.is_already_written(&update.source).await? {
-                    self.summary.skipped_already_written += 1;
-                } else {
-                    self.buffer.push(update, size);
+            Received::Update(update, size) => self.buffer.push(update, size),
+            Received::Invalid(dead_letter) => {
+                if self.rejections_logged < REJECTIONS_LOGGED_PER_FLUSH {
+                    self.rejections_logged += 1;
+                    warn!(topic = %at.tp.topic, partition = at.tp.partition.0, offset = at.offset.0,
+                        category = %dead_letter.category, reason = %dead_letter.reason,
+                        "rejected message; it goes to the dead letters");
                 }
+                self.buffer.reject(dead_letter);
             }
-            Received::Invalid(at, reason) => {
-                self.summary.messages += 1;
-                if self.is_already_written(&at).await? {
-                    self.summary.skipped_already_written += 1;
-                    return Ok(());
-                }
-                error!(topic = %at.tp.topic, partition = at.tp.partition.0, offset = at.offset.0, reason = %reason,
-                    category = reason.category(), "invalid message; stopping after writing what came before it");
-                self.drain().await?;
-                return Err(WorkerError::InvalidMessage { at, reason });
-            }
-            Received::EndOfPartition => {}
-            Received::Error(error) => warn!(%error, "Kafka consumer error; librdkafka retries by itself"),
+            Received::EndOfPartition | Received::Error(_) => {}
         }
         Ok(())
     }
@@ -250,6 +279,9 @@ impl Worker {
     /// Whether the table already holds this message (its partition's recorded offset
     /// is at or above it). Loads the recorded offsets of newly assigned partitions.
     async fn is_already_written(&mut self, at: &Coordinates) -> Result<bool, WorkerError> {
+        if !self.skip_recorded {
+            return Ok(false);
+        }
         if !self.floors.contains_key(&at.tp) {
             self.load_floors(&at.tp).await?;
         }
@@ -282,8 +314,13 @@ impl Worker {
             partitions.push(first.clone());
         }
         let reader = &self.reader;
-        self.reader = retry(&self.config.retry, "read the table's recorded offsets", || reader.refreshed(), TableError::is_retryable)
-            .await?;
+        self.reader = retry(
+            &self.config.retry,
+            "read the table's recorded offsets",
+            || reader.refreshed(),
+            TableError::is_retryable,
+        )
+        .await?;
         let recorded = self.reader.recorded_offsets(&partitions).await?;
         for tp in partitions {
             let next = match recorded.get(&tp) {
@@ -306,53 +343,93 @@ impl Worker {
         self.buffer.drop_partitions(&revoked);
         for tp in &revoked {
             self.floors.remove(tp);
+            self.started.remove(tp);
             self.consumed.remove(tp);
             self.durable.remove(tp);
+        }
+    }
+
+    /// Reads the partitions of a batch whose dead-letter transaction was aborted again
+    /// from their last committed offset, dropping what was buffered after it.
+    fn rewind(&mut self, batch: &Batch) {
+        let partitions: Vec<TopicPartition> = batch.offsets.iter().map(|(tp, _)| tp.clone()).collect();
+        self.buffer.drop_partitions(&partitions);
+        let assigned = kafka::assignment(&self.consumer).unwrap_or_default();
+        for tp in partitions.iter().filter(|tp| assigned.contains(tp)) {
+            self.consumed.remove(tp);
+            let target = self.durable.get(tp).map(Offset::next).or_else(|| self.started.get(tp).copied());
+            if let Some(target) = target {
+                info!(partition = %tp, offset = target.0, "reading again from the last committed offset");
+                if let Err(error) = kafka::seek(&self.consumer, tp, target) {
+                    warn!(%error, partition = %tp, "cannot seek back; the next assignment re-reads it");
+                }
+            }
         }
     }
 
     /// Starts writing the buffer, unless it is empty or a flush is already running.
     fn start_flush(&mut self) {
         self.apply_revocations();
+        self.rejections_logged = 0;
         if self.buffer.is_empty() {
             return;
         }
-        let Some(table) = self.idle_table.take() else { return };
+        let Some(sinks) = self.idle_sinks.take() else { return };
         let batch = self.buffer.take();
         let policy = self.config.retry.clone();
+        let group = self.consumer.group_metadata().map(std::sync::Arc::new);
+        let faults = self.faults.clone();
         self.in_flight = Some(tokio::spawn(async move {
-            match retry(&policy, "write batch to Delta", || table.write(&batch), TableError::is_retryable).await {
-                Ok((written, report)) => (written, batch, Ok(report)),
-                Err(error) => (table, batch, Err(error)),
-            }
+            let (sinks, result) = sinks.write(&batch, &policy, group, &faults).await;
+            (sinks, batch, result)
         }));
     }
 
-    fn finish_flush(&mut self, (table, batch, result): (PositionTable, Batch, Result<WriteReport, TableError>)) -> Result<(), WorkerError> {
-        self.idle_table = Some(table);
-        let report = result?;
-        if report.committed {
-            self.summary.delta_commits += 1;
-            self.faults.progress.delta_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.summary.rows_written += (report.inserted + report.updated) as u64;
-            if self.faults.crash_after_delta_commits.is_some_and(|n| self.summary.delta_commits >= n as u64) {
-                return Err(WorkerError::InjectedCrash("after the Delta commit, before the Kafka commit"));
+    async fn finish_flush(&mut self, (sinks, batch, result): Flushed) -> Result<(), WorkerError> {
+        self.idle_sinks = Some(sinks);
+        let report = match result {
+            Ok(report) => report,
+            Err(error) if error.can_reread() && self.aborted_in_a_row < self.config.retry.max_retries => {
+                self.aborted_in_a_row += 1;
+                warn!(%error, attempt = self.aborted_in_a_row, "flush not committed to Kafka; reading its messages again");
+                self.rewind(&batch);
+                tokio::time::sleep(self.config.retry.min_delay * self.aborted_in_a_row as u32).await;
+                return Ok(());
             }
+            Err(error) => return Err(error.into()),
+        };
+        self.aborted_in_a_row = 0;
+        let positions = &report.positions;
+        if positions.committed {
+            self.summary.delta_commits += 1;
+            self.summary.rows_written += (positions.inserted + positions.updated) as u64;
         }
         for (tp, offset) in batch.offsets.iter() {
             self.durable.observe(tp, offset);
         }
-        if let Err(error) = kafka::commit(&self.consumer, &batch.offsets, CommitMode::Async) {
+        if !report.offsets_committed
+            && let Err(error) = kafka::commit(&self.consumer, &batch.offsets, CommitMode::Async)
+        {
             warn!(%error, "could not commit offsets to Kafka; the table's recorded offsets cover them");
+        }
+        if report.dead_letters.total() > 0 {
+            self.summary.dead_letters.merge(&report.dead_letters);
+            warn!(
+                written = report.dead_letters.total(),
+                by_reason = %report.dead_letters,
+                total_by_reason = %self.summary.dead_letters,
+                "dead-lettered rejected messages"
+            );
         }
         info!(
             messages = batch.messages,
-            rows_in = report.rows_offered,
-            inserted = report.inserted,
-            updated = report.updated,
-            version = report.version.0,
-            committed = report.committed,
-            duration_ms = report.elapsed.as_millis() as u64,
+            rows_in = positions.rows_offered,
+            inserted = positions.inserted,
+            updated = positions.updated,
+            dead_letters = batch.dead_letters.len(),
+            version = positions.version.0,
+            committed = positions.committed,
+            duration_ms = positions.elapsed.as_millis() as u64,
             "flushed batch"
         );
         Ok(())
@@ -363,7 +440,7 @@ impl Worker {
         if self.in_flight.is_some() {
             let done = join(&mut self.in_flight).await?;
             self.in_flight = None;
-            self.finish_flush(done)?;
+            self.finish_flush(done).await?;
         }
         Ok(())
     }
@@ -404,17 +481,25 @@ impl Worker {
                 return Err(WorkerError::ShutdownTimedOut(timeout));
             }
         }
-        if !self.durable.is_empty()
+        // With dead letters in a topic every flush committed its offsets already.
+        if self.skip_recorded
+            && !self.durable.is_empty()
             && let Err(error) = kafka::commit(&self.consumer, &self.durable, CommitMode::Sync)
         {
             warn!(%error, "final Kafka offset commit failed; the table's recorded offsets cover it");
         }
-        info!(messages = self.summary.messages, delta_commits = self.summary.delta_commits, "worker stopped");
+        info!(
+            messages = self.summary.messages,
+            delta_commits = self.summary.delta_commits,
+            dead_letters = self.summary.dead_letters.total(),
+            by_reason = %self.summary.dead_letters,
+            "worker stopped"
+        );
         Ok(())
     }
 }
 
-async fn join(in_flight: &mut Option<InFlight>) -> Result<(PositionTable, Batch, Result<WriteReport, TableError>), WorkerError> {
+async fn join(in_flight: &mut Option<InFlight>) -> Result<Flushed, WorkerError> {
     match in_flight {
         Some(handle) => Ok(handle.await?),
         None => std::future::pending().await,
@@ -427,13 +512,17 @@ fn receive(message: Result<BorrowedMessage<'_>, KafkaError>, options: &DecodeOpt
         Err(KafkaError::PartitionEOF(_)) => return Received::EndOfPartition,
         Err(error) => return Received::Error(error),
     };
-    let at = Coordinates {
-        tp: TopicPartition::new(message.topic(), message.partition()),
-        offset: Offset(message.offset()),
-    };
+    let at =
+        Coordinates { tp: TopicPartition::new(message.topic(), message.partition()), offset: Offset(message.offset()) };
     let size = message.payload_len() + message.key().map_or(0, <[u8]>::len);
     match decode(message.key(), message.payload(), at.clone(), options) {
         Ok(update) => Received::Update(update, size),
-        Err(reason) => Received::Invalid(at, reason),
+        Err(reason) => Received::Invalid(DeadLetter::new(
+            at,
+            message.key(),
+            message.payload(),
+            message.timestamp().to_millis(),
+            &reason,
+        )),
     }
 }

@@ -23,7 +23,13 @@ fn start(config_file: &std::path::Path, extra: &[&str]) -> Child {
 }
 
 /// Writes a TOML config for `topic`, `group` and `table`, followed by `extra` sections.
-fn write_config(dir: &std::path::Path, topic: &str, group: &str, table: &std::path::Path, extra: &str) -> std::path::PathBuf {
+fn write_config(
+    dir: &std::path::Path,
+    topic: &str,
+    group: &str,
+    table: &std::path::Path,
+    extra: &str,
+) -> std::path::PathBuf {
     let file = dir.join("sink.toml");
     let text = format!(
         "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n[delta]\ntable_uri = \"{}\"\n{extra}",

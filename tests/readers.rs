@@ -22,7 +22,7 @@ fn python() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_deltalake_and_polars_read_the_expected_rows() {
     let topic = create_topic("readers", 3).await;
-    let mut messages = sample(2000, 120, 9);
+    let mut messages = sample_with_bad(2000, 120, 9, 3);
     // Symbols that need escaping in partition paths.
     messages.push(update_json(9001, "BRK/B", 3.0, "2026-03-01T10:00:00Z"));
     messages.push(update_json(9002, "ÄÖ ü=%", 4.0, "2026-03-01T10:00:00.5Z"));
@@ -44,7 +44,20 @@ async fn python_deltalake_and_polars_read_the_expected_rows() {
             })
         })
         .collect();
+    let hex = |b: &Option<Vec<u8>>| b.as_ref().map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<String>());
+    let dead_letters: Vec<_> = produced
+        .iter()
+        .filter(|m| m.rejection.is_some())
+        .map(|m| {
+            serde_json::json!({
+                "topic": topic, "partition": m.partition, "offset": m.offset,
+                "category": m.rejection, "key_hex": hex(&m.key), "value_hex": hex(&m.value),
+            })
+        })
+        .collect();
+    assert!(!dead_letters.is_empty());
     let expected_path = dir.path().join("expected.json");
+    let expected = serde_json::json!({"rows": expected, "dead_letters": dead_letters});
     std::fs::write(&expected_path, serde_json::to_vec(&expected).unwrap()).unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/readers/check_table.py");
     let output = Command::new(python())
@@ -59,7 +72,8 @@ async fn python_deltalake_and_polars_read_the_expected_rows() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    // Nothing was written outside the table's directory.
-    let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(entries.len(), 2, "unexpected files beside the table: {entries:?}");
+    // Nothing was written outside the two tables' directories.
+    let mut entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    entries.sort();
+    assert_eq!(entries, ["expected.json", "positions", "positions_dead_letters"], "unexpected files beside the tables");
 }

@@ -41,10 +41,16 @@ async fn a_new_table_is_created_partitioned_by_symbol_and_reopens() {
     assert!(path.join("_delta_log/00000000000000000000.json").exists());
 }
 
-fn batch(rows: Vec<position_sink::update::PositionUpdate>, offsets: &[(&str, i32, i64)]) -> position_sink::batch::Batch {
+fn batch(
+    rows: Vec<position_sink::update::PositionUpdate>,
+    offsets: &[(&str, i32, i64)],
+) -> position_sink::batch::Batch {
     let mut b = position_sink::batch::Batch::default();
     for (topic, partition, offset) in offsets {
-        b.offsets.observe(&position_sink::offsets::TopicPartition::new(*topic, *partition), position_sink::offsets::Offset(*offset));
+        b.offsets.observe(
+            &position_sink::offsets::TopicPartition::new(*topic, *partition),
+            position_sink::offsets::Offset(*offset),
+        );
     }
     b.messages = rows.len();
     b.rows = rows;
@@ -69,7 +75,8 @@ async fn offsets_of_a_partition_without_rows_are_recorded_and_written_batches_ar
     let (table, report) = table.write(&first).await.unwrap();
     assert!(report.committed);
     assert_eq!(report.inserted, 1);
-    let tps = [position_sink::offsets::TopicPartition::new("t", 0), position_sink::offsets::TopicPartition::new("t", 1)];
+    let tps =
+        [position_sink::offsets::TopicPartition::new("t", 0), position_sink::offsets::TopicPartition::new("t", 1)];
     let recorded = table.recorded_offsets(&tps).await.unwrap();
     assert_eq!(recorded[&tps[0]].0, 5);
     assert_eq!(recorded[&tps[1]].0, 9);

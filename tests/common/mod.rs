@@ -70,36 +70,65 @@ pub async fn create_topic(prefix: &str, partitions: i32) -> String {
     topic
 }
 
+/// A message to produce; an invalid one carries the reason category it must get.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub rejection: Option<String>,
+}
+
+impl Msg {
+    /// A message the decoder must reject with `category`.
+    pub fn bad(key: Option<&str>, value: impl Into<Vec<u8>>, category: &str) -> Msg {
+        Msg {
+            key: key.map(|k| k.as_bytes().to_vec()),
+            value: Some(value.into()),
+            rejection: Some(category.to_string()),
+        }
+    }
+}
+
 /// A produced message and where it landed.
 #[derive(Debug, Clone)]
 pub struct Produced {
-    pub key: Option<String>,
-    pub value: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub rejection: Option<String>,
     pub partition: i32,
     pub offset: i64,
 }
 
-/// Publishes `(key, value)` pairs in order to explicit partitions (`partition_of`) or
-/// by key hash (`None`), waiting for each acknowledgement.
-pub async fn produce(topic: &str, messages: &[(Option<String>, String)], partitions: Option<i32>) -> Vec<Produced> {
+/// Publishes messages in order to explicit partitions (round robin over `partitions`
+/// for messages without a key) or by key hash, waiting for each acknowledgement.
+pub async fn produce(topic: &str, messages: &[Msg], partitions: Option<i32>) -> Vec<Produced> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()
         .expect("producer");
-    let sends = messages.iter().enumerate().map(|(i, (key, value))| {
+    let sends = messages.iter().enumerate().map(|(i, m)| {
         let producer = &producer;
         async move {
-            let mut record = FutureRecord::to(topic).payload(value.as_str());
-            if let Some(k) = key {
-                record = record.key(k.as_str());
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic);
+            if let Some(v) = &m.value {
+                record = record.payload(v.as_slice());
             }
-            if let (None, Some(n)) = (key, partitions) {
+            if let Some(k) = &m.key {
+                record = record.key(k.as_slice());
+            }
+            if let (None, Some(n)) = (&m.key, partitions) {
                 record = record.partition(i as i32 % n);
             }
             let delivery = producer.send(record, Duration::from_secs(30)).await.expect("delivered");
-            Produced { key: key.clone(), value: value.clone(), partition: delivery.partition, offset: delivery.offset }
+            Produced {
+                key: m.key.clone(),
+                value: m.value.clone(),
+                rejection: m.rejection.clone(),
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }
         }
     });
     // Ordered sends keep per-partition order equal to the slice's order.
@@ -197,9 +226,7 @@ pub fn reset_group(group: &str, topic: &str, partitions: i32, offset: i64) {
 
 /// The end offset (next offset to be written) of each partition, from what was produced.
 pub fn end_offsets(produced: &[Produced], partitions: i32) -> BTreeMap<i32, Option<i64>> {
-    (0..partitions)
-        .map(|p| (p, produced.iter().filter(|m| m.partition == p).map(|m| m.offset + 1).max()))
-        .collect()
+    (0..partitions).map(|p| (p, produced.iter().filter(|m| m.partition == p).map(|m| m.offset + 1).max())).collect()
 }
 
 /// One table row, as compared by the tests.
@@ -216,12 +243,13 @@ pub struct Row {
     pub ingested_at: i64,
 }
 
-/// The expected table: for each (symbol, conid), the produced update with the greatest
-/// (timestamp, offset, partition). Computed from the produced JSON with serde_json alone.
+/// The expected table: for each (symbol, conid), the valid produced update with the
+/// greatest (timestamp, offset, partition). Computed from the produced JSON with
+/// serde_json alone; messages produced as invalid are left out.
 pub fn model(produced: &[Produced]) -> BTreeMap<(String, i64), Row> {
     let mut expected: BTreeMap<(String, i64), Row> = BTreeMap::new();
-    for m in produced {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&m.value) else { continue };
+    for m in produced.iter().filter(|m| m.rejection.is_none()) {
+        let v: serde_json::Value = serde_json::from_slice(m.value.as_deref().unwrap_or_default()).expect("valid JSON");
         let ts = match &v["timestamp"] {
             serde_json::Value::String(s) => chrono::DateTime::parse_from_rfc3339(s).expect("ts").timestamp_micros(),
             other => other.as_i64().expect("millis") * 1000,
@@ -301,7 +329,13 @@ fn rows_of(b: &RecordBatch) -> Vec<Row> {
 /// Asserts the table equals the model, row by row (ignoring `ingested_at`).
 pub fn assert_table_matches(actual: &BTreeMap<(String, i64), Row>, expected: &BTreeMap<(String, i64), Row>) {
     let strip = |m: &BTreeMap<(String, i64), Row>| -> Vec<Row> {
-        m.values().cloned().map(|mut r| { r.ingested_at = 0; r }).collect()
+        m.values()
+            .cloned()
+            .map(|mut r| {
+                r.ingested_at = 0;
+                r
+            })
+            .collect()
     };
     let (a, e) = (strip(actual), strip(expected));
     let missing: Vec<_> = e.iter().filter(|r| !a.contains(r)).take(5).collect();
@@ -327,23 +361,69 @@ pub fn table_dir() -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
-/// Sample messages as `(key, value)` pairs.
-pub fn sample(count: usize, instruments: usize, seed: u64) -> Vec<(Option<String>, String)> {
+/// Sample messages, all valid.
+pub fn sample(count: usize, instruments: usize, seed: u64) -> Vec<Msg> {
+    sample_with_bad(count, instruments, seed, 0)
+}
+
+/// Sample messages with `bad_percent` invalid ones of every kind.
+pub fn sample_with_bad(count: usize, instruments: usize, seed: u64, bad_percent: u64) -> Vec<Msg> {
     position_sink::sample::generate(position_sink::sample::SampleSpec {
         count,
         instruments,
         seed,
+        bad_percent,
         ..Default::default()
     })
     .into_iter()
-    .map(|m| (Some(m.key), m.value))
+    .map(|m| Msg { key: Some(m.key.into_bytes()), value: Some(m.value), rejection: m.rejection.map(String::from) })
     .collect()
 }
 
 /// A minimal update as JSON.
-pub fn update_json(conid: i64, symbol: &str, position: f64, timestamp: &str) -> (Option<String>, String) {
-    (
-        Some(conid.to_string()),
-        serde_json::json!({"conid": conid, "symbol": symbol, "position": position, "timestamp": timestamp}).to_string(),
-    )
+pub fn update_json(conid: i64, symbol: &str, position: f64, timestamp: &str) -> Msg {
+    let value = serde_json::json!({"conid": conid, "symbol": symbol, "position": position, "timestamp": timestamp});
+    Msg { key: Some(conid.to_string().into_bytes()), value: Some(value.to_string().into_bytes()), rejection: None }
+}
+
+/// Every dead letter in the dead-letter table beside the positions table at `table`.
+pub async fn read_dead_letters(table: &Path) -> Vec<position_sink::dead_letter::DeadLetter> {
+    let uri = format!("{}_dead_letters", table.display());
+    position_sink::dead_letter::table::read(&uri, &Default::default(), None, 10_000_000)
+        .await
+        .expect("read dead letters")
+}
+
+/// Asserts the dead letters are exactly the produced messages marked invalid, once
+/// each, with their coordinates, original bytes and expected reason category.
+pub fn assert_dead_letters_match(
+    actual: &[position_sink::dead_letter::DeadLetter],
+    topic: &str,
+    produced: &[Produced],
+) {
+    /// Partition, offset, category, key, value.
+    type Compared = (i32, i64, String, Option<Vec<u8>>, Option<Vec<u8>>);
+    let mut got: Vec<Compared> = actual
+        .iter()
+        .map(|d| {
+            assert_eq!(d.source.tp.topic, topic);
+            (d.source.tp.partition.0, d.source.offset.0, d.category.clone(), d.key.clone(), d.value.clone())
+        })
+        .collect();
+    got.sort();
+    let mut expected: Vec<_> = produced
+        .iter()
+        .filter_map(|m| Some((m.partition, m.offset, m.rejection.clone()?, m.key.clone(), m.value.clone())))
+        .collect();
+    expected.sort();
+    let duplicates = got.windows(2).filter(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)).count();
+    assert_eq!(duplicates, 0, "dead letters written twice");
+    let missing: Vec<_> = expected.iter().filter(|e| !got.contains(e)).take(5).collect();
+    let unexpected: Vec<_> = got.iter().filter(|g| !expected.contains(g)).take(5).collect();
+    assert!(
+        missing.is_empty() && unexpected.is_empty() && got.len() == expected.len(),
+        "dead letters differ: {} vs {} expected\nmissing (first 5): {missing:?}\nunexpected (first 5): {unexpected:?}",
+        got.len(),
+        expected.len()
+    );
 }

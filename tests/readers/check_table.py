@@ -2,8 +2,10 @@
 and `polars` packages (not delta-rs through Rust) and compare it with the expected rows.
 
 Usage: check_table.py TABLE_PATH EXPECTED_JSON
-EXPECTED_JSON holds a list of {symbol, conid, position, timestamp_micros,
-kafka_partition, kafka_offset}. Exits non-zero with a reason on any difference.
+EXPECTED_JSON holds {"rows": [{symbol, conid, position, timestamp_micros,
+kafka_partition, kafka_offset}], "dead_letters": [{topic, partition, offset, category,
+key_hex, value_hex}]}; the dead letters are read from TABLE_PATH + "_dead_letters".
+Exits non-zero with a reason on any difference.
 """
 
 import json
@@ -21,7 +23,8 @@ def fail(reason: str) -> None:
 def main() -> None:
     path, expected_path = sys.argv[1], sys.argv[2]
     with open(expected_path, encoding="utf-8") as f:
-        expected = {(r["symbol"], r["conid"]): r for r in json.load(f)}
+        document = json.load(f)
+    expected = {(r["symbol"], r["conid"]): r for r in document["rows"]}
 
     table = DeltaTable(path)
     partitioning = table.metadata().partition_columns
@@ -64,6 +67,32 @@ def main() -> None:
     if only.height != sum(1 for k in expected if k[0] == some_symbol):
         fail(f"filtering on symbol {some_symbol!r} returned {only.height} rows")
     print(f"check_table: {len(actual)} rows match, partitioned by symbol")
+    check_dead_letters(path + "_dead_letters", document["dead_letters"])
+
+
+def check_dead_letters(path: str, expected_list: list) -> None:
+    """The dead-letter table holds each expected dead letter once, bytes intact."""
+    df = pl.read_delta(path)
+    if df.schema["key"] != pl.Binary or df.schema["value"] != pl.Binary:
+        fail(f"key/value columns are {df.schema['key']}/{df.schema['value']}, expected Binary")
+    expected = {(d["topic"], d["partition"], d["offset"]): d for d in expected_list}
+    actual = {}
+    for row in df.iter_rows(named=True):
+        key = (row["source_topic"], row["source_partition"], row["source_offset"])
+        if key in actual:
+            fail(f"dead letter {key} appears twice")
+        actual[key] = row
+    if set(actual) != set(expected):
+        fail(f"{len(actual)} dead letters, expected {len(expected)}")
+    for key, want in expected.items():
+        got = actual[key]
+        got_key = got["key"].hex() if got["key"] is not None else None
+        got_value = got["value"].hex() if got["value"] is not None else None
+        if (got["category"], got_key, got_value) != (want["category"], want["key_hex"], want["value_hex"]):
+            fail(f"dead letter {key}: got {(got['category'], got_key, got_value)}, expected {want}")
+        if not got["reason"]:
+            fail(f"dead letter {key} has no reason")
+    print(f"check_table: {len(actual)} dead letters match, bytes intact")
 
 
 if __name__ == "__main__":

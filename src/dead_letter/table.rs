@@ -1,0 +1,241 @@
+//! The dead-letter Delta table: one row per rejected message, appended in the flush
+//! that covers the message, before the positions table's commit.
+//!
+//! Invariant kept here: exactly once. Each append records, per source partition, the
+//! last offset its batch covers (the same `txn` technique as the positions table); an
+//! append re-reads those offsets first and drops dead letters at or below them, so a
+//! flush retried after a crash or a conflict never writes a dead letter twice.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryBuilder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use deltalake::arrow::datatypes::{
+    DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+};
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::kernel::Transaction;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableError};
+
+use super::{DeadLetter, ReasonCounts};
+use crate::config::Settings;
+use crate::delta::{self, TableError, TableSpec};
+use crate::offsets::{Coordinates, Offset, OffsetMap, TopicPartition};
+
+/// The dead-letter table's columns.
+pub fn schema() -> SchemaRef {
+    let utc_micros = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("source_topic", DataType::Utf8, false),
+        Field::new("source_partition", DataType::Int32, false),
+        Field::new("source_offset", DataType::Int64, false),
+        Field::new("kafka_timestamp", utc_micros.clone(), true),
+        Field::new("key", DataType::Binary, true),
+        Field::new("value", DataType::Binary, true),
+        Field::new("category", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("rejected_at", utc_micros, false),
+    ]))
+}
+
+fn spec() -> TableSpec {
+    TableSpec {
+        kind: "dead letters",
+        config_key: "dead_letter.table_uri",
+        name: "position_dead_letters",
+        comment: "Messages position-sink rejected: original bytes, Kafka coordinates and the reason",
+        schema: schema(),
+        partition_columns: &[],
+    }
+}
+
+/// The dead-letter table, opened for one consumer group.
+#[derive(Debug, Clone)]
+pub struct DeadLetterTable {
+    table: DeltaTable,
+    uri: String,
+    group_id: String,
+}
+
+impl DeadLetterTable {
+    /// Opens the table at `uri`, creating it if missing.
+    ///
+    /// # Errors
+    /// [`TableError::Open`] or [`TableError::Incompatible`].
+    pub async fn open_or_create(uri: &str, storage_options: &Settings, group_id: &str) -> Result<Self, TableError> {
+        let table = delta::open_or_create(uri, storage_options, &spec()).await?;
+        Ok(Self { table, uri: uri.to_string(), group_id: group_id.to_string() })
+    }
+
+    /// The table location.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Appends the dead letters not yet in the table, in one commit that also records
+    /// `covered` offsets of their partitions. Returns the handle at the version written
+    /// and the dead letters appended, by reason (none: no commit was needed).
+    ///
+    /// # Errors
+    /// [`TableError::Read`] or [`TableError::Write`], both retryable: a retry re-reads
+    /// the recorded offsets.
+    pub async fn write(
+        &self,
+        dead_letters: &[DeadLetter],
+        covered: &OffsetMap,
+    ) -> Result<(Self, ReasonCounts), TableError> {
+        let fresh = Self { table: delta::refreshed(&self.table, &self.uri).await?, ..self.clone() };
+        let partitions: BTreeSet<&TopicPartition> = dead_letters.iter().map(|d| &d.source.tp).collect();
+        let recorded = delta::recorded_offsets(&fresh.table, &fresh.uri, &fresh.group_id, partitions).await?;
+        let new: Vec<&DeadLetter> = dead_letters
+            .iter()
+            .filter(|d| recorded.get(&d.source.tp).is_none_or(|done| d.source.offset > *done))
+            .collect();
+        let mut counts = ReasonCounts::default();
+        if new.is_empty() {
+            return Ok((fresh, counts));
+        }
+        let transactions: Vec<Transaction> = new
+            .iter()
+            .map(|d| &d.source.tp)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .map(|tp| {
+                let last_rejected = new.iter().filter(|d| d.source.tp == *tp).map(|d| d.source.offset).max();
+                let through = covered.get(tp).max(last_rejected).unwrap_or(Offset(0));
+                Transaction::new(tp.app_id(&fresh.group_id), through.0)
+            })
+            .collect();
+        let write_err =
+            |source| TableError::Write { uri: fresh.uri.clone(), rows: new.len(), source: Box::new(source) };
+        let batch = to_record_batch(&new)
+            .map_err(|e| write_err(DeltaTableError::Generic(format!("building the Arrow batch: {e}"))))?;
+        let table = fresh
+            .table
+            .clone()
+            .write([batch])
+            .with_save_mode(SaveMode::Append)
+            .with_commit_properties(CommitProperties::default().with_application_transactions(transactions))
+            .await
+            .map_err(write_err)?;
+        for d in &new {
+            counts.add(&d.category, 1);
+        }
+        Ok((Self { table, ..fresh }, counts))
+    }
+}
+
+fn to_record_batch(dead_letters: &[&DeadLetter]) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
+    let n = dead_letters.len();
+    let mut topic = StringBuilder::with_capacity(n, n * 16);
+    let mut partition = Int32Builder::with_capacity(n);
+    let mut offset = Int64Builder::with_capacity(n);
+    let mut kafka_timestamp = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut key = BinaryBuilder::with_capacity(n, n * 8);
+    let mut value = BinaryBuilder::with_capacity(n, n * 256);
+    let mut category = StringBuilder::with_capacity(n, n * 16);
+    let mut reason = StringBuilder::with_capacity(n, n * 64);
+    let mut rejected_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    for d in dead_letters {
+        topic.append_value(&d.source.tp.topic);
+        partition.append_value(d.source.tp.partition.0);
+        offset.append_value(d.source.offset.0);
+        kafka_timestamp.append_option(d.kafka_timestamp_millis.and_then(|ms| ms.checked_mul(1000)));
+        key.append_option(d.key.as_deref());
+        value.append_option(d.value.as_deref());
+        category.append_value(&d.category);
+        reason.append_value(&d.reason);
+        rejected_at.append_value(d.rejected_at_micros);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(topic.finish()),
+        Arc::new(partition.finish()),
+        Arc::new(offset.finish()),
+        Arc::new(kafka_timestamp.finish()),
+        Arc::new(key.finish()),
+        Arc::new(value.finish()),
+        Arc::new(category.finish()),
+        Arc::new(reason.finish()),
+        Arc::new(rejected_at.finish()),
+    ];
+    RecordBatch::try_new(schema(), columns)
+}
+
+/// Reads the dead letters at `uri`, newest rejection first, optionally only those of
+/// `category`, at most `limit`.
+///
+/// # Errors
+/// When the table cannot be opened or read.
+pub async fn read(
+    uri: &str,
+    storage_options: &Settings,
+    category: Option<&str>,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, TableError> {
+    let read_err = |source| TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let url = deltalake::ensure_table_uri(uri).map_err(read_err)?;
+    let options = storage_options.0.clone().into_iter().collect();
+    let table = deltalake::open_table_with_storage_options(url, options).await.map_err(read_err)?;
+    let query = |e: deltalake::datafusion::error::DataFusionError| read_err(e.into());
+    let ctx = SessionContext::new();
+    let provider = table.table_provider().await.map_err(query)?;
+    ctx.register_table("dead_letters", provider).map_err(query)?;
+    let filter = match category {
+        Some(c) => format!("WHERE category = '{}'", c.replace('\'', "''")),
+        None => String::new(),
+    };
+    let batches = ctx
+        .sql(&format!(
+            "SELECT * FROM dead_letters {filter} \
+             ORDER BY rejected_at DESC, source_topic, source_partition, source_offset DESC LIMIT {limit}"
+        ))
+        .await
+        .map_err(query)?
+        .collect()
+        .await
+        .map_err(query)?;
+    let mut found = Vec::new();
+    for batch in &batches {
+        found.extend(rows_of(batch).map_err(|e| read_err(e.into()))?);
+    }
+    Ok(found)
+}
+
+/// Converts query results to dead letters; the query engine may hand back other
+/// physical types (string views, dictionaries), so every column is cast to the schema's.
+fn rows_of(b: &RecordBatch) -> Result<Vec<DeadLetter>, deltalake::arrow::error::ArrowError> {
+    let expected = schema();
+    let mut columns = Vec::with_capacity(expected.fields().len());
+    for field in expected.fields() {
+        let column = b.column_by_name(field.name()).ok_or_else(|| {
+            deltalake::arrow::error::ArrowError::SchemaError(format!("column `{}` is missing", field.name()))
+        })?;
+        columns.push(deltalake::arrow::compute::cast(column, field.data_type())?);
+    }
+    let [topic, partition, offset, ts, key, value, category, reason, at] = columns.as_slice() else {
+        unreachable!("the schema has nine columns")
+    };
+    let (topic, category, reason) = (topic.as_string::<i32>(), category.as_string::<i32>(), reason.as_string::<i32>());
+    let (key, value) = (key.as_binary::<i32>(), value.as_binary::<i32>());
+    let (partition, offset) = (partition.as_primitive::<Int32Type>(), offset.as_primitive::<Int64Type>());
+    let (ts, at) = (ts.as_primitive::<TimestampMicrosecondType>(), at.as_primitive::<TimestampMicrosecondType>());
+    Ok((0..b.num_rows())
+        .map(|r| DeadLetter {
+            source: Coordinates {
+                tp: TopicPartition::new(topic.value(r), partition.value(r)),
+                offset: Offset(offset.value(r)),
+            },
+            key: (!key.is_null(r)).then(|| key.value(r).to_vec()),
+            value: (!value.is_null(r)).then(|| value.value(r).to_vec()),
+            kafka_timestamp_millis: (!ts.is_null(r)).then(|| ts.value(r).div_euclid(1000)),
+            rejected_at_micros: at.value(r),
+            category: category.value(r).to_string(),
+            reason: reason.value(r).to_string(),
+        })
+        .collect())
+}

@@ -1,0 +1,190 @@
+//! One flush, written in the order that keeps committed offsets honest.
+//!
+//! - Dead letters to a Delta table: dead letters (append + `txn`) → positions (MERGE +
+//!   `txn`) → the worker commits the Kafka offsets. A message at or below the positions
+//!   table's recorded offset therefore has its dead letter durable too, so the worker
+//!   may skip it on replay whatever it was.
+//! - Dead letters to a Kafka topic: positions (MERGE + `txn`) → one Kafka transaction
+//!   with the dead letters and the consumer offsets. The group's committed offset is the
+//!   only record of which dead letters are durable, so the worker re-reads from it and
+//!   lets the positions table drop the rows it already holds.
+//!
+//! Each step is retried on its own (bounded, with backoff) and each is idempotent, so a
+//! retry, a crash or a replay at any point neither loses nor doubles anything.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rdkafka::consumer::ConsumerGroupMetadata;
+
+use crate::batch::Batch;
+use crate::config::{Config, DeadLetterDestination, RetryConfig};
+use crate::dead_letter::topic::TopicError;
+use crate::dead_letter::{DeadLetterTable, DeadLetterTopic, ReasonCounts};
+use crate::delta::TableError;
+use crate::retry::retry;
+use crate::table::{PositionTable, WriteReport};
+use crate::worker::Faults;
+
+/// Where dead letters go.
+#[derive(Debug, Clone)]
+pub enum DeadLetterSink {
+    /// A Delta table.
+    Table(DeadLetterTable),
+    /// A Kafka topic, through a transactional producer.
+    Topic(Arc<DeadLetterTopic>),
+}
+
+/// Both destinations of a flush.
+#[derive(Debug, Clone)]
+pub struct Sinks {
+    /// The positions table.
+    pub positions: PositionTable,
+    /// The dead-letter destination.
+    pub dead_letters: DeadLetterSink,
+}
+
+/// What one flush wrote.
+#[derive(Debug, Clone)]
+pub struct FlushReport {
+    /// The positions table's part.
+    pub positions: WriteReport,
+    /// Dead letters newly written, by reason (replayed ones are not counted again).
+    pub dead_letters: ReasonCounts,
+    /// Whether the Kafka offsets were committed as part of the flush (topic destination).
+    pub offsets_committed: bool,
+}
+
+/// Why a flush failed. Nothing past the last successful flush was committed to Kafka.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// A Delta table failed and retries were exhausted.
+    #[error("{0}")]
+    Table(#[from] TableError),
+    /// The dead-letter topic failed.
+    #[error("{0}")]
+    Topic(#[from] TopicError),
+    /// The consumer is not in its group, so offsets cannot be committed with dead letters.
+    #[error("the consumer has left its group; the batch will be read again")]
+    NotInGroup,
+    /// A fault injected by a test.
+    #[error("injected crash: {0}")]
+    InjectedCrash(&'static str),
+}
+
+impl FlushError {
+    /// Whether nothing of the flush's Kafka side became visible and its messages can
+    /// simply be read again (the worker rewinds instead of stopping).
+    pub fn can_reread(&self) -> bool {
+        matches!(self, FlushError::Topic(TopicError::Aborted(_)) | FlushError::NotInGroup)
+    }
+}
+
+impl Sinks {
+    /// Opens the positions table and the dead-letter destination of `config`.
+    ///
+    /// # Errors
+    /// When either cannot be opened (after retries, for the tables).
+    pub async fn open(config: &Config) -> Result<Self, FlushError> {
+        let group = &config.kafka.group_id;
+        let positions = retry(
+            &config.retry,
+            "open the positions table",
+            || PositionTable::open_or_create(&config.delta, group),
+            TableError::is_retryable,
+        )
+        .await?;
+        let dead_letters = match config.dead_letter.destination {
+            DeadLetterDestination::Table => {
+                let uri = config.dead_letter.resolved_table_uri(&config.delta);
+                let storage = &config.delta.storage_options;
+                DeadLetterSink::Table(
+                    retry(
+                        &config.retry,
+                        "open the dead-letter table",
+                        || DeadLetterTable::open_or_create(&uri, storage, group),
+                        TableError::is_retryable,
+                    )
+                    .await?,
+                )
+            }
+            DeadLetterDestination::Topic => {
+                DeadLetterSink::Topic(DeadLetterTopic::connect(&config.kafka, &config.dead_letter).await?)
+            }
+        };
+        Ok(Self { positions, dead_letters })
+    }
+
+    /// Whether the positions table's recorded offsets also vouch for dead letters
+    /// (the table destination), so messages below them may be skipped unread.
+    pub fn table_offsets_cover_dead_letters(&self) -> bool {
+        matches!(self.dead_letters, DeadLetterSink::Table(_))
+    }
+
+    /// Writes `batch` in the order described in the module docs. Hands the sinks back
+    /// (at their new versions when the writes succeeded).
+    pub async fn write(
+        mut self,
+        batch: &Batch,
+        policy: &RetryConfig,
+        group: Option<Arc<ConsumerGroupMetadata>>,
+        faults: &Faults,
+    ) -> (Self, Result<FlushReport, FlushError>) {
+        let result = self.write_in_order(batch, policy, group, faults).await;
+        (self, result)
+    }
+
+    async fn write_in_order(
+        &mut self,
+        batch: &Batch,
+        policy: &RetryConfig,
+        group: Option<Arc<ConsumerGroupMetadata>>,
+        faults: &Faults,
+    ) -> Result<FlushReport, FlushError> {
+        let mut dead_letters = ReasonCounts::default();
+        let mut offsets_committed = false;
+        if let DeadLetterSink::Table(table) = &self.dead_letters
+            && !batch.dead_letters.is_empty()
+        {
+            let (written_table, written) = retry(
+                policy,
+                "write dead letters to Delta",
+                || table.write(&batch.dead_letters, &batch.offsets),
+                TableError::is_retryable,
+            )
+            .await?;
+            self.dead_letters = DeadLetterSink::Table(written_table);
+            if written.total() > 0 {
+                dead_letters = written;
+                let commits = faults.progress.dead_letter_commits.fetch_add(1, Ordering::Relaxed) + 1;
+                if faults.crash_after_dead_letter_commits.is_some_and(|n| commits >= n as u64) {
+                    return Err(FlushError::InjectedCrash("after the dead-letter commit, before the positions commit"));
+                }
+            }
+        }
+        let positions = &self.positions;
+        let (written_positions, report) =
+            retry(policy, "write batch to Delta", || positions.write(batch), TableError::is_retryable).await?;
+        self.positions = written_positions;
+        if report.committed {
+            let commits = faults.progress.delta_commits.fetch_add(1, Ordering::Relaxed) + 1;
+            if faults.crash_after_delta_commits.is_some_and(|n| commits >= n as u64) {
+                return Err(FlushError::InjectedCrash("after the positions commit, before the Kafka commit"));
+            }
+        }
+        if let DeadLetterSink::Topic(topic) = &self.dead_letters {
+            let group = group.ok_or(FlushError::NotInGroup)?;
+            let transactions = faults.progress.dead_letter_commits.fetch_add(1, Ordering::Relaxed) + 1;
+            if faults.crash_after_dead_letter_commits.is_some_and(|n| transactions >= n as u64) {
+                topic.publish_without_commit(&batch.dead_letters, &batch.offsets, group).await?;
+                return Err(FlushError::InjectedCrash("with the dead-letter transaction sent but not committed"));
+            }
+            topic.publish(&batch.dead_letters, &batch.offsets, group).await?;
+            for d in &batch.dead_letters {
+                dead_letters.add(&d.category, 1);
+            }
+            offsets_committed = true;
+        }
+        Ok(FlushReport { positions: report, dead_letters, offsets_committed })
+    }
+}
