@@ -82,6 +82,8 @@ pub struct Progress {
     pub messages: std::sync::atomic::AtomicU64,
     /// Positions-table commits so far.
     pub delta_commits: std::sync::atomic::AtomicU64,
+    /// Flushes whose dead-letter transaction was aborted, so their messages were read again.
+    pub rewinds: std::sync::atomic::AtomicU64,
     /// Dead-letter writes so far (table commits, or topic transactions).
     pub dead_letter_commits: std::sync::atomic::AtomicU64,
 }
@@ -391,6 +393,7 @@ impl Worker {
             Ok(report) => report,
             Err(error) if error.can_reread() && self.aborted_in_a_row < self.config.retry.max_retries => {
                 self.aborted_in_a_row += 1;
+                self.faults.progress.rewinds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(%error, attempt = self.aborted_in_a_row, "flush not committed to Kafka; reading its messages again");
                 self.rewind(&batch);
                 tokio::time::sleep(self.config.retry.min_delay * self.aborted_in_a_row as u32).await;

@@ -283,3 +283,43 @@ async fn dead_letters_fixed_by_a_config_change_are_republished_and_land() {
     assert_eq!(rows.len(), 2);
     assert_eq!(read_dead_letters(&table).await.len(), 2, "the re-published message was dead-lettered again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_stays_exact_when_a_second_worker_joins_mid_stream() {
+    let topic = create_topic("dltpair", 4).await;
+    let dead_letter_topic = create_topic("dltp", 1).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    let with_topic = || {
+        let mut c = config(&topic, &group, &table);
+        c.dead_letter.destination = DeadLetterDestination::Topic;
+        c.dead_letter.topic = dead_letter_topic.clone();
+        c.dead_letter.transaction_timeout = Duration::from_secs(5);
+        c.flush.max_records = 500;
+        c
+    };
+    let mut produced = produce(&topic, &sample_with_bad(4000, 150, 37, 6), None).await;
+    let a = spawn_worker(with_topic(), Faults::default());
+    wait_until(Duration::from_secs(60), "worker A is reading", async || a.messages() > 500).await;
+    // B joins while A has flushes in flight: A's partitions are revoked mid-flush.
+    let b = spawn_worker(with_topic(), Faults::default());
+    produced.extend(produce(&topic, &sample_with_bad(4000, 150, 38, 6), None).await);
+    let end = end_offsets(&produced, 4);
+    wait_until(Duration::from_secs(90), "both workers committed to the end", async || {
+        committed_offsets(&group, &topic, 4) == end
+    })
+    .await;
+    let rewinds = |w: &common::Worker| w.faults.progress.rewinds.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("flushes aborted and read again: A {}, B {}", rewinds(&a), rewinds(&b));
+    a.stop().await.expect("worker A");
+    b.stop().await.expect("worker B");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    let config = with_topic();
+    let dead = tokio::task::spawn_blocking(move || {
+        position_sink::dead_letter::topic::read(&config.kafka, &config.dead_letter.topic, None, 1_000_000)
+    })
+    .await
+    .expect("join")
+    .expect("read dead-letter topic");
+    assert_dead_letters_match(&dead, &topic, &produced);
+}

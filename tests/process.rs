@@ -1,6 +1,7 @@
 //! The binary as a user runs it: killed with SIGKILL at random moments while it
-//! ingests, restarted each time; the final table equals the model and the group's
-//! offsets reach the end.
+//! ingests a stream with bad messages, restarted each time; the final table equals the
+//! model, the dead letters are exactly the bad messages, and the group's offsets reach
+//! the end. The `dead-letters` command lists what was rejected.
 
 mod common;
 
@@ -43,7 +44,7 @@ fn write_config(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let topic = create_topic("kill", 4).await;
-    let produced = produce(&topic, &sample(30_000, 400, 41), None).await;
+    let produced = produce(&topic, &sample_with_bad(30_000, 400, 41, 2), None).await;
     let (dir, table) = table_dir();
     let group = unique("g");
     let config_file = write_config(
@@ -73,7 +74,19 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     .expect("final run");
     assert!(status.success(), "final run failed: {status}");
     assert_table_matches(&read_table(&table).await, &model(&produced));
+    assert_dead_letters_match(&read_dead_letters(&table).await, &topic, &produced);
     assert_eq!(committed_offsets(&group, &topic, 4), end_offsets(&produced, 4));
+
+    // A person reviews them.
+    let listed = Command::new(env!("CARGO_BIN_EXE_position-sink"))
+        .args(["dead-letters", "list", "--limit", "5", "--category", "missing_field", "--config"])
+        .arg(dir.path().join("sink.toml"))
+        .output()
+        .expect("dead-letters list");
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{text}{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(text.contains("reason: missing required field \"symbol\""), "{text}");
+    assert!(text.contains("5 dead letters shown (missing_field=5)"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
