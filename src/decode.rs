@@ -426,7 +426,13 @@ fn is_non_finite_word(s: &str) -> bool {
 fn timestamp(value: Value) -> Result<i64, Rejection> {
     let micros = match &value {
         Value::String(text) => DateTime::parse_from_rfc3339(text)
-            .map_err(|e| Rejection::InvalidTimestamp(format!("{text:?} is not RFC 3339 with an offset ({e})")))?
+            .map_err(|e| {
+                use chrono::format::ParseErrorKind::{Impossible, OutOfRange};
+                Rejection::InvalidTimestamp(match e.kind() {
+                    OutOfRange | Impossible => format!("{text:?} is not a possible date and time ({e})"),
+                    _ => format!("{text:?} is not RFC 3339 with an offset, e.g. \"2026-11-25T14:30:00Z\" ({e})"),
+                })
+            })?
             .timestamp_micros(),
         Value::Number(n) => match n.as_i64() {
             Some(millis) => millis
@@ -600,6 +606,14 @@ mod tests {
         assert_eq!(got.to_string(), "value is not valid JSON at line 1 column 21: expected value");
         let got = decode_str(None, r#"{"conid":1,"symbol":"A","position":NaN,"timestamp":1}"#).unwrap_err();
         assert_eq!(got.to_string(), "\"position\" is not a finite number");
+    }
+
+    #[test]
+    fn impossible_dates_are_told_apart_from_bad_formats() {
+        let got = decode_str(None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":"2026-02-30T00:00:00Z"}"#);
+        assert!(got.unwrap_err().to_string().contains("is not a possible date and time"));
+        let got = decode_str(None, r#"{"conid":1,"symbol":"A","position":1,"timestamp":"2026-02-03 00:00"}"#);
+        assert!(got.unwrap_err().to_string().contains("is not RFC 3339 with an offset"));
     }
 
     #[test]

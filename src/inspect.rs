@@ -3,7 +3,7 @@
 use deltalake::DeltaTableError;
 use deltalake::datafusion::prelude::SessionContext;
 
-use crate::config::DeltaConfig;
+use crate::config::{Config, DeadLetterDestination, DeltaConfig};
 
 /// Failures while reading the table.
 #[derive(Debug, thiserror::Error)]
@@ -21,11 +21,32 @@ pub enum InspectError {
     Query(#[from] deltalake::datafusion::error::DataFusionError),
 }
 
-/// Prints the table's version, row counts, the largest partitions and the newest rows.
+/// Prints a summary of the positions table and the dead letters by reason.
 ///
 /// # Errors
 /// See [`InspectError`].
-pub async fn show(config: &DeltaConfig) -> Result<(), InspectError> {
+pub async fn show(config: &Config) -> Result<(), InspectError> {
+    show_positions(&config.delta).await?;
+    if config.dead_letter.destination == DeadLetterDestination::Table {
+        let uri = config.dead_letter.resolved_table_uri(&config.delta);
+        let Ok(url) = deltalake::ensure_table_uri(&uri) else { return Ok(()) };
+        let options = config.delta.storage_options.0.clone().into_iter().collect();
+        // No dead-letter table yet is not an error: nothing was rejected.
+        if let Ok(table) = deltalake::open_table_with_storage_options(url, options).await {
+            let ctx = SessionContext::new();
+            ctx.register_table("dead_letters", table.table_provider().await?)?;
+            println!("dead letters at {uri}, by reason:");
+            ctx.sql("SELECT category, count(*) AS messages, max(rejected_at) AS latest FROM dead_letters GROUP BY category ORDER BY messages DESC")
+                .await?
+                .show()
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Prints the table's version, row counts, the largest partitions and the newest rows.
+async fn show_positions(config: &DeltaConfig) -> Result<(), InspectError> {
     let uri = config.table_uri.clone();
     let open_err = |source| InspectError::Open { uri: uri.clone(), source };
     let url = deltalake::ensure_table_uri(&uri).map_err(open_err)?;

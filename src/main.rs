@@ -202,7 +202,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Show { common } => {
             let config = common.load(Figment::new())?;
-            position_sink::inspect::show(&config.delta).await?;
+            position_sink::inspect::show(&config).await?;
             Ok(())
         }
         Command::DeadLetters { action } => dead_letters(action).await,
