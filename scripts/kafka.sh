@@ -7,6 +7,8 @@
 #   scripts/kafka.sh start [PORT]          start a broker on 127.0.0.1:PORT (default 9092)
 #   scripts/kafka.sh ensure [PORT]         start one unless a broker already answers there
 #   scripts/kafka.sh stop [PORT]           stop the broker started by this script
+#   scripts/kafka.sh crash [PORT]          SIGKILL the broker, keep its data (outage tests)
+#   scripts/kafka.sh resume [PORT]         restart a crashed broker on its data
 #   scripts/kafka.sh topic NAME PARTS [PORT]   create a topic
 set -euo pipefail
 
@@ -59,13 +61,53 @@ POM
   touch "$LIBS/.complete"
 }
 
+# Whether a process runs (a killed broker may linger as a zombie nobody reaps).
+alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"; }
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+java_opts_for() {
+  java_opts=(-Xms256m -Xmx768m -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    -Djava.awt.headless=true -Dlog4j2.configurationFile="$1/log4j2.yaml")
+}
+
+# Starts the broker of an existing run directory (configured and formatted) and waits
+# for its port.
+launch() {
+  local port="$1" dir="$RUN_DIR/$1"
+  local java_opts; java_opts_for "$dir"
+  nohup java "${java_opts[@]}" -cp "$LIBS/*" kafka.Kafka "$dir/server.properties" >"$dir/server.log" 2>&1 9>&- &
+  echo $! > "$dir/pid"
+  for _ in $(seq 1 120); do
+    if port_open "$port"; then log "broker ready on 127.0.0.1:$port (pid $(cat "$dir/pid"), logs $dir/server.log)"; return 0; fi
+    if ! alive "$(cat "$dir/pid")"; then log "broker exited:"; tail -30 "$dir/server.log" >&2; exit 1; fi
+    sleep 0.5
+  done
+  log "broker did not open port $port within 60 s"; tail -30 "$dir/server.log" >&2; exit 1
+}
+
+# Kills the broker with SIGKILL and keeps its data: an outage, for tests.
+crash() {
+  local port="${1:-9092}" dir="$RUN_DIR/${1:-9092}"
+  [ -f "$dir/pid" ] || { log "no broker started by this script on port $port"; exit 1; }
+  kill -9 "$(cat "$dir/pid")" 2>/dev/null || true
+  for _ in $(seq 1 60); do port_open "$port" || break; sleep 0.2; done
+  log "broker on port $port killed; its data is kept for resume"
+}
+
+# Restarts a crashed broker on its kept data.
+resume() {
+  local port="${1:-9092}" dir="$RUN_DIR/${1:-9092}"
+  [ -f "$dir/server.properties" ] || { log "no broker data for port $port to resume"; exit 1; }
+  if alive "$(cat "$dir/pid")"; then log "the broker on port $port is running"; return 0; fi
+  launch "$port"
+}
 
 start() {
   local port="${1:-9092}" controller=$(( ${1:-9092} + 1 ))
   fetch
   local dir="$RUN_DIR/$port"
-  if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+  if [ -f "$dir/pid" ] && alive "$(cat "$dir/pid")"; then
     log "a broker started by this script already runs on port $port"; return 0
   fi
   if port_open "$port"; then log "port $port is taken by another process"; exit 1; fi
@@ -109,19 +151,11 @@ Configuration:
       - name: kafka.server.KafkaRaftServer
         level: INFO
 LOG
-  local java_opts=(-Xms256m -Xmx768m -XX:+UseG1GC -XX:MaxGCPauseMillis=20
-    -Djava.awt.headless=true -Dlog4j2.configurationFile="$dir/log4j2.yaml")
+  local java_opts; java_opts_for "$dir"
   java "${java_opts[@]}" -cp "$LIBS/*" kafka.tools.StorageTool format --standalone \
     -t "$(java -cp "$LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)" \
     -c "$dir/server.properties" >"$dir/format.log" 2>&1 || { log "storage format failed:"; cat "$dir/format.log" >&2; exit 1; }
-  nohup java "${java_opts[@]}" -cp "$LIBS/*" kafka.Kafka "$dir/server.properties" >"$dir/server.log" 2>&1 9>&- &
-  echo $! > "$dir/pid"
-  for _ in $(seq 1 120); do
-    if port_open "$port"; then log "broker ready on 127.0.0.1:$port (pid $(cat "$dir/pid"), logs $dir/server.log)"; return 0; fi
-    if ! kill -0 "$(cat "$dir/pid")" 2>/dev/null; then log "broker exited:"; tail -30 "$dir/server.log" >&2; exit 1; fi
-    sleep 0.5
-  done
-  log "broker did not open port $port within 60 s"; tail -30 "$dir/server.log" >&2; exit 1
+  launch "$port"
 }
 
 ensure() {
@@ -138,9 +172,9 @@ stop() {
   local port="${1:-9092}" dir="$RUN_DIR/${1:-9092}"
   [ -f "$dir/pid" ] || { log "no broker started by this script on port $port"; return 0; }
   local pid; pid="$(cat "$dir/pid")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     kill "$pid"
-    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    for _ in $(seq 1 60); do alive "$pid" || break; sleep 0.5; done
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -rf "$dir"
@@ -159,6 +193,8 @@ case "$cmd" in
   start) start "$@" ;;
   ensure) ensure "$@" ;;
   stop) stop "$@" ;;
+  crash) crash "$@" ;;
+  resume) resume "$@" ;;
   topic) topic "$@" ;;
-  *) echo "usage: $0 fetch | start [PORT] | ensure [PORT] | stop [PORT] | topic NAME PARTITIONS [PORT]" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch | start [PORT] | ensure [PORT] | stop [PORT] | crash [PORT] | resume [PORT] | topic NAME PARTITIONS [PORT]" >&2; exit 2 ;;
 esac

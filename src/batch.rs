@@ -92,6 +92,11 @@ impl Buffer {
         self.messages >= self.limits.max_records || self.bytes >= self.limits.max_bytes
     }
 
+    /// Bytes of messages consumed since the last flush.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Whether nothing was consumed since the last flush.
     pub fn is_empty(&self) -> bool {
         self.messages == 0

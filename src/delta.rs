@@ -67,6 +67,22 @@ impl TableError {
     pub fn is_retryable(&self) -> bool {
         !matches!(self, TableError::Incompatible { .. })
     }
+
+    /// Whether another writer committed first (the retry re-reads the table).
+    pub fn is_conflict(&self) -> bool {
+        use deltalake::kernel::transaction::TransactionError;
+        let (TableError::Open { source, .. } | TableError::Read { source, .. } | TableError::Write { source, .. }) =
+            self
+        else {
+            return false;
+        };
+        matches!(
+            **source,
+            DeltaTableError::VersionAlreadyExists(_)
+                | DeltaTableError::Transaction { source: TransactionError::CommitConflict(_) }
+                | DeltaTableError::Transaction { source: TransactionError::MaxCommitAttempts(_) }
+        )
+    }
 }
 
 /// What a table is, for creating it and checking an existing one.

@@ -11,16 +11,21 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::{info, warn};
 
+use std::sync::Arc;
+
 use crate::config::KafkaConfig;
 use crate::offsets::{Offset, OffsetMap, TopicPartition};
+use crate::status::Progress;
 
 /// The consumer type the worker uses.
 pub type SinkConsumer = StreamConsumer<SinkContext>;
 
-/// Receives librdkafka's callbacks and hands revocations to the worker.
+/// Receives librdkafka's callbacks: hands revocations to the worker, and keeps the
+/// broker reachability in [`Health`] current.
 #[derive(Default)]
 pub struct SinkContext {
     revoked: Mutex<Vec<TopicPartition>>,
+    progress: Arc<Progress>,
 }
 
 impl SinkContext {
@@ -34,10 +39,26 @@ impl SinkContext {
 }
 
 impl ClientContext for SinkContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        // Bootstrap entries have negative node ids; a real broker connection is "UP".
+        let reachable = statistics.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+        if reachable != self.progress.health.is_broker_reachable() {
+            if reachable {
+                info!("a Kafka broker is reachable again");
+            } else {
+                warn!("no Kafka broker is reachable; waiting (librdkafka reconnects by itself)");
+            }
+        }
+        self.progress.health.set_broker_reachable(reachable);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         // End of a partition is how the worker learns it is caught up, not a fault.
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
             return;
+        }
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.progress.health.set_broker_reachable(false);
         }
         // librdkafka reconnects and retries by itself; what depends on it is retried too.
         warn!(%error, reason, "Kafka client error");
@@ -70,11 +91,15 @@ impl ConsumerContext for SinkContext {
     }
 }
 
-/// Creates the group consumer and subscribes it to `config.topics`.
+/// How often librdkafka reports statistics, from which broker reachability is read.
+const STATISTICS_INTERVAL_MS: &str = "1000";
+
+/// Creates the group consumer and subscribes it to `config.topics`; `progress` gets
+/// the broker reachability.
 ///
 /// # Errors
 /// When librdkafka rejects a setting (the message names it) or the subscription.
-pub fn subscribe(config: &KafkaConfig) -> KafkaResult<SinkConsumer> {
+pub fn subscribe(config: &KafkaConfig, progress: Arc<Progress>) -> KafkaResult<SinkConsumer> {
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", &config.brokers)
@@ -85,11 +110,13 @@ pub fn subscribe(config: &KafkaConfig) -> KafkaResult<SinkConsumer> {
         .set("enable.partition.eof", "true")
         // Bounds librdkafka's prefetch queue; raise it for higher throughput.
         .set("queued.max.messages.kbytes", "16384")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .set_log_level(RDKafkaLogLevel::Warning);
     for (key, value) in &config.librdkafka.0 {
         client.set(key, value);
     }
-    let consumer: SinkConsumer = client.create_with_context(SinkContext::default())?;
+    let context = SinkContext { revoked: Mutex::default(), progress };
+    let consumer: SinkConsumer = client.create_with_context(context)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
@@ -114,6 +141,30 @@ pub fn commit(consumer: &SinkConsumer, written: &OffsetMap, mode: CommitMode) ->
     }
     consumer.commit(&list, mode)?;
     Ok(list.count())
+}
+
+/// The group's committed next offset of each of `partitions` that has one.
+///
+/// # Errors
+/// When the broker cannot be asked within `timeout`.
+pub fn committed(
+    consumer: &SinkConsumer,
+    partitions: &[TopicPartition],
+    timeout: std::time::Duration,
+) -> KafkaResult<Vec<(TopicPartition, Offset)>> {
+    let mut list = TopicPartitionList::new();
+    for tp in partitions {
+        list.add_partition(&tp.topic, tp.partition.0);
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some((TopicPartition::new(e.topic(), e.partition()), Offset(o))),
+            _ => None,
+        })
+        .collect())
 }
 
 /// The partitions currently assigned to this consumer.

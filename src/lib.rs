@@ -38,6 +38,7 @@ pub mod offsets;
 pub mod retry;
 pub mod sample;
 pub mod sink;
+pub mod status;
 pub mod table;
 pub mod update;
 pub mod worker;

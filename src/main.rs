@@ -182,7 +182,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             info!(?config, "starting");
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            let summary = position_sink::run(config, shutdown).await?;
+            let summary = position_sink::run_with_faults(config, shutdown, faults_from_env()?).await?;
             info!(?summary, "done");
             Ok(())
         }
@@ -262,6 +262,21 @@ async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Environment variable for crash tests of the binary: the probability (0..1) of
+/// aborting the process right after a Delta commit, before its Kafka commit.
+const FAULT_ABORT_ENV: &str = "POSITION_SINK_FAULT_ABORT_AFTER_DELTA_COMMIT";
+
+fn faults_from_env() -> anyhow::Result<position_sink::Faults> {
+    let mut faults = position_sink::Faults::default();
+    if let Ok(text) = std::env::var(FAULT_ABORT_ENV) {
+        let p: f64 = text.parse().with_context(|| format!("{FAULT_ABORT_ENV}={text:?} is not a number"))?;
+        anyhow::ensure!((0.0..=1.0).contains(&p), "{FAULT_ABORT_ENV}={p} is not a probability between 0 and 1");
+        tracing::warn!(probability = p, "fault injection on: aborting after Delta commits");
+        faults.abort_after_delta_commit = p;
+    }
+    Ok(faults)
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM.

@@ -13,7 +13,6 @@
 //! retry, a crash or a replay at any point neither loses nor doubles anything.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use rdkafka::consumer::ConsumerGroupMetadata;
 
@@ -23,6 +22,7 @@ use crate::dead_letter::topic::TopicError;
 use crate::dead_letter::{DeadLetterTable, DeadLetterTopic, ReasonCounts};
 use crate::delta::TableError;
 use crate::retry::retry;
+use crate::status::Progress;
 use crate::table::{PositionTable, WriteReport};
 use crate::worker::Faults;
 
@@ -130,6 +130,12 @@ impl Sinks {
         group: Option<Arc<ConsumerGroupMetadata>>,
         faults: &Faults,
     ) -> (Self, Result<FlushReport, FlushError>) {
+        tracing::debug!(
+            messages = batch.messages,
+            rows = batch.rows.len(),
+            dead_letters = batch.dead_letters.len(),
+            "writing batch"
+        );
         let result = self.write_in_order(batch, policy, group, faults).await;
         (self, result)
     }
@@ -146,17 +152,15 @@ impl Sinks {
         if let DeadLetterSink::Table(table) = &self.dead_letters
             && !batch.dead_letters.is_empty()
         {
-            let (written_table, written) = retry(
-                policy,
-                "write dead letters to Delta",
-                || table.write(&batch.dead_letters, &batch.offsets),
-                TableError::is_retryable,
-            )
+            let progress = &faults.progress;
+            let (written_table, written) = retry_write(policy, "write dead letters to Delta", progress, || {
+                table.write(&batch.dead_letters, &batch.offsets)
+            })
             .await?;
             self.dead_letters = DeadLetterSink::Table(written_table);
             if written.total() > 0 {
                 dead_letters = written;
-                let commits = faults.progress.dead_letter_commits.fetch_add(1, Ordering::Relaxed) + 1;
+                let commits = Progress::bump(&faults.progress.dead_letter_commits);
                 if faults.crash_after_dead_letter_commits.is_some_and(|n| commits >= n as u64) {
                     return Err(FlushError::InjectedCrash("after the dead-letter commit, before the positions commit"));
                 }
@@ -164,17 +168,18 @@ impl Sinks {
         }
         let positions = &self.positions;
         let (written_positions, report) =
-            retry(policy, "write batch to Delta", || positions.write(batch), TableError::is_retryable).await?;
+            retry_write(policy, "write batch to Delta", &faults.progress, || positions.write(batch)).await?;
         self.positions = written_positions;
         if report.committed {
-            let commits = faults.progress.delta_commits.fetch_add(1, Ordering::Relaxed) + 1;
+            let commits = Progress::bump(&faults.progress.delta_commits);
             if faults.crash_after_delta_commits.is_some_and(|n| commits >= n as u64) {
                 return Err(FlushError::InjectedCrash("after the positions commit, before the Kafka commit"));
             }
+            faults.maybe_abort_after_delta_commit();
         }
         if let DeadLetterSink::Topic(topic) = &self.dead_letters {
             let group = group.ok_or(FlushError::NotInGroup)?;
-            let transactions = faults.progress.dead_letter_commits.fetch_add(1, Ordering::Relaxed) + 1;
+            let transactions = Progress::bump(&faults.progress.dead_letter_commits);
             if faults.crash_after_dead_letter_commits.is_some_and(|n| transactions >= n as u64) {
                 topic.publish_without_commit(&batch.dead_letters, &batch.offsets, group).await?;
                 return Err(FlushError::InjectedCrash("with the dead-letter transaction sent but not committed"));
@@ -187,4 +192,33 @@ impl Sinks {
         }
         Ok(FlushReport { positions: report, dead_letters, offsets_committed })
     }
+}
+
+/// [`retry`] around one Delta write, keeping the storage health and the failure and
+/// conflict counters current.
+async fn retry_write<T, F: Future<Output = Result<T, TableError>>>(
+    policy: &RetryConfig,
+    what: &str,
+    progress: &Progress,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, TableError> {
+    let observed = || {
+        let write = attempt();
+        async move {
+            let result = write.await;
+            match &result {
+                Ok(_) => progress.health.set_storage_ok(true),
+                Err(error) => {
+                    Progress::bump(&progress.write_failures);
+                    if error.is_conflict() {
+                        Progress::bump(&progress.commit_conflicts);
+                    } else {
+                        progress.health.set_storage_ok(false);
+                    }
+                }
+            }
+            result
+        }
+    };
+    retry(policy, what, observed, TableError::is_retryable).await
 }

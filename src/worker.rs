@@ -32,6 +32,7 @@ use crate::kafka::{self, SinkConsumer};
 use crate::offsets::{Coordinates, Offset, OffsetMap, TopicPartition};
 use crate::retry::retry;
 use crate::sink::{DeadLetterSink, FlushError, FlushReport, Sinks};
+pub use crate::status::Progress;
 use crate::table::{PositionTable, TableError};
 use crate::update::PositionUpdate;
 
@@ -71,21 +72,30 @@ pub struct Faults {
     /// table, right after its commit and before the positions table's commit; with a
     /// dead-letter topic, with the transaction sent but left uncommitted.
     pub crash_after_dead_letter_commits: Option<usize>,
-    /// Counters updated while the worker runs.
+    /// Abort the whole process (as SIGKILL would) right after a positions commit and
+    /// before its Kafka commit, with this probability per commit (0 = never). For
+    /// crash tests of the binary: `POSITION_SINK_FAULT_ABORT_AFTER_DELTA_COMMIT`.
+    pub abort_after_delta_commit: f64,
+    /// Before its first flush, the worker waits for this to be notified, without polling
+    /// Kafka: a stalled worker whose partitions are taken over meanwhile (a zombie).
+    pub hold_first_flush: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// Counters and health updated while the worker runs.
     pub progress: std::sync::Arc<Progress>,
 }
 
-/// Live counters of a running worker.
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Messages consumed so far.
-    pub messages: std::sync::atomic::AtomicU64,
-    /// Positions-table commits so far.
-    pub delta_commits: std::sync::atomic::AtomicU64,
-    /// Flushes whose dead-letter transaction was aborted, so their messages were read again.
-    pub rewinds: std::sync::atomic::AtomicU64,
-    /// Dead-letter writes so far (table commits, or topic transactions).
-    pub dead_letter_commits: std::sync::atomic::AtomicU64,
+impl Faults {
+    /// Aborts the process with probability `abort_after_delta_commit`.
+    pub fn maybe_abort_after_delta_commit(&self) {
+        if self.abort_after_delta_commit <= 0.0 {
+            return;
+        }
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let draw = f64::from(nanos.wrapping_mul(2_654_435_761) % 1_000_000) / 1_000_000.0;
+        if draw < self.abort_after_delta_commit {
+            eprintln!("position-sink: injected abort after a Delta commit, before its Kafka commit");
+            std::process::abort();
+        }
+    }
 }
 
 /// Totals of one run.
@@ -127,11 +137,13 @@ pub async fn run_with_faults(
         DeadLetterSink::Topic(t) => format!("topic {}", t.topic()),
     };
     info!(table = sinks.positions.uri(), version = ?sinks.positions.version().map(|v| v.0), dead_letters, "opened destinations");
-    let consumer = kafka::subscribe(&config.kafka)?;
+    let consumer = kafka::subscribe(&config.kafka, faults.progress.clone())?;
     info!(brokers = %config.kafka.brokers, group = %config.kafka.group_id, topics = ?config.kafka.topics, "subscribed");
+    let progress = faults.progress.clone();
     let mut worker = Worker::new(config, consumer, sinks, faults);
-    worker.run(shutdown).await?;
-    Ok(worker.summary)
+    let result = worker.run(shutdown).await;
+    progress.health.set_stopped();
+    result.map(|()| worker.summary)
 }
 
 /// A flush running in the background: it hands the sinks back when done.
@@ -175,6 +187,9 @@ struct Worker {
     consumed: OffsetMap,
     /// Highest offset durable per partition, for the final commit.
     durable: OffsetMap,
+    /// Committed offsets of partitions nothing was consumed from (`exit_when_caught_up`).
+    committed_next: HashMap<TopicPartition, Offset>,
+    committed_looked_up: Option<Instant>,
     /// Rejections logged individually in the current flush window.
     rejections_logged: usize,
     /// Flushes in a row whose dead-letter transaction was aborted.
@@ -200,6 +215,8 @@ impl Worker {
             started: HashMap::new(),
             consumed: OffsetMap::default(),
             durable: OffsetMap::default(),
+            committed_next: HashMap::new(),
+            committed_looked_up: None,
             rejections_logged: 0,
             aborted_in_a_row: 0,
             consumer,
@@ -226,14 +243,14 @@ impl Worker {
                     self.in_flight = None;
                     self.finish_flush(done?).await?;
                 }
-                _ = tick.tick() => self.start_flush(),
+                _ = tick.tick() => self.flush_now().await,
                 message = self.consumer.recv(), if can_read => {
                     let received = receive(message, &self.decode_options);
                     self.handle(received).await?;
                 }
             }
             if self.buffer.is_full() {
-                self.start_flush();
+                self.flush_now().await;
             }
             if self.config.worker.exit_when_caught_up && self.is_caught_up() {
                 info!("every assigned partition is written to its end; exiting");
@@ -255,7 +272,7 @@ impl Worker {
             }
         };
         self.summary.messages += 1;
-        self.faults.progress.messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Progress::bump(&self.faults.progress.messages);
         self.consumed.observe(&at.tp, at.offset);
         self.started.entry(at.tp.clone()).or_insert(at.offset);
         if self.is_already_written(&at).await? {
@@ -275,6 +292,7 @@ impl Worker {
             }
             Received::EndOfPartition | Received::Error(_) => {}
         }
+        self.faults.progress.observe_buffered_bytes(self.buffer.bytes());
         Ok(())
     }
 
@@ -346,6 +364,7 @@ impl Worker {
         for tp in &revoked {
             self.floors.remove(tp);
             self.started.remove(tp);
+            self.committed_next.remove(tp);
             self.consumed.remove(tp);
             self.durable.remove(tp);
         }
@@ -367,6 +386,15 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Starts a flush from the loop (tick or full buffer); a test may hold the first one.
+    async fn flush_now(&mut self) {
+        if let Some(gate) = self.faults.hold_first_flush.take() {
+            info!("holding the first flush until the test releases it");
+            gate.notified().await;
+        }
+        self.start_flush();
     }
 
     /// Starts writing the buffer, unless it is empty or a flush is already running.
@@ -393,7 +421,7 @@ impl Worker {
             Ok(report) => report,
             Err(error) if error.can_reread() && self.aborted_in_a_row < self.config.retry.max_retries => {
                 self.aborted_in_a_row += 1;
-                self.faults.progress.rewinds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Progress::bump(&self.faults.progress.rewinds);
                 warn!(%error, attempt = self.aborted_in_a_row, "flush not committed to Kafka; reading its messages again");
                 self.rewind(&batch);
                 tokio::time::sleep(self.config.retry.min_delay * self.aborted_in_a_row as u32).await;
@@ -402,6 +430,7 @@ impl Worker {
             Err(error) => return Err(error.into()),
         };
         self.aborted_in_a_row = 0;
+        Progress::bump(&self.faults.progress.flushes);
         let positions = &report.positions;
         if positions.committed {
             self.summary.delta_commits += 1;
@@ -449,20 +478,46 @@ impl Worker {
     }
 
     /// Whether every assigned partition is consumed to its high watermark and written.
-    fn is_caught_up(&self) -> bool {
+    fn is_caught_up(&mut self) -> bool {
         if !self.buffer.is_empty() || self.in_flight.is_some() {
             return false;
         }
         let Ok(assigned) = kafka::assignment(&self.consumer) else { return false };
+        self.look_up_committed(&assigned);
         !assigned.is_empty()
             && assigned.iter().all(|tp| {
-                // Messages below the floor may have been skipped by a seek, unseen.
-                let next = self.consumed.get(tp).map(Offset::next).max(self.floors.get(tp).map(|f| f.next));
+                // Messages below the floor may have been skipped by a seek, unseen; a
+                // partition read from nothing but its committed offset starts there.
+                let next = self
+                    .consumed
+                    .get(tp)
+                    .map(Offset::next)
+                    .max(self.floors.get(tp).map(|f| f.next))
+                    .max(self.committed_next.get(tp).copied());
                 match kafka::cached_high_watermark(&self.consumer, tp) {
                     Some(high) => next.unwrap_or(Offset(0)) >= high,
                     None => false,
                 }
             })
+    }
+
+    /// For `exit_when_caught_up`: the group's committed offsets of assigned partitions
+    /// nothing was consumed from yet (a partition already read to its end yields no
+    /// message to learn its position from). At most once a second; blocks briefly.
+    fn look_up_committed(&mut self, assigned: &[TopicPartition]) {
+        let unknown: Vec<TopicPartition> = assigned
+            .iter()
+            .filter(|tp| self.consumed.get(tp).is_none() && !self.committed_next.contains_key(*tp))
+            .cloned()
+            .collect();
+        if unknown.is_empty() || self.committed_looked_up.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.committed_looked_up = Some(Instant::now());
+        match kafka::committed(&self.consumer, &unknown, Duration::from_secs(5)) {
+            Ok(committed) => self.committed_next.extend(committed),
+            Err(error) => debug!(%error, "committed offsets not available yet"),
+        }
     }
 
     /// Finishes the running flush, writes what is buffered, commits, all within

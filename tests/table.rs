@@ -104,3 +104,38 @@ async fn offsets_of_a_partition_without_rows_are_recorded_and_written_batches_ar
 fn report_version(report: &position_sink::table::WriteReport) -> Option<position_sink::table::TableVersion> {
     Some(report.version)
 }
+
+#[tokio::test]
+async fn failed_commits_leave_no_gap_and_no_visible_change() {
+    use std::sync::atomic::Ordering;
+    let (_dir, path) = common::table_dir();
+    let (uri, faults) = common::faulty_store::faulty_table(&path);
+    let config = DeltaConfig { table_uri: uri, ..DeltaConfig::default() };
+    let mut table = PositionTable::open_or_create(&config, "g").await.unwrap();
+    let mut offset = 0;
+    for round in 0..6 {
+        offset += 1;
+        let b = batch(vec![update(round + 1, 1000, 0, offset)], &[("t", 0, offset)]);
+        faults.fail_commits.store(round % 2 == 1, Ordering::SeqCst);
+        faults.fail_writes.store(round == 3, Ordering::SeqCst);
+        match table.write(&b).await {
+            Ok((written, _)) => table = written,
+            Err(error) => {
+                let files: Vec<_> =
+                    std::fs::read_dir(path.join("_delta_log")).unwrap().map(|e| e.unwrap().file_name()).collect();
+                assert!(round % 2 == 1, "round {round}: {error}\n{files:?}");
+                faults.heal();
+                table = table.write(&b).await.expect("the retry after healing").0;
+            }
+        }
+    }
+    let mut versions: Vec<String> = std::fs::read_dir(path.join("_delta_log"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    versions.sort();
+    let expected: Vec<String> = (0..=6).map(|v| format!("{v:020}.json")).collect();
+    assert_eq!(versions, expected);
+    assert_eq!(common::read_table(&path).await.len(), 6);
+}

@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod faulty_store;
+pub mod scenario;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -36,16 +39,17 @@ pub fn brokers() -> String {
             if let Ok(brokers) = std::env::var("POSITION_SINK_TEST_BROKERS") {
                 return brokers;
             }
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh");
-            let status = std::process::Command::new("bash")
-                .arg(&script)
-                .args(["ensure", &TEST_BROKER_PORT.to_string()])
-                .status()
-                .expect("run scripts/kafka.sh");
-            assert!(status.success(), "scripts/kafka.sh ensure {TEST_BROKER_PORT} failed");
+            kafka_script(&["ensure", &TEST_BROKER_PORT.to_string()]);
             format!("127.0.0.1:{TEST_BROKER_PORT}")
         })
         .clone()
+}
+
+/// Runs `scripts/kafka.sh` with `args` and asserts it succeeded.
+pub fn kafka_script(args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh");
+    let status = std::process::Command::new("bash").arg(&script).args(args).status().expect("run scripts/kafka.sh");
+    assert!(status.success(), "scripts/kafka.sh {args:?} failed");
 }
 
 /// A name no other test (or earlier run) uses.
@@ -57,9 +61,14 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates a topic with `partitions` partitions and returns its name.
 pub async fn create_topic(prefix: &str, partitions: i32) -> String {
+    create_topic_on(&brokers(), prefix, partitions).await
+}
+
+/// [`create_topic`] on the broker at `brokers`.
+pub async fn create_topic_on(brokers: &str, prefix: &str, partitions: i32) -> String {
     let topic = unique(prefix);
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
     let results = admin
         .create_topics(&[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
         .await
@@ -102,8 +111,13 @@ pub struct Produced {
 /// Publishes messages in order to explicit partitions (round robin over `partitions`
 /// for messages without a key) or by key hash, waiting for each acknowledgement.
 pub async fn produce(topic: &str, messages: &[Msg], partitions: Option<i32>) -> Vec<Produced> {
+    produce_on(&brokers(), topic, messages, partitions).await
+}
+
+/// [`produce`] to the broker at `brokers`.
+pub async fn produce_on(brokers: &str, topic: &str, messages: &[Msg], partitions: Option<i32>) -> Vec<Produced> {
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()
@@ -136,8 +150,23 @@ pub async fn produce(topic: &str, messages: &[Msg], partitions: Option<i32>) -> 
     futures::stream::iter(sends).buffered(1000).collect().await
 }
 
+/// Logs of in-process workers, shown for failing tests (`RUST_LOG`, default warnings).
+pub fn init_logs() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "warn,deltalake_core::operations::merge=error,buoyant_kernel::snapshot::builder=off,\
+             deltalake_core::writer::stats=error",
+            )
+        });
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
 /// A worker configuration for tests: short flush window, quick retries.
 pub fn config(topic: &str, group: &str, table: &Path) -> Config {
+    init_logs();
     let mut c = Config::default();
     c.kafka.brokers = brokers();
     c.kafka.group_id = group.to_string();
@@ -199,8 +228,13 @@ pub async fn wait_until<F: AsyncFnMut() -> bool>(limit: Duration, what: &str, mu
 
 /// The group's committed offset per partition of `topic` (`None`: nothing committed).
 pub fn committed_offsets(group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, Option<i64>> {
+    committed_offsets_on(&brokers(), group, topic, partitions)
+}
+
+/// [`committed_offsets`] on the broker at `brokers`.
+pub fn committed_offsets_on(brokers: &str, group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, Option<i64>> {
     let consumer: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", group).create().expect("consumer");
+        ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create().expect("consumer");
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {
         list.add_partition(topic, p);

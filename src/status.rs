@@ -1,0 +1,133 @@
+//! What a running worker reports about itself: live counters and health (broker
+//! reachable, storage writable, stopped on an error). Tests read it now; readiness
+//! probes and metrics will read the same values.
+//!
+//! Invariant kept here: every field is a lock-free atomic, written by the worker and
+//! its Kafka callbacks, readable from any thread at any time.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Live counters and health of one worker.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Messages consumed so far.
+    pub messages: AtomicU64,
+    /// Flushes finished (committed, or with nothing new to commit).
+    pub flushes: AtomicU64,
+    /// Positions-table commits so far.
+    pub delta_commits: AtomicU64,
+    /// Dead-letter writes so far (table commits, or topic transactions).
+    pub dead_letter_commits: AtomicU64,
+    /// Flushes whose dead-letter transaction was aborted, so their messages were read again.
+    pub rewinds: AtomicU64,
+    /// Delta write attempts that failed (storage errors and conflicts; each is retried
+    /// up to `retry.max_retries`).
+    pub write_failures: AtomicU64,
+    /// Of those, commit conflicts with another writer.
+    pub commit_conflicts: AtomicU64,
+    /// Largest number of message bytes the buffer held.
+    pub buffered_bytes_peak: AtomicU64,
+    /// Health, for readiness.
+    pub health: Health,
+}
+
+impl Progress {
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Adds one to a counter and returns the new value.
+    pub fn bump(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Raises the buffer peak to `bytes` if larger.
+    pub fn observe_buffered_bytes(&self, bytes: usize) {
+        self.buffered_bytes_peak.fetch_max(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// Whether the worker can do its job right now.
+#[derive(Debug)]
+pub struct Health {
+    broker_unreachable: AtomicBool,
+    storage_failing: AtomicBool,
+    stopped: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            broker_unreachable: AtomicBool::new(false),
+            storage_failing: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Health {
+    /// Records whether any broker is reachable (from librdkafka's statistics).
+    pub fn set_broker_reachable(&self, reachable: bool) {
+        self.broker_unreachable.store(!reachable, Ordering::Relaxed);
+    }
+
+    /// Records whether the last Delta write attempt succeeded.
+    pub fn set_storage_ok(&self, ok: bool) {
+        self.storage_failing.store(!ok, Ordering::Relaxed);
+    }
+
+    /// Records that the worker stopped (cleanly or on an error).
+    pub fn set_stopped(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a broker is reachable.
+    pub fn is_broker_reachable(&self) -> bool {
+        !self.broker_unreachable.load(Ordering::Relaxed)
+    }
+
+    /// Whether storage accepts writes (false while a write is failing and being retried).
+    pub fn is_storage_ok(&self) -> bool {
+        !self.storage_failing.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker is running and can reach both Kafka and storage.
+    pub fn is_ready(&self) -> bool {
+        !self.stopped.load(Ordering::Relaxed) && self.is_broker_reachable() && self.is_storage_ok()
+    }
+
+    /// Why the worker is not ready, if it is not.
+    pub fn problems(&self) -> Vec<&'static str> {
+        let mut problems = Vec::new();
+        if self.stopped.load(Ordering::Relaxed) {
+            problems.push("stopped");
+        }
+        if !self.is_broker_reachable() {
+            problems.push("no Kafka broker reachable");
+        }
+        if !self.is_storage_ok() {
+            problems.push("Delta writes failing");
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_broker_and_storage_are_fine_and_running() {
+        let h = Health::default();
+        assert!(h.is_ready());
+        h.set_broker_reachable(false);
+        assert_eq!(h.problems(), ["no Kafka broker reachable"]);
+        h.set_broker_reachable(true);
+        h.set_storage_ok(false);
+        assert!(!h.is_ready());
+        h.set_storage_ok(true);
+        h.set_stopped();
+        assert!(!h.is_ready());
+    }
+}

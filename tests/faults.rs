@@ -1,0 +1,463 @@
+//! Proof of delivery under faults. Every scenario drives workers through its faults
+//! and ends with the checker of `tests/common/scenario.rs`: the table equals the model
+//! of the stream row by row, the dead letters are exactly the bad messages, and the
+//! committed offsets are at the log ends. Sizes scale up with
+//! `POSITION_SINK_FAULT_SCALE=full` (`scripts/faults.sh`).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::faulty_store::faulty_table;
+use common::scenario::{Scenario, sized};
+use common::*;
+use position_sink::status::Progress;
+use position_sink::{Faults, WorkerError};
+use rand::{Rng, SeedableRng};
+
+/// The fault-test broker for outages: its own, so stopping it disturbs no other test.
+const OUTAGE_BROKER_PORT: u16 = 39192;
+
+fn seeded_rng(what: &str) -> rand::rngs::StdRng {
+    let seed: u64 = rand::random();
+    eprintln!("{what}: schedule seed {seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Writes the scenario's worker configuration as TOML for the binary.
+fn write_config(s: &Scenario, extra: &str) -> std::path::PathBuf {
+    let file = s.dir.path().join("sink.toml");
+    let text = format!(
+        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{}\"]\n\
+         [kafka.librdkafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
+         [delta]\ntable_uri = \"{}\"\n{extra}",
+        s.brokers,
+        s.group,
+        s.topic,
+        s.table.display()
+    );
+    std::fs::write(&file, text).expect("write config");
+    file
+}
+
+/// How a kill-loop round ends the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kill {
+    /// SIGKILL at a random moment.
+    Random,
+    /// SIGKILL shortly after a flush starts writing: inside the MERGE or its commit.
+    DuringMerge,
+    /// The process aborts itself right after a Delta commit, before the Kafka commit.
+    BetweenCommits,
+}
+
+struct Running {
+    child: Child,
+    writing: std::sync::mpsc::Receiver<()>,
+}
+
+fn start_binary(config_file: &std::path::Path, abort_probability: Option<f64>) -> Running {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_position-sink"));
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(config_file)
+        .env("RUST_LOG", "error,position_sink::sink=debug,buoyant_kernel::snapshot::builder=off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(p) = abort_probability {
+        command.env("POSITION_SINK_FAULT_ABORT_AFTER_DELTA_COMMIT", p.to_string());
+    }
+    let mut child = command.spawn().expect("start position-sink");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, writing) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("writing batch") {
+                let _ = tx.send(());
+            } else if !line.contains("DEBUG") {
+                eprintln!("  worker: {line}");
+            }
+        }
+    });
+    Running { child, writing }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_loop_sigkill_during_merge_and_between_commits_loses_and_doubles_nothing() {
+    let mut s = Scenario::new("killloop", 4).await;
+    let total = sized(40_000, 200_000);
+    let kills = sized(9, 24);
+    s.produce(total / 2).await;
+    let producing = s.produce_during(total - total / 2, 10, Duration::from_secs(sized(20, 90) as u64));
+    let config_file = write_config(&s, "[flush]\ninterval = \"300ms\"\nmax_records = 3000\n");
+    let mut rng = seeded_rng("kill loop");
+    let mut done: std::collections::BTreeMap<Kill, usize> = Default::default();
+    for round in 0..kills {
+        let kill = [Kill::Random, Kill::DuringMerge, Kill::BetweenCommits][round % 3];
+        let mut running = start_binary(&config_file, (kill == Kill::BetweenCommits).then_some(0.5));
+        let took_effect = match kill {
+            Kill::Random => {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(500..4000))).await;
+                true
+            }
+            Kill::DuringMerge => {
+                let writing = running.writing;
+                let seen = tokio::task::spawn_blocking(move || writing.recv_timeout(Duration::from_secs(30)).is_ok())
+                    .await
+                    .expect("join");
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
+                seen
+            }
+            Kill::BetweenCommits => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    if let Some(status) = running.child.try_wait().expect("wait") {
+                        break !status.success();
+                    }
+                    if Instant::now() > deadline {
+                        break false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let _ = running.child.kill();
+        running.child.wait().expect("reap");
+        if took_effect {
+            *done.entry(kill).or_default() += 1;
+        }
+    }
+    s.produced.extend(producing.finish().await);
+    eprintln!("kill loop: {kills} rounds on {} messages: {done:?}", s.produced.len());
+    assert!(done.get(&Kill::DuringMerge).is_some_and(|n| *n > 0), "no kill landed during a flush");
+    assert!(done.get(&Kill::BetweenCommits).is_some_and(|n| *n > 0), "no abort between the Delta and Kafka commits");
+    s.finish().await;
+
+    // A person reviews what was rejected.
+    let listed = Command::new(env!("CARGO_BIN_EXE_position-sink"))
+        .args(["dead-letters", "list", "--limit", "5", "--category", "missing_field", "--config"])
+        .arg(&config_file)
+        .output()
+        .expect("dead-letters list");
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{text}{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(text.contains("reason: missing required field \"symbol\""), "{text}");
+    assert!(text.contains("5 dead letters shown (missing_field=5)"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_storm_of_workers_joining_leaving_and_crashing_keeps_the_table_exact() {
+    let mut s = Scenario::new("storm", 6).await;
+    let total = sized(30_000, 200_000);
+    let storm = Duration::from_secs(sized(20, 90) as u64);
+    s.produce(total / 3).await;
+    let producing = s.produce_during(total - total / 3, 10, storm);
+    let config = || {
+        let mut c = s.config();
+        c.flush.max_records = 2000;
+        c.retry.max_retries = 30;
+        c
+    };
+    let mut workers: Vec<Worker> = (0..3).map(|_| spawn_worker(config(), Faults::default())).collect();
+    let mut progress: Vec<Arc<Progress>> = workers.iter().map(|w| w.faults.progress.clone()).collect();
+    let mut rng = seeded_rng("rebalance storm");
+    let (mut joined, mut left, mut crashed) = (3, 0, 0);
+    let deadline = Instant::now() + storm;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
+        if workers.len() > 1 && (workers.len() == 3 || rng.random_bool(0.5)) {
+            let w = workers.swap_remove(rng.random_range(0..workers.len()));
+            if rng.random_bool(0.5) {
+                w.stop().await.expect("a worker leaving the group stops cleanly");
+                left += 1;
+            } else {
+                w.handle.abort();
+                crashed += 1;
+            }
+        } else {
+            let w = spawn_worker(config(), Faults::default());
+            progress.push(w.faults.progress.clone());
+            workers.push(w);
+            joined += 1;
+        }
+    }
+    s.produced.extend(producing.finish().await);
+    for w in workers {
+        w.stop().await.expect("worker");
+    }
+    let conflicts: u64 = progress.iter().map(|p| Progress::get(&p.commit_conflicts)).sum();
+    let failures: u64 = progress.iter().map(|p| Progress::get(&p.write_failures)).sum();
+    eprintln!(
+        "rebalance storm: {joined} joined, {left} left, {crashed} crashed; {conflicts} Delta commit conflicts \
+         retried ({failures} failed write attempts in all)"
+    );
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_is_waited_out_reported_not_ready_and_recovered_from() {
+    kafka_script(&["ensure", &OUTAGE_BROKER_PORT.to_string()]);
+    let mut s = Scenario::on(&format!("127.0.0.1:{OUTAGE_BROKER_PORT}"), "outage", 3).await;
+    s.produce(sized(6000, 60_000)).await;
+    let w = spawn_worker(s.config(), Faults::default());
+    let progress = w.faults.progress.clone();
+    wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
+    assert!(progress.health.is_ready(), "{:?}", progress.health.problems());
+
+    kafka_script(&["crash", &OUTAGE_BROKER_PORT.to_string()]);
+    wait_until(Duration::from_secs(30), "the worker to report the broker unreachable", async || {
+        !progress.health.is_broker_reachable()
+    })
+    .await;
+    assert!(!progress.health.is_ready());
+    tokio::time::sleep(Duration::from_secs(sized(6, 30) as u64)).await;
+    assert!(!w.handle.is_finished(), "the worker gave up during the outage");
+    assert_eq!(progress.health.problems(), ["no Kafka broker reachable"]);
+
+    kafka_script(&["resume", &OUTAGE_BROKER_PORT.to_string()]);
+    wait_until(Duration::from_secs(60), "the worker to report ready again", async || progress.health.is_ready()).await;
+    s.produce(sized(3000, 30_000)).await;
+    wait_until(Duration::from_secs(120), "offsets committed to the end", async || s.is_committed_to_end()).await;
+    w.stop().await.expect("the worker ran through the outage");
+    s.check().await;
+    kafka_script(&["stop", &OUTAGE_BROKER_PORT.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_errors_and_a_downed_broker_in_the_mock_cluster_are_survived() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let brokers = mock.bootstrap_servers();
+    let topic = unique("mock");
+    mock.create_topic(&topic, 2, 1).expect("mock topic");
+    let mut s = Scenario::with_topic(&brokers, "mock", topic, 2);
+    s.produce(sized(4000, 40_000)).await;
+    // Every request kind the worker depends on fails a few times first.
+    use RDKafkaRespErr::*;
+    mock.request_errors(RDKafkaApiKey::JoinGroup, &[RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 3]);
+    mock.request_errors(RDKafkaApiKey::Fetch, &[RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 5]);
+    mock.request_errors(RDKafkaApiKey::OffsetCommit, &[RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 5]);
+    let w = spawn_worker(s.config(), Faults::default());
+    let progress = w.faults.progress.clone();
+    wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
+
+    mock.broker_down(1).expect("broker down");
+    wait_until(Duration::from_secs(30), "the worker to report the broker unreachable", async || {
+        !progress.health.is_broker_reachable()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    mock.broker_up(1).expect("broker up");
+    wait_until(Duration::from_secs(60), "ready again", async || progress.health.is_ready()).await;
+    mock.request_errors(RDKafkaApiKey::OffsetCommit, &[RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 3]);
+    s.produce(sized(2000, 20_000)).await;
+    wait_until(Duration::from_secs(120), "offsets committed to the end", async || s.is_committed_to_end()).await;
+    w.stop().await.expect("worker");
+    s.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_failures_mid_flush_commit_no_offsets_pause_reading_and_heal() {
+    let mut s = Scenario::new("storage", 3).await;
+    let (uri, faults) = faulty_table(&s.table);
+    s.table_uri = uri;
+    s.produce(sized(8000, 80_000)).await;
+    let mut config = s.config();
+    config.flush.max_records = 500;
+    config.retry.max_retries = 1000;
+    config.retry.max_delay = Duration::from_millis(300);
+    let w = spawn_worker(config, Faults::default());
+    let progress = w.faults.progress.clone();
+    wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
+
+    // Data files are written but their commits fail (a full disk after the data), then
+    // nothing can be written at all.
+    for (fault, what) in [(&faults.fail_commits, "commits fail"), (&faults.fail_writes, "every write fails")] {
+        fault.store(true, Ordering::SeqCst);
+        wait_until(Duration::from_secs(30), "storage reported failing", async || !progress.health.is_storage_ok())
+            .await;
+        assert!(!progress.health.is_ready());
+        let (version, committed) = (table_version(&s.table).await, s.committed());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let consumed = w.messages();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(w.messages(), consumed, "{what}: reading did not pause with a full buffer");
+        assert_eq!(table_version(&s.table).await, version, "{what}: a commit landed");
+        assert_eq!(s.committed(), committed, "{what}: offsets were committed");
+        // A reader meanwhile sees a consistent table (no duplicate rows, no partial commit).
+        let _ = read_table(&s.table).await;
+        fault.store(false, Ordering::SeqCst);
+        wait_until(Duration::from_secs(60), "storage healthy again", async || progress.health.is_storage_ok()).await;
+    }
+    s.produce(sized(2000, 20_000)).await;
+    wait_until(Duration::from_secs(120), "offsets committed to the end", async || s.is_committed_to_end()).await;
+    w.stop().await.expect("the worker ran through the storage faults");
+    let orphans = data_files_on_disk(&s.table) - data_files_ever_committed(&s.table);
+    eprintln!(
+        "storage faults: {} writes refused, {} failed write attempts retried, {orphans} data files of failed commits left unreferenced",
+        faults.refused.load(Ordering::SeqCst),
+        Progress::get(&progress.write_failures)
+    );
+    assert!(orphans > 0, "no data file was written by a failed commit: the fault hit nothing");
+    s.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_worker_that_lost_its_partitions_never_overwrites_the_new_owner() {
+    let mut s = Scenario::new("zombie", 2).await;
+    s.produce(3000).await;
+    let stall = Arc::new(tokio::sync::Notify::new());
+    let mut stalled = s.config();
+    stalled.flush.interval = Duration::from_secs(1);
+    stalled.kafka.librdkafka.0.insert("max.poll.interval.ms".into(), "6000".into());
+    let a = spawn_worker(stalled, Faults { hold_first_flush: Some(stall.clone()), ..Faults::default() });
+    wait_until(Duration::from_secs(60), "A buffered messages", async || a.messages() > 0).await;
+    // A stops polling at its first flush; past max.poll.interval.ms it loses its partitions.
+    let b = spawn_worker(s.config(), Faults::default());
+    // Newer updates of instruments A holds stale ones for: B writes them.
+    let newer: Vec<Msg> = s
+        .produced
+        .iter()
+        .filter(|m| m.rejection.is_none())
+        .take(50)
+        .filter_map(|m| {
+            let v: serde_json::Value = serde_json::from_slice(m.value.as_deref()?).ok()?;
+            Some(update_json(v["conid"].as_i64()?, v["symbol"].as_str()?, -1.0, "2030-01-01T00:00:00Z"))
+        })
+        .collect();
+    s.produced.extend(produce(&s.topic, &newer, None).await);
+    wait_until(Duration::from_secs(90), "B committed everything", async || s.is_committed_to_end()).await;
+    let version = table_version(&s.table).await;
+    let before = read_table(&s.table).await;
+
+    // A wakes up and flushes its stale buffer.
+    stall.notify_one();
+    wait_until(Duration::from_secs(30), "A flushed its stale buffer", async || {
+        Progress::get(&a.faults.progress.flushes) > 0
+    })
+    .await;
+    assert_eq!(Progress::get(&a.faults.progress.delta_commits), 0, "the zombie committed to the table");
+    assert_eq!(table_version(&s.table).await, version, "the zombie changed the table");
+    assert_eq!(read_table(&s.table).await, before);
+    a.stop().await.expect("worker A");
+    b.stop().await.expect("worker B");
+    s.finish().await;
+    let rows = read_table(&s.table).await;
+    assert!(newer.iter().all(|m| {
+        let v: serde_json::Value = serde_json::from_slice(m.value.as_deref().unwrap_or_default()).unwrap();
+        rows[&(v["symbol"].as_str().unwrap().to_string(), v["conid"].as_i64().unwrap())].position == -1.0
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_storage_is_kept_up_with_by_larger_batches_within_the_memory_bound() {
+    let mut s = Scenario::new("slow", 4).await;
+    let (uri, faults) = faulty_table(&s.table);
+    s.table_uri = uri;
+    let total = sized(8_000, 100_000);
+    s.produce(total).await;
+    let mut config = s.config();
+    config.flush.interval = Duration::from_millis(200);
+    config.flush.max_records = 100_000;
+    config.flush.max_bytes = 512 * 1024;
+    faults.commit_delay_ms.store(1000, Ordering::SeqCst);
+    let faults_handle = Faults::default();
+    let progress = faults_handle.progress.clone();
+    let started = Instant::now();
+    config.worker.exit_when_caught_up = true;
+    let summary =
+        position_sink::run_with_faults(config.clone(), Default::default(), faults_handle).await.expect("worker");
+    let elapsed = started.elapsed();
+    let peak = Progress::get(&progress.buffered_bytes_peak);
+    let per_commit = summary.messages as f64 / summary.delta_commits.max(1) as f64;
+    eprintln!(
+        "slow storage: {} messages in {:.1} s with 1 s per commit: {} commits, {per_commit:.0} messages per commit \
+         (flush.interval 200 ms); buffer peak {peak} bytes of {} allowed",
+        summary.messages,
+        elapsed.as_secs_f64(),
+        summary.delta_commits,
+        config.flush.max_bytes
+    );
+    // Commits follow the storage, not the 200 ms window: one flush at a time, each
+    // taking what arrived meanwhile.
+    assert!((summary.delta_commits as f64) <= elapsed.as_secs_f64() + 2.0, "flushes queued up");
+    assert!(per_commit > 200.0, "batches did not grow");
+    assert!(peak <= (config.flush.max_bytes + config.decode.max_message_bytes) as u64, "buffer exceeded its bound");
+    faults.heal();
+    s.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_a_flush_is_retrying_exits_in_bounded_time_without_committing() {
+    let mut s = Scenario::new("termretry", 2).await;
+    let (uri, faults) = faulty_table(&s.table);
+    s.table_uri = uri;
+    s.produce(1000).await;
+    let mut config = s.config();
+    config.retry.max_retries = 1000;
+    config.worker.shutdown_timeout = Duration::from_secs(3);
+    let w = spawn_worker(config, Faults::default());
+    let progress = w.faults.progress.clone();
+    wait_until(Duration::from_secs(60), "a first commit", async || s.is_committed_to_end()).await;
+    faults.fail_writes.store(true, Ordering::SeqCst);
+    let committed = s.committed();
+    s.produce(1000).await;
+    wait_until(Duration::from_secs(60), "a write failing and being retried", async || {
+        Progress::get(&progress.write_failures) > 2
+    })
+    .await;
+    let asked = Instant::now();
+    let result = w.stop().await;
+    let took = asked.elapsed();
+    assert!(matches!(result, Err(WorkerError::ShutdownTimedOut(_))), "{result:?}");
+    assert!(took < Duration::from_secs(6), "shutdown took {took:?} with a 3 s timeout");
+    assert_eq!(s.committed(), committed, "offsets were committed for unwritten messages");
+    faults.heal();
+    s.finish().await;
+}
+
+/// Parquet files under the table directory.
+fn data_files_on_disk(table: &std::path::Path) -> usize {
+    fn walk(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| {
+                        let path = e.path();
+                        if path.is_dir() {
+                            walk(&path)
+                        } else {
+                            usize::from(path.extension().is_some_and(|x| x == "parquet"))
+                        }
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(table)
+}
+
+/// Data files any commit of the table added (the latest version, and those later
+/// rewritten by a MERGE but kept for time travel).
+fn data_files_ever_committed(table: &std::path::Path) -> usize {
+    let mut added = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(table.join("_delta_log")).expect("log") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "json") {
+            for line in std::fs::read_to_string(&path).expect("commit").lines() {
+                let action: serde_json::Value = serde_json::from_str(line).expect("action");
+                if let Some(file) = action["add"]["path"].as_str() {
+                    added.insert(file.rsplit('/').next().unwrap_or(file).to_string());
+                }
+            }
+        }
+    }
+    added.len()
+}
