@@ -23,8 +23,9 @@
 //! ```
 //!
 //! The loop that ties these together is [`worker`]; [`run`] is the entry point used
-//! by the binary and by the tests. Retries of I/O live in [`retry`], configuration in
-//! [`config`].
+//! by the binary and by the tests. The order of one flush's writes is [`sink`]'s;
+//! retries of I/O live in [`retry`], configuration in [`config`], live counters and
+//! health in [`status`].
 
 pub mod arrow;
 pub mod batch;

@@ -141,12 +141,21 @@ impl PositionTable {
         if transactions.is_empty() {
             return Ok(unchanged);
         }
-        let version_before = self.table.version();
-        let (inserted, updated) =
-            if rows.is_empty() { (0, 0) } else { self.merge_rows(&rows, transactions.clone()).await? };
+        let groups = symbol_groups(rows.clone(), MAX_SYMBOLS_PER_MERGE);
+        let (mut inserted, mut updated, mut offsets_recorded) = (0, 0, false);
+        let last = groups.len().saturating_sub(1);
+        for (i, group) in groups.iter().enumerate() {
+            // Only the last MERGE records the offsets: a crash between two of them
+            // leaves rows whose replay the last-write-wins guard turns into no-ops.
+            let recording = if i == last { transactions.clone() } else { Vec::new() };
+            let version_before = self.table.version();
+            let (ins, upd) = self.merge_rows(group, recording).await?;
+            (inserted, updated) = (inserted + ins, updated + upd);
+            offsets_recorded = i == last && self.table.version() != version_before;
+        }
         // delta-rs makes no commit for a MERGE that changes nothing (or has no rows);
         // the offsets must be recorded all the same.
-        if self.table.version() == version_before {
+        if !offsets_recorded {
             self.commit_offsets_only(transactions, rows.len()).await?;
         }
         Ok(WriteReport {
@@ -219,6 +228,32 @@ impl PositionTable {
     }
 }
 
+/// Most distinct symbols one MERGE covers. delta-rs prunes the MERGE to the source's
+/// partitions with a filter of one `OR` term per symbol, which it walks recursively: a
+/// batch of thousands of symbols overflows a thread's stack. Larger batches are merged
+/// in groups, one commit each.
+pub const MAX_SYMBOLS_PER_MERGE: usize = 250;
+
+/// `rows` split into groups of at most `max_symbols` distinct symbols each (none for
+/// no rows), every symbol in exactly one group.
+fn symbol_groups(mut rows: Vec<PositionUpdate>, max_symbols: usize) -> Vec<Vec<PositionUpdate>> {
+    rows.sort_by(|a, b| a.symbol.cmp(&b.symbol));
+    let mut groups: Vec<Vec<PositionUpdate>> = Vec::new();
+    let mut symbols_in_last = 0;
+    for row in rows {
+        let new_symbol = groups.last().and_then(|g| g.last()).is_none_or(|prev| prev.symbol != row.symbol);
+        if new_symbol && (groups.is_empty() || symbols_in_last == max_symbols) {
+            groups.push(Vec::new());
+            symbols_in_last = 0;
+        }
+        if new_symbol {
+            symbols_in_last += 1;
+        }
+        groups.last_mut().expect("a group was pushed").push(row);
+    }
+    groups
+}
+
 /// The last-write-wins guard, the same order as
 /// [`crate::update::PositionUpdate::precedence`]: timestamp, then offset, then topic,
 /// then partition, each compared only when all before it are equal.
@@ -246,5 +281,26 @@ pub fn spec() -> TableSpec {
         comment: "Latest position per instrument, written by position-sink",
         schema: schema(),
         partition_columns: &[PARTITION_COLUMN],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::update::tests::update;
+
+    #[test]
+    fn symbol_groups_hold_each_symbol_once_and_at_most_the_limit() {
+        let rows: Vec<PositionUpdate> = (0..23).map(|i| update(i, &format!("S{}", i % 7), 1, 0, i)).collect();
+        let groups = symbol_groups(rows, 3);
+        assert_eq!(groups.len(), 3);
+        let mut seen = std::collections::BTreeSet::new();
+        for g in &groups {
+            let symbols: std::collections::BTreeSet<_> = g.iter().map(|u| u.symbol.clone()).collect();
+            assert!(symbols.len() <= 3);
+            assert!(symbols.iter().all(|s| seen.insert(s.clone())), "a symbol in two groups");
+        }
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 23);
+        assert!(symbol_groups(Vec::new(), 3).is_empty());
     }
 }

@@ -76,8 +76,9 @@ pub struct Faults {
     /// before its Kafka commit, with this probability per commit (0 = never). For
     /// crash tests of the binary: `POSITION_SINK_FAULT_ABORT_AFTER_DELTA_COMMIT`.
     pub abort_after_delta_commit: f64,
-    /// Before its first flush, the worker waits for this to be notified, without polling
-    /// Kafka: a stalled worker whose partitions are taken over meanwhile (a zombie).
+    /// Before its first flush of a non-empty buffer, the worker waits for this to be
+    /// notified, without polling Kafka: a stalled worker whose partitions are taken over
+    /// meanwhile (a zombie).
     pub hold_first_flush: Option<std::sync::Arc<tokio::sync::Notify>>,
     /// Counters and health updated while the worker runs.
     pub progress: std::sync::Arc<Progress>,
@@ -390,7 +391,9 @@ impl Worker {
 
     /// Starts a flush from the loop (tick or full buffer); a test may hold the first one.
     async fn flush_now(&mut self) {
-        if let Some(gate) = self.faults.hold_first_flush.take() {
+        if !self.buffer.is_empty()
+            && let Some(gate) = self.faults.hold_first_flush.take()
+        {
             info!("holding the first flush until the test releases it");
             gate.notified().await;
         }

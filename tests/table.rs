@@ -139,3 +139,26 @@ async fn failed_commits_leave_no_gap_and_no_visible_change() {
     assert_eq!(versions, expected);
     assert_eq!(common::read_table(&path).await.len(), 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_thousands_of_symbols_is_merged_in_groups_and_its_offsets_recorded_once() {
+    let (_dir, path) = common::table_dir();
+    let config = DeltaConfig { table_uri: path.display().to_string(), ..DeltaConfig::default() };
+    let table = PositionTable::open_or_create(&config, "g").await.unwrap();
+    let rows: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut u = update(i + 1, 1000, 0, i);
+            u.symbol = format!("SYM{i:05}");
+            u
+        })
+        .collect();
+    let b = batch(rows, &[("t", 0, 999)]);
+    // On a runtime worker thread, as in the worker (a smaller stack than the test's own).
+    let (table, report) = tokio::spawn(async move { table.write(&b).await }).await.unwrap().unwrap();
+    assert_eq!(report.inserted, 1000);
+    let groups = 1000usize.div_ceil(position_sink::table::MAX_SYMBOLS_PER_MERGE) as u64;
+    assert_eq!(table.version().map(|v| v.0), Some(groups), "one commit per group of symbols");
+    let tp = position_sink::offsets::TopicPartition::new("t", 0);
+    assert_eq!(table.recorded_offsets(std::slice::from_ref(&tp)).await.unwrap()[&tp].0, 999);
+    assert_eq!(common::read_table(&path).await.len(), 1000);
+}
