@@ -234,9 +234,12 @@ async fn request_errors_and_a_downed_broker_in_the_mock_cluster_are_survived() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let mock = MockCluster::new(1).expect("mock cluster");
     let brokers = mock.bootstrap_servers();
+    // The mock keeps at most 5 MiB per partition and drops older messages, like
+    // retention would: partitions enough to keep the whole stream.
+    let partitions = sized(2, 12) as i32;
     let topic = unique("mock");
-    mock.create_topic(&topic, 2, 1).expect("mock topic");
-    let mut s = Scenario::with_topic(&brokers, "mock", topic, 2);
+    mock.create_topic(&topic, partitions, 1).expect("mock topic");
+    let mut s = Scenario::with_topic(&brokers, "mock", topic, partitions);
     s.produce(sized(4000, 40_000)).await;
     // Every request kind the worker depends on fails a few times first.
     use RDKafkaRespErr::*;

@@ -452,11 +452,19 @@ pub fn assert_dead_letters_match(
     expected.sort();
     let duplicates = got.windows(2).filter(|w| (w[0].0, w[0].1) == (w[1].0, w[1].1)).count();
     assert_eq!(duplicates, 0, "dead letters written twice");
-    let missing: Vec<_> = expected.iter().filter(|e| !got.contains(e)).take(5).collect();
-    let unexpected: Vec<_> = got.iter().filter(|g| !expected.contains(g)).take(5).collect();
+    let all_missing: Vec<_> = expected.iter().filter(|e| !got.contains(e)).collect();
+    let mut missing_ranges: BTreeMap<i32, (i64, i64, usize)> = BTreeMap::new();
+    for m in &all_missing {
+        let r = missing_ranges.entry(m.0).or_insert((m.1, m.1, 0));
+        *r = (r.0.min(m.1), r.1.max(m.1), r.2 + 1);
+    }
+    let missing: Vec<_> = all_missing.iter().take(5).map(|m| (m.0, m.1, m.2.clone())).collect();
+    let unexpected: Vec<_> =
+        got.iter().filter(|g| !expected.contains(g)).take(5).map(|m| (m.0, m.1, m.2.clone())).collect();
     assert!(
         missing.is_empty() && unexpected.is_empty() && got.len() == expected.len(),
-        "dead letters differ: {} vs {} expected\nmissing (first 5): {missing:?}\nunexpected (first 5): {unexpected:?}",
+        "dead letters differ: {} vs {} expected\nmissing per partition (first offset, last offset, count): \
+         {missing_ranges:?}\nmissing (first 5): {missing:?}\nunexpected (first 5): {unexpected:?}",
         got.len(),
         expected.len()
     );
