@@ -270,9 +270,9 @@ async fn storage_failures_mid_flush_commit_no_offsets_pause_reading_and_heal() {
     let mut s = Scenario::new("storage", 3).await;
     let (uri, faults) = faulty_table(&s.table);
     s.table_uri = uri;
-    s.produce(sized(8000, 80_000)).await;
+    s.produce(sized(8000, 40_000)).await;
     let mut config = s.config();
-    config.flush.max_records = 500;
+    config.flush.max_records = sized(500, 5000);
     config.retry.max_retries = 1000;
     config.retry.max_delay = Duration::from_millis(300);
     let w = spawn_worker(config, Faults::default());
@@ -298,8 +298,9 @@ async fn storage_failures_mid_flush_commit_no_offsets_pause_reading_and_heal() {
         fault.store(false, Ordering::SeqCst);
         wait_until(Duration::from_secs(60), "storage healthy again", async || progress.health.is_storage_ok()).await;
     }
-    s.produce(sized(2000, 20_000)).await;
-    wait_until(Duration::from_secs(120), "offsets committed to the end", async || s.is_committed_to_end()).await;
+    s.produce(sized(2000, 10_000)).await;
+    let drain = Duration::from_secs(sized(120, 900) as u64);
+    wait_until(drain, "offsets committed to the end", async || s.is_committed_to_end()).await;
     w.stop().await.expect("the worker ran through the storage faults");
     let orphans = data_files_on_disk(&s.table) - data_files_ever_committed(&s.table);
     eprintln!(
@@ -363,7 +364,7 @@ async fn slow_storage_is_kept_up_with_by_larger_batches_within_the_memory_bound(
     let mut s = Scenario::new("slow", 4).await;
     let (uri, faults) = faulty_table(&s.table);
     s.table_uri = uri;
-    let total = sized(8_000, 100_000);
+    let total = sized(8_000, 30_000);
     s.produce(total).await;
     let mut config = s.config();
     config.flush.interval = Duration::from_millis(200);
