@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, starts a local Kafka broker on
-# 127.0.0.1:39092, runs every test against it, and stops it again.
+# 127.0.0.1:39092, runs every test against it, and stops it again (and the broker the
+# outage scenario of tests/faults.rs starts on 39192).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,9 +10,11 @@ CACHE="${POSITION_SINK_CACHE:-$HOME/.cache/position-sink}"
 PORT="${POSITION_SINK_TEST_PORT:-39092}"
 
 scripts/setup.sh
+OUTAGE_PORT=39192
 scripts/kafka.sh stop "$PORT" >/dev/null 2>&1 || true
+scripts/kafka.sh stop "$OUTAGE_PORT" >/dev/null 2>&1 || true
 scripts/kafka.sh start "$PORT"
-trap 'scripts/kafka.sh stop "$PORT"' EXIT
+trap 'scripts/kafka.sh stop "$PORT"; scripts/kafka.sh stop "$OUTAGE_PORT" >/dev/null 2>&1 || true' EXIT
 
 export POSITION_SINK_TEST_BROKERS="127.0.0.1:$PORT"
 export POSITION_SINK_PYTHON="$CACHE/venv/bin/python"
