@@ -465,3 +465,75 @@ fn data_files_ever_committed(table: &std::path::Path) -> usize {
     }
     added.len()
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped (also when it fails).
+struct SmallDisk {
+    mount_point: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `megabytes` at `mount_point` (root, or CAP_SYS_ADMIN, needed).
+    fn mount(mount_point: &std::path::Path, megabytes: u32) -> Self {
+        std::fs::create_dir_all(mount_point).expect("mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(mount_point)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "cannot mount a tmpfs at {}: the disk-full test needs root", mount_point.display());
+        Self { mount_point: mount_point.to_path_buf() }
+    }
+
+    /// Fills the disk with a file until writes fail with "no space left".
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.mount_point.join("filler");
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![0u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount_point).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_really_full_disk_mid_ingest_is_waited_out_and_nothing_partial_is_visible() {
+    let mut s = Scenario::new("diskfull", 2).await;
+    let disk = SmallDisk::mount(&s.dir.path().join("disk"), 16);
+    s.table = disk.mount_point.join("positions");
+    s.table_uri = s.table.display().to_string();
+    s.produce(sized(6000, 30_000)).await;
+    let mut config = s.config();
+    config.flush.max_records = sized(500, 3000);
+    config.retry.max_retries = 1000;
+    config.retry.max_delay = Duration::from_millis(300);
+    let w = spawn_worker(config, Faults::default());
+    let progress = w.faults.progress.clone();
+    wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
+
+    let filler = disk.fill();
+    s.produce(sized(2000, 10_000)).await;
+    wait_until(Duration::from_secs(60), "writes failing on the full disk", async || !progress.health.is_storage_ok())
+        .await;
+    let (version, committed) = (table_version(&s.table).await, s.committed());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(table_version(&s.table).await, version, "a commit landed on a full disk");
+    assert_eq!(s.committed(), committed, "offsets were committed while the disk was full");
+    assert!(!w.handle.is_finished(), "the worker gave up on a full disk");
+    let _ = read_table(&s.table).await;
+
+    std::fs::remove_file(filler).expect("free the disk");
+    let drain = Duration::from_secs(sized(120, 600) as u64);
+    wait_until(drain, "offsets committed to the end", async || s.is_committed_to_end()).await;
+    assert!(progress.health.is_storage_ok());
+    w.stop().await.expect("the worker ran through the full disk");
+    eprintln!("full disk: {} failed write attempts retried", Progress::get(&progress.write_failures));
+    s.check().await;
+    drop(disk);
+}
