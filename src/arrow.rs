@@ -18,20 +18,7 @@ use crate::update::PositionUpdate;
 pub const PARTITION_COLUMN: &str = "symbol";
 
 /// Columns set from the message, in table order (`conid` .. `realized_pnl`), then lineage.
-pub const PAYLOAD_COLUMNS: [&str; 12] = [
-    "conid",
-    "symbol",
-    "position",
-    "timestamp",
-    "account",
-    "sec_type",
-    "currency",
-    "avg_cost",
-    "market_price",
-    "market_value",
-    "unrealized_pnl",
-    "realized_pnl",
-];
+pub const PAYLOAD_COLUMNS: [&str; 12] = crate::update::FIELDS;
 
 /// Lineage columns: where and when each row was ingested.
 pub const LINEAGE_COLUMNS: [&str; 4] = ["kafka_topic", "kafka_partition", "kafka_offset", "ingested_at"];

@@ -180,20 +180,7 @@ fn check_key(key: Option<&[u8]>, conid: i64) -> Result<(), Rejection> {
 }
 
 /// The fields the table knows, in slot order.
-const FIELD_NAMES: [&str; 12] = [
-    "conid",
-    "symbol",
-    "position",
-    "timestamp",
-    "account",
-    "sec_type",
-    "currency",
-    "avg_cost",
-    "market_price",
-    "market_value",
-    "unrealized_pnl",
-    "realized_pnl",
-];
+const FIELD_NAMES: [&str; 12] = crate::update::FIELDS;
 
 /// The raw JSON values of the known fields, before validation.
 #[derive(Default)]

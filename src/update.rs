@@ -11,6 +11,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::offsets::Coordinates;
 
+/// The message fields a position update has, in the table's column order.
+pub const FIELDS: [&str; 12] = [
+    "conid",
+    "symbol",
+    "position",
+    "timestamp",
+    "account",
+    "sec_type",
+    "currency",
+    "avg_cost",
+    "market_price",
+    "market_value",
+    "unrealized_pnl",
+    "realized_pnl",
+];
+
 /// One validated position update, with the Kafka coordinates it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PositionUpdate {

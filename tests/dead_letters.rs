@@ -228,13 +228,7 @@ async fn a_dead_letter_topic_gets_each_bad_message_once_with_headers_even_after_
     let summary = run_to_end(with_topic()).await.expect("restart");
     assert!(summary.dead_letters.total() > 0);
     assert_table_matches(&read_table(&table).await, &model(&produced));
-    let config = with_topic();
-    let dead = tokio::task::spawn_blocking(move || {
-        position_sink::dead_letter::topic::read(&config.kafka, &config.dead_letter.topic, None, 1_000_000)
-    })
-    .await
-    .expect("join")
-    .expect("read dead-letter topic");
+    let dead = read_dead_letter_topic(with_topic()).await;
     assert_dead_letters_match(&dead, &topic, &produced);
     assert!(dead.iter().all(|d| !d.reason.is_empty() && d.rejected_at_micros > 0));
     assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
@@ -314,12 +308,16 @@ async fn a_dead_letter_topic_stays_exact_when_a_second_worker_joins_mid_stream()
     a.stop().await.expect("worker A");
     b.stop().await.expect("worker B");
     assert_table_matches(&read_table(&table).await, &model(&produced));
-    let config = with_topic();
-    let dead = tokio::task::spawn_blocking(move || {
+    let dead = read_dead_letter_topic(with_topic()).await;
+    assert_dead_letters_match(&dead, &topic, &produced);
+}
+
+/// Every committed dead letter in the dead-letter topic of `config`.
+async fn read_dead_letter_topic(config: position_sink::Config) -> Vec<position_sink::dead_letter::DeadLetter> {
+    tokio::task::spawn_blocking(move || {
         position_sink::dead_letter::topic::read(&config.kafka, &config.dead_letter.topic, None, 1_000_000)
     })
     .await
     .expect("join")
-    .expect("read dead-letter topic");
-    assert_dead_letters_match(&dead, &topic, &produced);
+    .expect("read dead-letter topic")
 }

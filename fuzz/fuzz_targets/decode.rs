@@ -6,10 +6,14 @@
 
 #![no_main]
 
+// Only part of each module is used here.
+#[allow(dead_code)]
 #[path = "../../src/decode.rs"]
 mod decode;
+#[allow(dead_code)]
 #[path = "../../src/offsets.rs"]
 mod offsets;
+#[allow(dead_code)]
 #[path = "../../src/update.rs"]
 mod update;
 
