@@ -505,7 +505,7 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_really_full_disk_mid_ingest_is_waited_out_and_nothing_partial_is_visible() {
     let mut s = Scenario::new("diskfull", 2).await;
-    let disk = SmallDisk::mount(&s.dir.path().join("disk"), 16);
+    let disk = SmallDisk::mount(&s.dir.path().join("disk"), sized(16, 256) as u32);
     s.table = disk.mount_point.join("positions");
     s.table_uri = s.table.display().to_string();
     s.produce(sized(6000, 30_000)).await;
