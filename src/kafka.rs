@@ -91,6 +91,21 @@ impl ConsumerContext for SinkContext {
     }
 }
 
+/// A client configuration for `config`'s brokers: `defaults`, then the
+/// `kafka.librdkafka` pass-through (security settings and overrides). Callers set the
+/// keys they manage themselves afterwards.
+pub fn client_config(config: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    for (key, value) in defaults {
+        client.set(*key, *value);
+    }
+    for (key, value) in &config.librdkafka.0 {
+        client.set(key, value);
+    }
+    client
+}
+
 /// How often librdkafka reports statistics, from which broker reachability is read.
 const STATISTICS_INTERVAL_MS: &str = "1000";
 
@@ -100,21 +115,16 @@ const STATISTICS_INTERVAL_MS: &str = "1000";
 /// # Errors
 /// When librdkafka rejects a setting (the message names it) or the subscription.
 pub fn subscribe(config: &KafkaConfig, progress: Arc<Progress>) -> KafkaResult<SinkConsumer> {
-    let mut client = ClientConfig::new();
+    // Bounds librdkafka's prefetch queue; raise it for higher throughput.
+    let defaults = [("queued.max.messages.kbytes", "16384"), ("statistics.interval.ms", STATISTICS_INTERVAL_MS)];
+    let mut client = client_config(config, &defaults);
     client
-        .set("bootstrap.servers", &config.brokers)
         .set("group.id", &config.group_id)
         .set("auto.offset.reset", config.auto_offset_reset.as_str())
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
-        // Bounds librdkafka's prefetch queue; raise it for higher throughput.
-        .set("queued.max.messages.kbytes", "16384")
-        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .set_log_level(RDKafkaLogLevel::Warning);
-    for (key, value) in &config.librdkafka.0 {
-        client.set(key, value);
-    }
     let context = SinkContext { revoked: Mutex::default(), progress };
     let consumer: SinkConsumer = client.create_with_context(context)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -211,32 +221,42 @@ fn describe(partitions: &[TopicPartition]) -> String {
     partitions.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 
-/// Publishes `(key, value)` messages to `topic` and waits until all are acknowledged.
+/// One message to publish.
+pub struct Outgoing<'a> {
+    /// Destination topic.
+    pub topic: &'a str,
+    /// Key bytes, if any.
+    pub key: Option<&'a [u8]>,
+    /// Value bytes, if any.
+    pub value: Option<&'a [u8]>,
+    /// Headers, if any.
+    pub headers: Option<rdkafka::message::OwnedHeaders>,
+}
+
+/// Publishes `messages` with an idempotent producer and waits until all are
+/// acknowledged, in order per partition.
 ///
 /// # Errors
 /// The first delivery failure.
-pub async fn publish<'a>(
-    brokers: &str,
-    topic: &str,
-    messages: impl IntoIterator<Item = (Option<&'a [u8]>, Option<&'a [u8]>)>,
-) -> KafkaResult<usize> {
+pub async fn publish<'a>(config: &KafkaConfig, messages: impl IntoIterator<Item = Outgoing<'a>>) -> KafkaResult<usize> {
     use futures::StreamExt;
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let deliveries = futures::stream::iter(messages.into_iter().map(|(key, value)| {
+    let producer: FutureProducer =
+        client_config(config, &[("linger.ms", "5"), ("queue.buffering.max.messages", "1000000")])
+            .set("enable.idempotence", "true")
+            .create()?;
+    let deliveries = futures::stream::iter(messages.into_iter().map(|m| {
         let producer = &producer;
         async move {
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic);
-            if let Some(key) = key {
+            let mut record = FutureRecord::<[u8], [u8]>::to(m.topic);
+            if let Some(key) = m.key {
                 record = record.key(key);
             }
-            if let Some(value) = value {
+            if let Some(value) = m.value {
                 record = record.payload(value);
+            }
+            if let Some(headers) = m.headers {
+                record = record.headers(headers);
             }
             producer.send(record, std::time::Duration::from_secs(30)).await.map_err(|(error, _)| error)
         }

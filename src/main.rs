@@ -191,9 +191,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let topic = config.kafka.topics.first().context("kafka.topics is empty")?;
             let stream = generate(SampleSpec { count, instruments, seed, bad_percent, ..SampleSpec::default() });
             let sent = position_sink::kafka::publish(
-                &config.kafka.brokers,
-                topic,
-                stream.iter().map(|m| (Some(m.key.as_bytes()), Some(m.value.as_slice()))),
+                &config.kafka,
+                stream.iter().map(|m| position_sink::kafka::Outgoing {
+                    topic,
+                    key: Some(m.key.as_bytes()),
+                    value: Some(m.value.as_slice()),
+                    headers: None,
+                }),
             )
             .await
             .with_context(|| format!("publishing to topic {topic} at {}", config.kafka.brokers))?;

@@ -263,38 +263,49 @@ impl Worker {
 
     async fn handle(&mut self, received: Received) -> Result<(), WorkerError> {
         self.apply_revocations();
-        let at = match &received {
-            Received::Update(update, _) => update.source.clone(),
-            Received::Invalid(dead_letter) => dead_letter.source.clone(),
-            Received::EndOfPartition => return Ok(()),
-            Received::Error(error) => {
-                warn!(%error, "Kafka consumer error; librdkafka retries by itself");
-                return Ok(());
-            }
-        };
-        self.summary.messages += 1;
-        Progress::bump(&self.faults.progress.messages);
-        self.consumed.observe(&at.tp, at.offset);
-        self.started.entry(at.tp.clone()).or_insert(at.offset);
-        if self.is_already_written(&at).await? {
-            self.summary.skipped_already_written += 1;
-            return Ok(());
-        }
         match received {
-            Received::Update(update, size) => self.buffer.push(update, size),
-            Received::Invalid(dead_letter) => {
-                if self.rejections_logged < REJECTIONS_LOGGED_PER_FLUSH {
-                    self.rejections_logged += 1;
-                    warn!(topic = %at.tp.topic, partition = at.tp.partition.0, offset = at.offset.0,
-                        category = %dead_letter.category, reason = %dead_letter.reason,
-                        "rejected message; it goes to the dead letters");
+            Received::Update(update, size) => {
+                if self.is_to_write(&update.source).await? {
+                    self.buffer.push(update, size);
                 }
-                self.buffer.reject(dead_letter);
             }
-            Received::EndOfPartition | Received::Error(_) => {}
+            Received::Invalid(dead_letter) => {
+                if self.is_to_write(&dead_letter.source).await? {
+                    self.log_rejection(&dead_letter);
+                    self.buffer.reject(dead_letter);
+                }
+            }
+            Received::EndOfPartition => {}
+            Received::Error(error) => warn!(%error, "Kafka consumer error; librdkafka retries by itself"),
         }
         self.faults.progress.observe_buffered_bytes(self.buffer.bytes());
         Ok(())
+    }
+
+    /// Counts a consumed message and tells whether it still has to be written.
+    async fn is_to_write(&mut self, at: &Coordinates) -> Result<bool, WorkerError> {
+        self.summary.messages += 1;
+        Progress::bump(&self.faults.progress.messages);
+        self.consumed.observe(&at.tp, at.offset);
+        if !self.started.contains_key(&at.tp) {
+            self.started.insert(at.tp.clone(), at.offset);
+        }
+        if self.is_already_written(at).await? {
+            self.summary.skipped_already_written += 1;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Logs a rejection with its coordinates, up to a bound per flush window.
+    fn log_rejection(&mut self, dead_letter: &DeadLetter) {
+        if self.rejections_logged < REJECTIONS_LOGGED_PER_FLUSH {
+            self.rejections_logged += 1;
+            let at = &dead_letter.source;
+            warn!(topic = %at.tp.topic, partition = at.tp.partition.0, offset = at.offset.0,
+                category = %dead_letter.category, reason = %dead_letter.reason,
+                "rejected message; it goes to the dead letters");
+        }
     }
 
     /// Whether the table already holds this message (its partition's recorded offset

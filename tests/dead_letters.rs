@@ -200,10 +200,7 @@ async fn a_dead_letter_topic_gets_each_bad_message_once_with_headers_even_after_
     let (_dir, table) = table_dir();
     let group = unique("g");
     let with_topic = || {
-        let mut c = config(&topic, &group, &table);
-        c.dead_letter.destination = DeadLetterDestination::Topic;
-        c.dead_letter.topic = dead_letter_topic.clone();
-        c.dead_letter.transaction_timeout = Duration::from_secs(5);
+        let mut c = with_dead_letter_topic(config(&topic, &group, &table), &dead_letter_topic);
         c.flush.interval = Duration::from_secs(2);
         c
     };
@@ -285,10 +282,7 @@ async fn a_dead_letter_topic_stays_exact_when_a_second_worker_joins_mid_stream()
     let (_dir, table) = table_dir();
     let group = unique("g");
     let with_topic = || {
-        let mut c = config(&topic, &group, &table);
-        c.dead_letter.destination = DeadLetterDestination::Topic;
-        c.dead_letter.topic = dead_letter_topic.clone();
-        c.dead_letter.transaction_timeout = Duration::from_secs(5);
+        let mut c = with_dead_letter_topic(config(&topic, &group, &table), &dead_letter_topic);
         c.flush.max_records = 500;
         c
     };
@@ -320,4 +314,13 @@ async fn read_dead_letter_topic(config: position_sink::Config) -> Vec<position_s
     .await
     .expect("join")
     .expect("read dead-letter topic")
+}
+
+/// `config` with dead letters going to `topic` (and a short transaction timeout, so a
+/// crashed worker's transaction is aborted soon).
+fn with_dead_letter_topic(mut config: position_sink::Config, topic: &str) -> position_sink::Config {
+    config.dead_letter.destination = DeadLetterDestination::Topic;
+    config.dead_letter.topic = topic.to_string();
+    config.dead_letter.transaction_timeout = Duration::from_secs(5);
+    config
 }

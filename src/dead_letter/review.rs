@@ -9,17 +9,14 @@
 //! Re-publishing one message twice is harmless: both copies carry the same event
 //! timestamp and last-write-wins keeps one row.
 
-use std::time::Duration;
-
-use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::DeadLetter;
 use crate::config::{Config, DeadLetterDestination};
 use crate::decode::{DecodeOptions, Rejection, decode};
 use crate::delta::TableError;
+use crate::kafka::Outgoing;
 use crate::offsets::Coordinates;
 
 /// Header naming the dead letter a re-published message came from.
@@ -121,24 +118,18 @@ pub async fn republish(
     Ok(report)
 }
 
-async fn publish(config: &Config, dead_letters: &[&DeadLetter]) -> Result<(), KafkaError> {
-    let mut client = ClientConfig::new();
-    for (key, value) in &config.kafka.librdkafka.0 {
-        client.set(key, value);
-    }
-    let producer: FutureProducer =
-        client.set("bootstrap.servers", &config.kafka.brokers).set("enable.idempotence", "true").create()?;
-    for d in dead_letters {
-        let from = d.source.to_string();
-        let mut record = FutureRecord::<[u8], [u8]>::to(&d.source.tp.topic)
-            .headers(OwnedHeaders::new().insert(Header { key: HEADER_REPUBLISHED_FROM, value: Some(from.as_str()) }));
-        if let Some(key) = &d.key {
-            record = record.key(key.as_slice());
-        }
-        if let Some(value) = &d.value {
-            record = record.payload(value.as_slice());
-        }
-        producer.send(record, Duration::from_secs(30)).await.map_err(|(error, _)| error)?;
-    }
-    Ok(())
+async fn publish(config: &Config, dead_letters: &[&DeadLetter]) -> Result<usize, KafkaError> {
+    let origins: Vec<String> = dead_letters.iter().map(|d| d.source.to_string()).collect();
+    crate::kafka::publish(
+        &config.kafka,
+        dead_letters.iter().zip(&origins).map(|(d, from)| Outgoing {
+            topic: &d.source.tp.topic,
+            key: d.key.as_deref(),
+            value: d.value.as_deref(),
+            headers: Some(
+                OwnedHeaders::new().insert(Header { key: HEADER_REPUBLISHED_FROM, value: Some(from.as_str()) }),
+            ),
+        }),
+    )
+    .await
 }

@@ -12,11 +12,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientConfig, TopicPartitionList};
 
 use super::DeadLetter;
 use crate::config::{DeadLetterConfig, KafkaConfig};
@@ -84,22 +84,16 @@ impl DeadLetterTopic {
         let topic = config.topic.clone();
         let setup = |source| TopicError::Setup { topic: topic.clone(), source };
         let timeout_ms = config.transaction_timeout.as_millis().to_string();
-        let mut client = ClientConfig::new();
-        for (key, value) in &kafka.librdkafka.0 {
-            client.set(key, value);
-        }
         // A fresh id per process: a crashed worker's open transaction is aborted by the
         // broker after transaction_timeout; consumer-group fencing (KIP-447) guards the
         // offsets it carried.
         let transactional_id = format!("position-sink/{}/dead-letters/{}", kafka.group_id, instance_id());
-        let producer: FutureProducer = client
-            .set("bootstrap.servers", &kafka.brokers)
+        let producer: FutureProducer = crate::kafka::client_config(kafka, &[("linger.ms", "5")])
             .set("transactional.id", &transactional_id)
             .set("enable.idempotence", "true")
             .set("transaction.timeout.ms", &timeout_ms)
             .set("message.timeout.ms", &timeout_ms)
             .set("socket.timeout.ms", &timeout_ms)
-            .set("linger.ms", "5")
             .create()
             .map_err(setup)?;
         let timeout = config.transaction_timeout;
@@ -141,9 +135,8 @@ impl DeadLetterTopic {
         offsets: &OffsetMap,
         group: Arc<ConsumerGroupMetadata>,
     ) -> Result<usize, TopicError> {
-        let this = Arc::clone(self);
-        blocking(move || this.producer.begin_transaction()).await.map_err(classify)?;
-        match self.send_and_commit(dead_letters, offsets, group).await {
+        self.begin().await?;
+        match self.send(dead_letters, offsets, group, true).await {
             Ok(()) => Ok(dead_letters.len()),
             Err(error) if is_fatal(&error) => Err(TopicError::Fatal(error)),
             Err(error) => {
@@ -168,21 +161,18 @@ impl DeadLetterTopic {
         offsets: &OffsetMap,
         group: Arc<ConsumerGroupMetadata>,
     ) -> Result<(), TopicError> {
+        self.begin().await?;
+        self.send(dead_letters, offsets, group, false).await.map_err(classify)
+    }
+
+    async fn begin(self: &Arc<Self>) -> Result<(), TopicError> {
         let this = Arc::clone(self);
-        blocking(move || this.producer.begin_transaction()).await.map_err(classify)?;
-        self.send_and_commit_if(dead_letters, offsets, group, false).await.map_err(classify)
+        blocking(move || this.producer.begin_transaction()).await.map_err(classify)
     }
 
-    async fn send_and_commit(
-        self: &Arc<Self>,
-        dead_letters: &[DeadLetter],
-        offsets: &OffsetMap,
-        group: Arc<ConsumerGroupMetadata>,
-    ) -> Result<(), KafkaError> {
-        self.send_and_commit_if(dead_letters, offsets, group, true).await
-    }
-
-    async fn send_and_commit_if(
+    /// Sends the dead letters and the offsets in the open transaction, and commits it
+    /// if `commit`.
+    async fn send(
         self: &Arc<Self>,
         dead_letters: &[DeadLetter],
         offsets: &OffsetMap,
@@ -266,12 +256,7 @@ pub fn read(
     category: Option<&str>,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, KafkaError> {
-    let mut client = ClientConfig::new();
-    for (key, value) in &kafka.librdkafka.0 {
-        client.set(key, value);
-    }
-    let consumer: BaseConsumer = client
-        .set("bootstrap.servers", &kafka.brokers)
+    let consumer: BaseConsumer = crate::kafka::client_config(kafka, &[])
         .set("group.id", format!("position-sink-dead-letter-reader-{}", instance_id()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
