@@ -18,4 +18,4 @@ trap 'scripts/kafka.sh stop "$PORT"; scripts/kafka.sh stop "$OUTAGE_PORT" >/dev/
 
 export POSITION_SINK_TEST_BROKERS="127.0.0.1:$PORT"
 export POSITION_SINK_PYTHON="$CACHE/venv/bin/python"
-cargo test --locked "$@"
+cargo test --locked --features fault-injection "$@"

@@ -1,7 +1,12 @@
-//! Kafka plumbing: the group consumer, its rebalance notifications and offset commits.
+//! Kafka plumbing: the group consumer, its rebalance notifications, offset commits and
+//! their results.
 //!
 //! Invariant kept here: offsets are committed only through [`commit`], which the worker
-//! calls after the Delta commit; librdkafka's auto-commit and offset store are off.
+//! calls for durable offsets; librdkafka's auto-commit and offset store are off. Every
+//! commit's result goes back to the worker ([`CommitOutcome`]), so a failed one is
+//! retried rather than forgotten. (librdkafka reports the result of an asynchronous
+//! manual commit to no one when its event API is used, as rdkafka does: commits are
+//! synchronous, on a blocking thread.)
 
 use std::sync::Mutex;
 
@@ -15,25 +20,41 @@ use std::sync::Arc;
 
 use crate::config::KafkaConfig;
 use crate::offsets::{Offset, OffsetMap, TopicPartition};
+use crate::partitions::CommitOutcome;
 use crate::status::Progress;
 
 /// The consumer type the worker uses.
 pub type SinkConsumer = StreamConsumer<SinkContext>;
 
-/// Receives librdkafka's callbacks: hands revocations to the worker, and keeps the
-/// broker reachability in [`Health`] current.
-#[derive(Default)]
+/// A change of this worker's assignment, in the order librdkafka made them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebalanced {
+    /// These partitions were assigned.
+    Assigned(Vec<TopicPartition>),
+    /// These partitions were taken away.
+    Revoked(Vec<TopicPartition>),
+}
+
+/// Receives librdkafka's callbacks: hands assignment changes to the worker, and keeps
+/// the broker reachability in [`Health`](crate::status::Health) current.
 pub struct SinkContext {
-    revoked: Mutex<Vec<TopicPartition>>,
+    rebalances: Mutex<Vec<Rebalanced>>,
     progress: Arc<Progress>,
 }
 
 impl SinkContext {
-    /// Partitions revoked since the last call.
-    pub fn take_revoked(&self) -> Vec<TopicPartition> {
-        match self.revoked.lock() {
-            Ok(mut revoked) => std::mem::take(&mut *revoked),
+    /// Assignment changes since the last call, oldest first.
+    pub fn take_rebalances(&self) -> Vec<Rebalanced> {
+        match self.rebalances.lock() {
+            Ok(mut events) => std::mem::take(&mut *events),
             Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
+
+    fn push(&self, event: Rebalanced) {
+        match self.rebalances.lock() {
+            Ok(mut events) => events.push(event),
+            Err(poisoned) => poisoned.into_inner().push(event),
         }
     }
 }
@@ -71,22 +92,14 @@ impl ConsumerContext for SinkContext {
             Rebalance::Revoke(list) => {
                 let partitions = topic_partitions(list);
                 info!(partitions = %describe(&partitions), "partitions revoked");
-                match self.revoked.lock() {
-                    Ok(mut revoked) => revoked.extend(partitions),
-                    Err(poisoned) => poisoned.into_inner().extend(partitions),
-                }
+                self.push(Rebalanced::Revoked(partitions));
             }
             Rebalance::Assign(list) => {
-                info!(partitions = %describe(&topic_partitions(list)), "partitions assigned");
+                let partitions = topic_partitions(list);
+                info!(partitions = %describe(&partitions), "partitions assigned");
+                self.push(Rebalanced::Assigned(partitions));
             }
             Rebalance::Error(error) => warn!(%error, "rebalance error"),
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(error) = result {
-            // Harmless for correctness: the table records the same offsets.
-            warn!(%error, partitions = offsets.count(), "Kafka offset commit failed; the table's recorded offsets cover it");
         }
     }
 }
@@ -125,7 +138,7 @@ pub fn subscribe(config: &KafkaConfig, progress: Arc<Progress>) -> KafkaResult<S
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set_log_level(RDKafkaLogLevel::Warning);
-    let context = SinkContext { revoked: Mutex::default(), progress };
+    let context = SinkContext { rebalances: Mutex::default(), progress };
     let consumer: SinkConsumer = client.create_with_context(context)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -133,24 +146,36 @@ pub fn subscribe(config: &KafkaConfig, progress: Arc<Progress>) -> KafkaResult<S
 }
 
 /// Commits `next offset = written + 1` for each partition in `written` that this
-/// consumer still owns; returns how many partitions were committed.
-///
-/// # Errors
-/// When the commit request cannot be made (with [`CommitMode::Sync`], also when the
-/// broker refuses it).
-pub fn commit(consumer: &SinkConsumer, written: &OffsetMap, mode: CommitMode) -> KafkaResult<usize> {
-    let assigned = consumer.assignment()?;
+/// consumer still owns, and waits for the group's answer (blocking: call it off the
+/// async threads). A partition no longer owned is reported as not committed.
+pub fn commit(consumer: &SinkConsumer, written: &OffsetMap) -> CommitOutcome {
+    let outcome = |result: &Result<(), String>| -> CommitOutcome {
+        written.iter().map(|(tp, offset)| (tp.clone(), offset.next(), result.clone())).collect()
+    };
+    let assigned = match consumer.assignment() {
+        Ok(assigned) => assigned,
+        Err(error) => return outcome(&Err(error.to_string())),
+    };
     let mut list = TopicPartitionList::new();
+    let mut results = CommitOutcome::new();
     for (tp, offset) in written.iter() {
-        if assigned.find_partition(&tp.topic, tp.partition.0).is_some() {
-            list.add_partition_offset(&tp.topic, tp.partition.0, rdkafka::Offset::Offset(offset.next().0))?;
+        if assigned.find_partition(&tp.topic, tp.partition.0).is_none() {
+            results.push((tp.clone(), offset.next(), Err("the partition is no longer assigned here".into())));
+        } else if let Err(error) =
+            list.add_partition_offset(&tp.topic, tp.partition.0, rdkafka::Offset::Offset(offset.next().0))
+        {
+            results.push((tp.clone(), offset.next(), Err(error.to_string())));
         }
     }
-    if list.count() == 0 {
-        return Ok(0);
+    if list.count() > 0 {
+        let result = consumer.commit(&list, CommitMode::Sync).map_err(|e| e.to_string());
+        for e in list.elements() {
+            if let rdkafka::Offset::Offset(next) = e.offset() {
+                results.push((TopicPartition::new(e.topic(), e.partition()), Offset(next), result.clone()));
+            }
+        }
     }
-    consumer.commit(&list, mode)?;
-    Ok(list.count())
+    results
 }
 
 /// The group's committed next offset of each of `partitions` that has one.
@@ -177,17 +202,10 @@ pub fn committed(
         .collect())
 }
 
-/// The partitions currently assigned to this consumer.
-///
-/// # Errors
-/// When librdkafka cannot report the assignment.
-pub fn assignment(consumer: &SinkConsumer) -> KafkaResult<Vec<TopicPartition>> {
-    Ok(topic_partitions(&consumer.assignment()?))
-}
-
-/// The high watermark of `tp` from the last fetch response, if known yet; never
-/// waits for the network (librdkafka's cached value).
-pub fn cached_high_watermark(consumer: &SinkConsumer, tp: &TopicPartition) -> Option<Offset> {
+/// The log start (low) and end (high watermark) of `tp` from the last fetch
+/// response, if known yet; never waits for the network (librdkafka's cached values).
+/// An unknown log start is reported as 0.
+pub fn cached_watermarks(consumer: &SinkConsumer, tp: &TopicPartition) -> Option<(Offset, Offset)> {
     let topic = std::ffi::CString::new(tp.topic.as_str()).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client pointer is valid while `consumer` lives, the topic is a valid
@@ -202,7 +220,37 @@ pub fn cached_high_watermark(consumer: &SinkConsumer, tp: &TopicPartition) -> Op
             &mut high,
         )
     };
-    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(Offset(high))
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((Offset(low.max(0)), Offset(high)))
+}
+
+/// The consumer's group metadata for a transaction's offsets, but only while it is a
+/// member of its group. A consumer that left (for instance after exceeding
+/// `max.poll.interval.ms`) has no generation: the broker would accept a transactional
+/// offset commit without one, so a stalled worker could commit stale offsets; it gets
+/// `None` instead and reads its batch again.
+pub fn group_metadata_if_member(consumer: &SinkConsumer) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+    let metadata = consumer.group_metadata()?;
+    // Asked after the metadata was taken: a consumer that was a member then but has
+    // left since is refused too; one that left before cannot rejoin without a poll.
+    is_group_member(consumer).then_some(metadata)
+}
+
+/// Whether the consumer is a member of its group now (has a member id and generation).
+fn is_group_member(consumer: &SinkConsumer) -> bool {
+    // SAFETY: the client pointer is valid while `consumer` lives; the metadata returned
+    // is owned here, read only through librdkafka's accessors and destroyed once.
+    unsafe {
+        let metadata = rdkafka::bindings::rd_kafka_consumer_group_metadata(consumer.client().native_ptr());
+        if metadata.is_null() {
+            return false;
+        }
+        let generation = rdkafka::bindings::rd_kafka_consumer_group_metadata_generation_id(metadata);
+        let member_id = rdkafka::bindings::rd_kafka_consumer_group_metadata_member_id(metadata);
+        let has_member_id = !member_id.is_null() && *member_id != 0;
+        rdkafka::bindings::rd_kafka_consumer_group_metadata_destroy(metadata);
+        generation >= 0 && has_member_id
+    }
 }
 
 /// Moves the fetch position of `tp` forward to `offset`.

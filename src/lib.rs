@@ -23,9 +23,12 @@
 //! ```
 //!
 //! The loop that ties these together is [`worker`]; [`run`] is the entry point used
-//! by the binary and by the tests. The order of one flush's writes is [`sink`]'s;
-//! retries of I/O live in [`retry`], configuration in [`config`], live counters and
-//! health in [`status`].
+//! by the binary and by the tests. The worker's bookkeeping per partition (what is
+//! durable, what is committed, what to skip, where to seek) is the pure state machine
+//! of [`partitions`]. The order of one flush's writes is [`sink`]'s; retries of I/O
+//! live in [`retry`], configuration in [`config`], live counters and health in
+//! [`status`]. Crash points for tests exist only with the `fault-injection` feature
+//! ([`faults`]).
 
 pub mod arrow;
 pub mod batch;
@@ -33,9 +36,11 @@ pub mod config;
 pub mod dead_letter;
 pub mod decode;
 pub mod delta;
+pub mod faults;
 pub mod inspect;
 pub mod kafka;
 pub mod offsets;
+pub mod partitions;
 pub mod retry;
 pub mod sample;
 pub mod sink;
@@ -45,4 +50,7 @@ pub mod update;
 pub mod worker;
 
 pub use config::Config;
-pub use worker::{Faults, Progress, RunSummary, WorkerError, run, run_with_faults};
+pub use status::{Progress, RunSummary};
+#[cfg(feature = "fault-injection")]
+pub use worker::run_with_crash_points;
+pub use worker::{WorkerError, run, run_with_progress};

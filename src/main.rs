@@ -137,12 +137,14 @@ impl Common {
     }
 }
 
-/// Logging when `RUST_LOG` is unset: this program at info, libraries at warn. Two
+/// Logging when `RUST_LOG` is unset: this program at info, libraries at warn. Three
 /// library messages that are not faults are hidden: delta-rs' MERGE warns about a metric
-/// it derives itself on every flush, and delta-kernel logs an error when it opens a
-/// table location that has no log yet (a new table, which the worker then creates).
-const DEFAULT_LOG_FILTER: &str =
-    "warn,position_sink=info,deltalake_core::operations::merge=error,buoyant_kernel::snapshot::builder=off";
+/// it derives itself on every flush, its statistics writer warns on every dead-letter
+/// write that it keeps no statistics of the binary `key` column, and delta-kernel logs
+/// an error when it opens a table location that has no log yet (a new table, which the
+/// worker then creates).
+const DEFAULT_LOG_FILTER: &str = "warn,position_sink=info,deltalake_core::operations::merge=error,\
+     deltalake_core::writer::stats=error,buoyant_kernel::snapshot::builder=off";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -159,7 +161,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(Cli::parse())) {
+    let result = runtime.block_on(dispatch(Cli::parse()));
+    // A blocking Kafka call abandoned at a shutdown deadline must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -182,8 +187,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             info!(?config, "starting");
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            let summary = position_sink::run_with_faults(config, shutdown, faults_from_env()?).await?;
-            info!(?summary, "done");
+            run_worker(config, shutdown).await?;
             Ok(())
         }
         Command::Generate { common, count, instruments, seed, bad_percent } => {
@@ -268,19 +272,19 @@ async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {
     }
 }
 
-/// Environment variable for crash tests of the binary: the probability (0..1) of
-/// aborting the process right after a Delta commit, before its Kafka commit.
-const FAULT_ABORT_ENV: &str = "POSITION_SINK_FAULT_ABORT_AFTER_DELTA_COMMIT";
+/// Runs the worker; the worker logs its totals when it stops.
+#[cfg(not(feature = "fault-injection"))]
+async fn run_worker(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    position_sink::run(config, shutdown).await?;
+    Ok(())
+}
 
-fn faults_from_env() -> anyhow::Result<position_sink::Faults> {
-    let mut faults = position_sink::Faults::default();
-    if let Ok(text) = std::env::var(FAULT_ABORT_ENV) {
-        let p: f64 = text.parse().with_context(|| format!("{FAULT_ABORT_ENV}={text:?} is not a number"))?;
-        anyhow::ensure!((0.0..=1.0).contains(&p), "{FAULT_ABORT_ENV}={p} is not a probability between 0 and 1");
-        tracing::warn!(probability = p, "fault injection on: aborting after Delta commits");
-        faults.abort_after_delta_commit = p;
-    }
-    Ok(faults)
+/// Runs the worker with the crash points of the environment (crash tests of the binary).
+#[cfg(feature = "fault-injection")]
+async fn run_worker(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let crash = position_sink::faults::CrashPoints::from_env().map_err(anyhow::Error::msg)?;
+    position_sink::run_with_crash_points(config, shutdown, Default::default(), crash).await?;
+    Ok(())
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM.

@@ -18,6 +18,21 @@ pub fn delays(policy: &RetryConfig) -> impl Iterator<Item = std::time::Duration>
         .build()
 }
 
+/// The delays between attempts of something retried until it succeeds (offset
+/// commits): the same exponential backoff with jitter, never exhausted, each delay at
+/// most `policy.max_delay`.
+pub fn backoff(policy: &RetryConfig) -> impl Iterator<Item = std::time::Duration> + Send + 'static {
+    // Jitter may add up to one more delay; the bound is the configured maximum.
+    let max = policy.max_delay;
+    ExponentialBuilder::default()
+        .with_min_delay(policy.min_delay)
+        .with_max_delay(policy.max_delay)
+        .without_max_times()
+        .with_jitter()
+        .build()
+        .map(move |delay| delay.min(max))
+}
+
 /// Runs `attempt` until it succeeds, fails with an error `is_retryable` refuses, or
 /// the policy's retries are exhausted; each failure is logged with `what`.
 ///

@@ -21,10 +21,10 @@ use crate::config::{Config, DeadLetterDestination, RetryConfig};
 use crate::dead_letter::topic::TopicError;
 use crate::dead_letter::{DeadLetterTable, DeadLetterTopic, ReasonCounts};
 use crate::delta::TableError;
+use crate::faults::CrashPoints;
 use crate::retry::retry;
 use crate::status::Progress;
 use crate::table::{PositionTable, WriteReport};
-use crate::worker::Faults;
 
 /// Where dead letters go.
 #[derive(Debug, Clone)]
@@ -67,7 +67,8 @@ pub enum FlushError {
     /// The consumer is not in its group, so offsets cannot be committed with dead letters.
     #[error("the consumer has left its group; the batch will be read again")]
     NotInGroup,
-    /// A fault injected by a test.
+    /// A crash injected by a test (feature `fault-injection` only).
+    #[cfg(feature = "fault-injection")]
     #[error("injected crash: {0}")]
     InjectedCrash(&'static str),
 }
@@ -121,14 +122,15 @@ impl Sinks {
         matches!(self.dead_letters, DeadLetterSink::Table(_))
     }
 
-    /// Writes `batch` in the order described in the module docs. Hands the sinks back
-    /// (at their new versions when the writes succeeded).
+    /// Writes `batch` in the order described in the module docs, keeping `progress`
+    /// current. Hands the sinks back (at their new versions when the writes succeeded).
     pub async fn write(
         mut self,
         batch: &Batch,
         policy: &RetryConfig,
         group: Option<Arc<ConsumerGroupMetadata>>,
-        faults: &Faults,
+        progress: &Progress,
+        crash: &CrashPoints,
     ) -> (Self, Result<FlushReport, FlushError>) {
         tracing::debug!(
             messages = batch.messages,
@@ -136,23 +138,24 @@ impl Sinks {
             dead_letters = batch.dead_letters.len(),
             "writing batch"
         );
-        let result = self.write_in_order(batch, policy, group, faults).await;
+        let result = self.write_in_order(batch, policy, group, progress, crash).await;
         (self, result)
     }
 
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
     async fn write_in_order(
         &mut self,
         batch: &Batch,
         policy: &RetryConfig,
         group: Option<Arc<ConsumerGroupMetadata>>,
-        faults: &Faults,
+        progress: &Progress,
+        crash: &CrashPoints,
     ) -> Result<FlushReport, FlushError> {
         let mut dead_letters = ReasonCounts::default();
         let mut offsets_committed = false;
         if let DeadLetterSink::Table(table) = &self.dead_letters
             && !batch.dead_letters.is_empty()
         {
-            let progress = &faults.progress;
             let (written_table, written) = retry_write(policy, "write dead letters to Delta", progress, || {
                 table.write(&batch.dead_letters, &batch.offsets)
             })
@@ -160,27 +163,29 @@ impl Sinks {
             self.dead_letters = DeadLetterSink::Table(written_table);
             if written.total() > 0 {
                 dead_letters = written;
-                let commits = Progress::bump(&faults.progress.dead_letter_commits);
-                if faults.crash_after_dead_letter_commits.is_some_and(|n| commits >= n as u64) {
-                    return Err(FlushError::InjectedCrash("after the dead-letter commit, before the positions commit"));
+                Progress::bump(&progress.dead_letter_commits);
+                #[cfg(feature = "fault-injection")]
+                if let Some(crash) = crash.after_dead_letter_commit(progress) {
+                    return Err(FlushError::InjectedCrash(crash));
                 }
             }
         }
         let positions = &self.positions;
         let (written_positions, report) =
-            retry_write(policy, "write batch to Delta", &faults.progress, || positions.write(batch)).await?;
+            retry_write(policy, "write batch to Delta", progress, || positions.write(batch)).await?;
         self.positions = written_positions;
         if report.committed {
-            let commits = Progress::bump(&faults.progress.delta_commits);
-            if faults.crash_after_delta_commits.is_some_and(|n| commits >= n as u64) {
-                return Err(FlushError::InjectedCrash("after the positions commit, before the Kafka commit"));
+            Progress::bump(&progress.delta_commits);
+            #[cfg(feature = "fault-injection")]
+            if let Some(crash) = crash.after_positions_commit(progress) {
+                return Err(FlushError::InjectedCrash(crash));
             }
-            faults.maybe_abort_after_delta_commit();
         }
         if let DeadLetterSink::Topic(topic) = &self.dead_letters {
             let group = group.ok_or(FlushError::NotInGroup)?;
-            let transactions = Progress::bump(&faults.progress.dead_letter_commits);
-            if faults.crash_after_dead_letter_commits.is_some_and(|n| transactions >= n as u64) {
+            Progress::bump(&progress.dead_letter_commits);
+            #[cfg(feature = "fault-injection")]
+            if crash.leaves_transaction_open(progress) {
                 topic.publish_without_commit(&batch.dead_letters, &batch.offsets, group).await?;
                 return Err(FlushError::InjectedCrash("with the dead-letter transaction sent but not committed"));
             }

@@ -1,17 +1,26 @@
 //! What a running worker reports about itself: live counters and health (broker
 //! reachable, storage writable, stopped on an error). Tests read it now; readiness
-//! probes and metrics will read the same values.
+//! probes and metrics will read the same values, and a run's [`RunSummary`] is taken
+//! from it: there is one set of counters.
 //!
-//! Invariant kept here: every field is a lock-free atomic, written by the worker and
-//! its Kafka callbacks, readable from any thread at any time.
+//! Invariant kept here: every counter is a lock-free atomic (the per-reason dead-letter
+//! counts sit behind a short lock), written by the worker and its Kafka callbacks,
+//! readable from any thread at any time.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::dead_letter::ReasonCounts;
 
 /// Live counters and health of one worker.
 #[derive(Debug, Default)]
 pub struct Progress {
-    /// Messages consumed so far.
+    /// Messages consumed so far (including skipped ones).
     pub messages: AtomicU64,
+    /// Of those, messages skipped because the table already held them.
+    pub skipped_already_written: AtomicU64,
+    /// Rows inserted or updated in the positions table.
+    pub rows_written: AtomicU64,
     /// Flushes finished (committed, or with nothing new to commit).
     pub flushes: AtomicU64,
     /// Positions-table commits so far.
@@ -25,8 +34,12 @@ pub struct Progress {
     pub write_failures: AtomicU64,
     /// Of those, commit conflicts with another writer.
     pub commit_conflicts: AtomicU64,
+    /// Kafka offset commit attempts that failed (each is retried until one succeeds).
+    pub kafka_commit_failures: AtomicU64,
     /// Largest number of message bytes the buffer held.
     pub buffered_bytes_peak: AtomicU64,
+    /// Dead letters written, by reason category.
+    pub dead_letters: Mutex<ReasonCounts>,
     /// Health, for readiness.
     pub health: Health,
 }
@@ -42,10 +55,57 @@ impl Progress {
         counter.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Raises the buffer peak to `bytes` if larger.
     pub fn observe_buffered_bytes(&self, bytes: usize) {
         self.buffered_bytes_peak.fetch_max(bytes as u64, Ordering::Relaxed);
     }
+
+    /// Counts dead letters written, by reason.
+    pub fn add_dead_letters(&self, written: &ReasonCounts) {
+        match self.dead_letters.lock() {
+            Ok(mut counts) => counts.merge(written),
+            Err(poisoned) => poisoned.into_inner().merge(written),
+        }
+    }
+
+    /// Dead letters written so far, by reason.
+    pub fn dead_letters(&self) -> ReasonCounts {
+        match self.dead_letters.lock() {
+            Ok(counts) => counts.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The totals so far.
+    pub fn summary(&self) -> RunSummary {
+        RunSummary {
+            messages: Self::get(&self.messages),
+            skipped_already_written: Self::get(&self.skipped_already_written),
+            delta_commits: Self::get(&self.delta_commits),
+            rows_written: Self::get(&self.rows_written),
+            dead_letters: self.dead_letters(),
+        }
+    }
+}
+
+/// Totals of one run, taken from its [`Progress`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Messages consumed (including skipped ones).
+    pub messages: u64,
+    /// Messages skipped because the table already had them.
+    pub skipped_already_written: u64,
+    /// Positions-table commits made.
+    pub delta_commits: u64,
+    /// Rows inserted or updated.
+    pub rows_written: u64,
+    /// Dead letters written, by reason.
+    pub dead_letters: ReasonCounts,
 }
 
 /// Whether the worker can do its job right now.

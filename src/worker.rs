@@ -1,22 +1,22 @@
 //! The worker loop: consume → decode → buffer → flush (dead letters and positions) →
-//! commit offsets.
+//! commit offsets. The loop only waits and carries out what [`Partitions`] decides.
 //!
 //! Invariants kept here:
 //! - At most one flush is in flight; while it runs, reading continues into the next
 //!   buffer until that buffer is full, then reading stops (memory stays bounded).
 //! - Kafka offsets are committed only after the flush that covers them is durable
-//!   ([`crate::sink`] gives the order), and only for partitions this worker still owns.
+//!   ([`crate::sink`] gives the order), only for partitions this worker still owns, and
+//!   again after a failure until they stick ([`crate::partitions`] keeps the books).
 //! - A rejected message never stops the partition: it becomes a dead letter in the
 //!   batch, and its offset advances with the batch.
-//! - With dead letters in a Delta table, a message at or below the offset the positions
-//!   table records for its partition is skipped: it is durable already, whatever the
-//!   group's committed offset says.
+//! - Every wait observes shutdown; on shutdown the running flush and the buffer are
+//!   written and committed within `worker.shutdown_timeout`.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::Message;
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use tokio::task::JoinHandle;
@@ -26,18 +26,23 @@ use tracing::{debug, info, warn};
 
 use crate::batch::{Batch, Buffer, Limits};
 use crate::config::Config;
-use crate::dead_letter::{DeadLetter, ReasonCounts};
+use crate::dead_letter::DeadLetter;
 use crate::decode::{DecodeOptions, decode};
-use crate::kafka::{self, SinkConsumer};
-use crate::offsets::{Coordinates, Offset, OffsetMap, TopicPartition};
+use crate::faults::CrashPoints;
+use crate::kafka::{self, Rebalanced, SinkConsumer};
+use crate::offsets::{Coordinates, Offset, TopicPartition};
+use crate::partitions::{CommitNews, CommitOutcome, Partitions, Seen};
 use crate::retry::retry;
 use crate::sink::{DeadLetterSink, FlushError, FlushReport, Sinks};
-pub use crate::status::Progress;
+use crate::status::{Progress, RunSummary};
 use crate::table::{PositionTable, TableError};
 use crate::update::PositionUpdate;
 
 /// Rejected messages logged one by one per flush window; the rest are only counted.
 const REJECTIONS_LOGGED_PER_FLUSH: usize = 20;
+
+/// How long to wait for the group's committed offsets when they are looked up.
+const COMMITTED_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a worker stopped with an error. Offsets past the failure were not committed;
 /// a restart resumes from the table's recorded offsets.
@@ -62,94 +67,88 @@ pub enum WorkerError {
     ShutdownTimedOut(Duration),
 }
 
-/// Faults a test can inject to prove recovery, and live counters it can watch.
-#[derive(Debug, Clone, Default)]
-pub struct Faults {
-    /// Stop with an error right after this many positions-table commits, before
-    /// committing their Kafka offsets — a crash between the Delta and Kafka commits.
-    pub crash_after_delta_commits: Option<usize>,
-    /// Stop with an error at the this-many-th dead-letter write: with a dead-letter
-    /// table, right after its commit and before the positions table's commit; with a
-    /// dead-letter topic, with the transaction sent but left uncommitted.
-    pub crash_after_dead_letter_commits: Option<usize>,
-    /// Abort the whole process (as SIGKILL would) right after a positions commit and
-    /// before its Kafka commit, with this probability per commit (0 = never). For
-    /// crash tests of the binary: `POSITION_SINK_FAULT_ABORT_AFTER_DELTA_COMMIT`.
-    pub abort_after_delta_commit: f64,
-    /// Before its first flush of a non-empty buffer, the worker waits for this to be
-    /// notified, without polling Kafka: a stalled worker whose partitions are taken over
-    /// meanwhile (a zombie).
-    pub hold_first_flush: Option<std::sync::Arc<tokio::sync::Notify>>,
-    /// Counters and health updated while the worker runs.
-    pub progress: std::sync::Arc<Progress>,
-}
-
-impl Faults {
-    /// Aborts the process with probability `abort_after_delta_commit`.
-    pub fn maybe_abort_after_delta_commit(&self) {
-        if self.abort_after_delta_commit <= 0.0 {
-            return;
-        }
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let draw = f64::from(nanos.wrapping_mul(2_654_435_761) % 1_000_000) / 1_000_000.0;
-        if draw < self.abort_after_delta_commit {
-            eprintln!("position-sink: injected abort after a Delta commit, before its Kafka commit");
-            std::process::abort();
-        }
-    }
-}
-
-/// Totals of one run.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RunSummary {
-    /// Messages consumed (including skipped ones).
-    pub messages: u64,
-    /// Messages skipped because the table already had them.
-    pub skipped_already_written: u64,
-    /// Delta commits made.
-    pub delta_commits: u64,
-    /// Rows inserted or updated.
-    pub rows_written: u64,
-    /// Dead letters written, by reason.
-    pub dead_letters: ReasonCounts,
-}
-
 /// Runs a worker until `shutdown` is cancelled (or, with `worker.exit_when_caught_up`,
 /// until every assigned partition is written to its end), then flushes and commits.
 ///
 /// # Errors
 /// See [`WorkerError`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, WorkerError> {
-    run_with_faults(config, shutdown, Faults::default()).await
+    run_with_progress(config, shutdown, Arc::default()).await
 }
 
-/// [`run`], with faults injected.
+/// [`run`], keeping `progress` current while it runs (counters and health for probes,
+/// metrics and tests). The summary returned is taken from it.
 ///
 /// # Errors
 /// See [`WorkerError`].
-pub async fn run_with_faults(
+pub async fn run_with_progress(
     config: Config,
     shutdown: CancellationToken,
-    faults: Faults,
+    progress: Arc<Progress>,
 ) -> Result<RunSummary, WorkerError> {
+    run_inner(config, shutdown, progress, CrashPoints::default()).await
+}
+
+/// [`run_with_progress`], with crash points set by a test (feature `fault-injection`).
+///
+/// # Errors
+/// See [`WorkerError`].
+#[cfg(feature = "fault-injection")]
+pub async fn run_with_crash_points(
+    config: Config,
+    shutdown: CancellationToken,
+    progress: Arc<Progress>,
+    crash: CrashPoints,
+) -> Result<RunSummary, WorkerError> {
+    run_inner(config, shutdown, progress, crash).await
+}
+
+async fn run_inner(
+    config: Config,
+    shutdown: CancellationToken,
+    progress: Arc<Progress>,
+    crash: CrashPoints,
+) -> Result<RunSummary, WorkerError> {
+    let result = start_and_run(config, &shutdown, &progress, crash).await;
+    progress.health.set_stopped();
+    let summary = progress.summary();
+    info!(
+        messages = summary.messages,
+        skipped_already_written = summary.skipped_already_written,
+        delta_commits = summary.delta_commits,
+        rows_written = summary.rows_written,
+        dead_letters = summary.dead_letters.total(),
+        by_reason = %summary.dead_letters,
+        ok = result.is_ok(),
+        "worker stopped"
+    );
+    result.map(|()| summary)
+}
+
+async fn start_and_run(
+    config: Config,
+    shutdown: &CancellationToken,
+    progress: &Arc<Progress>,
+    crash: CrashPoints,
+) -> Result<(), WorkerError> {
     let sinks = Sinks::open(&config).await?;
     let dead_letters = match &sinks.dead_letters {
         DeadLetterSink::Table(t) => format!("table {}", t.uri()),
         DeadLetterSink::Topic(t) => format!("topic {}", t.topic()),
     };
     info!(table = sinks.positions.uri(), version = ?sinks.positions.version().map(|v| v.0), dead_letters, "opened destinations");
-    let consumer = kafka::subscribe(&config.kafka, faults.progress.clone())?;
+    let consumer = kafka::subscribe(&config.kafka, progress.clone())?;
     info!(brokers = %config.kafka.brokers, group = %config.kafka.group_id, topics = ?config.kafka.topics, "subscribed");
-    let progress = faults.progress.clone();
-    let mut worker = Worker::new(config, consumer, sinks, faults);
-    let result = worker.run(shutdown).await;
-    progress.health.set_stopped();
-    result.map(|()| worker.summary)
+    let mut worker = Worker::new(config, consumer, sinks, progress.clone(), crash);
+    worker.run(shutdown).await
 }
 
 /// A flush running in the background: it hands the sinks back when done.
 type InFlight = JoinHandle<Flushed>;
 type Flushed = (Sinks, Batch, Result<FlushReport, FlushError>);
+
+/// An offset commit waiting for the group's answer, on a blocking thread.
+type Committing = JoinHandle<CommitOutcome>;
 
 /// What the broker handed us, decoded and detached from the consumer.
 enum Received {
@@ -159,48 +158,33 @@ enum Received {
     Error(KafkaError),
 }
 
-/// The next offset of a partition that is not yet in the table.
-#[derive(Debug, Clone, Copy)]
-struct Floor {
-    next: Offset,
-    sought: bool,
-}
-
 struct Worker {
     config: Config,
-    consumer: SinkConsumer,
+    consumer: Arc<SinkConsumer>,
+    /// The commit request in flight, if any (one at a time).
+    committing: Option<Committing>,
     decode_options: DecodeOptions,
     buffer: Buffer,
+    partitions: Partitions,
     /// The destinations when no flush is running.
     idle_sinks: Option<Sinks>,
-    /// Whether the positions table's recorded offsets vouch for dead letters too, so
-    /// messages below them are skipped (dead letters in a table), or the group's
-    /// committed offsets are the record (dead letters in a topic).
-    skip_recorded: bool,
     /// A separate handle for reading recorded offsets while a flush runs.
     reader: PositionTable,
     in_flight: Option<InFlight>,
-    floors: HashMap<TopicPartition, Floor>,
-    /// First offset consumed per partition since assignment: where a rewind goes when
-    /// nothing of the partition was committed yet.
-    started: HashMap<TopicPartition, Offset>,
-    /// Highest offset consumed per partition since assignment.
-    consumed: OffsetMap,
-    /// Highest offset durable per partition, for the final commit.
-    durable: OffsetMap,
-    /// Committed offsets of partitions nothing was consumed from (`exit_when_caught_up`).
-    committed_next: HashMap<TopicPartition, Offset>,
-    committed_looked_up: Option<Instant>,
     /// Rejections logged individually in the current flush window.
     rejections_logged: usize,
     /// Flushes in a row whose dead-letter transaction was aborted.
     aborted_in_a_row: usize,
-    faults: Faults,
-    summary: RunSummary,
+    /// Whether every assigned partition was last seen read to its end.
+    read_to_end: bool,
+    /// When the group's committed offsets were last looked up.
+    looked_up_at: Option<Instant>,
+    progress: Arc<Progress>,
+    crash: CrashPoints,
 }
 
 impl Worker {
-    fn new(config: Config, consumer: SinkConsumer, sinks: Sinks, faults: Faults) -> Self {
+    fn new(config: Config, consumer: SinkConsumer, sinks: Sinks, progress: Arc<Progress>, crash: CrashPoints) -> Self {
         let limits = Limits { max_records: config.flush.max_records, max_bytes: config.flush.max_bytes };
         Self {
             decode_options: DecodeOptions {
@@ -208,93 +192,165 @@ impl Worker {
                 max_message_bytes: config.decode.max_message_bytes,
             },
             buffer: Buffer::new(config.delta.key_columns.clone(), limits),
+            partitions: Partitions::new(sinks.table_offsets_cover_dead_letters(), &config.retry),
             reader: sinks.positions.clone(),
-            skip_recorded: sinks.table_offsets_cover_dead_letters(),
             idle_sinks: Some(sinks),
             in_flight: None,
-            floors: HashMap::new(),
-            started: HashMap::new(),
-            consumed: OffsetMap::default(),
-            durable: OffsetMap::default(),
-            committed_next: HashMap::new(),
-            committed_looked_up: None,
             rejections_logged: 0,
             aborted_in_a_row: 0,
-            consumer,
+            read_to_end: false,
+            looked_up_at: None,
+            consumer: Arc::new(consumer),
+            committing: None,
             config,
-            faults,
-            summary: RunSummary::default(),
+            progress,
+            crash,
         }
     }
 
-    async fn run(&mut self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
         let mut tick =
             tokio::time::interval_at(Instant::now() + self.config.flush.interval, self.config.flush.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let flushing = self.in_flight.is_some();
+            let committing = self.committing.is_some();
             let can_read = !self.buffer.is_full();
+            let commit_retry = self.partitions.commit_retry_at();
             tokio::select! {
                 // Shutdown first, so a stop request never waits behind a backlog; then a
                 // finished flush, so offsets are committed and the next flush can start
-                // before more is read.
+                // before more is read; then commit results, which free offsets to retry.
                 biased;
                 () = shutdown.cancelled() => break,
                 done = join(&mut self.in_flight), if flushing => {
                     self.in_flight = None;
-                    self.finish_flush(done?).await?;
+                    self.finish_flush(done?, shutdown).await?;
                 }
-                _ = tick.tick() => self.flush_now().await,
+                outcome = join(&mut self.committing), if committing => self.commit_finished(outcome),
+                _ = tick.tick() => {
+                    self.sync_assignment(shutdown).await?;
+                    self.flush_now(shutdown).await;
+                }
+                () = sleep_until(commit_retry), if commit_retry.is_some() => {}
                 message = self.consumer.recv(), if can_read => {
                     let received = receive(message, &self.decode_options);
-                    self.handle(received).await?;
+                    self.handle(received, shutdown).await?;
                 }
             }
             if self.buffer.is_full() {
-                self.flush_now().await;
+                self.flush_now(shutdown).await;
             }
-            if self.config.worker.exit_when_caught_up && self.is_caught_up() {
+            self.send_due_commits();
+            if self.config.worker.exit_when_caught_up && self.is_caught_up(shutdown).await? {
                 info!("every assigned partition is written to its end; exiting");
                 break;
             }
         }
-        self.drain().await
+        self.drain(shutdown).await
     }
 
-    async fn handle(&mut self, received: Received) -> Result<(), WorkerError> {
-        self.apply_revocations();
+    async fn handle(&mut self, received: Received, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        self.sync_assignment(shutdown).await?;
         match received {
             Received::Update(update, size) => {
-                if self.is_to_write(&update.source).await? {
+                if self.is_to_write(&update.source, shutdown).await? {
                     self.buffer.push(update, size);
                 }
             }
             Received::Invalid(dead_letter) => {
-                if self.is_to_write(&dead_letter.source).await? {
+                if self.is_to_write(&dead_letter.source, shutdown).await? {
                     self.log_rejection(&dead_letter);
                     self.buffer.reject(dead_letter);
                 }
             }
-            Received::EndOfPartition => {}
+            Received::EndOfPartition => self.note_end_of_partition(),
             Received::Error(error) => warn!(%error, "Kafka consumer error; librdkafka retries by itself"),
         }
-        self.faults.progress.observe_buffered_bytes(self.buffer.bytes());
+        self.progress.observe_buffered_bytes(self.buffer.bytes());
+        Ok(())
+    }
+
+    /// Applies the assignment changes librdkafka reported, then reads the table's
+    /// recorded offsets of newly assigned partitions.
+    async fn sync_assignment(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        self.apply_rebalances();
+        self.load_recorded(shutdown).await
+    }
+
+    /// Applies assignment changes: revoked partitions' buffers are dropped (their new
+    /// owner re-reads them) and their bookkeeping forgotten.
+    fn apply_rebalances(&mut self) {
+        for event in self.consumer.context().take_rebalances() {
+            match event {
+                Rebalanced::Assigned(partitions) => self.partitions.assigned(&partitions),
+                Rebalanced::Revoked(partitions) => {
+                    self.buffer.drop_partitions(&partitions);
+                    self.partitions.revoked(&partitions);
+                }
+            }
+        }
+    }
+
+    /// Reads the table's recorded offsets of the partitions that need them.
+    async fn load_recorded(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        let partitions = self.partitions.to_load();
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let mut recorded = std::collections::HashMap::new();
+        if self.partitions.skips_recorded() {
+            let reader = &self.reader;
+            let read = async {
+                let fresh = retry(
+                    &self.config.retry,
+                    "read the table's recorded offsets",
+                    || reader.refreshed(),
+                    TableError::is_retryable,
+                )
+                .await?;
+                let recorded = fresh.recorded_offsets(&partitions).await?;
+                Ok::<_, TableError>((fresh, recorded))
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                read = read => (self.reader, recorded) = read?,
+            }
+        }
+        for tp in &partitions {
+            self.partitions.loaded(tp, recorded.get(tp).copied());
+        }
         Ok(())
     }
 
     /// Counts a consumed message and tells whether it still has to be written.
-    async fn is_to_write(&mut self, at: &Coordinates) -> Result<bool, WorkerError> {
-        self.summary.messages += 1;
-        Progress::bump(&self.faults.progress.messages);
-        self.consumed.observe(&at.tp, at.offset);
-        if !self.started.contains_key(&at.tp) {
-            self.started.insert(at.tp.clone(), at.offset);
+    async fn is_to_write(&mut self, at: &Coordinates, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
+        Progress::bump(&self.progress.messages);
+        self.read_to_end = false;
+        let mut seen = self.partitions.seen(at);
+        if seen == Seen::Unknown {
+            // A message of a partition whose assignment was not reported yet.
+            if !self.partitions.is_assigned(&at.tp) {
+                self.partitions.assigned(std::slice::from_ref(&at.tp));
+            }
+            self.load_recorded(shutdown).await?;
+            seen = self.partitions.seen(at);
         }
-        if self.is_already_written(at).await? {
-            self.summary.skipped_already_written += 1;
-            return Ok(false);
+        match seen {
+            Seen::Write => Ok(true),
+            Seen::Skip { seek_to } => {
+                Progress::bump(&self.progress.skipped_already_written);
+                if let Some(next) = seek_to {
+                    info!(partition = %at.tp, from = at.offset.0, to = next.0, "skipping messages the table already holds");
+                    if let Err(error) = kafka::seek(&self.consumer, &at.tp, next) {
+                        debug!(%error, "seek not possible yet; skipping message by message");
+                    }
+                }
+                Ok(false)
+            }
+            // Stopping while the table was read: the message is read again next time.
+            Seen::Unknown => Ok(false),
         }
-        Ok(true)
     }
 
     /// Logs a rejection with its coordinates, up to a bound per flush window.
@@ -308,112 +364,33 @@ impl Worker {
         }
     }
 
-    /// Whether the table already holds this message (its partition's recorded offset
-    /// is at or above it). Loads the recorded offsets of newly assigned partitions.
-    async fn is_already_written(&mut self, at: &Coordinates) -> Result<bool, WorkerError> {
-        if !self.skip_recorded {
-            return Ok(false);
+    /// Notes, once, when every assigned partition has been read to its end.
+    fn note_end_of_partition(&mut self) {
+        let consumer = &self.consumer;
+        let at_end = self.partitions.is_read_to_end(|tp| kafka::cached_watermarks(consumer, tp));
+        if at_end && !self.read_to_end {
+            debug!(partitions = self.partitions.assignment().len(), "read every assigned partition to its end");
         }
-        if !self.floors.contains_key(&at.tp) {
-            self.load_floors(&at.tp).await?;
-        }
-        let Some(floor) = self.floors.get_mut(&at.tp) else { return Ok(false) };
-        if at.offset >= floor.next {
-            return Ok(false);
-        }
-        if !floor.sought {
-            floor.sought = true;
-            let next = floor.next;
-            info!(partition = %at.tp, from = at.offset.0, to = next.0, "skipping messages the table already holds");
-            if let Err(error) = kafka::seek(&self.consumer, &at.tp, next) {
-                debug!(%error, "seek not possible yet; skipping message by message");
-            }
-            // The table holds everything below the floor: Kafka may say so too.
-            let mut written = OffsetMap::default();
-            written.observe(&at.tp, Offset(next.0 - 1));
-            self.durable.observe(&at.tp, Offset(next.0 - 1));
-            if let Err(error) = kafka::commit(&self.consumer, &written, CommitMode::Async) {
-                warn!(%error, "could not commit the table's recorded offset to Kafka");
-            }
-        }
-        Ok(true)
-    }
-
-    async fn load_floors(&mut self, first: &TopicPartition) -> Result<(), WorkerError> {
-        let mut partitions = kafka::assignment(&self.consumer).unwrap_or_default();
-        partitions.retain(|tp| !self.floors.contains_key(tp));
-        if !partitions.contains(first) {
-            partitions.push(first.clone());
-        }
-        let reader = &self.reader;
-        self.reader = retry(
-            &self.config.retry,
-            "read the table's recorded offsets",
-            || reader.refreshed(),
-            TableError::is_retryable,
-        )
-        .await?;
-        let recorded = self.reader.recorded_offsets(&partitions).await?;
-        for tp in partitions {
-            let next = match recorded.get(&tp) {
-                Some(offset) => {
-                    self.durable.observe(&tp, *offset);
-                    offset.next()
-                }
-                None => Offset(0),
-            };
-            self.floors.insert(tp, Floor { next, sought: false });
-        }
-        Ok(())
-    }
-
-    fn apply_revocations(&mut self) {
-        let revoked = self.consumer.context().take_revoked();
-        if revoked.is_empty() {
-            return;
-        }
-        self.buffer.drop_partitions(&revoked);
-        for tp in &revoked {
-            self.floors.remove(tp);
-            self.started.remove(tp);
-            self.committed_next.remove(tp);
-            self.consumed.remove(tp);
-            self.durable.remove(tp);
-        }
-    }
-
-    /// Reads the partitions of a batch whose dead-letter transaction was aborted again
-    /// from their last committed offset, dropping what was buffered after it.
-    fn rewind(&mut self, batch: &Batch) {
-        let partitions: Vec<TopicPartition> = batch.offsets.iter().map(|(tp, _)| tp.clone()).collect();
-        self.buffer.drop_partitions(&partitions);
-        let assigned = kafka::assignment(&self.consumer).unwrap_or_default();
-        for tp in partitions.iter().filter(|tp| assigned.contains(tp)) {
-            self.consumed.remove(tp);
-            let target = self.durable.get(tp).map(Offset::next).or_else(|| self.started.get(tp).copied());
-            if let Some(target) = target {
-                info!(partition = %tp, offset = target.0, "reading again from the last committed offset");
-                if let Err(error) = kafka::seek(&self.consumer, tp, target) {
-                    warn!(%error, partition = %tp, "cannot seek back; the next assignment re-reads it");
-                }
-            }
-        }
+        self.read_to_end = at_end;
     }
 
     /// Starts a flush from the loop (tick or full buffer); a test may hold the first one.
-    async fn flush_now(&mut self) {
+    async fn flush_now(&mut self, shutdown: &CancellationToken) {
         if !self.buffer.is_empty()
-            && let Some(gate) = self.faults.hold_first_flush.take()
+            && let Some(gate) = self.crash.take_flush_hold()
         {
             info!("holding the first flush until the test releases it");
-            gate.notified().await;
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = gate.notified() => {}
+            }
         }
         self.start_flush();
     }
 
     /// Starts writing the buffer, unless it is empty or a flush is already running.
     fn start_flush(&mut self) {
-        self.apply_revocations();
+        self.apply_rebalances();
         self.rejections_logged = 0;
         if self.buffer.is_empty() {
             return;
@@ -421,49 +398,55 @@ impl Worker {
         let Some(sinks) = self.idle_sinks.take() else { return };
         let batch = self.buffer.take();
         let policy = self.config.retry.clone();
-        let group = self.consumer.group_metadata().map(std::sync::Arc::new);
-        let faults = self.faults.clone();
+        let group = kafka::group_metadata_if_member(&self.consumer).map(Arc::new);
+        let progress = self.progress.clone();
+        let crash = self.crash.clone();
         self.in_flight = Some(tokio::spawn(async move {
-            let (sinks, result) = sinks.write(&batch, &policy, group, &faults).await;
+            let (sinks, result) = sinks.write(&batch, &policy, group, &progress, &crash).await;
             (sinks, batch, result)
         }));
     }
 
-    async fn finish_flush(&mut self, (sinks, batch, result): Flushed) -> Result<(), WorkerError> {
+    async fn finish_flush(
+        &mut self,
+        (sinks, batch, result): Flushed,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError> {
         self.idle_sinks = Some(sinks);
+        self.apply_rebalances();
         let report = match result {
             Ok(report) => report,
             Err(error) if error.can_reread() && self.aborted_in_a_row < self.config.retry.max_retries => {
                 self.aborted_in_a_row += 1;
-                Progress::bump(&self.faults.progress.rewinds);
+                Progress::bump(&self.progress.rewinds);
                 warn!(%error, attempt = self.aborted_in_a_row, "flush not committed to Kafka; reading its messages again");
                 self.rewind(&batch);
-                tokio::time::sleep(self.config.retry.min_delay * self.aborted_in_a_row as u32).await;
+                let pause = self.config.retry.min_delay * self.aborted_in_a_row as u32;
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
                 return Ok(());
             }
             Err(error) => return Err(error.into()),
         };
         self.aborted_in_a_row = 0;
-        Progress::bump(&self.faults.progress.flushes);
+        Progress::bump(&self.progress.flushes);
+        if report.offsets_committed {
+            self.partitions.flushed_and_committed(&batch.offsets);
+        } else {
+            self.partitions.flushed(&batch.offsets);
+        }
         let positions = &report.positions;
         if positions.committed {
-            self.summary.delta_commits += 1;
-            self.summary.rows_written += (positions.inserted + positions.updated) as u64;
-        }
-        for (tp, offset) in batch.offsets.iter() {
-            self.durable.observe(tp, offset);
-        }
-        if !report.offsets_committed
-            && let Err(error) = kafka::commit(&self.consumer, &batch.offsets, CommitMode::Async)
-        {
-            warn!(%error, "could not commit offsets to Kafka; the table's recorded offsets cover them");
+            Progress::add(&self.progress.rows_written, (positions.inserted + positions.updated) as u64);
         }
         if report.dead_letters.total() > 0 {
-            self.summary.dead_letters.merge(&report.dead_letters);
+            self.progress.add_dead_letters(&report.dead_letters);
             warn!(
                 written = report.dead_letters.total(),
                 by_reason = %report.dead_letters,
-                total_by_reason = %self.summary.dead_letters,
+                total_by_reason = %self.progress.dead_letters(),
                 "dead-lettered rejected messages"
             );
         }
@@ -481,70 +464,111 @@ impl Worker {
         Ok(())
     }
 
-    /// Waits for the running flush, if any, and commits its offsets.
-    async fn await_in_flight(&mut self) -> Result<(), WorkerError> {
-        if self.in_flight.is_some() {
-            let done = join(&mut self.in_flight).await?;
-            self.in_flight = None;
-            self.finish_flush(done).await?;
+    /// Reads the partitions of a batch whose dead-letter transaction was aborted again
+    /// from their last committed offset, dropping what was buffered after it.
+    fn rewind(&mut self, batch: &Batch) {
+        let partitions: Vec<TopicPartition> = batch.offsets.iter().map(|(tp, _)| tp.clone()).collect();
+        self.buffer.drop_partitions(&partitions);
+        for (tp, target) in self.partitions.rewind(&partitions) {
+            info!(partition = %tp, offset = target.0, "reading again from the last committed offset");
+            if let Err(error) = kafka::seek(&self.consumer, &tp, target) {
+                warn!(%error, partition = %tp, "cannot seek back; the next assignment re-reads it");
+            }
         }
-        Ok(())
     }
 
-    /// Whether every assigned partition is consumed to its high watermark and written.
-    fn is_caught_up(&mut self) -> bool {
-        if !self.buffer.is_empty() || self.in_flight.is_some() {
-            return false;
+    /// Starts committing the durable offsets that are due, unless a commit is waiting
+    /// for its answer already.
+    fn send_due_commits(&mut self) {
+        if self.committing.is_some() {
+            return;
         }
-        let Ok(assigned) = kafka::assignment(&self.consumer) else { return false };
-        self.look_up_committed(&assigned);
-        !assigned.is_empty()
-            && assigned.iter().all(|tp| {
-                // Messages below the floor may have been skipped by a seek, unseen; a
-                // partition read from nothing but its committed offset starts there.
-                let next = self
-                    .consumed
-                    .get(tp)
-                    .map(Offset::next)
-                    .max(self.floors.get(tp).map(|f| f.next))
-                    .max(self.committed_next.get(tp).copied());
-                match kafka::cached_high_watermark(&self.consumer, tp) {
-                    Some(high) => next.unwrap_or(Offset(0)) >= high,
-                    None => false,
+        self.apply_rebalances();
+        let due = self.partitions.commits_due(Instant::now());
+        if due.is_empty() {
+            return;
+        }
+        let consumer = self.consumer.clone();
+        self.committing = Some(tokio::task::spawn_blocking(move || kafka::commit(&consumer, &due)));
+    }
+
+    /// Books the result of a commit request.
+    fn commit_finished(&mut self, outcome: Result<CommitOutcome, WorkerError>) {
+        self.committing = None;
+        let news = match outcome {
+            Ok(outcome) => {
+                if outcome.iter().any(|(_, _, result)| result.is_err()) {
+                    Progress::bump(&self.progress.kafka_commit_failures);
                 }
-            })
+                self.partitions.commit_finished(&outcome, Instant::now())
+            }
+            Err(error) => {
+                warn!(%error, "the offset commit task failed; the offsets are committed again");
+                Progress::bump(&self.progress.kafka_commit_failures);
+                self.partitions.commit_lost(Instant::now())
+            }
+        };
+        self.log_commit_news(news);
+    }
+
+    /// One line when commits start failing, one when they succeed again.
+    fn log_commit_news(&self, news: CommitNews) {
+        match news {
+            CommitNews::Quiet => {}
+            CommitNews::FailingSince(error) => warn!(
+                %error,
+                "Kafka offset commit failed; retrying with backoff until it succeeds \
+                 (the table's recorded offsets cover the data meanwhile)"
+            ),
+            CommitNews::Recovered(failures) => info!(failed_attempts = failures, "Kafka offset commits succeed again"),
+        }
+    }
+
+    /// Whether every assigned partition is read to its end and written.
+    async fn is_caught_up(&mut self, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
+        if !self.buffer.is_empty() || self.in_flight.is_some() {
+            return Ok(false);
+        }
+        self.sync_assignment(shutdown).await?;
+        self.look_up_unknown_positions(shutdown).await;
+        let consumer = &self.consumer;
+        Ok(self.partitions.is_read_to_end(|tp| kafka::cached_watermarks(consumer, tp)))
     }
 
     /// For `exit_when_caught_up`: the group's committed offsets of assigned partitions
-    /// nothing was consumed from yet (a partition already read to its end yields no
-    /// message to learn its position from). At most once a second; blocks briefly.
-    fn look_up_committed(&mut self, assigned: &[TopicPartition]) {
-        let unknown: Vec<TopicPartition> = assigned
-            .iter()
-            .filter(|tp| self.consumed.get(tp).is_none() && !self.committed_next.contains_key(*tp))
-            .cloned()
-            .collect();
-        if unknown.is_empty() || self.committed_looked_up.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+    /// whose position is otherwise unknown (a partition already read to its end yields
+    /// no message to learn it from). At most once a second, off the runtime's threads.
+    async fn look_up_unknown_positions(&mut self, shutdown: &CancellationToken) {
+        let unknown = self.partitions.unknown_positions();
+        if unknown.is_empty() || self.looked_up_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
             return;
         }
-        self.committed_looked_up = Some(Instant::now());
-        match kafka::committed(&self.consumer, &unknown, Duration::from_secs(5)) {
-            Ok(committed) => self.committed_next.extend(committed),
-            Err(error) => debug!(%error, "committed offsets not available yet"),
+        self.looked_up_at = Some(Instant::now());
+        let consumer = self.consumer.clone();
+        let lookup =
+            tokio::task::spawn_blocking(move || kafka::committed(&consumer, &unknown, COMMITTED_LOOKUP_TIMEOUT));
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            found = lookup => match found {
+                Ok(Ok(found)) => self.partitions.committed_looked_up(&found),
+                Ok(Err(error)) => debug!(%error, "committed offsets not available yet"),
+                Err(error) => debug!(%error, "committed offsets lookup failed"),
+            },
         }
     }
 
-    /// Finishes the running flush, writes what is buffered, commits, all within
-    /// `worker.shutdown_timeout`.
-    async fn drain(&mut self) -> Result<(), WorkerError> {
+    /// Finishes the running flush, writes what is buffered, and commits every durable
+    /// offset, all within `worker.shutdown_timeout`.
+    async fn drain(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
         let timeout = self.config.worker.shutdown_timeout;
-        let finished = tokio::time::timeout(timeout, async {
-            self.await_in_flight().await?;
+        let deadline = Instant::now() + timeout;
+        let flushed = tokio::time::timeout_at(deadline, async {
+            self.await_in_flight(shutdown).await?;
             self.start_flush();
-            self.await_in_flight().await
+            self.await_in_flight(shutdown).await
         })
         .await;
-        match finished {
+        match flushed {
             Ok(result) => result?,
             Err(_) => {
                 if let Some(handle) = self.in_flight.take() {
@@ -553,26 +577,58 @@ impl Worker {
                 return Err(WorkerError::ShutdownTimedOut(timeout));
             }
         }
-        // With dead letters in a topic every flush committed its offsets already.
-        if self.skip_recorded
-            && !self.durable.is_empty()
-            && let Err(error) = kafka::commit(&self.consumer, &self.durable, CommitMode::Sync)
-        {
-            warn!(%error, "final Kafka offset commit failed; the table's recorded offsets cover it");
-        }
-        info!(
-            messages = self.summary.messages,
-            delta_commits = self.summary.delta_commits,
-            dead_letters = self.summary.dead_letters.total(),
-            by_reason = %self.summary.dead_letters,
-            "worker stopped"
-        );
+        self.commit_durable_until(deadline).await;
         Ok(())
+    }
+
+    /// Waits for the running flush, if any, and books it.
+    async fn await_in_flight(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        if self.in_flight.is_some() {
+            let done = join(&mut self.in_flight).await?;
+            self.in_flight = None;
+            self.finish_flush(done, shutdown).await?;
+        }
+        Ok(())
+    }
+
+    /// Commits the durable offsets, retrying failures, until the group has them all or
+    /// `deadline` passes.
+    async fn commit_durable_until(&mut self, deadline: Instant) {
+        loop {
+            self.send_due_commits();
+            if self.partitions.is_fully_committed() {
+                return;
+            }
+            let committing = self.committing.is_some();
+            let commit_retry = self.partitions.commit_retry_at();
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(deadline) => {
+                    warn!(
+                        failed_attempts = self.partitions.commit_failures(),
+                        "the final Kafka offset commit did not succeed within worker.shutdown_timeout; \
+                         the table's recorded offsets cover it and the next worker resumes from them"
+                    );
+                    return;
+                }
+                outcome = join(&mut self.committing), if committing => self.commit_finished(outcome),
+                () = sleep_until(commit_retry), if commit_retry.is_some() => {}
+            }
+        }
     }
 }
 
-async fn join(in_flight: &mut Option<InFlight>) -> Result<Flushed, WorkerError> {
-    match in_flight {
+/// Sleeps until `at`; never returns for `None` (the select! arm is disabled then).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for a background task; never returns for `None` (the select! arm is disabled then).
+async fn join<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, WorkerError> {
+    match task {
         Some(handle) => Ok(handle.await?),
         None => std::future::pending().await,
     }

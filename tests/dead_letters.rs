@@ -7,9 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use position_sink::Faults;
 use position_sink::config::DeadLetterDestination;
 use position_sink::dead_letter::review::{Selection, republish};
+use position_sink::faults::CrashPoints;
 use position_sink::sink::FlushError;
 
 /// A message and the category it must be rejected with; a `None` value is a tombstone.
@@ -173,16 +173,16 @@ async fn crashes_between_the_dead_letter_positions_and_kafka_commits_duplicate_n
     };
 
     // Dead letters committed, positions not.
-    let faults = Faults { crash_after_dead_letter_commits: Some(1), ..Faults::default() };
-    let result = position_sink::run_with_faults(crashing(), Default::default(), faults).await;
+    let crash = CrashPoints { crash_after_dead_letter_commits: Some(1), ..Default::default() };
+    let result = run_crashing(crashing(), crash).await;
     assert!(matches!(result, Err(position_sink::WorkerError::Flush(FlushError::InjectedCrash(_)))), "{result:?}");
     let written = read_dead_letters(&table).await.len();
     assert!(written > 0);
     assert!(committed_offsets(&group, &topic, 2).values().all(Option::is_none));
 
     // Positions committed too, Kafka offsets not.
-    let faults = Faults { crash_after_delta_commits: Some(1), ..Faults::default() };
-    let result = position_sink::run_with_faults(crashing(), Default::default(), faults).await;
+    let crash = CrashPoints { crash_after_delta_commits: Some(1), ..Default::default() };
+    let result = run_crashing(crashing(), crash).await;
     assert!(matches!(result, Err(position_sink::WorkerError::Flush(FlushError::InjectedCrash(_)))), "{result:?}");
     assert!(committed_offsets(&group, &topic, 2).values().all(Option::is_none));
 
@@ -209,15 +209,15 @@ async fn a_dead_letter_topic_gets_each_bad_message_once_with_headers_even_after_
     // offsets never commits.
     let mut crashing = with_topic();
     crashing.worker.exit_when_caught_up = true;
-    let faults = Faults { crash_after_delta_commits: Some(1), ..Faults::default() };
-    let result = position_sink::run_with_faults(crashing, Default::default(), faults).await;
+    let crash = CrashPoints { crash_after_delta_commits: Some(1), ..Default::default() };
+    let result = run_crashing(crashing, crash).await;
     assert!(matches!(result, Err(position_sink::WorkerError::Flush(FlushError::InjectedCrash(_)))), "{result:?}");
 
     // The dead letters and offsets are sent in a transaction that is never committed.
     let mut crashing = with_topic();
     crashing.worker.exit_when_caught_up = true;
-    let faults = Faults { crash_after_dead_letter_commits: Some(1), ..Faults::default() };
-    let result = position_sink::run_with_faults(crashing, Default::default(), faults).await;
+    let crash = CrashPoints { crash_after_dead_letter_commits: Some(1), ..Default::default() };
+    let result = run_crashing(crashing, crash).await;
     assert!(matches!(result, Err(position_sink::WorkerError::Flush(FlushError::InjectedCrash(_)))), "{result:?}");
 
     // The restarted worker waits for the broker to abort the open transaction, then
@@ -276,7 +276,7 @@ async fn dead_letters_fixed_by_a_config_change_are_republished_and_land() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_topic_stays_exact_when_a_second_worker_joins_mid_stream() {
+async fn a_dead_letter_topic_stays_exact_when_a_stalled_worker_loses_its_partitions_mid_flush() {
     let topic = create_topic("dltpair", 4).await;
     let dead_letter_topic = create_topic("dltp", 1).await;
     let (_dir, table) = table_dir();
@@ -287,17 +287,30 @@ async fn a_dead_letter_topic_stays_exact_when_a_second_worker_joins_mid_stream()
         c
     };
     let mut produced = produce(&topic, &sample_with_bad(4000, 150, 37, 6), None).await;
-    let a = spawn_worker(with_topic(), Faults::default());
-    wait_until(Duration::from_secs(60), "worker A is reading", async || a.messages() > 500).await;
-    // B joins while A has flushes in flight: A's partitions are revoked mid-flush.
-    let b = spawn_worker(with_topic(), Faults::default());
+    // A stalls at its first flush without polling; past max.poll.interval.ms it leaves
+    // the group and B takes every partition.
+    let mut stalling = with_topic();
+    stalling.kafka.librdkafka.0.insert("max.poll.interval.ms".into(), "6000".into());
+    let stall = std::sync::Arc::new(tokio::sync::Notify::new());
+    let a = spawn_worker_with(stalling, CrashPoints { hold_first_flush: Some(stall.clone()), ..Default::default() });
+    wait_until(Duration::from_secs(60), "worker A is reading", async || a.messages() > 0).await;
+    let b = spawn_worker(with_topic());
     produced.extend(produce(&topic, &sample_with_bad(4000, 150, 38, 6), None).await);
+    let end = end_offsets(&produced, 4);
+    wait_until(Duration::from_secs(90), "B committed everything", async || committed_offsets(&group, &topic, 4) == end)
+        .await;
+    // A wakes up and flushes: its dead-letter transaction must not commit stale offsets
+    // or dead letters B wrote already; A reads its batch again once back in the group.
+    stall.notify_one();
+    let rewinds = |w: &common::Worker| w.progress.rewinds.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until(Duration::from_secs(60), "A's stale flush was not committed and read again", async || rewinds(&a) > 0)
+        .await;
+    produced.extend(produce(&topic, &sample_with_bad(2000, 150, 39, 6), None).await);
     let end = end_offsets(&produced, 4);
     wait_until(Duration::from_secs(90), "both workers committed to the end", async || {
         committed_offsets(&group, &topic, 4) == end
     })
     .await;
-    let rewinds = |w: &common::Worker| w.faults.progress.rewinds.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!("flushes aborted and read again: A {}, B {}", rewinds(&a), rewinds(&b));
     a.stop().await.expect("worker A");
     b.stop().await.expect("worker B");

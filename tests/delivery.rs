@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use position_sink::Faults;
+use position_sink::faults::CrashPoints;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_equals_the_model_of_the_stream_and_offsets_reach_the_end() {
@@ -90,29 +90,29 @@ async fn crash_between_delta_and_kafka_commit_writes_nothing_twice() {
     let produced = produce(&topic, &sample(2000, 80, 3), None).await;
     let (_dir, table) = table_dir();
     let group = unique("g");
+    // The window never ends: the stop flushes the whole stream as one batch, whose
+    // Delta commit lands and whose Kafka commit never happens.
     let mut crashing = config(&topic, &group, &table);
-    crashing.flush.interval = Duration::from_secs(3);
-    crashing.worker.exit_when_caught_up = true;
-    let faults = Faults { crash_after_delta_commits: Some(1), ..Faults::default() };
-    let result = position_sink::run_with_faults(crashing, Default::default(), faults).await;
+    crashing.flush.interval = Duration::from_secs(3600);
+    let worker = spawn_worker_with(crashing, CrashPoints { crash_after_delta_commits: Some(1), ..Default::default() });
+    wait_until(Duration::from_secs(60), "every message consumed", async || worker.messages() == 2000).await;
+    let result = worker.stop().await;
     assert!(
         matches!(result, Err(position_sink::WorkerError::Flush(position_sink::sink::FlushError::InjectedCrash(_)))),
         "{result:?}"
     );
-    let versions_after_crash = table_version(&table).await;
+    let version_after_crash = table_version(&table).await;
     let committed = committed_offsets(&group, &topic, 2);
     assert!(committed.values().all(Option::is_none), "offsets were committed before the crash: {committed:?}");
     let written_before = read_table(&table).await;
-    assert!(!written_before.is_empty());
+    assert_table_matches(&written_before, &model(&produced));
 
+    // The restart reads from the start (nothing was committed) and finds it all written.
     let summary = run_to_end(config(&topic, &group, &table)).await.expect("restart");
     assert!(summary.skipped_already_written > 0, "the restart did not skip what the table held");
-    let rows = read_table(&table).await;
-    assert_table_matches(&rows, &model(&produced));
-    for (key, row) in &written_before {
-        assert_eq!(rows[key].ingested_at, row.ingested_at, "row {key:?} was written again after the crash");
-    }
-    assert!(table_version(&table).await >= versions_after_crash);
+    assert_eq!((summary.delta_commits, summary.rows_written), (0, 0), "the restart wrote again");
+    assert_eq!(table_version(&table).await, version_after_crash, "the restart made a new table version");
+    assert_eq!(read_table(&table).await, written_before, "rows changed (ingested_at included)");
     assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
 }
 
@@ -124,7 +124,7 @@ async fn graceful_shutdown_mid_window_flushes_what_was_buffered() {
     let group = unique("g");
     let mut c = config(&topic, &group, &table);
     c.flush.interval = Duration::from_secs(3600);
-    let worker = spawn_worker(c, Faults::default());
+    let worker = spawn_worker(c);
     wait_until(Duration::from_secs(60), "every message consumed", async || worker.messages() == 1500).await;
     assert!(!table.join("_delta_log/00000000000000000001.json").exists(), "flushed before the window ended");
     let summary = worker.stop().await.expect("clean stop");
@@ -139,8 +139,8 @@ async fn two_workers_in_one_group_build_the_model_table() {
     let (_dir, table) = table_dir();
     let group = unique("g");
     let mut produced = produce(&topic, &sample(3000, 150, 21), None).await;
-    let a = spawn_worker(config(&topic, &group, &table), Faults::default());
-    let b = spawn_worker(config(&topic, &group, &table), Faults::default());
+    let a = spawn_worker(config(&topic, &group, &table));
+    let b = spawn_worker(config(&topic, &group, &table));
     tokio::time::sleep(Duration::from_secs(2)).await;
     produced.extend(produce(&topic, &sample(3000, 150, 22), None).await);
     let end = end_offsets(&produced, 4);
@@ -162,10 +162,10 @@ async fn rebalance_drops_revoked_buffers_and_the_new_owner_rereads_them() {
     // Worker A buffers everything and would not flush for an hour.
     let mut slow = config(&topic, &group, &table);
     slow.flush.interval = Duration::from_secs(3600);
-    let a = spawn_worker(slow, Faults::default());
+    let a = spawn_worker(slow);
     wait_until(Duration::from_secs(60), "worker A buffered the stream", async || a.messages() == 2000).await;
     // Worker B joins: A's partitions are revoked mid-window, with nothing written yet.
-    let b = spawn_worker(config(&topic, &group, &table), Faults::default());
+    let b = spawn_worker(config(&topic, &group, &table));
     produced.extend(produce(&topic, &sample(1000, 100, 32), None).await);
     let end = end_offsets(&produced, 4);
     wait_until(Duration::from_secs(60), "A re-read after the revocation", async || a.messages() > 2000).await;

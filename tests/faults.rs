@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use common::faulty_store::faulty_table;
 use common::scenario::{Scenario, sized};
 use common::*;
+use position_sink::WorkerError;
+use position_sink::faults::CrashPoints;
 use position_sink::status::Progress;
-use position_sink::{Faults, WorkerError};
 use rand::{Rng, SeedableRng};
 
 /// The fault-test broker for outages: its own, so stopping it disturbs no other test.
@@ -99,25 +100,29 @@ async fn kill_loop_sigkill_during_merge_and_between_commits_loses_and_doubles_no
     let mut done: std::collections::BTreeMap<Kill, usize> = Default::default();
     for round in 0..kills {
         let kill = [Kill::Random, Kill::DuringMerge, Kill::BetweenCommits][round % 3];
-        let mut running = start_binary(&config_file, (kill == Kill::BetweenCommits).then_some(0.5));
-        let took_effect = match kill {
+        // New messages every round, so every restarted process has a flush to make.
+        s.produce(sized(300, 1000)).await;
+        let mut running = start_binary(&config_file, (kill == Kill::BetweenCommits).then_some(1.0));
+        let landed = match kill {
             Kill::Random => {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(500..4000))).await;
-                true
+                running.child.try_wait().expect("wait").is_none()
             }
             Kill::DuringMerge => {
                 let writing = running.writing;
-                let seen = tokio::task::spawn_blocking(move || writing.recv_timeout(Duration::from_secs(30)).is_ok())
+                let seen = tokio::task::spawn_blocking(move || writing.recv_timeout(Duration::from_secs(60)).is_ok())
                     .await
                     .expect("join");
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
-                seen
+                seen && running.child.try_wait().expect("wait").is_none()
             }
             Kill::BetweenCommits => {
-                let deadline = Instant::now() + Duration::from_secs(30);
+                // The process aborts itself at its first Delta commit.
+                let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
                     if let Some(status) = running.child.try_wait().expect("wait") {
-                        break !status.success();
+                        use std::os::unix::process::ExitStatusExt;
+                        break status.signal() == Some(6);
                     }
                     if Instant::now() > deadline {
                         break false;
@@ -128,14 +133,11 @@ async fn kill_loop_sigkill_during_merge_and_between_commits_loses_and_doubles_no
         };
         let _ = running.child.kill();
         running.child.wait().expect("reap");
-        if took_effect {
-            *done.entry(kill).or_default() += 1;
-        }
+        assert!(landed, "round {round}: the {kill:?} kill did not hit a running process at its moment");
+        *done.entry(kill).or_default() += 1;
     }
     s.produced.extend(producing.finish().await);
     eprintln!("kill loop: {kills} rounds on {} messages: {done:?}", s.produced.len());
-    assert!(done.get(&Kill::DuringMerge).is_some_and(|n| *n > 0), "no kill landed during a flush");
-    assert!(done.get(&Kill::BetweenCommits).is_some_and(|n| *n > 0), "no abort between the Delta and Kafka commits");
     s.finish().await;
 
     // A person reviews what was rejected.
@@ -163,25 +165,33 @@ async fn rebalance_storm_of_workers_joining_leaving_and_crashing_keeps_the_table
         c.retry.max_retries = 30;
         c
     };
-    let mut workers: Vec<Worker> = (0..3).map(|_| spawn_worker(config(), Faults::default())).collect();
-    let mut progress: Vec<Arc<Progress>> = workers.iter().map(|w| w.faults.progress.clone()).collect();
+    let mut workers: Vec<Worker> = (0..3).map(|_| spawn_worker(config())).collect();
+    let mut progress: Vec<Arc<Progress>> = workers.iter().map(|w| w.progress.clone()).collect();
     let mut rng = seeded_rng("rebalance storm");
     let (mut joined, mut left, mut crashed) = (3, 0, 0);
     let deadline = Instant::now() + storm;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3000))).await;
-        if workers.len() > 1 && (workers.len() == 3 || rng.random_bool(0.5)) {
+        // The first two departures are a crash and a clean leave; then chance decides.
+        let must_leave = left + crashed < 2;
+        if workers.len() > 1 && (workers.len() == 3 || must_leave || rng.random_bool(0.5)) {
             let w = workers.swap_remove(rng.random_range(0..workers.len()));
-            if rng.random_bool(0.5) {
+            let crash = if must_leave { crashed == 0 } else { rng.random_bool(0.5) };
+            if crash {
+                w.handle.abort();
+                let ended = w.handle.await;
+                assert!(
+                    ended.as_ref().is_err_and(|e| e.is_cancelled()),
+                    "the crashed worker was not running: {ended:?}"
+                );
+                crashed += 1;
+            } else {
                 w.stop().await.expect("a worker leaving the group stops cleanly");
                 left += 1;
-            } else {
-                w.handle.abort();
-                crashed += 1;
             }
         } else {
-            let w = spawn_worker(config(), Faults::default());
-            progress.push(w.faults.progress.clone());
+            let w = spawn_worker(config());
+            progress.push(w.progress.clone());
             workers.push(w);
             joined += 1;
         }
@@ -196,6 +206,9 @@ async fn rebalance_storm_of_workers_joining_leaving_and_crashing_keeps_the_table
         "rebalance storm: {joined} joined, {left} left, {crashed} crashed; {conflicts} Delta commit conflicts \
          retried ({failures} failed write attempts in all)"
     );
+    assert!(crashed > 0 && left > 0, "the storm had no crash or no clean leave");
+    let read: u64 = progress.iter().map(|p| Progress::get(&p.messages)).sum();
+    assert!(read > 0, "no worker read anything during the storm");
     s.finish().await;
 }
 
@@ -204,8 +217,8 @@ async fn broker_outage_is_waited_out_reported_not_ready_and_recovered_from() {
     kafka_script(&["ensure", &OUTAGE_BROKER_PORT.to_string()]);
     let mut s = Scenario::on(&format!("127.0.0.1:{OUTAGE_BROKER_PORT}"), "outage", 3).await;
     s.produce(sized(6000, 60_000)).await;
-    let w = spawn_worker(s.config(), Faults::default());
-    let progress = w.faults.progress.clone();
+    let w = spawn_worker(s.config());
+    let progress = w.progress.clone();
     wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
     assert!(progress.health.is_ready(), "{:?}", progress.health.problems());
 
@@ -246,8 +259,8 @@ async fn request_errors_and_a_downed_broker_in_the_mock_cluster_are_survived() {
     mock.request_errors(RDKafkaApiKey::JoinGroup, &[RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 3]);
     mock.request_errors(RDKafkaApiKey::Fetch, &[RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 5]);
     mock.request_errors(RDKafkaApiKey::OffsetCommit, &[RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 5]);
-    let w = spawn_worker(s.config(), Faults::default());
-    let progress = w.faults.progress.clone();
+    let w = spawn_worker(s.config());
+    let progress = w.progress.clone();
     wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
 
     mock.broker_down(1).expect("broker down");
@@ -275,8 +288,8 @@ async fn storage_failures_mid_flush_commit_no_offsets_pause_reading_and_heal() {
     config.flush.max_records = sized(500, 5000);
     config.retry.max_retries = 1000;
     config.retry.max_delay = Duration::from_millis(300);
-    let w = spawn_worker(config, Faults::default());
-    let progress = w.faults.progress.clone();
+    let w = spawn_worker(config);
+    let progress = w.progress.clone();
     wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
 
     // Data files are written but their commits fail (a full disk after the data), then
@@ -323,10 +336,10 @@ async fn a_stalled_worker_that_lost_its_partitions_never_overwrites_the_new_owne
     let mut stalled = s.config();
     stalled.flush.interval = Duration::from_secs(1);
     stalled.kafka.librdkafka.0.insert("max.poll.interval.ms".into(), "6000".into());
-    let a = spawn_worker(stalled, Faults { hold_first_flush: Some(stall.clone()), ..Faults::default() });
+    let a = spawn_worker_with(stalled, CrashPoints { hold_first_flush: Some(stall.clone()), ..Default::default() });
     wait_until(Duration::from_secs(60), "A buffered messages", async || a.messages() > 0).await;
     // A stops polling at its first flush; past max.poll.interval.ms it loses its partitions.
-    let b = spawn_worker(s.config(), Faults::default());
+    let b = spawn_worker(s.config());
     // Newer updates of instruments A holds stale ones for: B writes them.
     let newer: Vec<Msg> = s
         .produced
@@ -345,11 +358,9 @@ async fn a_stalled_worker_that_lost_its_partitions_never_overwrites_the_new_owne
 
     // A wakes up and flushes its stale buffer.
     stall.notify_one();
-    wait_until(Duration::from_secs(30), "A flushed its stale buffer", async || {
-        Progress::get(&a.faults.progress.flushes) > 0
-    })
-    .await;
-    assert_eq!(Progress::get(&a.faults.progress.delta_commits), 0, "the zombie committed to the table");
+    wait_until(Duration::from_secs(30), "A flushed its stale buffer", async || Progress::get(&a.progress.flushes) > 0)
+        .await;
+    assert_eq!(Progress::get(&a.progress.delta_commits), 0, "the zombie committed to the table");
     assert_eq!(table_version(&s.table).await, version, "the zombie changed the table");
     assert_eq!(read_table(&s.table).await, before);
     a.stop().await.expect("worker A");
@@ -374,12 +385,11 @@ async fn slow_storage_is_kept_up_with_by_larger_batches_within_the_memory_bound(
     config.flush.max_records = 100_000;
     config.flush.max_bytes = 512 * 1024;
     faults.commit_delay_ms.store(1000, Ordering::SeqCst);
-    let faults_handle = Faults::default();
-    let progress = faults_handle.progress.clone();
+    let progress = Arc::new(Progress::default());
     let started = Instant::now();
     config.worker.exit_when_caught_up = true;
     let summary =
-        position_sink::run_with_faults(config.clone(), Default::default(), faults_handle).await.expect("worker");
+        position_sink::run_with_progress(config.clone(), Default::default(), progress.clone()).await.expect("worker");
     let elapsed = started.elapsed();
     let peak = Progress::get(&progress.buffered_bytes_peak);
     let per_commit = summary.messages as f64 / summary.delta_commits.max(1) as f64;
@@ -409,8 +419,8 @@ async fn sigterm_while_a_flush_is_retrying_exits_in_bounded_time_without_committ
     let mut config = s.config();
     config.retry.max_retries = 1000;
     config.worker.shutdown_timeout = Duration::from_secs(3);
-    let w = spawn_worker(config, Faults::default());
-    let progress = w.faults.progress.clone();
+    let w = spawn_worker(config);
+    let progress = w.progress.clone();
     wait_until(Duration::from_secs(60), "a first commit", async || s.is_committed_to_end()).await;
     faults.fail_writes.store(true, Ordering::SeqCst);
     let committed = s.committed();
@@ -516,8 +526,8 @@ async fn a_really_full_disk_mid_ingest_is_waited_out_and_nothing_partial_is_visi
     config.flush.max_records = sized(500, 3000);
     config.retry.max_retries = 1000;
     config.retry.max_delay = Duration::from_millis(300);
-    let w = spawn_worker(config, Faults::default());
-    let progress = w.faults.progress.clone();
+    let w = spawn_worker(config);
+    let progress = w.progress.clone();
     wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
 
     let filler = disk.fill();

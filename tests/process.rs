@@ -3,22 +3,39 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use common::*;
 
-fn start(config_file: &std::path::Path, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_position-sink"))
+/// The line the worker logs (at debug) once every assigned partition is read to its end.
+const READ_TO_END: &str = "read every assigned partition to its end";
+
+/// Starts the binary; the receiver gets a signal each time it logs [`READ_TO_END`].
+fn start(config_file: &std::path::Path, extra: &[&str]) -> (Child, Receiver<()>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_position-sink"))
         .arg("run")
         .arg("--config")
         .arg(config_file)
         .args(extra)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,position_sink::worker=debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
-        .expect("start position-sink")
+        .expect("start position-sink");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, read_to_end) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(READ_TO_END) {
+                let _ = tx.send(());
+            }
+            eprintln!("  worker: {line}");
+        }
+    });
+    (child, read_to_end)
 }
 
 /// Writes a TOML config for `topic`, `group` and `table`, followed by `extra` sections.
@@ -46,9 +63,11 @@ async fn sigterm_mid_window_flushes_commits_and_exits_zero() {
     let (dir, table) = table_dir();
     let group = unique("g");
     let config_file = write_config(dir.path(), &topic, &group, &table, "[flush]\ninterval = \"1h\"\n");
-    let mut child = start(&config_file, &[]);
-    // Long enough to join the group and read 800 messages; the window is an hour.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (mut child, read_to_end) = start(&config_file, &[]);
+    let read = tokio::task::spawn_blocking(move || read_to_end.recv_timeout(Duration::from_secs(90)).is_ok())
+        .await
+        .expect("join");
+    assert!(read, "the worker did not read the stream to its end within 90 s");
     assert!(!table.join("_delta_log/00000000000000000001.json").exists(), "flushed before the window ended");
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());

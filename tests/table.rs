@@ -113,6 +113,7 @@ async fn failed_commits_leave_no_gap_and_no_visible_change() {
     let config = DeltaConfig { table_uri: uri, ..DeltaConfig::default() };
     let mut table = PositionTable::open_or_create(&config, "g").await.unwrap();
     let mut offset = 0;
+    let mut failed_rounds = Vec::new();
     for round in 0..6 {
         offset += 1;
         let b = batch(vec![update(round + 1, 1000, 0, offset)], &[("t", 0, offset)]);
@@ -124,11 +125,14 @@ async fn failed_commits_leave_no_gap_and_no_visible_change() {
                 let files: Vec<_> =
                     std::fs::read_dir(path.join("_delta_log")).unwrap().map(|e| e.unwrap().file_name()).collect();
                 assert!(round % 2 == 1, "round {round}: {error}\n{files:?}");
+                failed_rounds.push(round);
                 faults.heal();
                 table = table.write(&b).await.expect("the retry after healing").0;
             }
         }
     }
+    assert_eq!(failed_rounds, [1, 3, 5], "every round with failing storage failed its first write");
+    assert!(faults.refused.load(Ordering::SeqCst) >= 3, "the store refused no write");
     let mut versions: Vec<String> = std::fs::read_dir(path.join("_delta_log"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -150,11 +150,12 @@ impl DeadLetterTopic {
         }
     }
 
-    /// Fault injection: sends the dead letters and offsets like [`Self::publish`], then
+    /// Fault injection (feature `fault-injection`): sends the dead letters and offsets like [`Self::publish`], then
     /// leaves the transaction open, as a crash before the commit would.
     ///
     /// # Errors
     /// When sending fails.
+    #[cfg(feature = "fault-injection")]
     pub async fn publish_without_commit(
         self: &Arc<Self>,
         dead_letters: &[DeadLetter],

@@ -5,6 +5,11 @@
 
 #![allow(dead_code)]
 
+#[cfg(not(feature = "fault-injection"))]
+compile_error!(
+    "the integration tests inject crashes: run them with `cargo test --features fault-injection` (scripts/test.sh does)"
+);
+
 pub mod faulty_store;
 pub mod scenario;
 
@@ -18,7 +23,8 @@ use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
 use deltalake::datafusion::prelude::SessionContext;
 use position_sink::config::Config;
-use position_sink::{Faults, RunSummary, WorkerError};
+use position_sink::faults::CrashPoints;
+use position_sink::{Progress, RunSummary, WorkerError};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -186,7 +192,7 @@ pub fn config(topic: &str, group: &str, table: &Path) -> Config {
 pub struct Worker {
     pub handle: JoinHandle<Result<RunSummary, WorkerError>>,
     pub shutdown: CancellationToken,
-    pub faults: Faults,
+    pub progress: std::sync::Arc<Progress>,
 }
 
 impl Worker {
@@ -198,15 +204,26 @@ impl Worker {
 
     /// Messages consumed so far.
     pub fn messages(&self) -> u64 {
-        self.faults.progress.messages.load(Ordering::Relaxed)
+        self.progress.messages.load(Ordering::Relaxed)
     }
 }
 
 /// Starts a worker in the test's runtime.
-pub fn spawn_worker(config: Config, faults: Faults) -> Worker {
+pub fn spawn_worker(config: Config) -> Worker {
+    spawn_worker_with(config, CrashPoints::default())
+}
+
+/// Starts a worker with crash points in the test's runtime.
+pub fn spawn_worker_with(config: Config, crash: CrashPoints) -> Worker {
     let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(position_sink::run_with_faults(config, shutdown.clone(), faults.clone()));
-    Worker { handle, shutdown, faults }
+    let progress = std::sync::Arc::new(Progress::default());
+    let handle = tokio::spawn(position_sink::run_with_crash_points(config, shutdown.clone(), progress.clone(), crash));
+    Worker { handle, shutdown, progress }
+}
+
+/// Runs a worker with crash points until it stops by itself (a crash, or caught up).
+pub async fn run_crashing(config: Config, crash: CrashPoints) -> Result<RunSummary, WorkerError> {
+    position_sink::run_with_crash_points(config, CancellationToken::new(), Default::default(), crash).await
 }
 
 /// Runs a worker until it has written every partition to its end, and returns its summary.
