@@ -18,6 +18,6 @@ export POSITION_SINK_FAULT_SCALE=full
 # One scenario at a time: at full size they would compete for the two cores.
 # (object_store's BufWriter panics under the storage faults are an upstream issue that
 # delta-rs turns into a retried error; see the README.)
-cargo test --locked --test faults -- --test-threads 1 --nocapture "$@" 2>&1 \
+cargo test --locked --features fault-injection --test faults -- --test-threads 1 --nocapture "$@" 2>&1 \
   | grep -v --line-buffered -e 'object_store-.*/buffered.rs' -e '^Already shut down' \
   | grep -E --line-buffered -A3 '^(scenario|kill loop|rebalance storm|storage faults|slow storage|test |test result)|panicked|FAILED'
