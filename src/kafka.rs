@@ -8,7 +8,7 @@
 //! manual commit to no one when its event API is used, as rdkafka does: commits are
 //! synchronous, on a blocking thread.)
 
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -45,17 +45,11 @@ pub struct SinkContext {
 impl SinkContext {
     /// Assignment changes since the last call, oldest first.
     pub fn take_rebalances(&self) -> Vec<Rebalanced> {
-        match self.rebalances.lock() {
-            Ok(mut events) => std::mem::take(&mut *events),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        }
+        std::mem::take(&mut *self.rebalances.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn push(&self, event: Rebalanced) {
-        match self.rebalances.lock() {
-            Ok(mut events) => events.push(event),
-            Err(poisoned) => poisoned.into_inner().push(event),
-        }
+        self.rebalances.lock().unwrap_or_else(PoisonError::into_inner).push(event);
     }
 }
 

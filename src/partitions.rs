@@ -149,9 +149,14 @@ impl Partitions {
         self.skip_recorded
     }
 
-    /// The assigned partitions in a stable order.
-    pub fn assignment(&self) -> Vec<TopicPartition> {
-        self.states.keys().cloned().collect()
+    /// How many partitions are assigned.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Whether no partition is assigned.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
     }
 
     /// Whether `tp` is assigned here.
@@ -333,7 +338,7 @@ impl Partitions {
     /// partition whose position is unknown stands at its log start. False with nothing
     /// assigned.
     pub fn is_read_to_end(&self, watermarks: impl Fn(&TopicPartition) -> Option<(Offset, Offset)>) -> bool {
-        !self.states.is_empty()
+        !self.is_empty()
             && self.states.iter().all(|(tp, s)| match watermarks(tp) {
                 Some((low, high)) => s.position().unwrap_or(low) >= high,
                 None => false,

@@ -8,14 +8,14 @@ use tracing::warn;
 
 use crate::config::RetryConfig;
 
+/// Exponential backoff with jitter between `policy`'s bounds.
+fn exponential(policy: &RetryConfig) -> ExponentialBuilder {
+    ExponentialBuilder::default().with_min_delay(policy.min_delay).with_max_delay(policy.max_delay).with_jitter()
+}
+
 /// The delays between attempts allowed by `policy`; exhausted after `max_retries`.
 pub fn delays(policy: &RetryConfig) -> impl Iterator<Item = std::time::Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(policy.min_delay)
-        .with_max_delay(policy.max_delay)
-        .with_max_times(policy.max_retries)
-        .with_jitter()
-        .build()
+    exponential(policy).with_max_times(policy.max_retries).build()
 }
 
 /// The delays between attempts of something retried until it succeeds (offset
@@ -24,13 +24,7 @@ pub fn delays(policy: &RetryConfig) -> impl Iterator<Item = std::time::Duration>
 pub fn backoff(policy: &RetryConfig) -> impl Iterator<Item = std::time::Duration> + Send + 'static {
     // Jitter may add up to one more delay; the bound is the configured maximum.
     let max = policy.max_delay;
-    ExponentialBuilder::default()
-        .with_min_delay(policy.min_delay)
-        .with_max_delay(policy.max_delay)
-        .without_max_times()
-        .with_jitter()
-        .build()
-        .map(move |delay| delay.min(max))
+    exponential(policy).without_max_times().build().map(move |delay| delay.min(max))
 }
 
 /// Runs `attempt` until it succeeds, fails with an error `is_retryable` refuses, or

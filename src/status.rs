@@ -7,8 +7,8 @@
 //! counts sit behind a short lock), written by the worker and its Kafka callbacks,
 //! readable from any thread at any time.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use crate::dead_letter::ReasonCounts;
 
@@ -67,18 +67,12 @@ impl Progress {
 
     /// Counts dead letters written, by reason.
     pub fn add_dead_letters(&self, written: &ReasonCounts) {
-        match self.dead_letters.lock() {
-            Ok(mut counts) => counts.merge(written),
-            Err(poisoned) => poisoned.into_inner().merge(written),
-        }
+        self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner).merge(written);
     }
 
     /// Dead letters written so far, by reason.
     pub fn dead_letters(&self) -> ReasonCounts {
-        match self.dead_letters.lock() {
-            Ok(counts) => counts.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// The totals so far.

@@ -369,7 +369,7 @@ impl Worker {
         let consumer = &self.consumer;
         let at_end = self.partitions.is_read_to_end(|tp| kafka::cached_watermarks(consumer, tp));
         if at_end && !self.read_to_end {
-            debug!(partitions = self.partitions.assignment().len(), "read every assigned partition to its end");
+            debug!(partitions = self.partitions.len(), "read every assigned partition to its end");
         }
         self.read_to_end = at_end;
     }
