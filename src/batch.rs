@@ -164,11 +164,13 @@ mod tests {
     }
 
     #[test]
-    fn different_symbols_are_different_rows() {
+    fn a_conid_whose_symbol_changes_is_one_row_with_the_newest_symbol() {
         let mut b = buffer();
         b.push(update(1, "A", 100, 0, 1), 10);
         b.push(update(1, "B", 100, 0, 2), 10);
-        assert_eq!(b.take().rows.len(), 2);
+        let rows = b.take().rows;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].symbol, "B");
     }
 
     #[test]

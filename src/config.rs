@@ -95,9 +95,15 @@ impl OffsetReset {
 pub struct DeltaConfig {
     /// Table location: a local path or a URL (`file:///…`, `s3://…`). Created if missing.
     pub table_uri: String,
-    /// Columns that identify a row, besides `symbol` (always part of it, as the partition
-    /// column). Must include `conid`; may add `account`, `sec_type`, `currency`.
+    /// Columns that identify a row. Must include `conid`; may add `account`, `sec_type`,
+    /// `currency`. `symbol` is not part of the key: a conid whose symbol changes moves.
     pub key_columns: Vec<KeyColumn>,
+    /// The table's layout, fixed when the table is created: `"symbol"` (a partition per
+    /// symbol, for tens to hundreds of symbols) or `"none"` (no partition column, files
+    /// sorted by symbol; for thousands of symbols). See docs/write-path.md.
+    pub partition_by: PartitionBy,
+    /// Most rows in one data file; a flush rewrites only the files that hold its keys.
+    pub max_rows_per_file: usize,
     /// Options for the object store (credentials, endpoint), passed to delta-rs.
     pub storage_options: Settings,
 }
@@ -107,7 +113,29 @@ impl Default for DeltaConfig {
         Self {
             table_uri: "./data/positions".into(),
             key_columns: vec![KeyColumn::Conid],
+            partition_by: PartitionBy::Symbol,
+            max_rows_per_file: 100_000,
             storage_options: Settings::default(),
+        }
+    }
+}
+
+/// The positions table's partitioning (`delta.partition_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionBy {
+    /// A `symbol=` directory per symbol.
+    Symbol,
+    /// No partition column.
+    None,
+}
+
+impl PartitionBy {
+    /// The partition columns of this layout.
+    pub fn columns(self) -> &'static [&'static str] {
+        match self {
+            PartitionBy::Symbol => &[crate::arrow::PARTITION_COLUMN],
+            PartitionBy::None => &[],
         }
     }
 }
@@ -345,6 +373,9 @@ impl Config {
         }
         if !self.delta.key_columns.contains(&KeyColumn::Conid) {
             return invalid("delta.key_columns", "does not include \"conid\"", "add \"conid\" to the list");
+        }
+        if self.delta.max_rows_per_file == 0 {
+            return invalid("delta.max_rows_per_file", "is zero", "set a positive number of rows, e.g. 100000");
         }
         if self.flush.interval.is_zero() {
             return invalid("flush.interval", "is zero", "set a positive duration, e.g. \"3s\"");

@@ -1,32 +1,48 @@
 //! The positions table in Delta Lake: creation and schema checks, the offsets it has
-//! recorded, and the idempotent last-write-wins MERGE of one batch.
+//! recorded, and the idempotent last-write-wins merge of one batch, written as one
+//! commit (docs/write-path.md).
 //!
 //! Invariants kept here:
-//! - One flush is one Delta commit: the MERGE of the batch's rows and, in the same
-//!   commit, one `txn` action per partition recording the last offset the batch covers.
+//! - One flush is one Delta commit: the removed and added data files and, in the same
+//!   commit, one `txn` action per partition recording the last offset the batch covers,
+//!   whatever the number of symbols.
 //! - Rows at or below a partition's recorded offset are never written again, and a
 //!   partition's recorded offset never moves backwards (delta-rs refuses a commit whose
 //!   `txn` app ids were changed by a concurrent winner, and the retry re-reads them).
-//! - The MERGE replaces a stored row only with a strictly newer update
-//!   ([`crate::update::PositionUpdate::supersedes`]), and touches only the batch's
-//!   `symbol` partitions.
+//! - A stored row is replaced only by a strictly newer update
+//!   ([`crate::update::PositionUpdate::supersedes`]); a key has one row, whatever its
+//!   symbol ([`crate::rewrite`]).
+//! - A flush reads and rewrites only the files that hold its keys (found in the
+//!   [`KeyIndex`]), and its commit declares as read only the files of its own Kafka
+//!   partitions, so workers of one group commit side by side.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
-use deltalake::datafusion::prelude::{Expr, SessionContext, col};
-use deltalake::kernel::Transaction;
+use deltalake::arrow::array::{AsArray, RecordBatch, RecordBatchReader};
+use deltalake::arrow::compute::concat_batches;
+use deltalake::arrow::datatypes::Int32Type;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::protocol::{DeltaOperation, SaveMode};
-use deltalake::{DeltaTable, DeltaTableError};
+use deltalake::kernel::{Action, Add, Transaction};
+use deltalake::parquet::arrow::ProjectionMask;
+use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use deltalake::protocol::{DeltaOperation, MergePredicate};
+use deltalake::table::config::TablePropertiesExt;
+use deltalake::{DeltaTable, DeltaTableError, ObjectStore};
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use tokio::sync::Mutex;
 
-use crate::arrow::{LINEAGE_COLUMNS, PARTITION_COLUMN, PAYLOAD_COLUMNS, schema, to_record_batch};
+use crate::arrow::{PARTITION_COLUMN, schema, to_record_batch};
 use crate::batch::Batch;
-use crate::config::DeltaConfig;
+use crate::config::{DeltaConfig, PartitionBy};
 pub use crate::delta::TableError;
 use crate::delta::{self, TableSpec};
+use crate::key_index::{FileGroup, FileId, KeyIndex};
 use crate::offsets::{Offset, TopicPartition};
-use crate::update::{KeyColumn, PositionUpdate};
+use crate::rewrite::{self, NewFile, TouchedFile};
+use crate::update::{KeyColumn, RowKey};
 
 /// A Delta table version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,15 +53,21 @@ pub struct TableVersion(pub u64);
 pub struct WriteReport {
     /// The table version after the write (unchanged when nothing was new).
     pub version: TableVersion,
-    /// Rows offered to the MERGE (after dropping already-recorded offsets).
+    /// Rows offered to the merge (after dropping already-recorded offsets).
     pub rows_offered: usize,
     /// Rows inserted.
     pub inserted: usize,
     /// Rows updated (the rest were older than the stored row).
     pub updated: usize,
+    /// Data files removed (rewritten).
+    pub files_removed: usize,
+    /// Data files added.
+    pub files_added: usize,
+    /// Bytes of data files added.
+    pub bytes_written: u64,
     /// Whether a commit was made.
     pub committed: bool,
-    /// Time spent in the MERGE and commit.
+    /// Time spent in the merge and commit.
     pub elapsed: std::time::Duration,
 }
 
@@ -56,21 +78,29 @@ pub struct PositionTable {
     uri: String,
     group_id: String,
     key_columns: Vec<KeyColumn>,
+    layout: PartitionBy,
+    max_rows_per_file: usize,
+    index: Arc<Mutex<KeyIndex>>,
 }
 
 impl PositionTable {
-    /// Opens the table at `config.table_uri`, creating it if missing, and checks its schema.
+    /// Opens the table at `config.table_uri`, creating it if missing, and checks its
+    /// schema and layout.
     ///
     /// # Errors
     /// [`TableError::Open`] when storage fails, [`TableError::Incompatible`] when the
     /// table exists with other columns or partitioning.
     pub async fn open_or_create(config: &DeltaConfig, group_id: &str) -> Result<Self, TableError> {
-        let table = delta::open_or_create(&config.table_uri, &config.storage_options, &spec()).await?;
+        let table =
+            delta::open_or_create(&config.table_uri, &config.storage_options, &spec(config.partition_by)).await?;
         Ok(Self {
             table,
             uri: config.table_uri.clone(),
             group_id: group_id.to_string(),
             key_columns: config.key_columns.clone(),
+            layout: config.partition_by,
+            max_rows_per_file: config.max_rows_per_file,
+            index: Arc::default(),
         })
     }
 
@@ -105,7 +135,7 @@ impl PositionTable {
     }
 
     /// Writes `batch` in one commit on top of the latest version: rows above each
-    /// partition's recorded offset are merged with the last-write-wins guard, and the
+    /// partition's recorded offset are merged with the last-write-wins rule, and the
     /// batch's offsets are recorded. A batch the table already holds entirely is not
     /// committed again. Returns the handle at the version written.
     ///
@@ -130,177 +160,318 @@ impl PositionTable {
             .map(|(tp, offset)| Transaction::new(tp.app_id(&self.group_id), offset.0))
             .collect();
         let rows: Vec<_> = batch.rows.iter().filter(|u| is_new(&u.source.tp, u.source.offset)).cloned().collect();
-        let unchanged = WriteReport {
+        let mut report = WriteReport {
             version: self.version().unwrap_or(TableVersion(0)),
             rows_offered: rows.len(),
             inserted: 0,
             updated: 0,
+            files_removed: 0,
+            files_added: 0,
+            bytes_written: 0,
             committed: false,
             elapsed: started.elapsed(),
         };
         if transactions.is_empty() {
-            return Ok(unchanged);
+            return Ok(report);
         }
-        let groups = symbol_groups(rows.clone(), MAX_SYMBOLS_PER_MERGE);
-        let (mut inserted, mut updated, mut offsets_recorded) = (0, 0, false);
-        let last = groups.len().saturating_sub(1);
-        for (i, group) in groups.iter().enumerate() {
-            // Only the last MERGE records the offsets: a crash between two of them
-            // leaves rows whose replay the last-write-wins guard turns into no-ops.
-            let recording = if i == last { transactions.clone() } else { Vec::new() };
-            let version_before = self.table.version();
-            let (ins, upd) = self.merge_rows(group, recording).await?;
-            (inserted, updated) = (inserted + ins, updated + upd);
-            offsets_recorded = i == last && self.table.version() != version_before;
-        }
-        // delta-rs makes no commit for a MERGE that changes nothing (or has no rows);
-        // the offsets must be recorded all the same.
-        if !offsets_recorded {
-            self.commit_offsets_only(transactions, rows.len()).await?;
-        }
-        Ok(WriteReport {
-            version: self.version().unwrap_or(TableVersion(0)),
-            rows_offered: rows.len(),
-            inserted,
-            updated,
-            committed: true,
-            elapsed: started.elapsed(),
-        })
-    }
-
-    async fn merge_rows(
-        &mut self,
-        rows: &[PositionUpdate],
-        transactions: Vec<Transaction>,
-    ) -> Result<(usize, usize), TableError> {
         let write_err =
             |source| TableError::Write { uri: self.uri.clone(), rows: rows.len(), source: Box::new(source) };
-        let ingested_at = chrono::Utc::now().timestamp_micros();
-        let record_batch = to_record_batch(rows, ingested_at)
-            .map_err(|e| write_err(DeltaTableError::Generic(format!("building the Arrow batch: {e}"))))?;
-        let source = SessionContext::new().read_batch(record_batch).map_err(|e| write_err(e.into()))?;
-        let (table, metrics) = self
-            .table
-            .clone()
-            .merge(source, self.join_predicate())
-            .with_source_alias("source")
-            .with_target_alias("target")
-            .when_matched_update(|update| {
-                PAYLOAD_COLUMNS
-                    .iter()
-                    .chain(LINEAGE_COLUMNS.iter())
-                    .fold(update.predicate(newer_than_target()), |u, c| u.update(*c, source_col(c)))
-            })
-            .and_then(|merge| {
-                merge.when_not_matched_insert(|insert| {
-                    PAYLOAD_COLUMNS.iter().chain(LINEAGE_COLUMNS.iter()).fold(insert, |i, c| i.set(*c, source_col(c)))
-                })
-            })
-            .map_err(write_err)?
-            .with_commit_properties(CommitProperties::default().with_application_transactions(transactions))
-            .await
-            .map_err(write_err)?;
-        self.table = table;
-        Ok((metrics.num_target_rows_inserted, metrics.num_target_rows_updated))
-    }
+        let arrow_err = |e: deltalake::arrow::error::ArrowError| write_err(DeltaTableError::from(e));
 
-    /// A commit that only records offsets: for a batch whose rows are all older than
-    /// the table's, or already written.
-    async fn commit_offsets_only(&mut self, transactions: Vec<Transaction>, rows: usize) -> Result<(), TableError> {
-        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows, source: Box::new(source) };
+        let index = self.index.clone();
+        let mut index = index.lock().await;
+        self.sync_index(&mut index).await?;
+
+        // The files that hold the batch's keys, and for each group that gains keys the
+        // file that takes them in.
+        let mut touched: BTreeSet<FileId> = BTreeSet::new();
+        let mut gaining: BTreeSet<FileGroup> = BTreeSet::new();
+        for row in &rows {
+            let target = FileGroup {
+                symbol: (self.layout == PartitionBy::Symbol).then(|| row.symbol.clone()),
+                owner: Some(row.source.tp.clone()),
+            };
+            match index.file_of(&row.key(&self.key_columns)) {
+                Some(id) if index.file(id).is_some_and(|f| f.group == target) => {
+                    touched.insert(id);
+                }
+                Some(id) => {
+                    touched.insert(id);
+                    gaining.insert(target);
+                }
+                None => {
+                    gaining.insert(target);
+                }
+            }
+        }
+        let duplicated: Vec<(RowKey, FileId)> = index.duplicates().map(|(k, id)| (k.clone(), id)).collect();
+        for (key, id) in duplicated {
+            touched.insert(id);
+            touched.extend(index.file_of(&key));
+        }
+        let hosts: BTreeSet<FileId> =
+            gaining.iter().filter_map(|g| index.smallest_in(g, self.max_rows_per_file)).collect();
+        touched.extend(hosts.iter().copied());
+
+        let files = self.read_touched(&index, &touched, &hosts).await?;
+        let batch_rows = to_record_batch(&rows, chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
+        let plan = rewrite::plan(&files, &batch_rows, self.layout, &self.key_columns, self.max_rows_per_file)
+            .map_err(arrow_err)?;
+        drop(files);
+
+        let adds = self.write_files(&plan.files).await?;
+        let removed_paths: HashSet<&str> =
+            plan.rewritten.iter().filter_map(|id| index.file(*id)).map(|f| f.path.as_str()).collect();
         let snapshot = self.table.snapshot().map_err(write_err)?;
-        let operation = DeltaOperation::Write { mode: SaveMode::Append, partition_by: None, predicate: None };
+        let removes: Vec<Action> = snapshot
+            .log_data()
+            .iter()
+            .filter(|view| removed_paths.contains(view.path().as_ref()))
+            .map(|view| Action::Remove(view.remove_action(true)))
+            .collect();
+        let mut actions = removes;
+        actions.extend(adds.iter().cloned().map(Action::Add));
+        let operation = self.operation(&partitions, &plan.rewritten, &index);
         CommitBuilder::from(CommitProperties::default().with_application_transactions(transactions))
+            .with_actions(actions)
             .build(Some(snapshot), self.table.log_store(), operation)
             .await
             .map_err(write_err)?;
-        self.table.update_state().await.map_err(write_err)
-    }
 
-    /// `target.symbol = source.symbol AND target.k = source.k ...`: the partition column
-    /// first, so delta-rs prunes the scan to the batch's symbols.
-    fn join_predicate(&self) -> Expr {
-        std::iter::once(PARTITION_COLUMN)
-            .chain(self.key_columns.iter().map(|k| k.name()))
-            .map(|c| target_col(c).eq(source_col(c)))
-            .reduce(Expr::and)
-            .unwrap_or_else(|| target_col("conid").eq(source_col("conid")))
-    }
-}
-
-/// Most distinct symbols one MERGE covers. delta-rs prunes the MERGE to the source's
-/// partitions with a filter of one `OR` term per symbol, which it walks recursively: a
-/// batch of thousands of symbols overflows a thread's stack. Larger batches are merged
-/// in groups, one commit each.
-pub const MAX_SYMBOLS_PER_MERGE: usize = 250;
-
-/// `rows` split into groups of at most `max_symbols` distinct symbols each (none for
-/// no rows), every symbol in exactly one group.
-fn symbol_groups(mut rows: Vec<PositionUpdate>, max_symbols: usize) -> Vec<Vec<PositionUpdate>> {
-    rows.sort_by(|a, b| a.symbol.cmp(&b.symbol));
-    let mut groups: Vec<Vec<PositionUpdate>> = Vec::new();
-    let mut symbols_in_last = 0;
-    for row in rows {
-        let new_symbol = groups.last().and_then(|g| g.last()).is_none_or(|prev| prev.symbol != row.symbol);
-        if new_symbol && (groups.is_empty() || symbols_in_last == max_symbols) {
-            groups.push(Vec::new());
-            symbols_in_last = 0;
+        for id in &plan.rewritten {
+            index.remove_file(*id);
         }
-        if new_symbol {
-            symbols_in_last += 1;
+        for (add, file) in adds.iter().zip(plan.files) {
+            index.add_file(decoded_path(&add.path), file.group, file.keys);
         }
-        groups.last_mut().expect("a group was pushed").push(row);
+        self.table.update_state().await.map_err(write_err)?;
+        report.version = self.version().unwrap_or(TableVersion(0));
+        report.inserted = plan.inserted;
+        report.updated = plan.updated;
+        report.files_removed = plan.rewritten.len();
+        report.files_added = adds.len();
+        report.bytes_written = adds.iter().map(|a| a.size.max(0) as u64).sum();
+        report.committed = true;
+        report.elapsed = started.elapsed();
+        Ok(report)
     }
-    groups
+
+    /// Brings the key index to this handle's version: forgets removed files and reads
+    /// the keys of files it has not seen (all of them the first time; afterwards only
+    /// those other writers added).
+    async fn sync_index(&self, index: &mut KeyIndex) -> Result<(), TableError> {
+        let read_err = |source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) };
+        let snapshot = self.table.snapshot().map_err(read_err)?;
+        let live: Vec<(String, Option<String>, u64)> = snapshot
+            .log_data()
+            .iter()
+            .map(|view| {
+                let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
+                (view.path().into_owned(), symbol, view.size().max(0) as u64)
+            })
+            .collect();
+        let unknown: HashSet<String> = index.sync(live.iter().map(|(path, _, _)| path.as_str())).into_iter().collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let store = self.table.object_store();
+        let mut key_names = vec!["conid", "kafka_topic", "kafka_partition"];
+        key_names.extend(self.key_columns.iter().map(|k| k.name()).filter(|n| *n != "conid"));
+        let reads: Vec<_> = live
+            .into_iter()
+            .filter(|(path, _, _)| unknown.contains(path))
+            .map(|(path, symbol, _)| {
+                let store = store.clone();
+                let key_names = key_names.clone();
+                async move {
+                    let rows = read_file(store, &path, Some(&key_names)).await?;
+                    Ok::<_, DeltaTableError>((path, symbol, rows))
+                }
+            })
+            .collect();
+        let mut reads = futures::stream::iter(reads).buffer_unordered(8);
+        while let Some((path, symbol, rows)) = reads.try_next().await.map_err(read_err)? {
+            let (owner, keys) = file_keys(&rows, &self.key_columns).map_err(|e| read_err(e.into()))?;
+            index.add_file(
+                path,
+                FileGroup { symbol: symbol.filter(|_| self.layout == PartitionBy::Symbol), owner },
+                keys,
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads every row of the touched files.
+    async fn read_touched(
+        &self,
+        index: &KeyIndex,
+        touched: &BTreeSet<FileId>,
+        hosts: &BTreeSet<FileId>,
+    ) -> Result<Vec<TouchedFile>, TableError> {
+        let read_err = |source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) };
+        let snapshot = self.table.snapshot().map_err(read_err)?;
+        let by_path: HashMap<&str, FileId> =
+            touched.iter().filter_map(|id| index.file(*id).map(|f| (f.path.as_str(), *id))).collect();
+        let wanted: Vec<(FileId, String, Option<String>, u64)> = snapshot
+            .log_data()
+            .iter()
+            .filter_map(|view| {
+                let id = *by_path.get(view.path().as_ref())?;
+                let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
+                Some((id, view.path().into_owned(), symbol, view.size().max(0) as u64))
+            })
+            .collect();
+        let store = self.table.object_store();
+        let reads: Vec<_> = wanted
+            .into_iter()
+            .map(|(id, path, symbol, _)| {
+                let store = store.clone();
+                let hosts_new_keys = hosts.contains(&id);
+                async move {
+                    let rows = read_file(store, &path, None).await?;
+                    let rows = rewrite::with_table_schema(&rows, symbol.as_deref())?;
+                    Ok::<_, DeltaTableError>(TouchedFile { id, rows, hosts_new_keys })
+                }
+            })
+            .collect();
+        futures::stream::iter(reads).buffered(8).try_collect().await.map_err(read_err)
+    }
+
+    /// Writes the planned files, one data file each.
+    async fn write_files(&self, files: &[NewFile]) -> Result<Vec<Add>, TableError> {
+        use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
+        let rows = files.iter().map(|f| f.rows.num_rows()).sum();
+        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows, source: Box::new(source) };
+        let snapshot = self.table.snapshot().map_err(write_err)?;
+        let config = WriterConfig::new(
+            schema(),
+            self.layout.columns().iter().map(|c| c.to_string()).collect(),
+            None,
+            None,
+            None,
+            snapshot.table_config().num_indexed_cols(),
+            None,
+        );
+        let store = self.table.object_store();
+        let writes: Vec<_> = files
+            .iter()
+            .map(|file| {
+                let mut writer = DeltaWriter::new(store.clone(), config.clone());
+                let rows = file.rows.clone();
+                async move {
+                    writer.write(&rows).await?;
+                    let adds = writer.close().await?;
+                    match <[Add; 1]>::try_from(adds) {
+                        Ok([add]) => Ok(add),
+                        Err(adds) => Err(DeltaTableError::Generic(format!(
+                            "expected one data file for one group, the writer made {}",
+                            adds.len()
+                        ))),
+                    }
+                }
+            })
+            .collect();
+        futures::stream::iter(writes).buffered(4).try_collect().await.map_err(write_err)
+    }
+
+    /// The commit's operation: a merge whose read set is the files of the partitions it
+    /// writes (and of any file it rewrites), so delta-rs lets it through when another
+    /// worker committed only other partitions' files in the meantime.
+    fn operation(&self, partitions: &[TopicPartition], rewritten: &[FileId], index: &KeyIndex) -> DeltaOperation {
+        let mut owners: BTreeMap<&str, BTreeSet<i32>> = BTreeMap::new();
+        let rewritten_owners = rewritten.iter().filter_map(|id| index.file(*id)?.group.owner.as_ref());
+        let mut whole_table = rewritten.iter().any(|id| index.file(*id).is_some_and(|f| f.group.owner.is_none()));
+        for tp in partitions.iter().chain(rewritten_owners) {
+            whole_table |= !is_plain_name(&tp.topic);
+            owners.entry(tp.topic.as_str()).or_default().insert(tp.partition.0);
+        }
+        let predicate = (!whole_table && !owners.is_empty()).then(|| {
+            owners
+                .iter()
+                .map(|(topic, ps)| {
+                    let list: Vec<String> = ps.iter().map(i32::to_string).collect();
+                    format!("(kafka_topic = '{topic}' AND kafka_partition IN ({}))", list.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        });
+        let keys: Vec<&str> = self.key_columns.iter().map(|k| k.name()).collect();
+        DeltaOperation::Merge {
+            predicate,
+            merge_predicate: Some(
+                keys.iter().map(|k| format!("target.{k} = source.{k}")).collect::<Vec<_>>().join(" AND "),
+            ),
+            matched_predicates: vec![MergePredicate {
+                action_type: "update".into(),
+                predicate: Some("source is newer (timestamp, kafka_offset, kafka_topic, kafka_partition)".into()),
+            }],
+            not_matched_predicates: vec![MergePredicate { action_type: "insert".into(), predicate: None }],
+            not_matched_by_source_predicates: Vec::new(),
+        }
+    }
 }
 
-/// The last-write-wins guard, the same order as
-/// [`crate::update::PositionUpdate::precedence`]: timestamp, then offset, then topic,
-/// then partition, each compared only when all before it are equal.
-fn newer_than_target() -> Expr {
-    let [least, more_significant @ ..] = ["kafka_partition", "kafka_topic", "kafka_offset", "timestamp"];
-    more_significant.iter().fold(source_col(least).gt(target_col(least)), |tie_break, c| {
-        source_col(c).gt(target_col(c)).or(source_col(c).eq(target_col(c)).and(tie_break))
-    })
+/// Whether a topic name can be quoted in the conflict predicate as it is (Kafka allows
+/// only ASCII letters, digits, `.`, `_` and `-`).
+fn is_plain_name(topic: &str) -> bool {
+    topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-fn source_col(name: &str) -> Expr {
-    col(format!("source.{name}"))
+/// A data file's rows, or only the `columns` named.
+async fn read_file(
+    store: Arc<dyn ObjectStore>,
+    path: &str,
+    columns: Option<&[&str]>,
+) -> Result<RecordBatch, DeltaTableError> {
+    let location = deltalake::Path::parse(path).unwrap_or_else(|_| deltalake::Path::from(path));
+    let bytes = store.get(&location).await?.bytes().await?;
+    let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    if let Some(columns) = columns {
+        let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+        builder = builder.with_projection(mask);
+    }
+    let reader = builder.build()?;
+    let schema = reader.schema();
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok(concat_batches(&schema, &batches)?)
 }
 
-fn target_col(name: &str) -> Expr {
-    col(format!("target.{name}"))
+/// The keys of a file's rows, and the Kafka partition they all come from (if one).
+fn file_keys(
+    rows: &RecordBatch,
+    key_columns: &[KeyColumn],
+) -> Result<(Option<TopicPartition>, Vec<RowKey>), deltalake::arrow::error::ArrowError> {
+    let missing = |name: &str| deltalake::arrow::error::ArrowError::SchemaError(format!("no column `{name}`"));
+    let topics = rows.column_by_name("kafka_topic").ok_or_else(|| missing("kafka_topic"))?.as_string::<i32>();
+    let partitions =
+        rows.column_by_name("kafka_partition").ok_or_else(|| missing("kafka_partition"))?.as_primitive::<Int32Type>();
+    let mut owner = None;
+    let mut mixed = false;
+    for row in 0..rows.num_rows() {
+        let this = (topics.value(row), partitions.value(row));
+        match owner {
+            None => owner = Some(this),
+            Some(first) if first != this => mixed = true,
+            Some(_) => {}
+        }
+    }
+    let owner = owner.filter(|_| !mixed).map(|(topic, partition)| TopicPartition::new(topic, partition));
+    Ok((owner, rewrite::keys_of(rows, key_columns)?))
 }
 
-/// The positions table: the columns of [`crate::arrow::schema`], partitioned by `symbol`.
-pub fn spec() -> TableSpec {
+/// A path as the Delta log's file list shows it (percent-decoded).
+fn decoded_path(path: &str) -> String {
+    percent_encoding::percent_decode_str(path).decode_utf8_lossy().into_owned()
+}
+
+/// The positions table in `layout`: the columns of [`crate::arrow::schema`].
+pub fn spec(layout: PartitionBy) -> TableSpec {
     TableSpec {
         kind: "positions",
         config_key: "delta.table_uri",
         name: "positions",
         comment: "Latest position per instrument, written by position-sink",
         schema: schema(),
-        partition_columns: &[PARTITION_COLUMN],
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::update::tests::update;
-
-    #[test]
-    fn symbol_groups_hold_each_symbol_once_and_at_most_the_limit() {
-        let rows: Vec<PositionUpdate> = (0..23).map(|i| update(i, &format!("S{}", i % 7), 1, 0, i)).collect();
-        let groups = symbol_groups(rows, 3);
-        assert_eq!(groups.len(), 3);
-        let mut seen = std::collections::BTreeSet::new();
-        for g in &groups {
-            let symbols: std::collections::BTreeSet<_> = g.iter().map(|u| u.symbol.clone()).collect();
-            assert!(symbols.len() <= 3);
-            assert!(symbols.iter().all(|s| seen.insert(s.clone())), "a symbol in two groups");
-        }
-        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 23);
-        assert!(symbol_groups(Vec::new(), 3).is_empty());
+        partition_columns: layout.columns(),
     }
 }

@@ -79,7 +79,7 @@ impl PositionUpdate {
 
     /// The identity of the row this update writes, under `keys`.
     pub fn key(&self, keys: &[KeyColumn]) -> RowKey {
-        let mut key = RowKey { conid: self.conid, symbol: self.symbol.clone(), ..RowKey::default() };
+        let mut key = RowKey { conid: self.conid, ..RowKey::default() };
         for column in keys {
             match column {
                 KeyColumn::Conid => {}
@@ -92,8 +92,8 @@ impl PositionUpdate {
     }
 }
 
-/// A column that may be part of the row key. `conid` is always part of it, and
-/// `symbol` always is too, since it is the partition column.
+/// A column that may be part of the row key. `conid` always is; `symbol` never is, so
+/// that a conid whose symbol changes keeps one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyColumn {
@@ -119,14 +119,12 @@ impl KeyColumn {
     }
 }
 
-/// The identity of one table row: `symbol` plus the configured key columns.
-/// Columns outside the key stay `None`.
+/// The identity of one table row: `conid` plus the configured key columns. Columns
+/// outside the key stay `None`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RowKey {
     /// Contract id.
     pub conid: i64,
-    /// Symbol (partition column).
-    pub symbol: String,
     /// Account, when it is a key column.
     pub account: Option<String>,
     /// Security type, when it is a key column.
@@ -188,6 +186,5 @@ pub(crate) mod tests {
         let key = u.key(&[KeyColumn::Account, KeyColumn::Conid]);
         assert_eq!(key.account.as_deref(), Some("U1"));
         assert_eq!(key.currency, None);
-        assert_eq!(key.symbol, "A");
     }
 }

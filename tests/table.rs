@@ -145,7 +145,7 @@ async fn failed_commits_leave_no_gap_and_no_visible_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_of_thousands_of_symbols_is_merged_in_groups_and_its_offsets_recorded_once() {
+async fn a_batch_of_thousands_of_symbols_is_one_commit_with_its_offsets() {
     let (_dir, path) = common::table_dir();
     let config = DeltaConfig { table_uri: path.display().to_string(), ..DeltaConfig::default() };
     let table = PositionTable::open_or_create(&config, "g").await.unwrap();
@@ -160,8 +160,8 @@ async fn a_batch_of_thousands_of_symbols_is_merged_in_groups_and_its_offsets_rec
     // On a runtime worker thread, as in the worker (a smaller stack than the test's own).
     let (table, report) = tokio::spawn(async move { table.write(&b).await }).await.unwrap().unwrap();
     assert_eq!(report.inserted, 1000);
-    let groups = 1000usize.div_ceil(position_sink::table::MAX_SYMBOLS_PER_MERGE) as u64;
-    assert_eq!(table.version().map(|v| v.0), Some(groups), "one commit per group of symbols");
+    assert_eq!(table.version().map(|v| v.0), Some(1), "one commit for the whole flush");
+    assert_eq!(report.files_added, 1000, "one file per symbol");
     let tp = position_sink::offsets::TopicPartition::new("t", 0);
     assert_eq!(table.recorded_offsets(std::slice::from_ref(&tp)).await.unwrap()[&tp].0, 999);
     assert_eq!(common::read_table(&path).await.len(), 1000);

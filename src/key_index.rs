@@ -1,0 +1,209 @@
+//! Which live data file of the positions table holds each key, so that a flush reads
+//! and rewrites only the files its keys are in. Pure: the table module reads the files
+//! and feeds their keys in.
+//!
+//! Invariant kept here: after [`KeyIndex::sync`] with the table's live files and
+//! [`KeyIndex::add_file`] for each file it did not know, every key of the table maps to
+//! a live file that holds it. A key found in two live files (two workers inserted it at
+//! once) is remembered as a duplicate until a flush rewrites one of them.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::offsets::TopicPartition;
+use crate::update::RowKey;
+
+/// A data file's number in the index.
+pub type FileId = u32;
+
+/// The rows a file may hold: one symbol (in the `symbol` layout) and one Kafka partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileGroup {
+    /// The file's `symbol` partition value; `None` when the table has no partition column.
+    pub symbol: Option<String>,
+    /// The Kafka partition of the rows' newest updates; `None` for a file that mixes
+    /// partitions (written before files had a single owner).
+    pub owner: Option<TopicPartition>,
+}
+
+/// One live data file.
+#[derive(Debug, Clone)]
+pub struct IndexedFile {
+    /// The path relative to the table root, as in the Delta log.
+    pub path: String,
+    /// The rows it may hold.
+    pub group: FileGroup,
+    /// Rows in the file.
+    pub rows: usize,
+}
+
+/// Keys → live files, kept current from the table's log.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    keys: HashMap<RowKey, FileId>,
+    files: HashMap<FileId, IndexedFile>,
+    by_path: HashMap<String, FileId>,
+    by_group: HashMap<FileGroup, HashSet<FileId>>,
+    duplicates: HashMap<RowKey, FileId>,
+    next_id: FileId,
+}
+
+impl KeyIndex {
+    /// Forgets the files that are no longer live and returns the live paths it does not
+    /// know yet, for the caller to read and pass to [`KeyIndex::add_file`].
+    pub fn sync<'a>(&mut self, live: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let live: HashSet<&str> = live.into_iter().collect();
+        let gone: Vec<FileId> =
+            self.by_path.iter().filter(|(path, _)| !live.contains(path.as_str())).map(|(_, id)| *id).collect();
+        for id in &gone {
+            self.forget(*id);
+        }
+        if !gone.is_empty() {
+            let files = &self.files;
+            self.keys.retain(|_, id| files.contains_key(id));
+            self.duplicates.retain(|_, id| files.contains_key(id));
+        }
+        live.into_iter().filter(|path| !self.by_path.contains_key(*path)).map(str::to_string).collect()
+    }
+
+    /// Records a live file and the keys it holds. A key already held by another live
+    /// file is kept as a duplicate to resolve.
+    pub fn add_file(&mut self, path: String, group: FileGroup, keys: impl IntoIterator<Item = RowKey>) -> FileId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut rows = 0;
+        for key in keys {
+            rows += 1;
+            if let Some(previous) = self.keys.insert(key.clone(), id)
+                && previous != id
+                && self.files.contains_key(&previous)
+            {
+                self.duplicates.insert(key, previous);
+            }
+        }
+        self.by_path.insert(path.clone(), id);
+        self.by_group.entry(group.clone()).or_default().insert(id);
+        self.files.insert(id, IndexedFile { path, group, rows });
+        id
+    }
+
+    fn forget(&mut self, id: FileId) {
+        if let Some(file) = self.files.remove(&id) {
+            self.by_path.remove(&file.path);
+            if let Some(ids) = self.by_group.get_mut(&file.group) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_group.remove(&file.group);
+                }
+            }
+        }
+    }
+
+    /// Forgets a file this worker removed; its keys are re-added with the files that replace it.
+    pub fn remove_file(&mut self, id: FileId) {
+        self.forget(id);
+        self.duplicates.retain(|_, file| *file != id);
+    }
+
+    /// The live file that holds `key`.
+    pub fn file_of(&self, key: &RowKey) -> Option<FileId> {
+        self.keys.get(key).copied().filter(|id| self.files.contains_key(id))
+    }
+
+    /// A live file by number.
+    pub fn file(&self, id: FileId) -> Option<&IndexedFile> {
+        self.files.get(&id)
+    }
+
+    /// The file of `group` with the fewest rows, if it has fewer than `max_rows`: where
+    /// new keys of the group go.
+    pub fn smallest_in(&self, group: &FileGroup, max_rows: usize) -> Option<FileId> {
+        self.by_group
+            .get(group)?
+            .iter()
+            .filter_map(|id| self.files.get(id).map(|f| (*id, f.rows)))
+            .filter(|(_, rows)| *rows < max_rows)
+            .min_by_key(|(id, rows)| (*rows, *id))
+            .map(|(id, _)| id)
+    }
+
+    /// Files holding a second copy of a key, with the key: a flush touching these
+    /// files keeps only the newest row.
+    pub fn duplicates(&self) -> impl Iterator<Item = (&RowKey, FileId)> {
+        self.duplicates.iter().map(|(key, id)| (key, *id))
+    }
+
+    /// Keys indexed.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Live files indexed.
+    pub fn file_count(&self) -> usize {
+        self.files.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(conid: i64) -> RowKey {
+        RowKey { conid, ..RowKey::default() }
+    }
+
+    fn group(partition: i32) -> FileGroup {
+        FileGroup { symbol: None, owner: Some(TopicPartition::new("positions", partition)) }
+    }
+
+    #[test]
+    fn sync_returns_only_unknown_files_and_forgets_removed_ones() {
+        let mut index = KeyIndex::default();
+        let mut unknown = index.sync(["a.parquet", "b.parquet"]);
+        unknown.sort();
+        assert_eq!(unknown, vec!["a.parquet", "b.parquet"]);
+        let a = index.add_file("a.parquet".into(), group(0), [key(1), key(2)]);
+        index.add_file("b.parquet".into(), group(1), [key(3)]);
+        assert_eq!(index.sync(["a.parquet", "b.parquet"]), Vec::<String>::new());
+        assert_eq!(index.file_of(&key(1)), Some(a));
+        assert_eq!(index.sync(["b.parquet", "c.parquet"]), vec!["c.parquet"]);
+        assert_eq!(index.file_of(&key(1)), None, "a key of a removed file is absent");
+        assert_eq!(index.len(), 1);
+    }
+
+    #[test]
+    fn a_key_moved_to_a_new_file_follows_it() {
+        let mut index = KeyIndex::default();
+        let a = index.add_file("a".into(), group(0), [key(1), key(2)]);
+        index.remove_file(a);
+        let b = index.add_file("b".into(), group(0), [key(1), key(2)]);
+        assert_eq!(index.file_of(&key(2)), Some(b));
+        assert_eq!(index.duplicates().count(), 0);
+    }
+
+    #[test]
+    fn a_key_in_two_live_files_is_a_duplicate_until_one_is_removed() {
+        let mut index = KeyIndex::default();
+        let a = index.add_file("a".into(), group(0), [key(1)]);
+        let b = index.add_file("b".into(), group(1), [key(1)]);
+        assert_eq!(index.file_of(&key(1)), Some(b));
+        assert_eq!(index.duplicates().collect::<Vec<_>>(), vec![(&key(1), a)]);
+        index.remove_file(a);
+        assert_eq!(index.duplicates().count(), 0);
+    }
+
+    #[test]
+    fn new_keys_go_to_the_smallest_file_with_room() {
+        let mut index = KeyIndex::default();
+        index.add_file("big".into(), group(0), (0..10).map(key));
+        let small = index.add_file("small".into(), group(0), (10..13).map(key));
+        index.add_file("other".into(), group(1), [key(20)]);
+        assert_eq!(index.smallest_in(&group(0), 100), Some(small));
+        assert_eq!(index.smallest_in(&group(0), 3), None, "every file is full");
+        assert_eq!(index.smallest_in(&group(2), 100), None);
+    }
+}
