@@ -100,6 +100,8 @@ pub struct TableSpec {
     pub schema: SchemaRef,
     /// Partition columns.
     pub partition_columns: &'static [&'static str],
+    /// The configuration key that chooses the partitioning, if one does.
+    pub layout_key: Option<&'static str>,
 }
 
 /// Opens the table at `uri`, creating it from `spec` if missing, and checks that an
@@ -164,7 +166,8 @@ fn check_schema(table: &DeltaTable, uri: &str, spec: &TableSpec) -> Result<(), T
     }
     let partitioning = snapshot.metadata().partition_columns();
     if partitioning.iter().map(String::as_str).ne(spec.partition_columns.iter().copied()) {
-        differences.push(format!("it is partitioned by {partitioning:?}, expected {:?}", spec.partition_columns));
+        let fix = spec.layout_key.map(|key| format!(" (set {key} to the table's layout)")).unwrap_or_default();
+        differences.push(format!("it is partitioned by {partitioning:?}, expected {:?}{fix}", spec.partition_columns));
     }
     if differences.is_empty() { Ok(()) } else { Err(incompatible(differences.join("; "))) }
 }

@@ -281,27 +281,42 @@ pub struct Outgoing<'a> {
 /// # Errors
 /// The first delivery failure.
 pub async fn publish<'a>(config: &KafkaConfig, messages: impl IntoIterator<Item = Outgoing<'a>>) -> KafkaResult<usize> {
+    send_all(&producer(config)?, messages).await
+}
+
+/// An idempotent producer for [`send_all`].
+///
+/// # Errors
+/// When librdkafka rejects the configuration.
+pub fn producer(config: &KafkaConfig) -> KafkaResult<rdkafka::producer::FutureProducer> {
+    client_config(config, &[("linger.ms", "5"), ("queue.buffering.max.messages", "1000000")])
+        .set("enable.idempotence", "true")
+        .create()
+}
+
+/// Sends `messages` through `producer` and waits until each is acknowledged; returns how
+/// many were sent.
+///
+/// # Errors
+/// The first delivery failure.
+pub async fn send_all<'a>(
+    producer: &rdkafka::producer::FutureProducer,
+    messages: impl IntoIterator<Item = Outgoing<'a>>,
+) -> KafkaResult<usize> {
     use futures::StreamExt;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer =
-        client_config(config, &[("linger.ms", "5"), ("queue.buffering.max.messages", "1000000")])
-            .set("enable.idempotence", "true")
-            .create()?;
-    let deliveries = futures::stream::iter(messages.into_iter().map(|m| {
-        let producer = &producer;
-        async move {
-            let mut record = FutureRecord::<[u8], [u8]>::to(m.topic);
-            if let Some(key) = m.key {
-                record = record.key(key);
-            }
-            if let Some(value) = m.value {
-                record = record.payload(value);
-            }
-            if let Some(headers) = m.headers {
-                record = record.headers(headers);
-            }
-            producer.send(record, std::time::Duration::from_secs(30)).await.map_err(|(error, _)| error)
+    use rdkafka::producer::FutureRecord;
+    let deliveries = futures::stream::iter(messages.into_iter().map(|m| async move {
+        let mut record = FutureRecord::<[u8], [u8]>::to(m.topic);
+        if let Some(key) = m.key {
+            record = record.key(key);
         }
+        if let Some(value) = m.value {
+            record = record.payload(value);
+        }
+        if let Some(headers) = m.headers {
+            record = record.headers(headers);
+        }
+        producer.send(record, std::time::Duration::from_secs(30)).await.map_err(|(error, _)| error)
     }))
     .buffered(10_000);
     let results: Vec<_> = deliveries.collect().await;

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use figment::Figment;
 use figment::providers::Serialized;
 use position_sink::config::Config;
-use position_sink::sample::{SampleSpec, generate};
+use position_sink::sample::SampleSpec;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -41,9 +41,15 @@ enum Command {
         /// Messages to publish.
         #[arg(long, default_value_t = 5000)]
         count: usize,
-        /// Distinct instruments.
+        /// Distinct instruments (conids).
         #[arg(long, default_value_t = 200)]
         instruments: usize,
+        /// Distinct symbols the instruments share (0: one per instrument).
+        #[arg(long, default_value_t = 0)]
+        symbols: usize,
+        /// Messages per second to offer (0: as fast as the broker takes them).
+        #[arg(long, default_value_t = 0)]
+        rate: usize,
         /// Seed of the stream.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -190,21 +196,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             run_worker(config, shutdown).await?;
             Ok(())
         }
-        Command::Generate { common, count, instruments, seed, bad_percent } => {
+        Command::Generate { common, count, instruments, symbols, rate, seed, bad_percent } => {
             let config = common.load(Figment::new())?;
             let topic = config.kafka.topics.first().context("kafka.topics is empty")?;
-            let stream = generate(SampleSpec { count, instruments, seed, bad_percent, ..SampleSpec::default() });
-            let sent = position_sink::kafka::publish(
-                &config.kafka,
-                stream.iter().map(|m| position_sink::kafka::Outgoing {
-                    topic,
-                    key: Some(m.key.as_bytes()),
-                    value: Some(m.value.as_slice()),
-                    headers: None,
-                }),
-            )
-            .await
-            .with_context(|| format!("publishing to topic {topic} at {}", config.kafka.brokers))?;
+            let spec = SampleSpec { count, instruments, symbols, seed, bad_percent, ..SampleSpec::default() };
+            let sent = publish_sample(&config.kafka, topic, spec, rate)
+                .await
+                .with_context(|| format!("publishing to topic {topic} at {}", config.kafka.brokers))?;
             info!(sent, topic, "published sample updates");
             Ok(())
         }
@@ -215,6 +213,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::DeadLetters { action } => dead_letters(action).await,
     }
+}
+
+/// Publishes the sample stream, in chunks so that memory stays flat, at most `rate`
+/// messages per second when `rate` is set.
+async fn publish_sample(
+    config: &position_sink::config::KafkaConfig,
+    topic: &str,
+    spec: SampleSpec,
+    rate: usize,
+) -> anyhow::Result<usize> {
+    const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+    let chunk = if rate == 0 { 50_000 } else { (rate / 10).max(1) };
+    let mut stream = position_sink::sample::Generator::new(spec).peekable();
+    let mut ticks = tokio::time::interval(TICK);
+    let producer = position_sink::kafka::producer(config)?;
+    let mut sent = 0;
+    while stream.peek().is_some() {
+        if rate > 0 {
+            ticks.tick().await;
+        }
+        let messages: Vec<_> = stream.by_ref().take(chunk).collect();
+        sent += position_sink::kafka::send_all(
+            &producer,
+            messages.iter().map(|m| position_sink::kafka::Outgoing {
+                topic,
+                key: Some(m.key.as_bytes()),
+                value: Some(m.value.as_slice()),
+                headers: None,
+            }),
+        )
+        .await?;
+    }
+    Ok(sent)
 }
 
 async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {

@@ -32,9 +32,12 @@ use crate::update::{KeyColumn, RowKey};
 pub struct TouchedFile {
     /// The file.
     pub id: FileId,
+    /// The group its rows belong to.
+    pub group: FileGroup,
     /// Its rows.
     pub rows: RecordBatch,
-    /// Whether new keys were placed in it, so it is rewritten whatever happens.
+    /// Whether it takes in the batch's new rows of its group: then it is rewritten
+    /// when the batch has a winning row for its group.
     pub hosts_new_keys: bool,
 }
 
@@ -122,13 +125,19 @@ pub fn plan(
     for row in winner.into_values() {
         is_winner[row] = true;
     }
-    let mut rewrite: Vec<bool> = touched.iter().map(|f| f.hosts_new_keys).collect();
+    let mut gaining = std::collections::HashSet::new();
+    let mut rewrite = vec![false; touched.len()];
     for (row, origin) in origins.iter().enumerate() {
-        if let Origin::File(file) = origin
-            && !is_winner[row]
-        {
-            rewrite[file.to_owned()] = true;
+        match origin {
+            Origin::File(file) if !is_winner[row] => rewrite[*file] = true,
+            Origin::Batch if is_winner[row] => {
+                gaining.insert(columns.group(row, layout));
+            }
+            _ => {}
         }
+    }
+    for (file, rewritten) in touched.iter().zip(rewrite.iter_mut()) {
+        *rewritten |= file.hosts_new_keys && gaining.contains(&file.group);
     }
     plan.rewritten = touched.iter().zip(&rewrite).filter(|(_, r)| **r).map(|(f, _)| f.id).collect();
 
@@ -268,7 +277,8 @@ mod tests {
     }
 
     fn file(id: FileId, updates: &[PositionUpdate]) -> TouchedFile {
-        TouchedFile { id, rows: rows(updates), hosts_new_keys: false }
+        let group = FileGroup { symbol: None, owner: Some(TopicPartition::new("positions", 0)) };
+        TouchedFile { id, group, rows: rows(updates), hosts_new_keys: false }
     }
 
     fn conids(plan: &Plan) -> Vec<Vec<i64>> {

@@ -29,8 +29,11 @@ pub struct SampleMessage {
 pub struct SampleSpec {
     /// Messages to generate.
     pub count: usize,
-    /// Distinct instruments.
+    /// Distinct instruments (conids).
     pub instruments: usize,
+    /// Distinct symbols the instruments share (instrument `i` has symbol `i % symbols`);
+    /// 0: one symbol per instrument.
+    pub symbols: usize,
     /// Seed; the same seed gives the same stream.
     pub seed: u64,
     /// Event time of the first message, epoch microseconds.
@@ -41,7 +44,7 @@ pub struct SampleSpec {
 
 impl Default for SampleSpec {
     fn default() -> Self {
-        Self { count: 5000, instruments: 200, seed: 1, start_micros: 1_764_057_600_000_000, bad_percent: 0 }
+        Self { count: 5000, instruments: 200, symbols: 0, seed: 1, start_micros: 1_764_057_600_000_000, bad_percent: 0 }
     }
 }
 
@@ -64,6 +67,7 @@ pub fn conid_of(index: usize) -> i64 {
 }
 
 /// A small, fast, seedable generator (SplitMix64): the stream must be reproducible.
+#[derive(Debug)]
 struct SplitMix(u64);
 
 impl SplitMix {
@@ -124,26 +128,40 @@ fn bad_message(rng: &mut SplitMix, kind: usize, conid: i64, symbol: &str) -> Sam
     }
 }
 
-/// Generates the stream described by `spec`: about 5% exact repeats of an earlier
+/// Messages an exact repeat is drawn from: the last this many.
+const REPEAT_WINDOW: usize = 1024;
+
+/// Generates the stream described by `spec`: about 5% exact repeats of a recent
 /// message, 10% late updates whose timestamp is older than the previous one, and
 /// `bad_percent` invalid messages cycling through every kind.
 pub fn generate(spec: SampleSpec) -> Vec<SampleMessage> {
-    let mut rng = SplitMix(spec.seed);
-    let mut out: Vec<SampleMessage> = Vec::with_capacity(spec.count);
-    let mut bad_kind = 0;
-    for i in 0..spec.count {
-        if i > 0 && rng.below(100) < 5 {
-            let earlier = out[rng.below(i as u64) as usize].clone();
-            out.push(earlier);
-            continue;
-        }
+    Generator::new(spec).collect()
+}
+
+/// The stream of [`generate`], one message at a time, in constant memory.
+#[derive(Debug)]
+pub struct Generator {
+    spec: SampleSpec,
+    rng: SplitMix,
+    recent: std::collections::VecDeque<SampleMessage>,
+    bad_kind: usize,
+    i: usize,
+}
+
+impl Generator {
+    /// The stream described by `spec`.
+    pub fn new(spec: SampleSpec) -> Self {
+        Self { spec, rng: SplitMix(spec.seed), recent: Default::default(), bad_kind: 0, i: 0 }
+    }
+
+    fn fresh(&mut self) -> SampleMessage {
+        let (spec, rng, i) = (self.spec, &mut self.rng, self.i);
         let index = rng.below(spec.instruments as u64) as usize;
         let conid = conid_of(index);
-        let symbol = symbol_of(index);
+        let symbol = symbol_of(if spec.symbols == 0 { index } else { index % spec.symbols });
         if rng.below(100) < spec.bad_percent {
-            out.push(bad_message(&mut rng, bad_kind, conid, &symbol));
-            bad_kind += 1;
-            continue;
+            self.bad_kind += 1;
+            return bad_message(rng, self.bad_kind - 1, conid, &symbol);
         }
         let late = rng.below(100) < 10;
         let timestamp_micros = spec.start_micros + i as i64 * 1000 - if late { rng.below(5_000_000) as i64 } else { 0 };
@@ -166,17 +184,30 @@ pub fn generate(spec: SampleSpec) -> Vec<SampleMessage> {
         })
         .to_string()
         .into_bytes();
-        out.push(SampleMessage {
-            key: conid.to_string(),
-            value,
-            rejection: None,
-            conid,
-            symbol,
-            position,
-            timestamp_micros,
-        });
+        SampleMessage { key: conid.to_string(), value, rejection: None, conid, symbol, position, timestamp_micros }
     }
-    out
+}
+
+impl Iterator for Generator {
+    type Item = SampleMessage;
+
+    fn next(&mut self) -> Option<SampleMessage> {
+        if self.i >= self.spec.count {
+            return None;
+        }
+        let message = if self.i > 0 && self.rng.below(100) < 5 {
+            let pick = self.rng.below(self.recent.len() as u64) as usize;
+            self.recent[pick].clone()
+        } else {
+            self.fresh()
+        };
+        self.i += 1;
+        if self.recent.len() == REPEAT_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(message.clone());
+        Some(message)
+    }
 }
 
 #[cfg(test)]

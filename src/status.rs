@@ -81,6 +81,7 @@ impl Progress {
             messages: Self::get(&self.messages),
             skipped_already_written: Self::get(&self.skipped_already_written),
             delta_commits: Self::get(&self.delta_commits),
+            commit_conflicts: Self::get(&self.commit_conflicts),
             rows_written: Self::get(&self.rows_written),
             dead_letters: self.dead_letters(),
         }
@@ -96,6 +97,8 @@ pub struct RunSummary {
     pub skipped_already_written: u64,
     /// Positions-table commits made.
     pub delta_commits: u64,
+    /// Delta commits refused because another writer committed first (then retried).
+    pub commit_conflicts: u64,
     /// Rows inserted or updated.
     pub rows_written: u64,
     /// Dead letters written, by reason.

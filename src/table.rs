@@ -232,7 +232,11 @@ impl PositionTable {
         let mut actions = removes;
         actions.extend(adds.iter().cloned().map(Action::Add));
         let operation = self.operation(&partitions, &plan.rewritten, &index);
-        CommitBuilder::from(CommitProperties::default().with_application_transactions(transactions))
+        let read_version = serde_json::json!(snapshot.version());
+        let properties = CommitProperties::default()
+            .with_metadata([("readVersion".to_string(), read_version)])
+            .with_application_transactions(transactions);
+        CommitBuilder::from(properties)
             .with_actions(actions)
             .build(Some(snapshot), self.table.log_store(), operation)
             .await
@@ -310,27 +314,27 @@ impl PositionTable {
     ) -> Result<Vec<TouchedFile>, TableError> {
         let read_err = |source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) };
         let snapshot = self.table.snapshot().map_err(read_err)?;
-        let by_path: HashMap<&str, FileId> =
-            touched.iter().filter_map(|id| index.file(*id).map(|f| (f.path.as_str(), *id))).collect();
-        let wanted: Vec<(FileId, String, Option<String>, u64)> = snapshot
+        let by_path: HashMap<&str, (FileId, &FileGroup)> =
+            touched.iter().filter_map(|id| index.file(*id).map(|f| (f.path.as_str(), (*id, &f.group)))).collect();
+        let wanted: Vec<(FileId, FileGroup, String, Option<String>)> = snapshot
             .log_data()
             .iter()
             .filter_map(|view| {
-                let id = *by_path.get(view.path().as_ref())?;
+                let (id, group) = *by_path.get(view.path().as_ref())?;
                 let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
-                Some((id, view.path().into_owned(), symbol, view.size().max(0) as u64))
+                Some((id, group.clone(), view.path().into_owned(), symbol))
             })
             .collect();
         let store = self.table.object_store();
         let reads: Vec<_> = wanted
             .into_iter()
-            .map(|(id, path, symbol, _)| {
+            .map(|(id, group, path, symbol)| {
                 let store = store.clone();
                 let hosts_new_keys = hosts.contains(&id);
                 async move {
                     let rows = read_file(store, &path, None).await?;
                     let rows = rewrite::with_table_schema(&rows, symbol.as_deref())?;
-                    Ok::<_, DeltaTableError>(TouchedFile { id, rows, hosts_new_keys })
+                    Ok::<_, DeltaTableError>(TouchedFile { id, group, rows, hosts_new_keys })
                 }
             })
             .collect();
@@ -473,5 +477,6 @@ pub fn spec(layout: PartitionBy) -> TableSpec {
         comment: "Latest position per instrument, written by position-sink",
         schema: schema(),
         partition_columns: layout.columns(),
+        layout_key: Some("delta.partition_by"),
     }
 }

@@ -116,6 +116,7 @@ async fn run_inner(
         messages = summary.messages,
         skipped_already_written = summary.skipped_already_written,
         delta_commits = summary.delta_commits,
+        commit_conflicts = summary.commit_conflicts,
         rows_written = summary.rows_written,
         dead_letters = summary.dead_letters.total(),
         by_reason = %summary.dead_letters,
@@ -283,8 +284,12 @@ impl Worker {
     fn apply_rebalances(&mut self) {
         for event in self.consumer.context().take_rebalances() {
             match event {
-                Rebalanced::Assigned(partitions) => self.partitions.assigned(&partitions),
+                Rebalanced::Assigned(partitions) => {
+                    info!(partitions = %list(&partitions), "partitions assigned");
+                    self.partitions.assigned(&partitions);
+                }
                 Rebalanced::Revoked(partitions) => {
+                    info!(partitions = %list(&partitions), "partitions revoked");
                     self.buffer.drop_partitions(&partitions);
                     self.partitions.revoked(&partitions);
                 }
@@ -458,6 +463,9 @@ impl Worker {
             dead_letters = batch.dead_letters.len(),
             version = positions.version.0,
             committed = positions.committed,
+            files_removed = positions.files_removed,
+            files_added = positions.files_added,
+            bytes_written = positions.bytes_written,
             duration_ms = positions.elapsed.as_millis() as u64,
             "flushed batch"
         );
@@ -653,4 +661,9 @@ fn receive(message: Result<BorrowedMessage<'_>, KafkaError>, options: &DecodeOpt
             &reason,
         )),
     }
+}
+
+/// `topic:partition` items, comma-separated, for logs.
+fn list(partitions: &[TopicPartition]) -> String {
+    partitions.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }

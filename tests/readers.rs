@@ -7,18 +7,6 @@ use std::process::Command;
 
 use common::*;
 
-/// The Python interpreter with `deltalake` and `polars`: `POSITION_SINK_PYTHON` (set by
-/// scripts/test.sh), else the virtualenv scripts/setup.sh makes, else `python3`.
-fn python() -> String {
-    if let Ok(python) = std::env::var("POSITION_SINK_PYTHON") {
-        return python;
-    }
-    let cache = std::env::var("POSITION_SINK_CACHE")
-        .unwrap_or_else(|_| format!("{}/.cache/position-sink", std::env::var("HOME").unwrap_or_default()));
-    let venv = format!("{cache}/venv/bin/python");
-    if std::path::Path::new(&venv).exists() { venv } else { "python3".into() }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_deltalake_and_polars_read_the_expected_rows() {
     let topic = create_topic("readers", 3).await;

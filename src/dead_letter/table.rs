@@ -51,6 +51,7 @@ fn spec() -> TableSpec {
         comment: "Messages position-sink rejected: original bytes, Kafka coordinates and the reason",
         schema: schema(),
         partition_columns: &[],
+        layout_key: None,
     }
 }
 

@@ -294,11 +294,12 @@ pub struct Row {
     pub ingested_at: i64,
 }
 
-/// The expected table: for each (symbol, conid), the valid produced update with the
-/// greatest (timestamp, offset, partition). Computed from the produced JSON with
-/// serde_json alone; messages produced as invalid are left out.
+/// The expected table: for each conid, the valid produced update with the greatest
+/// (timestamp, offset, partition), whatever its symbol, keyed by its symbol and conid.
+/// Computed from the produced JSON with serde_json alone; messages produced as invalid
+/// are left out.
 pub fn model(produced: &[Produced]) -> BTreeMap<(String, i64), Row> {
-    let mut expected: BTreeMap<(String, i64), Row> = BTreeMap::new();
+    let mut expected: BTreeMap<i64, Row> = BTreeMap::new();
     for m in produced.iter().filter(|m| m.rejection.is_none()) {
         let v: serde_json::Value = serde_json::from_slice(m.value.as_deref().unwrap_or_default()).expect("valid JSON");
         let ts = match &v["timestamp"] {
@@ -316,16 +317,15 @@ pub fn model(produced: &[Produced]) -> BTreeMap<(String, i64), Row> {
             kafka_offset: m.offset,
             ingested_at: 0,
         };
-        let key = (row.symbol.clone(), row.conid);
         let wins = |old: &Row| {
             (row.timestamp_micros, row.kafka_offset, row.kafka_partition)
                 > (old.timestamp_micros, old.kafka_offset, old.kafka_partition)
         };
-        if expected.get(&key).is_none_or(wins) {
-            expected.insert(key, row);
+        if expected.get(&row.conid).is_none_or(wins) {
+            expected.insert(row.conid, row);
         }
     }
-    expected
+    expected.into_values().map(|row| ((row.symbol.clone(), row.conid), row)).collect()
 }
 
 /// Reads the whole table at `path`, keyed like [`model`].
@@ -342,9 +342,11 @@ pub async fn read_table(path: &Path) -> BTreeMap<(String, i64), Row> {
         .await
         .expect("collect");
     let mut rows = BTreeMap::new();
+    let mut conids = std::collections::BTreeSet::new();
     for b in &batches {
         for row in rows_of(b) {
             let key = (row.symbol.clone(), row.conid);
+            assert!(conids.insert(row.conid), "two rows for conid {} (one of them under {:?})", row.conid, row.symbol);
             assert!(rows.insert(key.clone(), row).is_none(), "duplicate row for {key:?}");
         }
     }
@@ -485,4 +487,16 @@ pub fn assert_dead_letters_match(
         got.len(),
         expected.len()
     );
+}
+
+/// The Python interpreter with `deltalake` and `polars`: `POSITION_SINK_PYTHON` (set by
+/// scripts/test.sh), else the virtualenv scripts/setup.sh makes, else `python3`.
+pub fn python() -> String {
+    if let Ok(python) = std::env::var("POSITION_SINK_PYTHON") {
+        return python;
+    }
+    let cache = std::env::var("POSITION_SINK_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/position-sink", std::env::var("HOME").unwrap_or_default()));
+    let venv = format!("{cache}/venv/bin/python");
+    if std::path::Path::new(&venv).exists() { venv } else { "python3".into() }
 }

@@ -1,0 +1,364 @@
+"""The write-path benchmark (scripts/bench.sh runs it): B1..B5 of docs/write-path.md,
+every figure measured in this run beside the broker's raw consume rate and the
+seed-style Python peer (bench/peer.py). Prints a text report and writes JSON.
+
+Usage: run.py --bin POSITION_SINK --raw RAW_CONSUME --flush-cost FLUSH_COST
+              --kafka SCRIPTS/kafka.sh --port PORT --work DIR --out FILE [--scale S]
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+import polars as pl
+from confluent_kafka import Consumer, TopicPartition
+from deltalake import DeltaTable
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
+
+
+def log(message):
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.brokers = f"127.0.0.1:{args.port}"
+        self.work = args.work
+        self.python = sys.executable
+        self.peer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py")
+        os.makedirs(self.work, exist_ok=True)
+
+    def n(self, count):
+        return max(1000, int(count * self.args.scale))
+
+    # --- Kafka -----------------------------------------------------------------
+    def topic(self, name, partitions=6):
+        subprocess.run([self.args.kafka, "topic", name, str(partitions), str(self.args.port)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def produce(self, topic, count, instruments, symbols, rate=0):
+        env = self.env(topic, "bench-producer", os.path.join(self.work, "unused"))
+        cmd = [self.args.bin, "generate", "--count", str(count), "--instruments", str(instruments),
+               "--symbols", str(symbols), "--seed", "7"]
+        if rate:
+            cmd += ["--rate", str(rate)]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def env(self, topic, group, table, layout="symbol"):
+        env = dict(os.environ)
+        env.update({
+            "POSITION_SINK__KAFKA__BROKERS": self.brokers,
+            "POSITION_SINK__KAFKA__TOPICS": f'["{topic}"]',
+            "POSITION_SINK__KAFKA__GROUP_ID": group,
+            "POSITION_SINK__DELTA__TABLE_URI": table,
+            "POSITION_SINK__DELTA__PARTITION_BY": layout,
+            "RUST_LOG": "info",
+            "NO_COLOR": "1",
+        })
+        return env
+
+    def raw_consume(self, topic, count):
+        out = subprocess.run([self.args.raw, self.brokers, topic, str(count)], check=True, capture_output=True,
+                             text=True)
+        return json.loads(out.stdout)
+
+    # --- position-sink -----------------------------------------------------------
+    def start_worker(self, topic, group, table, layout, exit_when_caught_up=True, name="worker"):
+        log_path = os.path.join(self.work, f"{name}.log")
+        time_path = os.path.join(self.work, f"{name}.time")
+        cmd = ["/usr/bin/time", "-v", "-o", time_path, self.args.bin, "run"]
+        if exit_when_caught_up:
+            cmd.append("--exit-when-caught-up")
+        handle = open(log_path, "w")
+        process = subprocess.Popen(cmd, env=self.env(topic, group, table, layout), stdout=handle, stderr=handle)
+        return {"process": process, "log": log_path, "time": time_path, "handle": handle}
+
+    def finish_worker(self, worker):
+        worker["process"].wait(timeout=1800)
+        worker["handle"].close()
+        return self.worker_figures(worker)
+
+    def worker_figures(self, worker):
+        lines = [ANSI.sub("", line) for line in open(worker["log"], encoding="utf-8", errors="replace")]
+        times = open(worker["time"]).read()
+        user = float(re.search(r"User time \(seconds\): ([\d.]+)", times).group(1))
+        system = float(re.search(r"System time \(seconds\): ([\d.]+)", times).group(1))
+        rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", times).group(1))
+        start = end = None
+        flushes, stopped = [], {}
+        for line in lines:
+            stamp = line.split(" ", 1)[0]
+            if "partitions assigned" in line and start is None:
+                start = stamp
+            if "flushed batch" in line:
+                fields = dict(FIELD.findall(line))
+                flushes.append({k: int(fields.get(k, "0")) for k in
+                                ("messages", "rows_in", "files_removed", "files_added", "bytes_written",
+                                 "duration_ms", "version")})
+            if "worker stopped" in line:
+                end = stamp
+                stopped = {k: v.strip('"') for k, v in FIELD.findall(line)}
+        if start is None or end is None or stopped.get("ok") != "true":
+            raise RuntimeError(f"worker did not run to the end; see {worker['log']}")
+        seconds = (parse_time(end) - parse_time(start)).total_seconds()
+        messages = int(stopped["messages"])
+        return {
+            "messages": messages,
+            "seconds": seconds,
+            "rate": messages / max(seconds, 1e-9),
+            "cpu_seconds": user + system,
+            "cpu_us_per_message": (user + system) * 1e6 / max(messages, 1),
+            "peak_rss_mib": rss_kib / 1024,
+            "flushes": len(flushes),
+            "delta_commits": int(stopped.get("delta_commits", "0")),
+            "commit_conflicts": int(stopped.get("commit_conflicts", "0")),
+            "flush_detail": flushes,
+        }
+
+    def run_worker(self, topic, group, table, layout, name):
+        return self.finish_worker(self.start_worker(topic, group, table, layout, name=name))
+
+    def peer_run(self, topic, count, name):
+        table = os.path.join(self.work, name)
+        out = subprocess.run(["/usr/bin/time", "-v", "-o", table + ".time", self.python, self.peer, self.brokers,
+                              topic, f"peer-{name}", table, str(count)], check=True, capture_output=True, text=True)
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        times = open(table + ".time").read()
+        cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", times))
+        figures["cpu_us_per_message"] = cpu * 1e6 / max(count, 1)
+        figures["peak_rss_mib"] = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", times).group(1)) / 1024
+        figures["table"] = table
+        return figures
+
+    # --- the table -----------------------------------------------------------------
+    def table_figures(self, path):
+        table = DeltaTable(path)
+        adds = table.get_add_actions(flatten=True).to_pydict()
+        live_bytes = sum(adds["size_bytes"])
+        rows = sum(adds["num_records"])
+        on_disk = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        frame = pl.read_delta(path)
+        one_row_per_key = frame["conid"].n_unique() == frame.height
+        return {"rows": rows, "live_files": len(adds["path"]), "live_bytes": live_bytes, "bytes_on_disk": on_disk,
+                "row_bytes": live_bytes / max(rows, 1), "one_row_per_key": one_row_per_key,
+                "version": table.version()}
+
+    # --- scenarios -----------------------------------------------------------------
+    def backlog(self, name, count, instruments, symbols, layouts, peer=True):
+        topic = f"bench-{name}-{int(time.time())}"
+        self.topic(topic)
+        log(f"{name}: producing {count} updates over {instruments} conids and {symbols} symbols")
+        self.produce(topic, count, instruments, symbols).wait()
+        result = {"messages": count, "instruments": instruments, "symbols": symbols, "topic": topic}
+        log(f"{name}: raw consume")
+        result["raw"] = self.raw_consume(topic, count)
+        for layout in layouts:
+            log(f"{name}: position-sink, layout {layout}")
+            table = os.path.join(self.work, f"{name}-{layout}")
+            figures = self.run_worker(topic, f"sink-{name}-{layout}", table, layout, f"{name}-{layout}")
+            figures["table"] = self.table_figures(table)
+            figures["bytes_per_flush_bound"] = flush_bound(figures)
+            result[f"position_sink_{layout}"] = figures
+        if peer:
+            log(f"{name}: seed-style peer")
+            result["peer"] = self.peer_run(topic, count, f"{name}-peer")
+        return result
+
+    def scale_out(self, b1, layout):
+        topic = b1["topic"]
+        log("B4: three workers of one group")
+        table = os.path.join(self.work, f"b4-{layout}")
+        workers = [self.start_worker(topic, "sink-b4", table, layout, name=f"b4-worker{i}") for i in range(3)]
+        started = time.monotonic()
+        figures = [self.finish_worker(w) for w in workers]
+        wall = time.monotonic() - started
+        one = b1[f"position_sink_{layout}"]
+        commits = sum(f["delta_commits"] for f in figures)
+        conflicts = sum(f["commit_conflicts"] for f in figures)
+        return {
+            "one_worker_seconds": one["seconds"],
+            "three_workers_seconds": wall,
+            "speedup": one["seconds"] / wall,
+            "commits": commits,
+            "conflicts": conflicts,
+            "conflict_ratio": conflicts / max(commits, 1),
+            "per_worker": [{k: f[k] for k in ("messages", "seconds", "cpu_seconds", "cpu_us_per_message",
+                                              "peak_rss_mib", "delta_commits", "commit_conflicts")} for f in figures],
+            "table": self.table_figures(table),
+        }
+
+    def steady(self, rate, seconds, instruments, symbols, layout):
+        topic = f"bench-b2-{int(time.time())}"
+        self.topic(topic)
+        table = os.path.join(self.work, "b2")
+        worker = self.start_worker(topic, "sink-b2", table, layout, exit_when_caught_up=False, name="b2")
+        time.sleep(3)
+        count = rate * seconds
+        log(f"B2: offering {rate} updates/s for {seconds} s")
+        self.produce(topic, count, instruments, symbols, rate=rate).wait()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and recorded_total(table) < count:
+            time.sleep(1)
+        worker["process"].send_signal(signal.SIGTERM)
+        figures = self.finish_worker(worker)
+        latencies = visibility_latencies(self.brokers, topic, table)
+        latencies.sort()
+        pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+        return {
+            "offered_rate": rate, "seconds": seconds, "messages": len(latencies),
+            "latency_p50_s": pick(0.50), "latency_p99_s": pick(0.99), "latency_max_s": latencies[-1],
+            "flushes": figures["flushes"], "cpu_us_per_message": figures["cpu_us_per_message"],
+            "peak_rss_mib": figures["peak_rss_mib"],
+            "flush_ms_p50": statistics.median([f["duration_ms"] for f in figures["flush_detail"]] or [0]),
+            "flush_ms_max": max([f["duration_ms"] for f in figures["flush_detail"]] or [0]),
+        }
+
+    def table_growth(self, layouts, symbols, sizes):
+        results = []
+        for layout in layouts:
+            log(f"B3: flush of 10k updates into tables of {sizes} keys, layout {layout}")
+            out = subprocess.run([self.args.flush_cost, os.path.join(self.work, "b3"), layout, str(symbols)]
+                                 + [str(s) for s in sizes], check=True, capture_output=True, text=True)
+            runs = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+            results.append({"layout": layout, "runs": runs,
+                            "ratio": runs[-1]["median_flush_seconds"] / runs[0]["median_flush_seconds"]})
+        return results
+
+
+def parse_time(stamp):
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def flush_bound(figures):
+    """Bytes written per flush against 4 x the flush's rows x the table's row size."""
+    row_bytes = figures["table"]["row_bytes"]
+    ratios = [f["bytes_written"] / max(f["rows_in"] * row_bytes, 1) for f in figures["flush_detail"] if f["rows_in"]]
+    return {"max_bytes_over_rows_x_row_size": max(ratios or [0]), "row_bytes": row_bytes}
+
+
+def recorded_total(table):
+    """Messages the table's `txn` actions record as written (sum of offset + 1)."""
+    offsets = {}
+    for path in sorted(glob.glob(os.path.join(table, "_delta_log", "*.json"))):
+        for line in open(path):
+            action = json.loads(line)
+            if "txn" in action:
+                offsets[action["txn"]["appId"]] = action["txn"]["version"] + 1
+    return sum(offsets.values())
+
+
+def visibility_latencies(brokers, topic, table):
+    """Seconds from each message's Kafka timestamp to the commit that recorded its offset."""
+    commits = {}
+    for path in sorted(glob.glob(os.path.join(table, "_delta_log", "*.json"))):
+        stamp, txns = None, []
+        for line in open(path):
+            action = json.loads(line)
+            if "commitInfo" in action:
+                stamp = action["commitInfo"]["timestamp"] / 1000
+            if "txn" in action:
+                txns.append((int(action["txn"]["appId"].rsplit("/", 1)[1]), action["txn"]["version"]))
+        for partition, offset in txns:
+            commits.setdefault(partition, []).append((offset, stamp))
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": f"latency-{os.getpid()}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    partitions = sorted(commits)
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p))[1] for p in partitions}
+    latencies, done = [], {p: 0 for p in partitions}
+    cursor = {p: 0 for p in partitions}
+    while any(done[p] < ends[p] for p in partitions):
+        for m in consumer.consume(num_messages=10_000, timeout=1.0):
+            if m.error():
+                continue
+            p, offset = m.partition(), m.offset()
+            done[p] = offset + 1
+            series = commits[p]
+            while cursor[p] < len(series) and series[cursor[p]][0] < offset:
+                cursor[p] += 1
+            if cursor[p] < len(series):
+                latencies.append(series[cursor[p]][1] - m.timestamp()[1] / 1000)
+    consumer.close()
+    return latencies
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    for flag in ("--bin", "--raw", "--flush-cost", "--kafka", "--work", "--out"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--scale", type=float, default=1.0)
+    args = parser.parse_args()
+    bench = Bench(args)
+    n = bench.n
+    results = {"machine": machine(), "scale": args.scale, "started": datetime.now().isoformat(timespec="seconds")}
+    results["B1"] = bench.backlog("b1", n(1_000_000), n(100_000), 2000, ["symbol", "none"])
+    results["B5"] = bench.backlog("b5", n(1_000_000), n(100_000), 20, ["symbol"])
+    results["B4"] = bench.scale_out(results["B1"], "none")
+    results["B3"] = bench.table_growth(["none", "symbol"], 2000, [n(100_000), n(1_000_000)])
+    results["B2"] = bench.steady(20_000, max(10, int(60 * args.scale)), n(100_000), 2000, "none")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(report(results))
+
+
+def machine():
+    cpus = os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpus} cores, {memory:.0f} GiB"
+
+
+def report(r):
+    out = [f"position-sink write-path benchmark ({r['machine']}, scale {r['scale']})", ""]
+    for name in ("B1", "B5"):
+        b = r[name]
+        raw = b["raw"]["rate"]
+        out.append(f"{name}: {b['messages']} updates, {b['instruments']} conids, {b['symbols']} symbols")
+        out.append(f"  raw consume          {raw:10.0f} msg/s")
+        for key in sorted(k for k in b if k.startswith("position_sink_")):
+            w = b[key]
+            t = w["table"]
+            out.append(
+                f"  {key.replace('position_sink_', 'position-sink/'):20} {w['rate']:10.0f} msg/s  "
+                f"{w['rate'] / raw:6.1%} of raw  {w['rate'] / b['peer']['rate']:5.2f}x peer  "
+                f"{w['cpu_us_per_message']:5.1f} us CPU/msg  {w['peak_rss_mib']:6.0f} MiB  "
+                f"{w['flushes']} flushes / {w['delta_commits']} commits  {t['live_files']} files  "
+                f"bytes/flush <= {w['bytes_per_flush_bound']['max_bytes_over_rows_x_row_size']:.1f} x rows x row size  "
+                f"one row per key: {t['one_row_per_key']}")
+        p = b["peer"]
+        out.append(f"  seed-style peer      {p['rate']:10.0f} msg/s  {p['rate'] / raw:6.1%} of raw  "
+                   f"{p['cpu_us_per_message']:5.1f} us CPU/msg  {p['peak_rss_mib']:6.0f} MiB")
+        out.append("")
+    b = r["B4"]
+    out.append(f"B4: 1 worker {b['one_worker_seconds']:.1f} s, 3 workers {b['three_workers_seconds']:.1f} s "
+               f"(speed-up {b['speedup']:.2f}x), {b['commits']} commits, {b['conflicts']} conflicts "
+               f"({b['conflict_ratio']:.1%})")
+    for i, w in enumerate(b["per_worker"]):
+        out.append(f"  worker {i}: {w['messages']} msgs, {w['cpu_seconds']:.1f} s CPU "
+                   f"({w['cpu_us_per_message']:.1f} us/msg), {w['peak_rss_mib']:.0f} MiB, {w['delta_commits']} commits")
+    out.append("")
+    for g in r["B3"]:
+        cells = ", ".join(f"{x['keys']} keys {x['median_flush_seconds'] * 1000:.0f} ms "
+                          f"({x['flushes'][0]['files_removed']} files rewritten)" for x in g["runs"])
+        out.append(f"B3 ({g['layout']}): 10k-update flush into {cells}; ratio {g['ratio']:.2f}")
+    out.append("")
+    b = r["B2"]
+    out.append(f"B2: {b['offered_rate']} updates/s for {b['seconds']} s: latency p50 {b['latency_p50_s']:.2f} s, "
+               f"p99 {b['latency_p99_s']:.2f} s, max {b['latency_max_s']:.2f} s; flush p50 {b['flush_ms_p50']:.0f} ms, "
+               f"max {b['flush_ms_max']} ms; {b['cpu_us_per_message']:.1f} us CPU/msg, {b['peak_rss_mib']:.0f} MiB")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+//! Benchmark B3: the time of one flush of 10k updates into tables of growing size,
+//! through the worker's own write path (no Kafka). Prints one JSON line per table size.
+//!
+//! Usage: flush_cost DIR LAYOUT(symbol|none) SYMBOLS KEYS...
+
+use std::time::Instant;
+
+use position_sink::batch::Batch;
+use position_sink::config::{DeltaConfig, PartitionBy};
+use position_sink::offsets::{Coordinates, Offset, TopicPartition};
+use position_sink::table::PositionTable;
+use position_sink::update::PositionUpdate;
+
+const PARTITIONS: i32 = 6;
+const FLUSH: usize = 10_000;
+const ROUNDS: usize = 3;
+
+fn row(conid: i64, symbols: i64, timestamp_micros: i64, offset: i64) -> PositionUpdate {
+    PositionUpdate {
+        conid,
+        symbol: format!("SYM{:05}", conid % symbols),
+        position: (conid % 1000) as f64,
+        timestamp_micros,
+        account: Some("DU1234567".into()),
+        sec_type: Some("STK".into()),
+        currency: Some("USD".into()),
+        avg_cost: Some(101.5),
+        market_price: Some(102.25),
+        market_value: Some(1022.5),
+        unrealized_pnl: Some(7.5),
+        realized_pnl: None,
+        source: Coordinates {
+            tp: TopicPartition::new("bench", (conid % PARTITIONS as i64) as i32),
+            offset: Offset(offset),
+        },
+    }
+}
+
+fn batch(rows: Vec<PositionUpdate>) -> Batch {
+    let mut b = Batch::default();
+    for r in &rows {
+        b.offsets.observe(&r.source.tp, r.source.offset);
+    }
+    b.messages = rows.len();
+    b.rows = rows;
+    b
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, dir, layout, symbols, sizes @ ..] = args.as_slice() else {
+        return Err("usage: flush_cost DIR LAYOUT SYMBOLS KEYS...".into());
+    };
+    let layout = match layout.as_str() {
+        "symbol" => PartitionBy::Symbol,
+        "none" => PartitionBy::None,
+        other => return Err(format!("unknown layout {other}").into()),
+    };
+    let symbols: i64 = symbols.parse()?;
+    for size in sizes {
+        let keys: i64 = size.parse()?;
+        let uri = format!("{dir}/flush-cost-{layout:?}-{keys}").to_lowercase();
+        let config = DeltaConfig { table_uri: uri, partition_by: layout, ..DeltaConfig::default() };
+        let mut table = PositionTable::open_or_create(&config, "bench").await?;
+        let mut offset = 0;
+        let built = Instant::now();
+        for chunk in (0..keys).collect::<Vec<_>>().chunks(100_000) {
+            let rows = chunk.iter().map(|c| {
+                offset += 1;
+                row(*c, symbols, 1_000_000, offset)
+            });
+            table = table.write(&batch(rows.collect())).await?.0;
+        }
+        let build_seconds = built.elapsed().as_secs_f64();
+        let mut flushes = Vec::new();
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for round in 0..ROUNDS {
+            let mut conids = std::collections::BTreeSet::new();
+            while conids.len() < FLUSH {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                conids.insert((state % keys as u64) as i64);
+            }
+            let rows = conids.into_iter().map(|c| {
+                offset += 1;
+                row(c, symbols, 2_000_000 + round as i64, offset)
+            });
+            let started = Instant::now();
+            let (written, report) = table.write(&batch(rows.collect())).await?;
+            table = written;
+            flushes.push(serde_json::json!({
+                "seconds": started.elapsed().as_secs_f64(),
+                "rows_in": report.rows_offered,
+                "updated": report.updated,
+                "files_removed": report.files_removed,
+                "files_added": report.files_added,
+                "bytes_written": report.bytes_written,
+            }));
+        }
+        let mut seconds: Vec<f64> = flushes.iter().filter_map(|f| f["seconds"].as_f64()).collect();
+        seconds.sort_by(f64::total_cmp);
+        println!(
+            "{}",
+            serde_json::json!({
+                "layout": format!("{layout:?}").to_lowercase(), "symbols": symbols, "keys": keys,
+                "build_seconds": build_seconds, "median_flush_seconds": seconds[seconds.len() / 2],
+                "flushes": flushes,
+            })
+        );
+    }
+    Ok(())
+}

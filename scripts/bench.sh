@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The write-path benchmark: builds the release binary, starts a local broker on
+# 127.0.0.1:39292, and runs B1..B5 (docs/write-path.md) against the broker's raw consume
+# rate and the seed-style Python peer, all in one run. Prints the report and writes
+# it as JSON to bench/results/<time>.json.
+#
+#   scripts/bench.sh            the full scenarios (about 15 minutes on 2 cores)
+#   scripts/bench.sh --quick    a tenth of the data, to check the benchmark itself
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/position-sink/target}"
+CACHE="${POSITION_SINK_CACHE:-$HOME/.cache/position-sink}"
+PORT="${POSITION_SINK_BENCH_PORT:-39292}"
+SCALE=1
+if [ "${1:-}" = "--quick" ]; then SCALE=0.1; fi
+
+scripts/setup.sh
+"$CACHE/venv/bin/pip" install -q --disable-pip-version-check "confluent-kafka==2.16.1"
+command -v /usr/bin/time >/dev/null || { apt-get install -y -qq time >/dev/null; }
+cargo build --release --locked --bin position-sink --example raw_consume --example flush_cost
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/position-sink-bench.XXXXXX")"
+scripts/kafka.sh stop "$PORT" >/dev/null 2>&1 || true
+scripts/kafka.sh start "$PORT"
+trap 'scripts/kafka.sh stop "$PORT"; rm -rf "$WORK"' EXIT
+
+mkdir -p bench/results
+OUT="bench/results/$(date -u +%Y%m%dT%H%M%SZ).json"
+"$CACHE/venv/bin/python" bench/run.py \
+  --bin "$CARGO_TARGET_DIR/release/position-sink" \
+  --raw "$CARGO_TARGET_DIR/release/examples/raw_consume" \
+  --flush-cost "$CARGO_TARGET_DIR/release/examples/flush_cost" \
+  --kafka scripts/kafka.sh --port "$PORT" --work "$WORK" --out "$OUT" --scale "$SCALE"
+echo "bench.sh: results in $OUT"
