@@ -2,7 +2,7 @@
 //! record batch. Pure: no I/O.
 //!
 //! Invariant kept here: [`schema`] is the single definition of the table's columns;
-//! the Delta table, the MERGE and the readers all follow from it.
+//! the Delta table, the merge and the readers all follow from it.
 
 use std::sync::Arc;
 

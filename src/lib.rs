@@ -15,7 +15,8 @@
 //!    ▼                                                         sink.rs (the order)
 //!  dead letters → Delta table (append + txn offsets)          dead_letter/table.rs
 //!    ▼
-//!  Arrow record batch → Delta MERGE (LWW guard) + txn offsets  arrow.rs, table.rs
+//!  Arrow record batch → merge into the files holding its keys  arrow.rs, key_index.rs,
+//!    (LWW) → one Delta commit: removes + adds + txn offsets      rewrite.rs, table.rs
 //!    ▼
 //!  Kafka offset commit (after the Delta commits)              kafka.rs
 //!    (or, with dead letters in a Kafka topic: one Kafka transaction with the

@@ -144,12 +144,13 @@ impl Common {
 }
 
 /// Logging when `RUST_LOG` is unset: this program at info, libraries at warn. Three
-/// library messages that are not faults are hidden: delta-rs' MERGE warns about a metric
-/// it derives itself on every flush, its statistics writer warns on every dead-letter
+/// library messages that are not faults are hidden: delta-rs warns on every commit that
+/// another worker committed first (and then lets it through its conflict check; a real
+/// conflict is an error the worker logs and retries), its statistics writer warns on every dead-letter
 /// write that it keeps no statistics of the binary `key` column, and delta-kernel logs
 /// an error when it opens a table location that has no log yet (a new table, which the
 /// worker then creates).
-const DEFAULT_LOG_FILTER: &str = "warn,position_sink=info,deltalake_core::operations::merge=error,\
+const DEFAULT_LOG_FILTER: &str = "warn,position_sink=info,deltalake_core::kernel::transaction=error,\
      deltalake_core::writer::stats=error,buoyant_kernel::snapshot::builder=off";
 
 fn main() -> ExitCode {

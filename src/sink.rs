@@ -1,10 +1,10 @@
 //! One flush, written in the order that keeps committed offsets honest.
 //!
-//! - Dead letters to a Delta table: dead letters (append + `txn`) → positions (MERGE +
+//! - Dead letters to a Delta table: dead letters (append + `txn`) → positions (merge +
 //!   `txn`) → the worker commits the Kafka offsets. A message at or below the positions
 //!   table's recorded offset therefore has its dead letter durable too, so the worker
 //!   may skip it on replay whatever it was.
-//! - Dead letters to a Kafka topic: positions (MERGE + `txn`) → one Kafka transaction
+//! - Dead letters to a Kafka topic: positions (merge + `txn`) → one Kafka transaction
 //!   with the dead letters and the consumer offsets. The group's committed offset is the
 //!   only record of which dead letters are durable, so the worker re-reads from it and
 //!   lets the positions table drop the rows it already holds.
