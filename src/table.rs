@@ -338,7 +338,7 @@ impl PositionTable {
                 }
             })
             .collect();
-        futures::stream::iter(reads).buffered(8).try_collect().await.map_err(read_err)
+        on_threads(reads).await.map_err(read_err)
     }
 
     /// Writes the planned files, one data file each.
@@ -375,7 +375,7 @@ impl PositionTable {
                 }
             })
             .collect();
-        futures::stream::iter(writes).buffered(4).try_collect().await.map_err(write_err)
+        on_threads(writes).await.map_err(write_err)
     }
 
     /// The commit's operation: a merge whose read set is the files of the partitions it
@@ -413,6 +413,22 @@ impl PositionTable {
             not_matched_by_source_predicates: Vec::new(),
         }
     }
+}
+
+/// Runs `tasks` on the runtime's threads, a few at a time (parquet encoding and
+/// decoding are CPU work), and returns their results in order.
+async fn on_threads<T, F>(tasks: Vec<F>) -> Result<Vec<T>, DeltaTableError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, DeltaTableError>> + Send + 'static,
+{
+    let width = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    futures::stream::iter(tasks)
+        .map(tokio::spawn)
+        .buffered(width)
+        .map(|joined| joined.map_err(|e| DeltaTableError::Generic(format!("a data file task failed: {e}")))?)
+        .try_collect()
+        .await
 }
 
 /// Whether a topic name can be quoted in the conflict predicate as it is (Kafka allows
