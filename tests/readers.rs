@@ -22,7 +22,38 @@ async fn python_deltalake_and_polars_read_the_expected_rows() {
     let produced = produce(&topic, &messages, None).await;
     let (dir, table) = table_dir();
     run_to_end(config(&topic, &unique("g"), &table)).await.expect("worker");
-    let expected: Vec<_> = model(&produced)
+    let expected = expected_document(&topic, &produced);
+    assert!(!expected["dead_letters"].as_array().unwrap().is_empty());
+    let expected_path = dir.path().join("expected.json");
+    std::fs::write(&expected_path, serde_json::to_vec(&expected).unwrap()).unwrap();
+    check_with_python(&table, &expected_path, "symbol");
+    // Nothing was written outside the two tables' directories.
+    let mut entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    entries.sort();
+    assert_eq!(entries, ["expected.json", "positions", "positions_dead_letters"], "unexpected files beside the tables");
+}
+
+/// Runs tests/readers/check_table.py on `table` against the expected rows.
+fn check_with_python(table: &std::path::Path, expected_path: &std::path::Path, layout: &str) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/readers/check_table.py");
+    let output = Command::new(python())
+        .arg(&script)
+        .arg(table)
+        .arg(expected_path)
+        .arg(layout)
+        .output()
+        .expect("run the Python reader (set POSITION_SINK_PYTHON, or run scripts/test.sh, which installs it)");
+    assert!(
+        output.status.success(),
+        "Python reader check failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The expected-rows document check_table.py reads.
+fn expected_document(topic: &str, produced: &[Produced]) -> serde_json::Value {
+    let rows: Vec<_> = model(produced)
         .into_values()
         .map(|r| {
             serde_json::json!({
@@ -43,25 +74,42 @@ async fn python_deltalake_and_polars_read_the_expected_rows() {
             })
         })
         .collect();
-    assert!(!dead_letters.is_empty());
-    let expected_path = dir.path().join("expected.json");
-    let expected = serde_json::json!({"rows": expected, "dead_letters": dead_letters});
-    std::fs::write(&expected_path, serde_json::to_vec(&expected).unwrap()).unwrap();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/readers/check_table.py");
-    let output = Command::new(python())
-        .arg(&script)
-        .arg(&table)
-        .arg(&expected_path)
-        .output()
-        .expect("run the Python reader (set POSITION_SINK_PYTHON, or run scripts/test.sh, which installs it)");
+    serde_json::json!({"rows": rows, "dead_letters": dead_letters})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unpartitioned_layout_with_symbol_changes_reads_back_one_row_per_conid() {
+    let topic = create_topic("readers-none", 3).await;
+    let mut messages = sample_with_bad(1500, 90, 11, 2);
+    // Conids that change symbol, with late updates still under the old one.
+    for conid in 9101..9111 {
+        messages.push(update_json(conid, "OLDCO", 1.0, "2026-03-01T10:00:00Z"));
+    }
+    for conid in 9101..9111 {
+        messages.push(update_json(conid, &format!("NEWCO{}", conid % 3), 2.0, "2026-03-01T10:00:05Z"));
+        messages.push(update_json(conid, "OLDCO", 3.0, "2026-03-01T10:00:02Z"));
+    }
+    let produced = produce(&topic, &messages, None).await;
+    let (dir, table) = table_dir();
+    let mut config = config(&topic, &unique("g"), &table);
+    config.delta.partition_by = position_sink::config::PartitionBy::None;
+    config.flush.max_records = 400;
+    run_to_end(config).await.expect("worker");
+    let expected = expected_document(&topic, &produced);
+    let renamed = expected["rows"].as_array().unwrap().iter().filter(|r| r["conid"].as_i64().is_some_and(|c| (9101..9111).contains(&c))).count();
+    assert_eq!(renamed, 10);
     assert!(
-        output.status.success(),
-        "Python reader check failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        expected["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["symbol"].as_str().is_some_and(|s| s.starts_with("NEWCO")))
+            .count()
+            == 10,
+        "every renamed conid ends under its new symbol"
     );
-    // Nothing was written outside the two tables' directories.
-    let mut entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    entries.sort();
-    assert_eq!(entries, ["expected.json", "positions", "positions_dead_letters"], "unexpected files beside the tables");
+    let expected_path = dir.path().join("expected.json");
+    std::fs::write(&expected_path, serde_json::to_vec(&expected).unwrap()).unwrap();
+    check_with_python(&table, &expected_path, "none");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
 }

@@ -1,7 +1,8 @@
 """Independent reader check: open the positions table with the Python `deltalake`
 and `polars` packages (not delta-rs through Rust) and compare it with the expected rows.
 
-Usage: check_table.py TABLE_PATH EXPECTED_JSON
+Usage: check_table.py TABLE_PATH EXPECTED_JSON [LAYOUT]
+LAYOUT is "symbol" (the default: partitioned by symbol) or "none" (no partition column).
 EXPECTED_JSON holds {"rows": [{symbol, conid, position, timestamp_micros,
 kafka_partition, kafka_offset}], "dead_letters": [{topic, partition, offset, category,
 key_hex, value_hex}]}; the dead letters are read from TABLE_PATH + "_dead_letters".
@@ -22,17 +23,19 @@ def fail(reason: str) -> None:
 
 def main() -> None:
     path, expected_path = sys.argv[1], sys.argv[2]
+    layout = sys.argv[3] if len(sys.argv) > 3 else "symbol"
     with open(expected_path, encoding="utf-8") as f:
         document = json.load(f)
     expected = {(r["symbol"], r["conid"]): r for r in document["rows"]}
 
     table = DeltaTable(path)
     partitioning = table.metadata().partition_columns
-    if partitioning != ["symbol"]:
-        fail(f"partition columns are {partitioning}, expected ['symbol']")
+    expected_partitioning = ["symbol"] if layout == "symbol" else []
+    if partitioning != expected_partitioning:
+        fail(f"partition columns are {partitioning}, expected {expected_partitioning}")
     for uri in table.file_uris():
-        if "/symbol=" not in uri:
-            fail(f"data file {uri} is not inside a symbol= partition directory")
+        if ("/symbol=" in uri) != (layout == "symbol"):
+            fail(f"data file {uri} does not follow the {layout!r} layout")
 
     df = pl.read_delta(path)
     if df.schema["timestamp"] != pl.Datetime("us", "UTC"):
@@ -43,6 +46,9 @@ def main() -> None:
         if key in actual:
             fail(f"two rows for {key}")
         actual[key] = row
+    conids = [conid for _, conid in actual]
+    if len(set(conids)) != len(conids):
+        fail("two rows for one conid under different symbols")
     if set(actual) != set(expected):
         missing = sorted(set(expected) - set(actual))[:5]
         extra = sorted(set(actual) - set(expected))[:5]
@@ -66,7 +72,7 @@ def main() -> None:
     only = pl.read_delta(path).filter(pl.col("symbol") == some_symbol)
     if only.height != sum(1 for k in expected if k[0] == some_symbol):
         fail(f"filtering on symbol {some_symbol!r} returned {only.height} rows")
-    print(f"check_table: {len(actual)} rows match, partitioned by symbol")
+    print(f"check_table: {len(actual)} rows match, layout {layout}")
     check_dead_letters(path + "_dead_letters", document["dead_letters"])
 
 
