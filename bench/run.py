@@ -11,7 +11,6 @@ import glob
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import time
 from datetime import datetime
 
 import polars as pl
+import pyarrow as pa
 from confluent_kafka import Consumer, TopicPartition
 from deltalake import DeltaTable
 
@@ -37,6 +37,7 @@ class Bench:
         self.work = args.work
         self.python = sys.executable
         self.peer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py")
+        self.run_id = str(int(time.time()))
         os.makedirs(self.work, exist_ok=True)
 
     def n(self, count):
@@ -56,6 +57,7 @@ class Bench:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def env(self, topic, group, table, layout="symbol"):
+        group = f"{group}-{self.run_id}"
         env = dict(os.environ)
         env.update({
             "POSITION_SINK__KAFKA__BROKERS": self.brokers,
@@ -69,9 +71,13 @@ class Bench:
         return env
 
     def raw_consume(self, topic, count):
+        started = time.monotonic()
         out = subprocess.run([self.args.raw, self.brokers, topic, str(count)], check=True, capture_output=True,
                              text=True)
-        return json.loads(out.stdout)
+        figures = json.loads(out.stdout)
+        figures["wall_seconds"] = time.monotonic() - started
+        figures["wall_rate"] = count / figures["wall_seconds"]
+        return figures
 
     # --- position-sink -----------------------------------------------------------
     def start_worker(self, topic, group, table, layout, exit_when_caught_up=True, name="worker"):
@@ -95,6 +101,7 @@ class Bench:
         user = float(re.search(r"User time \(seconds\): ([\d.]+)", times).group(1))
         system = float(re.search(r"System time \(seconds\): ([\d.]+)", times).group(1))
         rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", times).group(1))
+        wall = wall_seconds(times)
         start = end = None
         flushes, stopped = [], {}
         for line in lines:
@@ -117,6 +124,8 @@ class Bench:
             "messages": messages,
             "seconds": seconds,
             "rate": messages / max(seconds, 1e-9),
+            "wall_seconds": wall,
+            "wall_rate": messages / max(wall, 1e-9),
             "cpu_seconds": user + system,
             "cpu_us_per_message": (user + system) * 1e6 / max(messages, 1),
             "peak_rss_mib": rss_kib / 1024,
@@ -137,6 +146,8 @@ class Bench:
         times = open(table + ".time").read()
         cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", times))
         figures["cpu_us_per_message"] = cpu * 1e6 / max(count, 1)
+        figures["wall_seconds"] = wall_seconds(times)
+        figures["wall_rate"] = count / figures["wall_seconds"]
         figures["peak_rss_mib"] = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", times).group(1)) / 1024
         figures["table"] = table
         return figures
@@ -144,7 +155,7 @@ class Bench:
     # --- the table -----------------------------------------------------------------
     def table_figures(self, path):
         table = DeltaTable(path)
-        adds = table.get_add_actions(flatten=True).to_pydict()
+        adds = pa.table(table.get_add_actions(flatten=True)).to_pydict()
         live_bytes = sum(adds["size_bytes"])
         rows = sum(adds["num_records"])
         on_disk = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
@@ -187,9 +198,9 @@ class Bench:
         commits = sum(f["delta_commits"] for f in figures)
         conflicts = sum(f["commit_conflicts"] for f in figures)
         return {
-            "one_worker_seconds": one["seconds"],
+            "one_worker_seconds": one["wall_seconds"],
             "three_workers_seconds": wall,
-            "speedup": one["seconds"] / wall,
+            "speedup": one["wall_seconds"] / wall,
             "commits": commits,
             "conflicts": conflicts,
             "conflict_ratio": conflicts / max(commits, 1),
@@ -210,7 +221,8 @@ class Bench:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and recorded_total(table) < count:
             time.sleep(1)
-        worker["process"].send_signal(signal.SIGTERM)
+        # /usr/bin/time does not pass signals on: stop the worker it runs.
+        subprocess.run(["pkill", "-TERM", "-P", str(worker["process"].pid)], check=False)
         figures = self.finish_worker(worker)
         latencies = visibility_latencies(self.brokers, topic, table)
         latencies.sort()
@@ -234,6 +246,15 @@ class Bench:
             results.append({"layout": layout, "runs": runs,
                             "ratio": runs[-1]["median_flush_seconds"] / runs[0]["median_flush_seconds"]})
         return results
+
+
+def wall_seconds(times):
+    """The elapsed wall-clock time in a /usr/bin/time -v report."""
+    text = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", times).group(1)
+    seconds = 0.0
+    for part in text.split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
 
 
 def parse_time(stamp):
@@ -325,19 +346,23 @@ def report(r):
         b = r[name]
         raw = b["raw"]["rate"]
         out.append(f"{name}: {b['messages']} updates, {b['instruments']} conids, {b['symbols']} symbols")
-        out.append(f"  raw consume          {raw:10.0f} msg/s")
+        raw_wall = b["raw"]["wall_rate"]
+        out.append(f"  raw consume          {raw:10.0f} msg/s from the first message; {raw_wall:8.0f} msg/s over the process's life")
         for key in sorted(k for k in b if k.startswith("position_sink_")):
             w = b[key]
             t = w["table"]
             out.append(
                 f"  {key.replace('position_sink_', 'position-sink/'):20} {w['rate']:10.0f} msg/s  "
                 f"{w['rate'] / raw:6.1%} of raw  {w['rate'] / b['peer']['rate']:5.2f}x peer  "
+                f"(process life: {w['wall_rate']:8.0f} msg/s, {w['wall_rate'] / raw_wall:6.1%} of raw, "
+                f"{w['wall_rate'] / b['peer']['wall_rate']:5.2f}x peer)  "
                 f"{w['cpu_us_per_message']:5.1f} us CPU/msg  {w['peak_rss_mib']:6.0f} MiB  "
                 f"{w['flushes']} flushes / {w['delta_commits']} commits  {t['live_files']} files  "
                 f"bytes/flush <= {w['bytes_per_flush_bound']['max_bytes_over_rows_x_row_size']:.1f} x rows x row size  "
                 f"one row per key: {t['one_row_per_key']}")
         p = b["peer"]
         out.append(f"  seed-style peer      {p['rate']:10.0f} msg/s  {p['rate'] / raw:6.1%} of raw  "
+                   f"(process life: {p['wall_rate']:8.0f} msg/s)  "
                    f"{p['cpu_us_per_message']:5.1f} us CPU/msg  {p['peak_rss_mib']:6.0f} MiB")
         out.append("")
     b = r["B4"]

@@ -23,7 +23,7 @@ cargo build --release --locked --bin position-sink --example raw_consume --examp
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/position-sink-bench.XXXXXX")"
 scripts/kafka.sh stop "$PORT" >/dev/null 2>&1 || true
 scripts/kafka.sh start "$PORT"
-trap 'scripts/kafka.sh stop "$PORT"; rm -rf "$WORK"' EXIT
+trap 'scripts/kafka.sh stop "$PORT"; [ -n "${POSITION_SINK_BENCH_KEEP:-}" ] || rm -rf "$WORK"' EXIT
 
 mkdir -p bench/results
 OUT="bench/results/$(date -u +%Y%m%dT%H%M%SZ).json"

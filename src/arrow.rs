@@ -53,7 +53,10 @@ pub fn schema() -> SchemaRef {
 ///
 /// # Errors
 /// Only if Arrow rejects the arrays, which would be a bug in this module.
-pub fn to_record_batch(rows: &[PositionUpdate], ingested_at_micros: i64) -> Result<RecordBatch, ArrowError> {
+pub fn to_record_batch<'a>(
+    rows: impl ExactSizeIterator<Item = &'a PositionUpdate> + Clone,
+    ingested_at_micros: i64,
+) -> Result<RecordBatch, ArrowError> {
     let n = rows.len();
     let mut conid = Int64Builder::with_capacity(n);
     let mut symbol = StringBuilder::with_capacity(n, n * 8);
@@ -131,7 +134,7 @@ mod tests {
         a.avg_cost = Some(12.5);
         a.account = Some("U9".into());
         let b = update(6, "IBM", 2_000_000, 0, 3);
-        let batch = to_record_batch(&[a, b], 42).unwrap();
+        let batch = to_record_batch([a, b].iter(), 42).unwrap();
         assert_eq!(batch.num_rows(), 2);
         assert_eq!(batch.column_by_name("conid").unwrap().as_primitive::<Int64Type>().value(0), 5);
         assert_eq!(batch.column_by_name("symbol").unwrap().as_string::<i32>().value(1), "IBM");

@@ -273,7 +273,7 @@ mod tests {
     use crate::update::tests::update;
 
     fn rows(updates: &[PositionUpdate]) -> RecordBatch {
-        to_record_batch(updates, 1).expect("valid rows")
+        to_record_batch(updates.iter(), 1).expect("valid rows")
     }
 
     fn file(id: FileId, updates: &[PositionUpdate]) -> TouchedFile {

@@ -42,7 +42,7 @@ use crate::delta::{self, TableSpec};
 use crate::key_index::{FileGroup, FileId, KeyIndex};
 use crate::offsets::{Offset, TopicPartition};
 use crate::rewrite::{self, NewFile, TouchedFile};
-use crate::update::{KeyColumn, RowKey};
+use crate::update::{KeyColumn, PositionUpdate, RowKey};
 
 /// A Delta table version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -159,7 +159,7 @@ impl PositionTable {
             .filter(|(tp, offset)| is_new(tp, *offset))
             .map(|(tp, offset)| Transaction::new(tp.app_id(&self.group_id), offset.0))
             .collect();
-        let rows: Vec<_> = batch.rows.iter().filter(|u| is_new(&u.source.tp, u.source.offset)).cloned().collect();
+        let rows: Vec<&PositionUpdate> = batch.rows.iter().filter(|u| is_new(&u.source.tp, u.source.offset)).collect();
         let mut report = WriteReport {
             version: self.version().unwrap_or(TableVersion(0)),
             rows_offered: rows.len(),
@@ -214,7 +214,8 @@ impl PositionTable {
         touched.extend(hosts.iter().copied());
 
         let files = self.read_touched(&index, &touched, &hosts).await?;
-        let batch_rows = to_record_batch(&rows, chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
+        let batch_rows =
+            to_record_batch(rows.iter().copied(), chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
         let plan = rewrite::plan(&files, &batch_rows, self.layout, &self.key_columns, self.max_rows_per_file)
             .map_err(arrow_err)?;
         drop(files);

@@ -239,7 +239,9 @@ impl Worker {
                     self.handle(received, shutdown).await?;
                 }
             }
-            if self.buffer.is_full() {
+            // Exiting when caught up, the last batch has nothing more to wait for.
+            let last_batch = self.config.worker.exit_when_caught_up && self.read_to_end;
+            if self.buffer.is_full() || (last_batch && self.in_flight.is_none()) {
                 self.flush_now(shutdown).await;
             }
             self.send_due_commits();
