@@ -96,6 +96,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "updated": report.updated,
                 "files_removed": report.files_removed,
                 "files_added": report.files_added,
+                "rows_rewritten": report.rows_rewritten,
                 "bytes_written": report.bytes_written,
             }));
         }

@@ -27,7 +27,7 @@ pub struct Limits {
 pub struct Buffer {
     keys: Vec<KeyColumn>,
     limits: Limits,
-    rows: HashMap<RowKey, PositionUpdate>,
+    rows: HashMap<RowKey, PositionUpdate, foldhash::fast::RandomState>,
     dead_letters: Vec<DeadLetter>,
     offsets: OffsetMap,
     messages: usize,
@@ -53,7 +53,7 @@ impl Buffer {
         Self {
             keys,
             limits,
-            rows: HashMap::new(),
+            rows: HashMap::default(),
             dead_letters: Vec::new(),
             offsets: OffsetMap::default(),
             messages: 0,

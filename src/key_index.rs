@@ -39,11 +39,11 @@ pub struct IndexedFile {
 /// Keys → live files, kept current from the table's log.
 #[derive(Debug, Default)]
 pub struct KeyIndex {
-    keys: HashMap<RowKey, FileId>,
+    keys: HashMap<RowKey, FileId, foldhash::fast::RandomState>,
     files: HashMap<FileId, IndexedFile>,
     by_path: HashMap<String, FileId>,
     by_group: HashMap<FileGroup, HashSet<FileId>>,
-    duplicates: HashMap<RowKey, FileId>,
+    duplicates: HashMap<RowKey, FileId, foldhash::fast::RandomState>,
     next_id: FileId,
 }
 

@@ -97,7 +97,8 @@ pub fn plan(
     let keys = keys_of(&rows, key_columns)?;
 
     let mut plan = Plan::default();
-    let mut winner: HashMap<&RowKey, usize> = HashMap::with_capacity(keys.len());
+    let mut winner: HashMap<&RowKey, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(keys.len(), Default::default());
     for (row, key) in keys.iter().enumerate() {
         match winner.get_mut(key) {
             None => {

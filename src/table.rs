@@ -63,6 +63,8 @@ pub struct WriteReport {
     pub files_removed: usize,
     /// Data files added.
     pub files_added: usize,
+    /// Rows in the data files added (the batch's winners and the rows rewritten with them).
+    pub rows_rewritten: usize,
     /// Bytes of data files added.
     pub bytes_written: u64,
     /// Whether a commit was made.
@@ -167,6 +169,7 @@ impl PositionTable {
             updated: 0,
             files_removed: 0,
             files_added: 0,
+            rows_rewritten: 0,
             bytes_written: 0,
             committed: false,
             elapsed: started.elapsed(),
@@ -221,6 +224,7 @@ impl PositionTable {
         drop(files);
 
         let adds = self.write_files(&plan.files).await?;
+        let rows_rewritten = plan.files.iter().map(|f| f.rows.num_rows()).sum();
         let removed_paths: HashSet<&str> =
             plan.rewritten.iter().filter_map(|id| index.file(*id)).map(|f| f.path.as_str()).collect();
         let snapshot = self.table.snapshot().map_err(write_err)?;
@@ -255,6 +259,7 @@ impl PositionTable {
         report.updated = plan.updated;
         report.files_removed = plan.rewritten.len();
         report.files_added = adds.len();
+        report.rows_rewritten = rows_rewritten;
         report.bytes_written = adds.iter().map(|a| a.size.max(0) as u64).sum();
         report.committed = true;
         report.elapsed = started.elapsed();

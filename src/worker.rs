@@ -467,6 +467,7 @@ impl Worker {
             committed = positions.committed,
             files_removed = positions.files_removed,
             files_added = positions.files_added,
+            rows_rewritten = positions.rows_rewritten,
             bytes_written = positions.bytes_written,
             duration_ms = positions.elapsed.as_millis() as u64,
             "flushed batch"
