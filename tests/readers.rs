@@ -96,7 +96,12 @@ async fn the_unpartitioned_layout_with_symbol_changes_reads_back_one_row_per_con
     config.flush.max_records = 400;
     run_to_end(config).await.expect("worker");
     let expected = expected_document(&topic, &produced);
-    let renamed = expected["rows"].as_array().unwrap().iter().filter(|r| r["conid"].as_i64().is_some_and(|c| (9101..9111).contains(&c))).count();
+    let renamed = expected["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["conid"].as_i64().is_some_and(|c| (9101..9111).contains(&c)))
+        .count();
     assert_eq!(renamed, 10);
     assert!(
         expected["rows"]
