@@ -259,6 +259,9 @@ impl PositionTable {
         report.updated = plan.updated;
         report.files_removed = plan.rewritten.len();
         report.files_added = adds.len();
+        if self.layout == PartitionBy::Symbol && adds.len() > MANY_FILES_PER_FLUSH {
+            warn_many_symbols(adds.len());
+        }
         report.rows_rewritten = rows_rewritten;
         report.bytes_written = adds.iter().map(|a| a.size.max(0) as u64).sum();
         report.committed = true;
@@ -418,6 +421,21 @@ impl PositionTable {
             not_matched_predicates: vec![MergePredicate { action_type: "insert".into(), predicate: None }],
             not_matched_by_source_predicates: Vec::new(),
         }
+    }
+}
+
+/// Files one flush may add in the `symbol` layout before the worker suggests `none`.
+const MANY_FILES_PER_FLUSH: usize = 1000;
+
+/// Says once per process that the table's layout makes flushes slow.
+fn warn_many_symbols(files: usize) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            files,
+            "a flush wrote a data file per symbol and Kafka partition; with thousands of symbols, a table \
+             created with delta.partition_by = \"none\" is several times faster (docs/write-path.md)"
+        );
     }
 }
 
