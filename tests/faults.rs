@@ -45,6 +45,11 @@ fn write_config(s: &Scenario, extra: &str) -> std::path::PathBuf {
     file
 }
 
+/// How long a restarted worker may take to reach its first flush: it waits out the
+/// killed member's session, reads the table's offsets and builds its key index from
+/// every data file, in a debug build, on a loaded machine.
+const FIRST_FLUSH_WITHIN: Duration = Duration::from_secs(180);
+
 /// How a kill-loop round ends the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Kill {
@@ -67,7 +72,7 @@ fn start_binary(config_file: &std::path::Path, abort_probability: Option<f64>) -
         .arg("run")
         .arg("--config")
         .arg(config_file)
-        .env("RUST_LOG", "error,position_sink::sink=debug,buoyant_kernel::snapshot::builder=off")
+        .env("RUST_LOG", "warn,position_sink=info,position_sink::sink=debug,buoyant_kernel::snapshot::builder=off")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if let Some(p) = abort_probability {
@@ -110,7 +115,7 @@ async fn kill_loop_sigkill_during_merge_and_between_commits_loses_and_doubles_no
             }
             Kill::DuringMerge => {
                 let writing = running.writing;
-                let seen = tokio::task::spawn_blocking(move || writing.recv_timeout(Duration::from_secs(60)).is_ok())
+                let seen = tokio::task::spawn_blocking(move || writing.recv_timeout(FIRST_FLUSH_WITHIN).is_ok())
                     .await
                     .expect("join");
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
@@ -118,13 +123,17 @@ async fn kill_loop_sigkill_during_merge_and_between_commits_loses_and_doubles_no
             }
             Kill::BetweenCommits => {
                 // The process aborts itself at its first Delta commit.
-                let deadline = Instant::now() + Duration::from_secs(60);
+                let deadline = Instant::now() + FIRST_FLUSH_WITHIN;
                 loop {
                     if let Some(status) = running.child.try_wait().expect("wait") {
                         use std::os::unix::process::ExitStatusExt;
+                        if status.signal() != Some(6) {
+                            eprintln!("round {round}: the worker ended with {status} instead of aborting");
+                        }
                         break status.signal() == Some(6);
                     }
                     if Instant::now() > deadline {
+                        eprintln!("round {round}: no Delta commit within {FIRST_FLUSH_WITHIN:?}");
                         break false;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
