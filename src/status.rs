@@ -38,6 +38,8 @@ pub struct Progress {
     pub kafka_commit_failures: AtomicU64,
     /// Largest number of message bytes the buffer held.
     pub buffered_bytes_peak: AtomicU64,
+    /// Partitions assigned to the worker right now.
+    pub assigned_partitions: AtomicU64,
     /// Dead letters written, by reason category.
     pub dead_letters: Mutex<ReasonCounts>,
     /// Health, for readiness.

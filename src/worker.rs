@@ -296,6 +296,7 @@ impl Worker {
                     self.partitions.revoked(&partitions);
                 }
             }
+            self.progress.assigned_partitions.store(self.partitions.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

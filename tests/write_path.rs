@@ -58,26 +58,6 @@ print(json.dumps(frame.rows()))
     serde_json::from_slice(&output.stdout).expect("rows as JSON")
 }
 
-fn commits(path: &std::path::Path) -> usize {
-    std::fs::read_dir(path.join("_delta_log"))
-        .expect("log")
-        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json")))
-        .count()
-}
-
-/// Commits whose writer read an older version than the one before them: another
-/// writer committed while they were being written, and they went through anyway.
-fn committed_over_a_concurrent_commit(path: &std::path::Path) -> usize {
-    (1..commits(path))
-        .filter(|version| {
-            let log = std::fs::read_to_string(path.join(format!("_delta_log/{version:020}.json"))).expect("commit");
-            log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|action| {
-                action["commitInfo"]["readVersion"].as_u64().is_some_and(|read| read + 1 < *version as u64)
-            })
-        })
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conid_whose_symbol_changes_moves_in_the_same_commit_and_a_late_update_does_not_move_it_back() {
     for layout in [PartitionBy::Symbol, PartitionBy::None] {
@@ -87,7 +67,7 @@ async fn a_conid_whose_symbol_changes_moves_in_the_same_commit_and_a_late_update
             table.write(&batch(vec![update(1, "OLD", 10, 0, 0), update(2, "OLD", 10, 0, 1)])).await.unwrap();
         let (table, report) = table.write(&batch(vec![update(1, "NEW", 20, 0, 2)])).await.unwrap();
         assert_eq!((report.updated, report.inserted), (1, 0));
-        assert_eq!(commits(&path), 3, "create + one commit per flush");
+        assert_eq!(common::commits(&path), 3, "create + one commit per flush");
         assert_eq!(python_rows(&path), vec![(1, "NEW".into(), 20.0), (2, "OLD".into(), 10.0)], "{layout:?}");
         // A late update still under the old symbol is older: nothing moves back.
         let (_, report) = table.write(&batch(vec![update(1, "OLD", 15, 0, 3)])).await.unwrap();
@@ -145,9 +125,9 @@ async fn two_writers_of_different_partitions_commit_side_by_side_without_conflic
     };
     let (a, b) = tokio::join!(tokio::spawn(writer(first, 0)), tokio::spawn(writer(second, 1)));
     assert_eq!((a.unwrap(), b.unwrap()), (0, 0), "commits of disjoint partitions conflicted");
-    assert_eq!(commits(&path), 1 + 2 * rounds as usize, "one commit per flush of each writer");
+    assert_eq!(common::commits(&path), 1 + 2 * rounds as usize, "one commit per flush of each writer");
     assert!(
-        committed_over_a_concurrent_commit(&path) > 0,
+        common::committed_over_a_concurrent_commit(&path) > 0,
         "the writers never overlapped, so the test proved nothing about conflicts"
     );
     let rows = common::read_table(&path).await;

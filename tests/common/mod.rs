@@ -500,3 +500,24 @@ pub fn python() -> String {
     let venv = format!("{cache}/venv/bin/python");
     if std::path::Path::new(&venv).exists() { venv } else { "python3".into() }
 }
+
+/// Commits in the table's log (version 0, the creation, included).
+pub fn commits(path: &std::path::Path) -> usize {
+    std::fs::read_dir(path.join("_delta_log"))
+        .expect("log")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json")))
+        .count()
+}
+
+/// Commits whose writer read an older version than the one before them: another
+/// writer committed while they were being written, and they went through anyway.
+pub fn committed_over_a_concurrent_commit(path: &std::path::Path) -> usize {
+    (1..commits(path))
+        .filter(|version| {
+            let log = std::fs::read_to_string(path.join(format!("_delta_log/{version:020}.json"))).expect("commit");
+            log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|action| {
+                action["commitInfo"]["readVersion"].as_u64().is_some_and(|read| read + 1 < *version as u64)
+            })
+        })
+        .count()
+}
