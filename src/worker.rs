@@ -25,13 +25,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::batch::{Batch, Buffer, Limits};
-use crate::config::Config;
+use crate::config::{Config, OnOffsetGap};
 use crate::dead_letter::DeadLetter;
 use crate::decode::{DecodeOptions, decode};
 use crate::faults::CrashPoints;
 use crate::kafka::{self, Rebalanced, SinkConsumer};
 use crate::offsets::{Coordinates, Offset, TopicPartition};
-use crate::partitions::{CommitNews, CommitOutcome, Partitions, Seen};
+use crate::partitions::{CommitNews, CommitOutcome, Partitions, Seen, Start};
 use crate::retry::retry;
 use crate::sink::{DeadLetterSink, FlushError, FlushReport, Sinks};
 use crate::status::{Progress, RunSummary};
@@ -60,6 +60,20 @@ pub enum WorkerError {
     /// The flush task panicked (a bug).
     #[error("the flush task failed: {0}")]
     FlushTask(#[from] tokio::task::JoinError),
+    /// The table needs messages that retention already deleted.
+    #[error(
+        "the table resumes partition {partition} at offset {needed}, but the oldest offset still in Kafka is \
+         {oldest}: retention deleted {needed}..{oldest}. Restore the table from a backup that covers them, or \
+         accept the gap with recovery.on_offset_gap = \"continue\""
+    )]
+    OffsetGap {
+        /// The partition.
+        partition: TopicPartition,
+        /// The first offset the table needs.
+        needed: i64,
+        /// The oldest offset the partition still has.
+        oldest: i64,
+    },
     /// The last flush did not finish within worker.shutdown_timeout.
     #[error(
         "shutdown timed out after {0:?} waiting for the last flush; nothing unwritten was committed and it will be re-read"
@@ -193,7 +207,8 @@ impl Worker {
                 max_message_bytes: config.decode.max_message_bytes,
             },
             buffer: Buffer::new(config.delta.key_columns.clone(), limits),
-            partitions: Partitions::new(sinks.table_offsets_cover_dead_letters(), &config.retry),
+            partitions: Partitions::new(sinks.table_offsets_cover_dead_letters(), &config.retry)
+                .with_unrecorded_from_start(config.kafka.auto_offset_reset == crate::config::OffsetReset::Earliest),
             reader: sinks.positions.clone(),
             idle_sinks: Some(sinks),
             in_flight: None,
@@ -358,7 +373,59 @@ impl Worker {
             }
             // Stopping while the table was read: the message is read again next time.
             Seen::Unknown => Ok(false),
+            Seen::Rewind { from } => {
+                self.read_again_from(at, from, shutdown).await?;
+                Ok(false)
+            }
         }
+    }
+
+    /// Moves reading of `at`'s partition back to where the table says it starts, after
+    /// checking that Kafka still has those messages.
+    async fn read_again_from(
+        &mut self,
+        at: &Coordinates,
+        from: Start,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError> {
+        let target = match from {
+            Start::Beginning => rdkafka::Offset::Beginning,
+            Start::At(needed) => {
+                let consumer = self.consumer.clone();
+                let tp = at.tp.clone();
+                let lookup = tokio::task::spawn_blocking(move || {
+                    consumer.fetch_watermarks(&tp.topic, tp.partition.0, COMMITTED_LOOKUP_TIMEOUT)
+                });
+                let oldest = tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    found = lookup => found?.map_err(WorkerError::Kafka)?.0,
+                };
+                if needed.0 >= oldest {
+                    Progress::bump(&self.progress.rewinds_to_table);
+                    info!(partition = %at.tp, from = at.offset.0, to = needed.0,
+                        "the table is behind the group's committed offset; reading again from the table's record");
+                    rdkafka::Offset::Offset(needed.0)
+                } else if self.config.recovery.on_offset_gap == OnOffsetGap::Continue {
+                    Progress::bump(&self.progress.offset_gaps);
+                    warn!(partition = %at.tp, needed = needed.0, oldest,
+                        "retention deleted offsets the table needs; continuing from the oldest one \
+                         (recovery.on_offset_gap = \"continue\")");
+                    rdkafka::Offset::Offset(oldest)
+                } else {
+                    return Err(WorkerError::OffsetGap { partition: at.tp.clone(), needed: needed.0, oldest });
+                }
+            }
+        };
+        if let Start::Beginning = from {
+            info!(partition = %at.tp, from = at.offset.0,
+                "the table has no record of this partition; reading it from its start (kafka.auto_offset_reset)");
+        }
+        if let Err(error) = self.consumer.seek(&at.tp.topic, at.tp.partition.0, target, Duration::ZERO) {
+            // Not positioned yet: ask again at the next message.
+            debug!(%error, "seek not possible yet");
+            self.partitions.rewind_failed(&at.tp, from);
+        }
+        Ok(())
     }
 
     /// Logs a rejection with its coordinates, up to a bound per flush window.
