@@ -302,8 +302,7 @@ impl PositionTable {
                 }
             })
             .collect();
-        let mut reads = futures::stream::iter(reads).buffer_unordered(8);
-        while let Some((path, symbol, rows)) = reads.try_next().await.map_err(read_err)? {
+        for (path, symbol, rows) in on_threads(reads).await.map_err(read_err)? {
             let (owner, keys) = file_keys(&rows, &self.key_columns).map_err(|e| read_err(e.into()))?;
             index.add_file(
                 path,

@@ -150,3 +150,20 @@ async fn the_layout_of_an_existing_table_is_kept_and_a_different_one_refused_wit
     assert!(message.contains("partitioned by []"), "{message}");
     assert!(message.contains("delta.partition_by"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_under_symbols_that_need_escaping_are_found_again_after_a_restart() {
+    let symbols = ["BRK/B", "ÄÖ ü=%", "a.b..c", "../../escape", "x%2Fy"];
+    let (_dir, path) = common::table_dir();
+    let table = open(&path, PartitionBy::Symbol, 100).await;
+    let rows = symbols.iter().enumerate().map(|(i, s)| update(i as i64 + 1, s, 10, 0, i as i64)).collect();
+    table.write(&batch(rows)).await.expect("first write");
+    // A new worker: its key index is built from the files, then each file is rewritten.
+    let restarted = open(&path, PartitionBy::Symbol, 100).await;
+    let rows = symbols.iter().enumerate().map(|(i, s)| update(i as i64 + 1, s, 20, 0, 10 + i as i64)).collect();
+    let (_, report) = restarted.write(&batch(rows)).await.expect("rewrite after a restart");
+    assert_eq!((report.updated, report.inserted), (symbols.len(), 0));
+    let read = python_rows(&path);
+    assert_eq!(read.len(), symbols.len());
+    assert!(read.iter().all(|(_, _, position)| *position == 20.0), "{read:?}");
+}
