@@ -83,8 +83,12 @@ struct PartitionState {
     floor: Option<Offset>,
     /// Whether moving reading forward to `floor` was asked for.
     sought: bool,
-    /// Where the table says reading starts, until the first message is checked against it.
+    /// Where the table says reading starts, until reading was moved there or the first
+    /// message showed it is there already.
     start: Option<Start>,
+    /// Where reading was moved to after the assignment: from then on the group's
+    /// committed offset no longer says how far the partition is read.
+    resumed_from: Option<Start>,
     /// First offset read since the assignment: where a rewind goes when nothing is durable.
     first_read: Option<Offset>,
     /// One past the highest offset read since the assignment.
@@ -110,7 +114,11 @@ impl PartitionState {
 
     /// Where reading stands: the next offset that will be read.
     fn position(&self) -> Option<Offset> {
-        self.next_read.max(self.floor).max(self.committed)
+        match self.resumed_from {
+            Some(Start::At(start)) => self.next_read.max(Some(start)),
+            Some(Start::Beginning) => self.next_read,
+            None => self.next_read.max(self.floor).max(self.committed),
+        }
     }
 }
 
@@ -232,6 +240,7 @@ impl Partitions {
             _ => None,
         };
         if let Some(from) = rewind {
+            state.resumed_from = Some(from);
             return Seen::Rewind { from };
         }
         state.first_read.get_or_insert(at.offset);
@@ -250,6 +259,33 @@ impl Partitions {
     pub fn rewind_failed(&mut self, tp: &TopicPartition, from: Start) {
         if let Some(state) = self.states.get_mut(tp) {
             state.start = Some(from);
+            state.resumed_from = None;
+        }
+    }
+
+    /// Where loaded partitions must be moved before anything is read, as the table
+    /// decides. With the dead letters in a table, every start; with them in a Kafka
+    /// topic only the start of the log (moving forward past the group's committed offset
+    /// would skip dead letters that are not durable yet; moving back happens at the
+    /// first message, see [`Partitions::seen`]).
+    pub fn starts_due(&self) -> Vec<(TopicPartition, Start)> {
+        self.states
+            .iter()
+            .filter(|(_, s)| s.loaded && s.next_read.is_none())
+            .filter_map(|(tp, s)| match s.start? {
+                start @ Start::At(_) if self.skip_recorded => Some((tp.clone(), start)),
+                Start::Beginning => Some((tp.clone(), Start::Beginning)),
+                Start::At(_) => None,
+            })
+            .collect()
+    }
+
+    /// Reading of `tp` was moved to `start`.
+    pub fn moved_to_start(&mut self, tp: &TopicPartition, start: Start) {
+        if let Some(state) = self.states.get_mut(tp) {
+            state.start = None;
+            state.resumed_from = Some(start);
+            state.sought = true;
         }
     }
 
@@ -465,6 +501,31 @@ mod tests {
         latest.assigned(&[tp(0)]);
         latest.loaded(&tp(0), None);
         assert_eq!(latest.seen(&at(0, 300)), Seen::Write, "auto_offset_reset = latest keeps the group's position");
+    }
+
+    #[test]
+    fn reading_is_moved_to_the_table_start_before_any_message_and_the_group_offset_no_longer_counts() {
+        let mut p = assigned_with(Some(41));
+        p.committed_looked_up(&[(tp(0), Offset(500))]);
+        assert!(p.is_read_to_end(|_| Some((Offset(0), Offset(500)))), "as the group sees it");
+        assert_eq!(p.starts_due(), [(tp(0), Start::At(Offset(42)))]);
+        p.moved_to_start(&tp(0), Start::At(Offset(42)));
+        assert!(p.starts_due().is_empty());
+        assert!(!p.is_read_to_end(|_| Some((Offset(0), Offset(500)))), "42..500 is to be read again");
+        assert_eq!(p.seen(&at(0, 42)), Seen::Write);
+        p.seen(&at(0, 499));
+        assert!(p.is_read_to_end(|_| Some((Offset(0), Offset(500)))));
+        // Without a record: from the log start.
+        let mut fresh = assigned_with(None);
+        fresh.committed_looked_up(&[(tp(0), Offset(500))]);
+        assert_eq!(fresh.starts_due(), [(tp(0), Start::Beginning)]);
+        fresh.moved_to_start(&tp(0), Start::Beginning);
+        assert!(!fresh.is_read_to_end(|_| Some((Offset(0), Offset(500)))));
+        // Dead letters in a topic: never moved forward before reading.
+        let mut topic = Partitions::new(false, &policy());
+        topic.assigned(&[tp(0)]);
+        topic.loaded(&tp(0), Some(Offset(41)));
+        assert!(topic.starts_due().is_empty());
     }
 
     #[test]

@@ -42,8 +42,6 @@ pub struct Progress {
     pub assigned_partitions: AtomicU64,
     /// Offset gaps accepted (`recovery.on_offset_gap = "continue"`).
     pub offset_gaps: AtomicU64,
-    /// Partitions read again from the table's record because the group was ahead of it.
-    pub rewinds_to_table: AtomicU64,
     /// Dead letters written, by reason category.
     pub dead_letters: Mutex<ReasonCounts>,
     /// Health, for readiness.

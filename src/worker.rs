@@ -41,6 +41,9 @@ use crate::update::PositionUpdate;
 /// Rejected messages logged one by one per flush window; the rest are only counted.
 const REJECTIONS_LOGGED_PER_FLUSH: usize = 20;
 
+/// How long to wait for a partition's log start when the table's start is checked.
+const WATERMARK_LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long to wait for the group's committed offsets when they are looked up.
 const COMMITTED_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -194,6 +197,8 @@ struct Worker {
     read_to_end: bool,
     /// When the group's committed offsets were last looked up.
     looked_up_at: Option<Instant>,
+    /// When moving a partition to the table's start last failed (retried after a second).
+    starts_tried_at: Option<Instant>,
     progress: Arc<Progress>,
     crash: CrashPoints,
 }
@@ -216,6 +221,7 @@ impl Worker {
             aborted_in_a_row: 0,
             read_to_end: false,
             looked_up_at: None,
+            starts_tried_at: None,
             consumer: Arc::new(consumer),
             committing: None,
             config,
@@ -293,7 +299,8 @@ impl Worker {
     /// recorded offsets of newly assigned partitions.
     async fn sync_assignment(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
         self.apply_rebalances();
-        self.load_recorded(shutdown).await
+        self.load_recorded(shutdown).await?;
+        self.move_to_starts(shutdown).await
     }
 
     /// Applies assignment changes: revoked partitions' buffers are dropped (their new
@@ -380,52 +387,96 @@ impl Worker {
         }
     }
 
-    /// Moves reading of `at`'s partition back to where the table says it starts, after
-    /// checking that Kafka still has those messages.
+    /// Moves reading of the partitions just loaded to where the table says they start.
+    async fn move_to_starts(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        let due = self.partitions.starts_due();
+        if due.is_empty() || self.starts_tried_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return Ok(());
+        }
+        self.starts_tried_at = None;
+        for (tp, start) in due {
+            if self.move_to(&tp, start, None, shutdown).await? {
+                self.partitions.moved_to_start(&tp, start);
+            } else {
+                self.starts_tried_at = Some(Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves reading of `at`'s partition back to where the table says it starts.
     async fn read_again_from(
         &mut self,
         at: &Coordinates,
         from: Start,
         shutdown: &CancellationToken,
     ) -> Result<(), WorkerError> {
-        let target = match from {
-            Start::Beginning => rdkafka::Offset::Beginning,
+        if !self.move_to(&at.tp, from, Some(at.offset), shutdown).await? {
+            self.partitions.rewind_failed(&at.tp, from);
+        }
+        Ok(())
+    }
+
+    /// Seeks `tp` to `start`, after checking that Kafka still has the messages there
+    /// (`recovery.on_offset_gap`). Whether the seek was accepted.
+    async fn move_to(
+        &mut self,
+        tp: &TopicPartition,
+        start: Start,
+        reading_at: Option<Offset>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, WorkerError> {
+        let target = match start {
+            Start::Beginning => {
+                info!(partition = %tp, reading_at = reading_at.map(|o| o.0),
+                    "the table has no record of this partition; reading it from its start (kafka.auto_offset_reset)");
+                rdkafka::Offset::Beginning
+            }
             Start::At(needed) => {
                 let consumer = self.consumer.clone();
-                let tp = at.tp.clone();
+                let topic_partition = tp.clone();
                 let lookup = tokio::task::spawn_blocking(move || {
-                    consumer.fetch_watermarks(&tp.topic, tp.partition.0, COMMITTED_LOOKUP_TIMEOUT)
+                    consumer.fetch_watermarks(
+                        &topic_partition.topic,
+                        topic_partition.partition.0,
+                        WATERMARK_LOOKUP_TIMEOUT,
+                    )
                 });
                 let oldest = tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    found = lookup => found?.map_err(WorkerError::Kafka)?.0,
+                    () = shutdown.cancelled() => return Ok(false),
+                    found = lookup => match found {
+                        Ok(Ok((low, _))) => low,
+                        Ok(Err(error)) => {
+                            debug!(%error, partition = %tp, "log start not known yet");
+                            return Ok(false);
+                        }
+                        Err(error) => return Err(error.into()),
+                    },
                 };
                 if needed.0 >= oldest {
-                    Progress::bump(&self.progress.rewinds_to_table);
-                    info!(partition = %at.tp, from = at.offset.0, to = needed.0,
-                        "the table is behind the group's committed offset; reading again from the table's record");
+                    if reading_at.is_some() {
+                        info!(partition = %tp, from = reading_at.map(|o| o.0), to = needed.0,
+                            "the table is behind the group's committed offset; reading again from the table's record");
+                    }
                     rdkafka::Offset::Offset(needed.0)
                 } else if self.config.recovery.on_offset_gap == OnOffsetGap::Continue {
                     Progress::bump(&self.progress.offset_gaps);
-                    warn!(partition = %at.tp, needed = needed.0, oldest,
+                    warn!(partition = %tp, needed = needed.0, oldest,
                         "retention deleted offsets the table needs; continuing from the oldest one \
                          (recovery.on_offset_gap = \"continue\")");
                     rdkafka::Offset::Offset(oldest)
                 } else {
-                    return Err(WorkerError::OffsetGap { partition: at.tp.clone(), needed: needed.0, oldest });
+                    return Err(WorkerError::OffsetGap { partition: tp.clone(), needed: needed.0, oldest });
                 }
             }
         };
-        if let Start::Beginning = from {
-            info!(partition = %at.tp, from = at.offset.0,
-                "the table has no record of this partition; reading it from its start (kafka.auto_offset_reset)");
+        match self.consumer.seek(&tp.topic, tp.partition.0, target, Duration::ZERO) {
+            Ok(()) => Ok(true),
+            Err(error) => {
+                debug!(%error, partition = %tp, "seek not possible yet");
+                Ok(false)
+            }
         }
-        if let Err(error) = self.consumer.seek(&at.tp.topic, at.tp.partition.0, target, Duration::ZERO) {
-            // Not positioned yet: ask again at the next message.
-            debug!(%error, "seek not possible yet");
-            self.partitions.rewind_failed(&at.tp, from);
-        }
-        Ok(())
     }
 
     /// Logs a rejection with its coordinates, up to a bound per flush window.

@@ -49,13 +49,15 @@ async fn a_table_restored_to_an_earlier_version_is_caught_up_exactly() {
         .expect("run Python");
     assert!(restore.status.success(), "restore failed: {}", String::from_utf8_lossy(&restore.stderr));
     let restored = read_table(&table).await;
-    assert_ne!(restored.len(), model(&produced).len(), "the restore took rows away");
+    let expected = model(&produced);
+    let stale = expected.iter().filter(|(k, row)| restored.get(*k).is_none_or(|r| r.kafka_offset != row.kafka_offset));
+    assert!(stale.count() > 0, "the restore changed nothing");
 
     let progress = std::sync::Arc::new(Progress::default());
     let mut c = config(&topic, &group, &table);
     c.worker.exit_when_caught_up = true;
-    position_sink::run_with_progress(c, Default::default(), progress.clone()).await.expect("rerun");
-    assert!(Progress::get(&progress.rewinds_to_table) > 0, "no partition was read again from the table's record");
+    let summary = position_sink::run_with_progress(c, Default::default(), progress.clone()).await.expect("rerun");
+    assert!(summary.messages > 0, "the group had committed everything: nothing was read again");
     assert_table_matches(&read_table(&table).await, &model(&produced));
 }
 
