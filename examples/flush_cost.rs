@@ -60,6 +60,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let symbols: i64 = symbols.parse()?;
     for size in sizes {
         let keys: i64 = size.parse()?;
+        if keys < FLUSH as i64 {
+            return Err(format!("a table of {keys} keys cannot take a flush of {FLUSH} distinct keys").into());
+        }
         let uri = format!("{dir}/flush-cost-{layout:?}-{keys}").to_lowercase();
         let config = DeltaConfig { table_uri: uri, partition_by: layout, ..DeltaConfig::default() };
         let mut table = PositionTable::open_or_create(&config, "bench").await?;
