@@ -37,13 +37,7 @@ fn row(conid: i64, symbols: i64, timestamp_micros: i64, offset: i64) -> Position
 }
 
 fn batch(rows: Vec<PositionUpdate>) -> Batch {
-    let mut b = Batch::default();
-    for r in &rows {
-        b.offsets.observe(&r.source.tp, r.source.offset);
-    }
-    b.messages = rows.len();
-    b.rows = rows;
-    b
+    Batch::of_rows(rows)
 }
 
 #[tokio::main]
