@@ -37,13 +37,7 @@ fn row(conid: i64, symbols: i64, timestamp_micros: i64, offset: i64) -> Position
 }
 
 fn batch(rows: Vec<PositionUpdate>) -> Batch {
-    let mut b = Batch::default();
-    for r in &rows {
-        b.offsets.observe(&r.source.tp, r.source.offset);
-    }
-    b.messages = rows.len();
-    b.rows = rows;
-    b
+    Batch::of_rows(rows)
 }
 
 #[tokio::main]
@@ -60,6 +54,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let symbols: i64 = symbols.parse()?;
     for size in sizes {
         let keys: i64 = size.parse()?;
+        if keys < FLUSH as i64 {
+            return Err(format!("a table of {keys} keys cannot take a flush of {FLUSH} distinct keys").into());
+        }
         let uri = format!("{dir}/flush-cost-{layout:?}-{keys}").to_lowercase();
         let config = DeltaConfig { table_uri: uri, partition_by: layout, ..DeltaConfig::default() };
         let mut table = PositionTable::open_or_create(&config, "bench").await?;

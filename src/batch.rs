@@ -47,6 +47,17 @@ pub struct Batch {
     pub messages: usize,
 }
 
+impl Batch {
+    /// A batch of `rows` (one per key) that covers exactly their offsets.
+    pub fn of_rows(rows: Vec<PositionUpdate>) -> Self {
+        let mut offsets = OffsetMap::default();
+        for row in &rows {
+            offsets.observe(&row.source.tp, row.source.offset);
+        }
+        Self { messages: rows.len(), rows, dead_letters: Vec::new(), offsets }
+    }
+}
+
 impl Buffer {
     /// An empty buffer deduplicating on `keys`.
     pub fn new(keys: Vec<KeyColumn>, limits: Limits) -> Self {

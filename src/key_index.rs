@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::config::PartitionBy;
 use crate::offsets::TopicPartition;
 use crate::update::RowKey;
 
@@ -23,6 +24,14 @@ pub struct FileGroup {
     /// The Kafka partition of the rows' newest updates; `None` for a file that mixes
     /// partitions (written before files had a single owner).
     pub owner: Option<TopicPartition>,
+}
+
+impl FileGroup {
+    /// The group of a row of `symbol` whose newest update came from `owner`, in `layout`.
+    pub fn of(layout: PartitionBy, symbol: &str, owner: TopicPartition) -> Self {
+        let symbol = (layout == PartitionBy::Symbol).then(|| symbol.to_string());
+        Self { symbol, owner: Some(owner) }
+    }
 }
 
 /// One live data file.
@@ -133,18 +142,9 @@ impl KeyIndex {
     }
 
     /// Keys indexed.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.keys.len()
-    }
-
-    /// Whether no key is indexed.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
-    /// Live files indexed.
-    pub fn file_count(&self) -> usize {
-        self.files.len()
     }
 }
 

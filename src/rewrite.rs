@@ -196,13 +196,8 @@ impl<'a> Columns<'a> {
     }
 
     fn group(&self, row: usize, layout: PartitionBy) -> FileGroup {
-        FileGroup {
-            symbol: match layout {
-                PartitionBy::Symbol => Some(self.symbol.value(row).to_string()),
-                PartitionBy::None => None,
-            },
-            owner: Some(TopicPartition::new(self.kafka_topic.value(row), self.kafka_partition[row])),
-        }
+        let owner = TopicPartition::new(self.kafka_topic.value(row), self.kafka_partition[row]);
+        FileGroup::of(layout, self.symbol.value(row), owner)
     }
 
     fn cluster_order(&self, row: usize) -> (&str, i64) {
@@ -210,7 +205,8 @@ impl<'a> Columns<'a> {
     }
 }
 
-fn column<'a>(rows: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, ArrowError> {
+/// The column `name` of `rows`, or an error naming it.
+pub(crate) fn column<'a>(rows: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, ArrowError> {
     rows.column_by_name(name).ok_or_else(|| ArrowError::SchemaError(format!("no column `{name}`")))
 }
 

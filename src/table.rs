@@ -190,10 +190,7 @@ impl PositionTable {
         let mut touched: BTreeSet<FileId> = BTreeSet::new();
         let mut gaining: BTreeSet<FileGroup> = BTreeSet::new();
         for row in &rows {
-            let target = FileGroup {
-                symbol: (self.layout == PartitionBy::Symbol).then(|| row.symbol.clone()),
-                owner: Some(row.source.tp.clone()),
-            };
+            let target = FileGroup::of(self.layout, &row.symbol, row.source.tp.clone());
             match index.file_of(&row.key(&self.key_columns)) {
                 Some(id) if index.file(id).is_some_and(|f| f.group == target) => {
                     touched.insert(id);
@@ -484,10 +481,8 @@ fn file_keys(
     rows: &RecordBatch,
     key_columns: &[KeyColumn],
 ) -> Result<(Option<TopicPartition>, Vec<RowKey>), deltalake::arrow::error::ArrowError> {
-    let missing = |name: &str| deltalake::arrow::error::ArrowError::SchemaError(format!("no column `{name}`"));
-    let topics = rows.column_by_name("kafka_topic").ok_or_else(|| missing("kafka_topic"))?.as_string::<i32>();
-    let partitions =
-        rows.column_by_name("kafka_partition").ok_or_else(|| missing("kafka_partition"))?.as_primitive::<Int32Type>();
+    let topics = rewrite::column(rows, "kafka_topic")?.as_string::<i32>();
+    let partitions = rewrite::column(rows, "kafka_partition")?.as_primitive::<Int32Type>();
     let mut owner = None;
     let mut mixed = false;
     for row in 0..rows.num_rows() {

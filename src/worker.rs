@@ -308,12 +308,8 @@ impl Worker {
     fn apply_rebalances(&mut self) {
         for event in self.consumer.context().take_rebalances() {
             match event {
-                Rebalanced::Assigned(partitions) => {
-                    info!(partitions = %list(&partitions), "partitions assigned");
-                    self.partitions.assigned(&partitions);
-                }
+                Rebalanced::Assigned(partitions) => self.partitions.assigned(&partitions),
                 Rebalanced::Revoked(partitions) => {
-                    info!(partitions = %list(&partitions), "partitions revoked");
                     self.buffer.drop_partitions(&partitions);
                     self.partitions.revoked(&partitions);
                 }
@@ -783,9 +779,4 @@ fn receive(message: Result<BorrowedMessage<'_>, KafkaError>, options: &DecodeOpt
             &reason,
         )),
     }
-}
-
-/// `topic:partition` items, comma-separated, for logs.
-fn list(partitions: &[TopicPartition]) -> String {
-    partitions.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }

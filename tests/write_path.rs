@@ -20,13 +20,7 @@ fn update(conid: i64, symbol: &str, ts: i64, partition: i32, offset: i64) -> Pos
 }
 
 fn batch(rows: Vec<PositionUpdate>) -> Batch {
-    let mut b = Batch::default();
-    for r in &rows {
-        b.offsets.observe(&r.source.tp, r.source.offset);
-    }
-    b.messages = rows.len();
-    b.rows = rows;
-    b
+    Batch::of_rows(rows)
 }
 
 async fn open(path: &std::path::Path, layout: PartitionBy, max_rows_per_file: usize) -> PositionTable {
