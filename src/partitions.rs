@@ -265,19 +265,30 @@ impl Partitions {
 
     /// Where loaded partitions must be moved before anything is read, as the table
     /// decides. With the dead letters in a table, every start; with them in a Kafka
-    /// topic only the start of the log (moving forward past the group's committed offset
-    /// would skip dead letters that are not durable yet; moving back happens at the
-    /// first message, see [`Partitions::seen`]).
+    /// topic only moves back (to the start of the log, or behind the group's committed
+    /// offset): moving forward past the group's committed offset would skip dead letters
+    /// that are not durable yet.
     pub fn starts_due(&self) -> Vec<(TopicPartition, Start)> {
         self.states
             .iter()
             .filter(|(_, s)| s.loaded && s.next_read.is_none())
             .filter_map(|(tp, s)| match s.start? {
-                start @ Start::At(_) if self.skip_recorded => Some((tp.clone(), start)),
+                Start::At(start) if self.skip_recorded || s.committed.is_some_and(|c| start < c) => {
+                    Some((tp.clone(), Start::At(start)))
+                }
                 Start::Beginning => Some((tp.clone(), Start::Beginning)),
                 Start::At(_) => None,
             })
             .collect()
+    }
+
+    /// Whether a start waits for the group's committed offset to be known (dead letters
+    /// in a topic, where only moves back are made before reading).
+    pub fn starts_wait_for_committed(&self) -> bool {
+        !self.skip_recorded
+            && self.states.values().any(|s| {
+                s.loaded && s.next_read.is_none() && s.committed.is_none() && matches!(s.start, Some(Start::At(_)))
+            })
     }
 
     /// Reading of `tp` was moved to `start`.
@@ -521,11 +532,15 @@ mod tests {
         assert_eq!(fresh.starts_due(), [(tp(0), Start::Beginning)]);
         fresh.moved_to_start(&tp(0), Start::Beginning);
         assert!(!fresh.is_read_to_end(|_| Some((Offset(0), Offset(500)))));
-        // Dead letters in a topic: never moved forward before reading.
+        // Dead letters in a topic: moved back behind the group's committed offset, never forward.
         let mut topic = Partitions::new(false, &policy());
-        topic.assigned(&[tp(0)]);
+        topic.assigned(&[tp(0), tp(1)]);
         topic.loaded(&tp(0), Some(Offset(41)));
-        assert!(topic.starts_due().is_empty());
+        topic.loaded(&tp(1), Some(Offset(41)));
+        assert!(topic.starts_due().is_empty() && topic.starts_wait_for_committed());
+        topic.committed_looked_up(&[(tp(0), Offset(500)), (tp(1), Offset(30))]);
+        assert!(!topic.starts_wait_for_committed());
+        assert_eq!(topic.starts_due(), [(tp(0), Start::At(Offset(42)))], "partition 1 would move forward");
     }
 
     #[test]

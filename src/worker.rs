@@ -275,7 +275,10 @@ impl Worker {
     }
 
     async fn handle(&mut self, received: Received, shutdown: &CancellationToken) -> Result<(), WorkerError> {
-        self.sync_assignment(shutdown).await?;
+        // No move to the table's starts with a message in hand: it was read before the
+        // move would take effect. `Partitions::seen` asks for the move from it instead.
+        self.apply_rebalances();
+        self.load_recorded(shutdown).await?;
         match received {
             Received::Update(update, size) => {
                 if self.is_to_write(&update.source, shutdown).await? {
@@ -318,30 +321,44 @@ impl Worker {
         }
     }
 
-    /// Reads the table's recorded offsets of the partitions that need them.
+    /// Reads the table's recorded offsets of the partitions that need them. A record a
+    /// RESTORE undid is first set back to what the restored content goes with.
     async fn load_recorded(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
         let partitions = self.partitions.to_load();
         if partitions.is_empty() {
             return Ok(());
         }
-        let mut recorded = std::collections::HashMap::new();
-        if self.partitions.skips_recorded() {
-            let reader = &self.reader;
-            let read = async {
-                let fresh = retry(
-                    &self.config.retry,
-                    "read the table's recorded offsets",
-                    || reader.refreshed(),
+        let reader = &self.reader;
+        let retry_policy = &self.config.retry;
+        let read = async {
+            let read_records = || async {
+                let fresh = reader.refreshed().await?;
+                let undone = fresh.records_undone_by_restore(&partitions).await?;
+                Ok::<_, TableError>((fresh, undone))
+            };
+            let (mut fresh, undone) =
+                retry(retry_policy, "read the table's recorded offsets", read_records, TableError::is_retryable)
+                    .await?;
+            if !undone.is_empty() {
+                for (tp, record) in &undone {
+                    warn!(partition = %tp, restored_record = record.map(|o| o.0),
+                        "the table was restored to an earlier version; its record of this partition is set back                          to what the restored content holds, and the partition is read again from there");
+                }
+                fresh = retry(
+                    retry_policy,
+                    "reset the table's recorded offsets after a restore",
+                    || fresh.reset_records(&undone),
                     TableError::is_retryable,
                 )
                 .await?;
-                let recorded = fresh.recorded_offsets(&partitions).await?;
-                Ok::<_, TableError>((fresh, recorded))
-            };
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                read = read => (self.reader, recorded) = read?,
             }
+            let recorded = fresh.recorded_offsets(&partitions).await?;
+            Ok::<_, TableError>((fresh, recorded))
+        };
+        let recorded;
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            read = read => (self.reader, recorded) = read?,
         }
         for tp in &partitions {
             self.partitions.loaded(tp, recorded.get(tp).copied());
@@ -351,7 +368,6 @@ impl Worker {
 
     /// Counts a consumed message and tells whether it still has to be written.
     async fn is_to_write(&mut self, at: &Coordinates, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
-        Progress::bump(&self.progress.messages);
         self.read_to_end = false;
         let mut seen = self.partitions.seen(at);
         if seen == Seen::Unknown {
@@ -361,6 +377,10 @@ impl Worker {
             }
             self.load_recorded(shutdown).await?;
             seen = self.partitions.seen(at);
+        }
+        if !matches!(seen, Seen::Rewind { .. }) {
+            // A message dropped for a move back is read again, and counted then.
+            Progress::bump(&self.progress.messages);
         }
         match seen {
             Seen::Write => Ok(true),
@@ -385,6 +405,9 @@ impl Worker {
 
     /// Moves reading of the partitions just loaded to where the table says they start.
     async fn move_to_starts(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        if self.partitions.starts_wait_for_committed() {
+            self.look_up_unknown_positions(shutdown).await;
+        }
         let due = self.partitions.starts_due();
         if due.is_empty() || self.starts_tried_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
             return Ok(());
@@ -661,8 +684,8 @@ impl Worker {
         Ok(self.partitions.is_read_to_end(|tp| kafka::cached_watermarks(consumer, tp)))
     }
 
-    /// For `exit_when_caught_up`: the group's committed offsets of assigned partitions
-    /// whose position is otherwise unknown (a partition already read to its end yields
+    /// For `exit_when_caught_up` and for moves back to the table's start: the group's
+    /// committed offsets of assigned partitions whose position is otherwise unknown (a partition already read to its end yields
     /// no message to learn it from). At most once a second, off the runtime's threads.
     async fn look_up_unknown_positions(&mut self, shutdown: &CancellationToken) {
         let unknown = self.partitions.unknown_positions();

@@ -21,23 +21,39 @@ async fn a_deleted_table_is_rebuilt_from_the_topic_although_the_group_committed_
     assert_table_matches(&read_table(&table).await, &model(&produced));
     std::fs::remove_dir_all(&table).expect("delete the table");
 
-    let progress = std::sync::Arc::new(Progress::default());
-    let mut c = config(&topic, &group, &table);
-    c.worker.exit_when_caught_up = true;
-    let summary = position_sink::run_with_progress(c, Default::default(), progress.clone()).await.expect("rerun");
+    let summary = run_to_end(config(&topic, &group, &table)).await.expect("rerun");
     assert!(summary.messages >= produced.len() as u64, "every message was read again: {summary:?}");
     assert_table_matches(&read_table(&table).await, &model(&produced));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_restored_to_an_earlier_version_is_caught_up_exactly() {
-    let topic = create_topic("recovery-restored", 3).await;
+    restored_table_is_caught_up("recovery-restored", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_table_is_caught_up_with_dead_letters_in_a_topic() {
+    let dead_letter_topic = create_topic("recovery-restored-dlt", 1).await;
+    restored_table_is_caught_up("recovery-restored-t", Some(&dead_letter_topic)).await;
+}
+
+/// Four runs make several versions; Python deltalake restores version 1; a restarted
+/// worker of the same group brings the table back to the model of the whole stream.
+async fn restored_table_is_caught_up(name: &str, dead_letter_topic: Option<&str>) {
+    let topic = create_topic(name, 3).await;
     let (_dir, table) = table_dir();
     let group = unique("g");
+    let configured = || {
+        let c = config(&topic, &group, &table);
+        match dead_letter_topic {
+            Some(dlt) => with_dead_letter_topic(c, dlt),
+            None => c,
+        }
+    };
     let mut produced = Vec::new();
     for seed in 0..4 {
         produced.extend(produce(&topic, &sample(800, 120, 40 + seed), None).await);
-        run_to_end(config(&topic, &group, &table)).await.expect("run");
+        run_to_end(configured()).await.expect("run");
     }
     assert_table_matches(&read_table(&table).await, &model(&produced));
     // An operator undoes writes with the Python deltalake package.
@@ -53,12 +69,12 @@ async fn a_table_restored_to_an_earlier_version_is_caught_up_exactly() {
     let stale = expected.iter().filter(|(k, row)| restored.get(*k).is_none_or(|r| r.kafka_offset != row.kafka_offset));
     assert!(stale.count() > 0, "the restore changed nothing");
 
-    let progress = std::sync::Arc::new(Progress::default());
-    let mut c = config(&topic, &group, &table);
-    c.worker.exit_when_caught_up = true;
-    let summary = position_sink::run_with_progress(c, Default::default(), progress.clone()).await.expect("rerun");
+    let summary = run_to_end(configured()).await.expect("rerun");
     assert!(summary.messages > 0, "the group had committed everything: nothing was read again");
     assert_table_matches(&read_table(&table).await, &model(&produced));
+    // The table's record is true again: a second restart reads nothing more.
+    let again = run_to_end(configured()).await.expect("second rerun");
+    assert_eq!(again.messages, 0, "the record was not reset: {again:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
