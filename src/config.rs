@@ -37,6 +37,29 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Process lifecycle.
     pub worker: WorkerConfig,
+    /// What recovery may accept.
+    pub recovery: RecoveryConfig,
+}
+
+/// `[recovery]`: what the worker does when the table asks for messages Kafka no longer has.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// When the offset the table says to resume from was deleted by retention: `fail`
+    /// (stop with an error naming the partition and the offsets) or `continue` (read
+    /// from the oldest offset still there, and log and count the gap).
+    pub on_offset_gap: OnOffsetGap,
+}
+
+/// `recovery.on_offset_gap`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOffsetGap {
+    /// Stop with an error.
+    #[default]
+    Fail,
+    /// Accept the gap knowingly.
+    Continue,
 }
 
 /// `[kafka]`: the consumer group.

@@ -226,3 +226,148 @@ fn delta_columns(schema: &SchemaRef) -> Vec<StructField> {
         })
         .collect()
 }
+
+/// Where a RESTORE commit took the table back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RestoredTo {
+    /// The content of this version.
+    Version(i64),
+    /// The content of the last version committed at or before this time (ms since the epoch).
+    Time(i64),
+}
+
+impl RestoredTo {
+    /// Whether the commit at `version`, made at `timestamp`, was undone by this restore.
+    fn undoes(self, version: i64, timestamp: Option<i64>) -> bool {
+        match self {
+            RestoredTo::Version(target) => version > target,
+            RestoredTo::Time(time) => timestamp.is_none_or(|t| t > time),
+        }
+    }
+}
+
+/// What one commit file says about offsets: its `txn` versions and, for a RESTORE,
+/// where it went back to.
+#[derive(Debug, Default)]
+struct CommitRecord {
+    transactions: Vec<(String, i64)>,
+    timestamp: Option<i64>,
+    restored_to: Option<RestoredTo>,
+}
+
+impl CommitRecord {
+    fn parse(commit: &[u8]) -> Self {
+        let mut record = CommitRecord::default();
+        for line in commit.split(|b| *b == b'\n') {
+            // Only these two actions matter; the (many) add and remove lines are not parsed.
+            let (is_txn, is_info) = (line.starts_with(b"{\"txn\""), line.starts_with(b"{\"commitInfo\""));
+            if !is_txn && !is_info {
+                continue;
+            }
+            let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+            if let Some(txn) = value.get("txn") {
+                if let (Some(app_id), Some(version)) = (txn["appId"].as_str(), txn["version"].as_i64()) {
+                    record.transactions.push((app_id.to_string(), version));
+                }
+            } else if let Some(info) = value.get("commitInfo") {
+                record.timestamp = info["timestamp"].as_i64();
+                if info["operation"].as_str() == Some("RESTORE") {
+                    let parameter = |name: &str| {
+                        let value = &info["operationParameters"][name];
+                        value.as_i64().or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+                    };
+                    record.restored_to = parameter("version")
+                        .map(RestoredTo::Version)
+                        .or_else(|| parameter("datetime").map(RestoredTo::Time));
+                }
+            }
+        }
+        record
+    }
+}
+
+/// The records of `partitions` that a RESTORE undid, each with the record the restored
+/// content goes with (`None`: no record then).
+///
+/// A RESTORE brings back an earlier version's files but keeps the latest `txn`
+/// versions, so afterwards the table claims offsets whose rows it no longer holds. This
+/// walks the log back from the latest version until it has found the commit that wrote
+/// each partition's record; on the way, a RESTORE sends the walk to the version it
+/// restored, and a record found below it is the one the content goes with. Partitions
+/// whose record is the same either way are left out.
+///
+/// # Errors
+/// [`TableError::Read`] when the log cannot be read.
+pub async fn records_undone_by_restore(
+    table: &DeltaTable,
+    uri: &str,
+    group_id: &str,
+    partitions: impl IntoIterator<Item = &TopicPartition>,
+) -> Result<HashMap<TopicPartition, Option<Offset>>, TableError> {
+    let read_err = |source| TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let mut pending: HashMap<String, TopicPartition> =
+        partitions.into_iter().map(|tp| (tp.app_id(group_id), tp.clone())).collect();
+    let current = recorded_offsets(table, uri, group_id, pending.values()).await?;
+    let log_store = table.log_store();
+    let mut below_restore: HashMap<TopicPartition, Option<Offset>> = HashMap::new();
+    let mut undoing: Option<RestoredTo> = None;
+    let mut restored = false;
+    let mut version = table.version().map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+    while !pending.is_empty() && version >= 0 {
+        // Logs cleaned up past this point: older restores are no longer known.
+        let Some(bytes) = log_store.read_commit_entry(version.unsigned_abs()).await.map_err(read_err)? else { break };
+        let commit = CommitRecord::parse(&bytes);
+        if undoing.is_some_and(|restore| restore.undoes(version, commit.timestamp)) {
+            version -= 1;
+            continue;
+        }
+        undoing = None;
+        for (app_id, offset) in &commit.transactions {
+            if let Some(tp) = pending.remove(app_id)
+                && restored
+            {
+                below_restore.insert(tp, Some(Offset(*offset)));
+            }
+        }
+        if let Some(target) = commit.restored_to {
+            undoing = Some(target);
+            restored = true;
+            if let RestoredTo::Version(target) = target
+                && target < version
+            {
+                version = target;
+                continue;
+            }
+        }
+        version -= 1;
+    }
+    if restored && version < 0 {
+        below_restore.extend(pending.into_values().map(|tp| (tp, None)));
+    }
+    below_restore.retain(|tp, record| current.get(tp).copied() != *record);
+    Ok(below_restore)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_tells_its_records_and_where_a_restore_went() {
+        let merge = br#"{"add":{"path":"a.parquet"}}
+{"txn":{"appId":"position-sink/g/t/0","version":41}}
+{"commitInfo":{"timestamp":1000,"operation":"MERGE"}}"#;
+        let parsed = CommitRecord::parse(merge);
+        assert_eq!(parsed.transactions, [("position-sink/g/t/0".to_string(), 41)]);
+        assert_eq!((parsed.timestamp, parsed.restored_to), (Some(1000), None));
+        // delta-rs writes the parameters as strings, Spark as numbers.
+        let by_version =
+            br#"{"commitInfo":{"timestamp":2000,"operation":"RESTORE","operationParameters":{"version":"3"}}}"#;
+        assert_eq!(CommitRecord::parse(by_version).restored_to, Some(RestoredTo::Version(3)));
+        let spark = br#"{"commitInfo":{"operation":"RESTORE","operationParameters":{"version":3,"timestamp":null}}}"#;
+        assert_eq!(CommitRecord::parse(spark).restored_to, Some(RestoredTo::Version(3)));
+        let by_time = br#"{"commitInfo":{"operation":"RESTORE","operationParameters":{"datetime":"1500"}}}"#;
+        let to = CommitRecord::parse(by_time).restored_to.unwrap();
+        assert!(to.undoes(9, Some(1501)) && !to.undoes(9, Some(1500)));
+    }
+}

@@ -12,6 +12,11 @@
 //!   the durable one, whether or not new messages arrive.
 //! - With dead letters in a Delta table, a message below the table's recorded offset is
 //!   skipped: the table holds it (and its dead letter) already.
+//! - The table decides where reading resumes: after an assignment, a partition whose
+//!   first message lies past the table's recorded offset + 1 (a lost or restored table
+//!   behind the group) is read again from there; one the table has no record of is read
+//!   from its start when `kafka.auto_offset_reset` is `earliest`, whatever the group's
+//!   committed offset says.
 //!
 //! All offsets kept here are *next* offsets, as Kafka commits them (last + 1).
 
@@ -37,6 +42,21 @@ pub enum Seen {
     /// Its partition is not assigned here yet, or where the table stands for it is not
     /// known yet: mark it assigned, load it, and ask again.
     Unknown,
+    /// Drop it and read the partition again from `from`: the table is behind the
+    /// group's committed offset, or has no record of the partition.
+    Rewind {
+        /// Where reading must start.
+        from: Start,
+    },
+}
+
+/// Where the table says reading a partition must start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// At this offset: the table's recorded offset + 1.
+    At(Offset),
+    /// At the start of the log: the table has no record of the partition.
+    Beginning,
 }
 
 /// The outcome of one offset commit request, per partition.
@@ -63,6 +83,12 @@ struct PartitionState {
     floor: Option<Offset>,
     /// Whether moving reading forward to `floor` was asked for.
     sought: bool,
+    /// Where the table says reading starts, until reading was moved there or the first
+    /// message showed it is there already.
+    start: Option<Start>,
+    /// Where reading was moved to after the assignment: from then on the group's
+    /// committed offset no longer says how far the partition is read.
+    resumed_from: Option<Start>,
     /// First offset read since the assignment: where a rewind goes when nothing is durable.
     first_read: Option<Offset>,
     /// One past the highest offset read since the assignment.
@@ -88,7 +114,11 @@ impl PartitionState {
 
     /// Where reading stands: the next offset that will be read.
     fn position(&self) -> Option<Offset> {
-        self.next_read.max(self.floor).max(self.committed)
+        match self.resumed_from {
+            Some(Start::At(start)) => self.next_read.max(Some(start)),
+            Some(Start::Beginning) => self.next_read,
+            None => self.next_read.max(self.floor).max(self.committed),
+        }
     }
 }
 
@@ -98,6 +128,9 @@ pub struct Partitions {
     /// Whether the table's recorded offsets let messages below them be skipped (dead
     /// letters in a table), or the group's committed offsets are the only record.
     skip_recorded: bool,
+    /// Whether a partition the table has no record of is read from its start
+    /// (`kafka.auto_offset_reset = "earliest"`).
+    unrecorded_from_start: bool,
     retry: RetryConfig,
     /// Failed commit attempts in a row.
     failures: u32,
@@ -123,11 +156,18 @@ impl Partitions {
         Self {
             states: BTreeMap::new(),
             skip_recorded,
+            unrecorded_from_start: true,
             retry: retry.clone(),
             failures: 0,
             retry_at: None,
             delays: Box::new(crate::retry::backoff(retry)),
         }
+    }
+
+    /// Sets whether a partition the table has no record of is read from its start.
+    pub fn with_unrecorded_from_start(mut self, from_start: bool) -> Self {
+        self.unrecorded_from_start = from_start;
+        self
     }
 
     /// Partitions handed to this worker: each starts afresh, its table record unknown.
@@ -174,8 +214,14 @@ impl Partitions {
     /// assignment. What the table holds is durable: the group may commit it.
     pub fn loaded(&mut self, tp: &TopicPartition, recorded: Option<Offset>) {
         let skip_recorded = self.skip_recorded;
+        let from_start = self.unrecorded_from_start;
         let Some(state) = self.states.get_mut(tp) else { return };
         state.loaded = true;
+        state.start = match recorded {
+            Some(last) => Some(Start::At(last.next())),
+            None if from_start => Some(Start::Beginning),
+            None => None,
+        };
         if let (true, Some(last)) = (skip_recorded, recorded) {
             state.floor = Some(last.next());
             state.durable = state.durable.max(Some(last.next()));
@@ -188,6 +234,15 @@ impl Partitions {
         if !state.loaded {
             return Seen::Unknown;
         }
+        let rewind = match state.start.take() {
+            Some(Start::At(start)) if at.offset > start => Some(Start::At(start)),
+            Some(Start::Beginning) if at.offset > Offset(0) => Some(Start::Beginning),
+            _ => None,
+        };
+        if let Some(from) = rewind {
+            state.resumed_from = Some(from);
+            return Seen::Rewind { from };
+        }
         state.first_read.get_or_insert(at.offset);
         state.next_read = state.next_read.max(Some(at.offset.next()));
         match state.floor {
@@ -197,6 +252,51 @@ impl Partitions {
                 Seen::Skip { seek_to }
             }
             _ => Seen::Write,
+        }
+    }
+
+    /// Reading could not be moved to `from`: ask for it again at the next message.
+    pub fn rewind_failed(&mut self, tp: &TopicPartition, from: Start) {
+        if let Some(state) = self.states.get_mut(tp) {
+            state.start = Some(from);
+            state.resumed_from = None;
+        }
+    }
+
+    /// Where loaded partitions must be moved before anything is read, as the table
+    /// decides. With the dead letters in a table, every start; with them in a Kafka
+    /// topic only moves back (to the start of the log, or behind the group's committed
+    /// offset): moving forward past the group's committed offset would skip dead letters
+    /// that are not durable yet.
+    pub fn starts_due(&self) -> Vec<(TopicPartition, Start)> {
+        self.states
+            .iter()
+            .filter(|(_, s)| s.loaded && s.next_read.is_none())
+            .filter_map(|(tp, s)| match s.start? {
+                Start::At(start) if self.skip_recorded || s.committed.is_some_and(|c| start < c) => {
+                    Some((tp.clone(), Start::At(start)))
+                }
+                Start::Beginning => Some((tp.clone(), Start::Beginning)),
+                Start::At(_) => None,
+            })
+            .collect()
+    }
+
+    /// Whether a start waits for the group's committed offset to be known (dead letters
+    /// in a topic, where only moves back are made before reading).
+    pub fn starts_wait_for_committed(&self) -> bool {
+        !self.skip_recorded
+            && self.states.values().any(|s| {
+                s.loaded && s.next_read.is_none() && s.committed.is_none() && matches!(s.start, Some(Start::At(_)))
+            })
+    }
+
+    /// Reading of `tp` was moved to `start`.
+    pub fn moved_to_start(&mut self, tp: &TopicPartition, start: Start) {
+        if let Some(state) = self.states.get_mut(tp) {
+            state.start = None;
+            state.resumed_from = Some(start);
+            state.sought = true;
         }
     }
 
@@ -393,6 +493,65 @@ mod tests {
     }
 
     #[test]
+    fn a_table_behind_the_group_is_read_again_from_its_record() {
+        let mut p = assigned_with(Some(41));
+        // The group's committed offset is 500: the table lost 42..500 (a restore).
+        assert_eq!(p.seen(&at(0, 500)), Seen::Rewind { from: Start::At(Offset(42)) });
+        assert_eq!(p.seen(&at(0, 42)), Seen::Write, "asked once; then reading goes on from there");
+        assert_eq!(pairs(&p.commits_due(Instant::now())), [(0, 41)], "only what the table holds is committed");
+    }
+
+    #[test]
+    fn a_partition_the_table_has_no_record_of_is_read_from_its_start_whatever_the_group_says() {
+        let mut p = assigned_with(None);
+        assert_eq!(p.seen(&at(0, 300)), Seen::Rewind { from: Start::Beginning });
+        assert_eq!(p.seen(&at(0, 0)), Seen::Write);
+        let mut fresh = assigned_with(None);
+        assert_eq!(fresh.seen(&at(0, 0)), Seen::Write, "already at the start");
+        let mut latest = Partitions::new(true, &policy()).with_unrecorded_from_start(false);
+        latest.assigned(&[tp(0)]);
+        latest.loaded(&tp(0), None);
+        assert_eq!(latest.seen(&at(0, 300)), Seen::Write, "auto_offset_reset = latest keeps the group's position");
+    }
+
+    #[test]
+    fn reading_is_moved_to_the_table_start_before_any_message_and_the_group_offset_no_longer_counts() {
+        let mut p = assigned_with(Some(41));
+        p.committed_looked_up(&[(tp(0), Offset(500))]);
+        assert!(p.is_read_to_end(|_| Some((Offset(0), Offset(500)))), "as the group sees it");
+        assert_eq!(p.starts_due(), [(tp(0), Start::At(Offset(42)))]);
+        p.moved_to_start(&tp(0), Start::At(Offset(42)));
+        assert!(p.starts_due().is_empty());
+        assert!(!p.is_read_to_end(|_| Some((Offset(0), Offset(500)))), "42..500 is to be read again");
+        assert_eq!(p.seen(&at(0, 42)), Seen::Write);
+        p.seen(&at(0, 499));
+        assert!(p.is_read_to_end(|_| Some((Offset(0), Offset(500)))));
+        // Without a record: from the log start.
+        let mut fresh = assigned_with(None);
+        fresh.committed_looked_up(&[(tp(0), Offset(500))]);
+        assert_eq!(fresh.starts_due(), [(tp(0), Start::Beginning)]);
+        fresh.moved_to_start(&tp(0), Start::Beginning);
+        assert!(!fresh.is_read_to_end(|_| Some((Offset(0), Offset(500)))));
+        // Dead letters in a topic: moved back behind the group's committed offset, never forward.
+        let mut topic = Partitions::new(false, &policy());
+        topic.assigned(&[tp(0), tp(1)]);
+        topic.loaded(&tp(0), Some(Offset(41)));
+        topic.loaded(&tp(1), Some(Offset(41)));
+        assert!(topic.starts_due().is_empty() && topic.starts_wait_for_committed());
+        topic.committed_looked_up(&[(tp(0), Offset(500)), (tp(1), Offset(30))]);
+        assert!(!topic.starts_wait_for_committed());
+        assert_eq!(topic.starts_due(), [(tp(0), Start::At(Offset(42)))], "partition 1 would move forward");
+    }
+
+    #[test]
+    fn a_rewind_that_could_not_be_done_is_asked_for_again() {
+        let mut p = assigned_with(Some(9));
+        assert_eq!(p.seen(&at(0, 50)), Seen::Rewind { from: Start::At(Offset(10)) });
+        p.rewind_failed(&tp(0), Start::At(Offset(10)));
+        assert_eq!(p.seen(&at(0, 51)), Seen::Rewind { from: Start::At(Offset(10)) });
+    }
+
+    #[test]
     fn messages_of_a_partition_not_yet_loaded_wait_for_its_table_record() {
         let mut p = Partitions::new(true, &policy());
         assert_eq!(p.seen(&at(0, 0)), Seen::Unknown, "not assigned");
@@ -555,7 +714,8 @@ mod tests {
 
     #[test]
     fn rewind_after_an_aborted_transaction_goes_back_to_the_last_durable_offset() {
-        let mut p = Partitions::new(false, &policy());
+        // Reading starts where the group stands (auto_offset_reset = latest), not at the log start.
+        let mut p = Partitions::new(false, &policy()).with_unrecorded_from_start(false);
         p.assigned(&[tp(0), tp(1), tp(2)]);
         for i in 0..3 {
             p.loaded(&tp(i), None);

@@ -40,6 +40,8 @@ pub struct Progress {
     pub buffered_bytes_peak: AtomicU64,
     /// Partitions assigned to the worker right now.
     pub assigned_partitions: AtomicU64,
+    /// Offset gaps accepted (`recovery.on_offset_gap = "continue"`).
+    pub offset_gaps: AtomicU64,
     /// Dead letters written, by reason category.
     pub dead_letters: Mutex<ReasonCounts>,
     /// Health, for readiness.

@@ -136,6 +136,50 @@ impl PositionTable {
         delta::recorded_offsets(&self.table, &self.uri, &self.group_id, partitions).await
     }
 
+    /// The records of `partitions` that a RESTORE undid, with the record the restored
+    /// content goes with (see [`delta::records_undone_by_restore`]).
+    ///
+    /// # Errors
+    /// [`TableError::Read`] when the log cannot be read.
+    pub async fn records_undone_by_restore(
+        &self,
+        partitions: &[TopicPartition],
+    ) -> Result<HashMap<TopicPartition, Option<Offset>>, TableError> {
+        delta::records_undone_by_restore(&self.table, &self.uri, &self.group_id, partitions).await
+    }
+
+    /// Sets the recorded offsets of `records` back to what the table's content goes
+    /// with, in one commit with no data (a record of `None` becomes -1: nothing read).
+    /// Afterwards the table's record is true again for every reader of it. Returns the
+    /// handle at the version written.
+    ///
+    /// # Errors
+    /// [`TableError::Write`]: retryable (a concurrent commit to the same partitions
+    /// conflicts).
+    pub async fn reset_records(
+        &self,
+        records: &HashMap<TopicPartition, Option<Offset>>,
+    ) -> Result<PositionTable, TableError> {
+        let mut fresh = self.refreshed().await?;
+        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows: 0, source: Box::new(source) };
+        let transactions = records
+            .iter()
+            .map(|(tp, record)| Transaction::new(tp.app_id(&self.group_id), record.map_or(-1, |o| o.0)))
+            .collect();
+        let properties = CommitProperties::default()
+            .with_metadata([("positionSink".to_string(), serde_json::json!("records reset after a RESTORE"))])
+            .with_application_transactions(transactions);
+        let operation =
+            DeltaOperation::Write { mode: deltalake::protocol::SaveMode::Append, partition_by: None, predicate: None };
+        CommitBuilder::from(properties)
+            .with_actions(Vec::new())
+            .build(Some(fresh.table.snapshot().map_err(write_err)?), fresh.table.log_store(), operation)
+            .await
+            .map_err(write_err)?;
+        fresh.table.update_state().await.map_err(write_err)?;
+        Ok(fresh)
+    }
+
     /// Writes `batch` in one commit on top of the latest version: rows above each
     /// partition's recorded offset are merged with the last-write-wins rule, and the
     /// batch's offsets are recorded. A batch the table already holds entirely is not

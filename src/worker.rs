@@ -25,13 +25,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::batch::{Batch, Buffer, Limits};
-use crate::config::Config;
+use crate::config::{Config, OnOffsetGap};
 use crate::dead_letter::DeadLetter;
 use crate::decode::{DecodeOptions, decode};
 use crate::faults::CrashPoints;
 use crate::kafka::{self, Rebalanced, SinkConsumer};
 use crate::offsets::{Coordinates, Offset, TopicPartition};
-use crate::partitions::{CommitNews, CommitOutcome, Partitions, Seen};
+use crate::partitions::{CommitNews, CommitOutcome, Partitions, Seen, Start};
 use crate::retry::retry;
 use crate::sink::{DeadLetterSink, FlushError, FlushReport, Sinks};
 use crate::status::{Progress, RunSummary};
@@ -40,6 +40,9 @@ use crate::update::PositionUpdate;
 
 /// Rejected messages logged one by one per flush window; the rest are only counted.
 const REJECTIONS_LOGGED_PER_FLUSH: usize = 20;
+
+/// How long to wait for a partition's log start when the table's start is checked.
+const WATERMARK_LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long to wait for the group's committed offsets when they are looked up.
 const COMMITTED_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,6 +63,20 @@ pub enum WorkerError {
     /// The flush task panicked (a bug).
     #[error("the flush task failed: {0}")]
     FlushTask(#[from] tokio::task::JoinError),
+    /// The table needs messages that retention already deleted.
+    #[error(
+        "the table resumes partition {partition} at offset {needed}, but the oldest offset still in Kafka is \
+         {oldest}: retention deleted {needed}..{oldest}. Restore the table from a backup that covers them, or \
+         accept the gap with recovery.on_offset_gap = \"continue\""
+    )]
+    OffsetGap {
+        /// The partition.
+        partition: TopicPartition,
+        /// The first offset the table needs.
+        needed: i64,
+        /// The oldest offset the partition still has.
+        oldest: i64,
+    },
     /// The last flush did not finish within worker.shutdown_timeout.
     #[error(
         "shutdown timed out after {0:?} waiting for the last flush; nothing unwritten was committed and it will be re-read"
@@ -180,6 +197,8 @@ struct Worker {
     read_to_end: bool,
     /// When the group's committed offsets were last looked up.
     looked_up_at: Option<Instant>,
+    /// When moving a partition to the table's start last failed (retried after a second).
+    starts_tried_at: Option<Instant>,
     progress: Arc<Progress>,
     crash: CrashPoints,
 }
@@ -193,7 +212,8 @@ impl Worker {
                 max_message_bytes: config.decode.max_message_bytes,
             },
             buffer: Buffer::new(config.delta.key_columns.clone(), limits),
-            partitions: Partitions::new(sinks.table_offsets_cover_dead_letters(), &config.retry),
+            partitions: Partitions::new(sinks.table_offsets_cover_dead_letters(), &config.retry)
+                .with_unrecorded_from_start(config.kafka.auto_offset_reset == crate::config::OffsetReset::Earliest),
             reader: sinks.positions.clone(),
             idle_sinks: Some(sinks),
             in_flight: None,
@@ -201,6 +221,7 @@ impl Worker {
             aborted_in_a_row: 0,
             read_to_end: false,
             looked_up_at: None,
+            starts_tried_at: None,
             consumer: Arc::new(consumer),
             committing: None,
             config,
@@ -254,7 +275,10 @@ impl Worker {
     }
 
     async fn handle(&mut self, received: Received, shutdown: &CancellationToken) -> Result<(), WorkerError> {
-        self.sync_assignment(shutdown).await?;
+        // No move to the table's starts with a message in hand: it was read before the
+        // move would take effect. `Partitions::seen` asks for the move from it instead.
+        self.apply_rebalances();
+        self.load_recorded(shutdown).await?;
         match received {
             Received::Update(update, size) => {
                 if self.is_to_write(&update.source, shutdown).await? {
@@ -278,7 +302,8 @@ impl Worker {
     /// recorded offsets of newly assigned partitions.
     async fn sync_assignment(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
         self.apply_rebalances();
-        self.load_recorded(shutdown).await
+        self.load_recorded(shutdown).await?;
+        self.move_to_starts(shutdown).await
     }
 
     /// Applies assignment changes: revoked partitions' buffers are dropped (their new
@@ -296,30 +321,44 @@ impl Worker {
         }
     }
 
-    /// Reads the table's recorded offsets of the partitions that need them.
+    /// Reads the table's recorded offsets of the partitions that need them. A record a
+    /// RESTORE undid is first set back to what the restored content goes with.
     async fn load_recorded(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
         let partitions = self.partitions.to_load();
         if partitions.is_empty() {
             return Ok(());
         }
-        let mut recorded = std::collections::HashMap::new();
-        if self.partitions.skips_recorded() {
-            let reader = &self.reader;
-            let read = async {
-                let fresh = retry(
-                    &self.config.retry,
-                    "read the table's recorded offsets",
-                    || reader.refreshed(),
+        let reader = &self.reader;
+        let retry_policy = &self.config.retry;
+        let read = async {
+            let read_records = || async {
+                let fresh = reader.refreshed().await?;
+                let undone = fresh.records_undone_by_restore(&partitions).await?;
+                Ok::<_, TableError>((fresh, undone))
+            };
+            let (mut fresh, undone) =
+                retry(retry_policy, "read the table's recorded offsets", read_records, TableError::is_retryable)
+                    .await?;
+            if !undone.is_empty() {
+                for (tp, record) in &undone {
+                    warn!(partition = %tp, restored_record = record.map(|o| o.0),
+                        "the table was restored to an earlier version; its record of this partition is set back                          to what the restored content holds, and the partition is read again from there");
+                }
+                fresh = retry(
+                    retry_policy,
+                    "reset the table's recorded offsets after a restore",
+                    || fresh.reset_records(&undone),
                     TableError::is_retryable,
                 )
                 .await?;
-                let recorded = fresh.recorded_offsets(&partitions).await?;
-                Ok::<_, TableError>((fresh, recorded))
-            };
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                read = read => (self.reader, recorded) = read?,
             }
+            let recorded = fresh.recorded_offsets(&partitions).await?;
+            Ok::<_, TableError>((fresh, recorded))
+        };
+        let recorded;
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            read = read => (self.reader, recorded) = read?,
         }
         for tp in &partitions {
             self.partitions.loaded(tp, recorded.get(tp).copied());
@@ -329,7 +368,6 @@ impl Worker {
 
     /// Counts a consumed message and tells whether it still has to be written.
     async fn is_to_write(&mut self, at: &Coordinates, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
-        Progress::bump(&self.progress.messages);
         self.read_to_end = false;
         let mut seen = self.partitions.seen(at);
         if seen == Seen::Unknown {
@@ -339,6 +377,10 @@ impl Worker {
             }
             self.load_recorded(shutdown).await?;
             seen = self.partitions.seen(at);
+        }
+        if !matches!(seen, Seen::Rewind { .. }) {
+            // A message dropped for a move back is read again, and counted then.
+            Progress::bump(&self.progress.messages);
         }
         match seen {
             Seen::Write => Ok(true),
@@ -354,6 +396,105 @@ impl Worker {
             }
             // Stopping while the table was read: the message is read again next time.
             Seen::Unknown => Ok(false),
+            Seen::Rewind { from } => {
+                self.read_again_from(at, from, shutdown).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Moves reading of the partitions just loaded to where the table says they start.
+    async fn move_to_starts(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        if self.partitions.starts_wait_for_committed() {
+            self.look_up_unknown_positions(shutdown).await;
+        }
+        let due = self.partitions.starts_due();
+        if due.is_empty() || self.starts_tried_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return Ok(());
+        }
+        self.starts_tried_at = None;
+        for (tp, start) in due {
+            if self.move_to(&tp, start, None, shutdown).await? {
+                self.partitions.moved_to_start(&tp, start);
+            } else {
+                self.starts_tried_at = Some(Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves reading of `at`'s partition back to where the table says it starts.
+    async fn read_again_from(
+        &mut self,
+        at: &Coordinates,
+        from: Start,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError> {
+        if !self.move_to(&at.tp, from, Some(at.offset), shutdown).await? {
+            self.partitions.rewind_failed(&at.tp, from);
+        }
+        Ok(())
+    }
+
+    /// Seeks `tp` to `start`, after checking that Kafka still has the messages there
+    /// (`recovery.on_offset_gap`). Whether the seek was accepted.
+    async fn move_to(
+        &mut self,
+        tp: &TopicPartition,
+        start: Start,
+        reading_at: Option<Offset>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, WorkerError> {
+        let target = match start {
+            Start::Beginning => {
+                info!(partition = %tp, reading_at = reading_at.map(|o| o.0),
+                    "the table has no record of this partition; reading it from its start (kafka.auto_offset_reset)");
+                rdkafka::Offset::Beginning
+            }
+            Start::At(needed) => {
+                let consumer = self.consumer.clone();
+                let topic_partition = tp.clone();
+                let lookup = tokio::task::spawn_blocking(move || {
+                    consumer.fetch_watermarks(
+                        &topic_partition.topic,
+                        topic_partition.partition.0,
+                        WATERMARK_LOOKUP_TIMEOUT,
+                    )
+                });
+                let oldest = tokio::select! {
+                    () = shutdown.cancelled() => return Ok(false),
+                    found = lookup => match found {
+                        Ok(Ok((low, _))) => low,
+                        Ok(Err(error)) => {
+                            debug!(%error, partition = %tp, "log start not known yet");
+                            return Ok(false);
+                        }
+                        Err(error) => return Err(error.into()),
+                    },
+                };
+                if needed.0 >= oldest {
+                    if reading_at.is_some() {
+                        info!(partition = %tp, from = reading_at.map(|o| o.0), to = needed.0,
+                            "the table is behind the group's committed offset; reading again from the table's record");
+                    }
+                    rdkafka::Offset::Offset(needed.0)
+                } else if self.config.recovery.on_offset_gap == OnOffsetGap::Continue {
+                    Progress::bump(&self.progress.offset_gaps);
+                    warn!(partition = %tp, needed = needed.0, oldest,
+                        "retention deleted offsets the table needs; continuing from the oldest one \
+                         (recovery.on_offset_gap = \"continue\")");
+                    rdkafka::Offset::Offset(oldest)
+                } else {
+                    return Err(WorkerError::OffsetGap { partition: tp.clone(), needed: needed.0, oldest });
+                }
+            }
+        };
+        match self.consumer.seek(&tp.topic, tp.partition.0, target, Duration::ZERO) {
+            Ok(()) => Ok(true),
+            Err(error) => {
+                debug!(%error, partition = %tp, "seek not possible yet");
+                Ok(false)
+            }
         }
     }
 
@@ -543,8 +684,8 @@ impl Worker {
         Ok(self.partitions.is_read_to_end(|tp| kafka::cached_watermarks(consumer, tp)))
     }
 
-    /// For `exit_when_caught_up`: the group's committed offsets of assigned partitions
-    /// whose position is otherwise unknown (a partition already read to its end yields
+    /// For `exit_when_caught_up` and for moves back to the table's start: the group's
+    /// committed offsets of assigned partitions whose position is otherwise unknown (a partition already read to its end yields
     /// no message to learn it from). At most once a second, off the runtime's threads.
     async fn look_up_unknown_positions(&mut self, shutdown: &CancellationToken) {
         let unknown = self.partitions.unknown_positions();

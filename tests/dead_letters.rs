@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use position_sink::config::DeadLetterDestination;
 use position_sink::dead_letter::review::{Selection, republish};
 use position_sink::faults::CrashPoints;
 use position_sink::sink::FlushError;
@@ -327,13 +326,4 @@ async fn read_dead_letter_topic(config: position_sink::Config) -> Vec<position_s
     .await
     .expect("join")
     .expect("read dead-letter topic")
-}
-
-/// `config` with dead letters going to `topic` (and a short transaction timeout, so a
-/// crashed worker's transaction is aborted soon).
-fn with_dead_letter_topic(mut config: position_sink::Config, topic: &str) -> position_sink::Config {
-    config.dead_letter.destination = DeadLetterDestination::Topic;
-    config.dead_letter.topic = topic.to_string();
-    config.dead_letter.transaction_timeout = Duration::from_secs(5);
-    config
 }

@@ -521,3 +521,12 @@ pub fn committed_over_a_concurrent_commit(path: &std::path::Path) -> usize {
         })
         .count()
 }
+
+/// `config` with dead letters going to `topic` (and a short transaction timeout, so a
+/// crashed worker's transaction is aborted soon).
+pub fn with_dead_letter_topic(mut config: position_sink::config::Config, topic: &str) -> position_sink::config::Config {
+    config.dead_letter.destination = position_sink::config::DeadLetterDestination::Topic;
+    config.dead_letter.topic = topic.to_string();
+    config.dead_letter.transaction_timeout = std::time::Duration::from_secs(5);
+    config
+}

@@ -1,0 +1,134 @@
+//! The table decides where reading resumes: a lost table is rebuilt and a table
+//! restored to an earlier version is caught up, from the topic, whatever the group's
+//! committed offsets say; offsets deleted by retention stop the worker unless the gap
+//! is accepted (`recovery.on_offset_gap`).
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use position_sink::config::OnOffsetGap;
+use position_sink::{Progress, WorkerError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_table_is_rebuilt_from_the_topic_although_the_group_committed_everything() {
+    let topic = create_topic("recovery-lost", 3).await;
+    let produced = produce(&topic, &sample(3000, 150, 21), None).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    run_to_end(config(&topic, &group, &table)).await.expect("first run");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    std::fs::remove_dir_all(&table).expect("delete the table");
+
+    let summary = run_to_end(config(&topic, &group, &table)).await.expect("rerun");
+    assert!(summary.messages >= produced.len() as u64, "every message was read again: {summary:?}");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_restored_to_an_earlier_version_is_caught_up_exactly() {
+    restored_table_is_caught_up("recovery-restored", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_table_is_caught_up_with_dead_letters_in_a_topic() {
+    let dead_letter_topic = create_topic("recovery-restored-dlt", 1).await;
+    restored_table_is_caught_up("recovery-restored-t", Some(&dead_letter_topic)).await;
+}
+
+/// Four runs make several versions; Python deltalake restores version 1; a restarted
+/// worker of the same group brings the table back to the model of the whole stream.
+async fn restored_table_is_caught_up(name: &str, dead_letter_topic: Option<&str>) {
+    let topic = create_topic(name, 3).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    let configured = || {
+        let c = config(&topic, &group, &table);
+        match dead_letter_topic {
+            Some(dlt) => with_dead_letter_topic(c, dlt),
+            None => c,
+        }
+    };
+    let mut produced = Vec::new();
+    for seed in 0..4 {
+        produced.extend(produce(&topic, &sample(800, 120, 40 + seed), None).await);
+        run_to_end(configured()).await.expect("run");
+    }
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    // An operator undoes writes with the Python deltalake package.
+    let restore = Command::new(python())
+        .arg("-c")
+        .arg("import sys; from deltalake import DeltaTable; DeltaTable(sys.argv[1]).restore(1)")
+        .arg(&table)
+        .output()
+        .expect("run Python");
+    assert!(restore.status.success(), "restore failed: {}", String::from_utf8_lossy(&restore.stderr));
+    let restored = read_table(&table).await;
+    let expected = model(&produced);
+    let stale = expected.iter().filter(|(k, row)| restored.get(*k).is_none_or(|r| r.kafka_offset != row.kafka_offset));
+    assert!(stale.count() > 0, "the restore changed nothing");
+
+    let summary = run_to_end(configured()).await.expect("rerun");
+    assert!(summary.messages > 0, "the group had committed everything: nothing was read again");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    // The table's record is true again: a second restart reads nothing more.
+    let again = run_to_end(configured()).await.expect("second rerun");
+    assert_eq!(again.messages, 0, "the record was not reset: {again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_deleted_by_retention_stop_the_worker_unless_the_gap_is_accepted() {
+    let topic = create_topic("recovery-gap", 1).await;
+    let produced = produce(&topic, &sample(1000, 80, 33), Some(0)).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    // A table that holds offsets 0..=99 (its record: 99), then retention deletes 0..400.
+    let first_hundred: Vec<_> = produced.iter().filter(|m| m.offset < 100).cloned().collect();
+    write_directly(&config(&topic, &group, &table), &topic, &first_hundred).await;
+    delete_records(&topic, 0, 400).await;
+
+    let error = run_to_end(config(&topic, &group, &table)).await.expect_err("the gap stops the worker");
+    let message = error.to_string();
+    assert!(matches!(error, WorkerError::OffsetGap { needed: 100, oldest: 400, .. }), "{message}");
+    assert!(message.contains("recovery.on_offset_gap") && message.contains("100..400"), "{message}");
+
+    let progress = std::sync::Arc::new(Progress::default());
+    let mut accepting = config(&topic, &group, &table);
+    accepting.recovery.on_offset_gap = OnOffsetGap::Continue;
+    accepting.worker.exit_when_caught_up = true;
+    position_sink::run_with_progress(accepting, Default::default(), progress.clone()).await.expect("gap accepted");
+    assert_eq!(Progress::get(&progress.offset_gaps), 1, "the accepted gap is counted");
+    let mut survivors = first_hundred;
+    survivors.extend(produced.iter().filter(|m| m.offset >= 400).cloned());
+    assert_table_matches(&read_table(&table).await, &model(&survivors));
+}
+
+/// Writes `messages` to the positions table of `config` through the table API, with
+/// their offsets recorded for `config`'s group, as a worker's flush would.
+async fn write_directly(config: &position_sink::config::Config, topic: &str, messages: &[Produced]) {
+    use position_sink::batch::{Buffer, Limits};
+    use position_sink::offsets::{Coordinates, Offset, TopicPartition};
+    let mut buffer =
+        Buffer::new(config.delta.key_columns.clone(), Limits { max_records: usize::MAX, max_bytes: usize::MAX });
+    for m in messages {
+        let at = Coordinates { tp: TopicPartition::new(topic, m.partition), offset: Offset(m.offset) };
+        let update = position_sink::decode::decode(m.key.as_deref(), m.value.as_deref(), at, &Default::default())
+            .expect("a valid message");
+        buffer.push(update, 1);
+    }
+    let table =
+        position_sink::table::PositionTable::open_or_create(&config.delta, &config.kafka.group_id).await.expect("open");
+    table.write(&buffer.take()).await.expect("write");
+}
+
+/// Deletes the records of `topic`'s `partition` below `before` (what retention does).
+async fn delete_records(topic: &str, partition: i32, before: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before)).expect("offset");
+    admin.delete_records(&list, &AdminOptions::new()).await.expect("delete records");
+}
