@@ -12,6 +12,7 @@ use deltalake::arrow::array::{
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 
+use crate::offsets::{Coordinates, Offset, TopicPartition};
 use crate::update::PositionUpdate;
 
 /// The partition column.
@@ -113,6 +114,94 @@ pub fn to_record_batch<'a>(
     RecordBatch::try_new(schema(), columns)
 }
 
+/// A row read back from the table: the update it holds and when it was written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableRow {
+    /// The update, with the Kafka coordinates it came from.
+    pub update: PositionUpdate,
+    /// When the row was written (`ingested_at`), microseconds since the Unix epoch.
+    pub ingested_at_micros: i64,
+}
+
+/// Converts rows read from the table (any column order, string and timestamp columns in
+/// any Arrow encoding a reader chose) back into updates: the inverse of
+/// [`to_record_batch`].
+///
+/// # Errors
+/// When a column of [`schema`] is missing or cannot be cast to its type.
+pub fn from_record_batch(batch: &RecordBatch) -> Result<Vec<TableRow>, ArrowError> {
+    use deltalake::arrow::array::{Array, AsArray};
+    use deltalake::arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
+    let expected = schema();
+    let column = |name: &str| -> Result<ArrayRef, ArrowError> {
+        let found = batch
+            .column_by_name(name)
+            .ok_or_else(|| ArrowError::SchemaError(format!("the table has no column `{name}`")))?;
+        let field = expected.field_with_name(name)?;
+        deltalake::arrow::compute::cast(found, field.data_type())
+    };
+    let columns: Vec<ArrayRef> =
+        PAYLOAD_COLUMNS.iter().chain(LINEAGE_COLUMNS.iter()).map(|name| column(name)).collect::<Result<_, _>>()?;
+    let Ok(
+        [
+            conid,
+            symbol,
+            position,
+            timestamp,
+            account,
+            sec_type,
+            currency,
+            avg_cost,
+            market_price,
+            market_value,
+            unrealized_pnl,
+            realized_pnl,
+            kafka_topic,
+            kafka_partition,
+            kafka_offset,
+            ingested_at,
+        ],
+    ) = <[ArrayRef; 16]>::try_from(columns)
+    else {
+        unreachable!("the table has 16 columns");
+    };
+    let text = |a: &ArrayRef, r: usize| {
+        let s = a.as_string::<i32>();
+        (!s.is_null(r)).then(|| s.value(r).to_string())
+    };
+    let number = |a: &ArrayRef, r: usize| {
+        let f = a.as_primitive::<Float64Type>();
+        (!f.is_null(r)).then(|| f.value(r))
+    };
+    let micros = |a: &ArrayRef, r: usize| a.as_primitive::<TimestampMicrosecondType>().value(r);
+    Ok((0..batch.num_rows())
+        .map(|r| TableRow {
+            update: PositionUpdate {
+                conid: conid.as_primitive::<Int64Type>().value(r),
+                symbol: text(&symbol, r).unwrap_or_default(),
+                position: number(&position, r).unwrap_or_default(),
+                timestamp_micros: micros(&timestamp, r),
+                account: text(&account, r),
+                sec_type: text(&sec_type, r),
+                currency: text(&currency, r),
+                avg_cost: number(&avg_cost, r),
+                market_price: number(&market_price, r),
+                market_value: number(&market_value, r),
+                unrealized_pnl: number(&unrealized_pnl, r),
+                realized_pnl: number(&realized_pnl, r),
+                source: Coordinates {
+                    tp: TopicPartition::new(
+                        text(&kafka_topic, r).unwrap_or_default(),
+                        kafka_partition.as_primitive::<Int32Type>().value(r),
+                    ),
+                    offset: Offset(kafka_offset.as_primitive::<Int64Type>().value(r)),
+                },
+            },
+            ingested_at_micros: micros(&ingested_at, r),
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +236,22 @@ mod tests {
         assert_eq!(batch.column_by_name("kafka_offset").unwrap().as_primitive::<Int64Type>().value(0), 77);
         let ing = batch.column_by_name("ingested_at").unwrap().as_primitive::<TimestampMicrosecondType>();
         assert_eq!(ing.value(1), 42);
+    }
+
+    #[test]
+    fn rows_read_back_are_the_updates_written_whatever_the_column_order() {
+        let mut a = update(5, "MSFT", 1_000_000, 2, 77);
+        a.avg_cost = Some(12.5);
+        a.account = Some("U9".into());
+        let b = update(6, "IBM", 2_000_000, 0, 3);
+        let batch = to_record_batch([a.clone(), b.clone()].iter(), 42).unwrap();
+        let reversed: Vec<usize> = (0..batch.num_columns()).rev().collect();
+        let back = from_record_batch(&batch.project(&reversed).unwrap()).unwrap();
+        assert_eq!(
+            back,
+            [TableRow { update: a, ingested_at_micros: 42 }, TableRow { update: b, ingested_at_micros: 42 }]
+        );
+        let missing = batch.project(&[0, 1]).unwrap();
+        assert!(from_record_batch(&missing).unwrap_err().to_string().contains("position"));
     }
 }

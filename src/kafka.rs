@@ -335,3 +335,109 @@ pub async fn send_all<'a>(
     }
     Ok(sent)
 }
+
+/// What Kafka holds of one partition, for the operator's commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionView {
+    /// The partition.
+    pub tp: TopicPartition,
+    /// The oldest offset still in the log.
+    pub log_start: Offset,
+    /// The next offset to be written (high watermark).
+    pub log_end: Offset,
+    /// The group's committed offset (the next to read), if it has one.
+    pub committed: Option<Offset>,
+}
+
+/// A consumer of `config`'s group that never joins it: for looking up offsets and for
+/// reading assigned partitions without committing.
+///
+/// # Errors
+/// When librdkafka rejects a setting.
+pub fn bystander(config: &KafkaConfig) -> KafkaResult<BaseConsumer> {
+    client_config(config, &[("enable.auto.commit", "false"), ("enable.partition.eof", "false")])
+        .set("group.id", &config.group_id)
+        .create()
+}
+
+/// Every partition of `config.topics`, with its log start and end and the group's
+/// committed offset. Blocking: call off the async runtime's threads.
+///
+/// # Errors
+/// When a topic does not exist or the broker does not answer within `timeout`.
+pub fn partition_views(config: &KafkaConfig, timeout: std::time::Duration) -> KafkaResult<Vec<PartitionView>> {
+    let consumer = bystander(config)?;
+    let mut list = TopicPartitionList::new();
+    for topic in &config.topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        for t in metadata.topics() {
+            if let Some(error) = t.error() {
+                return Err(KafkaError::MetadataFetch(error.into()));
+            }
+            for p in t.partitions() {
+                list.add_partition(t.name(), p.id());
+            }
+        }
+    }
+    let committed = consumer.committed_offsets(list.clone(), timeout)?;
+    let mut views = Vec::new();
+    for element in list.elements() {
+        let (low, high) = consumer.fetch_watermarks(element.topic(), element.partition(), timeout)?;
+        let group = committed.find_partition(element.topic(), element.partition()).and_then(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some(Offset(o)),
+            _ => None,
+        });
+        views.push(PartitionView {
+            tp: TopicPartition::new(element.topic(), element.partition()),
+            log_start: Offset(low),
+            log_end: Offset(high),
+            committed: group,
+        });
+    }
+    Ok(views)
+}
+
+/// The group's state and its members' client ids, as the group coordinator reports
+/// them (no members: no worker runs). Blocking.
+///
+/// # Errors
+/// When the broker does not answer within `timeout`.
+pub fn group_members(config: &KafkaConfig, timeout: std::time::Duration) -> KafkaResult<(String, Vec<String>)> {
+    let consumer = bystander(config)?;
+    let groups = consumer.fetch_group_list(Some(&config.group_id), timeout)?;
+    Ok(groups
+        .groups()
+        .iter()
+        .find(|g| g.name() == config.group_id)
+        .map(|g| (g.state().to_string(), g.members().iter().map(|m| m.client_id().to_string()).collect()))
+        .unwrap_or_else(|| ("Dead".to_string(), Vec::new())))
+}
+
+/// For each of `partitions`, the first offset whose message was published at or after
+/// `time_ms` (the log end when there is none). Blocking.
+///
+/// # Errors
+/// When the broker does not answer within `timeout`.
+pub fn offsets_for_time(
+    config: &KafkaConfig,
+    partitions: &[PartitionView],
+    time_ms: i64,
+    timeout: std::time::Duration,
+) -> KafkaResult<Vec<(TopicPartition, Offset)>> {
+    let consumer = bystander(config)?;
+    let mut list = TopicPartitionList::new();
+    for view in partitions {
+        list.add_partition_offset(&view.tp.topic, view.tp.partition.0, rdkafka::Offset::Offset(time_ms))?;
+    }
+    let found = consumer.offsets_for_times(list, timeout)?;
+    Ok(partitions
+        .iter()
+        .map(|view| {
+            let offset = found.find_partition(&view.tp.topic, view.tp.partition.0).and_then(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(Offset(o)),
+                _ => None,
+            });
+            (view.tp.clone(), offset.unwrap_or(view.log_end))
+        })
+        .collect())
+}

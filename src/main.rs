@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use figment::Figment;
 use figment::providers::Serialized;
 use position_sink::config::Config;
+use position_sink::ops::{self, Format, Outcome};
 use position_sink::sample::SampleSpec;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -62,10 +63,82 @@ enum Command {
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100))]
         bad_percent: u64,
     },
-    /// Print a summary of the table.
+    /// Print the table's rows (filtered), and without filters a summary first.
     Show {
         #[command(flatten)]
         common: Common,
+        /// Only this symbol.
+        #[arg(long)]
+        symbol: Option<String>,
+        /// Only this contract id.
+        #[arg(long)]
+        conid: Option<i64>,
+        /// Only this account.
+        #[arg(long)]
+        account: Option<String>,
+        /// At most this many rows, in symbol, conid order.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Where the table, the consumer group and the log stand, per partition.
+    Inspect {
+        #[command(flatten)]
+        common: Common,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Read a range of the topics again and apply it to a table (last write wins), or
+    /// with --dry-run say what that would change: exit code 1 when it would change rows.
+    Replay {
+        #[command(flatten)]
+        common: Common,
+        /// `earliest`, an RFC 3339 time, or topic:partition:offset (repeat for several).
+        #[arg(long, required = true, num_args = 1..)]
+        from: Vec<String>,
+        /// The table to write (default: delta.table_uri).
+        #[arg(long)]
+        into: Option<String>,
+        /// Only report what would change.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replay into the group's table even while its workers run.
+        #[arg(long)]
+        force: bool,
+        /// Differing rows listed by a dry run.
+        #[arg(long, default_value_t = 10)]
+        differences: usize,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Compare the table with a broker's positions snapshot (JSON Lines or CSV): exit
+    /// code 0 when consistent, 1 when it found differences.
+    Reconcile {
+        #[command(flatten)]
+        common: Common,
+        /// The snapshot: `.csv`, or JSON Lines; fields conid, position, and optionally
+        /// account, avg_cost, market_value, as_of.
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// The snapshot's time, RFC 3339 (default: its `as_of` field, else now).
+        #[arg(long)]
+        as_of: Option<String>,
+        /// Largest position difference that still matches.
+        #[arg(long, default_value_t = 1e-6)]
+        tolerance: f64,
+        /// A row older than the as-of time by more than this is stale (e.g. "1d", "8h").
+        #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
+        stale_after: std::time::Duration,
+        /// Differences listed in the table format.
+        #[arg(long, default_value_t = 50)]
+        details: usize,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
     },
     /// Review rejected messages, and re-publish them once their cause is fixed.
     DeadLetters {
@@ -176,16 +249,18 @@ fn main() -> ExitCode {
     let result = runtime.block_on(dispatch(Cli::parse()));
     // A blocking Kafka call abandoned at a shutdown deadline must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    // The same exit codes for every command (README, "Exit codes").
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Differences) => ExitCode::from(1),
         Err(e) => {
             error!("{e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+async fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Run { common, exit_when_caught_up, flush_interval } => {
             let mut extra = Figment::new();
@@ -200,7 +275,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             run_worker(config, shutdown).await?;
-            Ok(())
+            Ok(Outcome::Clean)
         }
         Command::Generate { common, count, instruments, symbols, rate, seed, bad_percent } => {
             let config = common.load(Figment::new())?;
@@ -210,14 +285,35 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("publishing to topic {topic} at {}", config.kafka.brokers))?;
             info!(sent, topic, "published sample updates");
-            Ok(())
+            Ok(Outcome::Clean)
         }
-        Command::Show { common } => {
+        Command::Show { common, symbol, conid, account, limit, format } => {
             let config = common.load(Figment::new())?;
-            position_sink::inspect::show(&config).await?;
-            Ok(())
+            let filter = ops::RowFilter { symbol, conid, account, limit: Some(limit) };
+            ops::show::show(&config, &filter, format).await?;
+            Ok(Outcome::Clean)
         }
-        Command::DeadLetters { action } => dead_letters(action).await,
+        Command::Inspect { common, format } => {
+            let config = common.load(Figment::new())?;
+            ops::inspect::print(&ops::inspect::inspect(&config).await?, format);
+            Ok(Outcome::Clean)
+        }
+        Command::Replay { common, from, into, dry_run, force, differences, format } => {
+            let config = common.load(Figment::new())?;
+            let from = ops::replay::ReplayFrom::parse(&from).map_err(anyhow::Error::msg)?;
+            let progress_bar = format == Format::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let options =
+                ops::replay::ReplayOptions { from, into, dry_run, force, differences_shown: differences, progress_bar };
+            let report = ops::replay::replay(&config, &options).await?;
+            Ok(ops::replay::print(&report, format))
+        }
+        Command::Reconcile { common, snapshot, as_of, tolerance, stale_after, details, format } => {
+            let config = common.load(Figment::new())?;
+            let tolerances = ops::reconcile::Tolerances { position: tolerance, stale_after };
+            let report = ops::reconcile::reconcile(&config, &snapshot, as_of.as_deref(), tolerances).await?;
+            Ok(ops::reconcile::print(&report, format, details))
+        }
+        Command::DeadLetters { action } => dead_letters(action).await.map(|()| Outcome::Clean),
     }
 }
 

@@ -48,6 +48,15 @@ use crate::update::{KeyColumn, PositionUpdate, RowKey};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TableVersion(pub u64);
 
+/// Which rows of a batch a write merges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// Those above their partition's recorded offset (the worker's flushes).
+    AboveRecord,
+    /// All of them (a replay).
+    All,
+}
+
 /// What one [`PositionTable::write`] did.
 #[derive(Debug, Clone)]
 pub struct WriteReport {
@@ -57,8 +66,10 @@ pub struct WriteReport {
     pub rows_offered: usize,
     /// Rows inserted.
     pub inserted: usize,
-    /// Rows updated (the rest were older than the stored row).
+    /// Rows updated.
     pub updated: usize,
+    /// Rows older than (or the same as) the stored row, left as they were.
+    pub unchanged: usize,
     /// Data files removed (rewritten).
     pub files_removed: usize,
     /// Data files added.
@@ -191,11 +202,25 @@ impl PositionTable {
     pub async fn write(&self, batch: &Batch) -> Result<(PositionTable, WriteReport), TableError> {
         let started = Instant::now();
         let mut fresh = self.refreshed().await?;
-        let report = fresh.merge(batch, started).await?;
+        let report = fresh.merge(batch, Rows::AboveRecord, started).await?;
         Ok((fresh, report))
     }
 
-    async fn merge(&mut self, batch: &Batch, started: Instant) -> Result<WriteReport, TableError> {
+    /// Writes `batch` like [`PositionTable::write`], but merges every row, also those at
+    /// or below the recorded offsets (a replay: last-write-wins leaves rows the table
+    /// holds unchanged). Recorded offsets only move forward. No commit is made when
+    /// nothing would change.
+    ///
+    /// # Errors
+    /// As [`PositionTable::write`].
+    pub async fn write_replayed(&self, batch: &Batch) -> Result<(PositionTable, WriteReport), TableError> {
+        let started = Instant::now();
+        let mut fresh = self.refreshed().await?;
+        let report = fresh.merge(batch, Rows::All, started).await?;
+        Ok((fresh, report))
+    }
+
+    async fn merge(&mut self, batch: &Batch, merged: Rows, started: Instant) -> Result<WriteReport, TableError> {
         let partitions: Vec<TopicPartition> = batch.offsets.iter().map(|(tp, _)| tp.clone()).collect();
         let recorded = self.recorded_offsets(&partitions).await?;
         let is_new = |tp: &TopicPartition, offset: Offset| recorded.get(tp).is_none_or(|done| offset > *done);
@@ -205,12 +230,14 @@ impl PositionTable {
             .filter(|(tp, offset)| is_new(tp, *offset))
             .map(|(tp, offset)| Transaction::new(tp.app_id(&self.group_id), offset.0))
             .collect();
-        let rows: Vec<&PositionUpdate> = batch.rows.iter().filter(|u| is_new(&u.source.tp, u.source.offset)).collect();
+        let rows: Vec<&PositionUpdate> =
+            batch.rows.iter().filter(|u| merged == Rows::All || is_new(&u.source.tp, u.source.offset)).collect();
         let mut report = WriteReport {
             version: self.version().unwrap_or(TableVersion(0)),
             rows_offered: rows.len(),
             inserted: 0,
             updated: 0,
+            unchanged: 0,
             files_removed: 0,
             files_added: 0,
             rows_rewritten: 0,
@@ -218,7 +245,7 @@ impl PositionTable {
             committed: false,
             elapsed: started.elapsed(),
         };
-        if transactions.is_empty() {
+        if transactions.is_empty() && rows.is_empty() {
             return Ok(report);
         }
         let write_err =
@@ -263,6 +290,11 @@ impl PositionTable {
         let plan = rewrite::plan(&files, &batch_rows, self.layout, &self.key_columns, self.max_rows_per_file)
             .map_err(arrow_err)?;
         drop(files);
+        if transactions.is_empty() && plan.files.is_empty() && plan.rewritten.is_empty() {
+            // A replay of rows the table holds: nothing to commit.
+            report.unchanged = plan.unchanged;
+            return Ok(report);
+        }
 
         let adds = self.write_files(&plan.files).await?;
         let rows_rewritten = plan.files.iter().map(|f| f.rows.num_rows()).sum();
@@ -298,6 +330,7 @@ impl PositionTable {
         report.version = self.version().unwrap_or(TableVersion(0));
         report.inserted = plan.inserted;
         report.updated = plan.updated;
+        report.unchanged = plan.unchanged;
         report.files_removed = plan.rewritten.len();
         report.files_added = adds.len();
         if self.layout == PartitionBy::Symbol && adds.len() > MANY_FILES_PER_FLUSH {

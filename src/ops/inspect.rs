@@ -1,0 +1,319 @@
+//! `position-sink inspect`: where the table, the group and the log stand, side by side,
+//! with a sentence wherever they disagree.
+
+use futures::TryStreamExt;
+use serde::Serialize;
+
+use super::show::plain_table;
+use super::{Format, OpsError, open_table, rfc3339};
+use crate::config::{Config, OffsetReset};
+use crate::delta;
+use crate::kafka::{self, PartitionView};
+use crate::offsets::{Offset, TopicPartition};
+
+/// How long to wait for each answer from Kafka.
+const KAFKA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Commits listed, newest first.
+const COMMITS_LISTED: u64 = 10;
+
+/// Everything `inspect` reports.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    /// The table.
+    pub table: TableFacts,
+    /// The last commits, newest first.
+    pub commits: Vec<CommitFacts>,
+    /// The consumer group.
+    pub group: GroupFacts,
+    /// Each partition of the configured topics.
+    pub partitions: Vec<PartitionFacts>,
+}
+
+/// The table's size and layout.
+#[derive(Debug, Serialize)]
+pub struct TableFacts {
+    /// Location.
+    pub uri: String,
+    /// Latest version.
+    pub version: i64,
+    /// Rows in the live files.
+    pub rows: u64,
+    /// Live data files.
+    pub live_files: usize,
+    /// Bytes of the live data files.
+    pub live_bytes: u64,
+    /// Bytes of every object under the table's location (removed files and the log too).
+    pub bytes_on_disk: u64,
+    /// Partition columns.
+    pub partition_columns: Vec<String>,
+    /// Distinct partition values (symbols in the `symbol` layout).
+    pub partitions: usize,
+}
+
+/// One commit.
+#[derive(Debug, Serialize)]
+pub struct CommitFacts {
+    /// Table version.
+    pub version: i64,
+    /// Commit time, RFC 3339.
+    pub time: String,
+    /// The operation (`MERGE`, `RESTORE`, `WRITE`, …).
+    pub operation: String,
+    /// Data files added.
+    pub files_added: usize,
+    /// Data files removed.
+    pub files_removed: usize,
+    /// Rows in the files added.
+    pub rows_written: u64,
+}
+
+/// The consumer group.
+#[derive(Debug, Serialize)]
+pub struct GroupFacts {
+    /// Group id.
+    pub id: String,
+    /// The coordinator's state (`Stable`, `Empty`, `Dead`, …).
+    pub state: String,
+    /// Client ids of its members.
+    pub members: Vec<String>,
+}
+
+/// One topic-partition.
+#[derive(Debug, Serialize)]
+pub struct PartitionFacts {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// The last offset the table records for the group (none: no record).
+    pub table_offset: Option<i64>,
+    /// The group's committed offset (the next to read).
+    pub group_committed: Option<i64>,
+    /// The oldest offset in the log.
+    pub log_start: i64,
+    /// The next offset to be written.
+    pub log_end: i64,
+    /// Messages the group has not committed (log end minus committed).
+    pub lag: i64,
+    /// Where the next worker starts reading.
+    pub next_read: i64,
+    /// What disagrees, in a sentence.
+    pub note: Option<String>,
+}
+
+/// Gathers the report.
+///
+/// # Errors
+/// See [`OpsError`].
+pub async fn inspect(config: &Config) -> Result<Inspection, OpsError> {
+    let table = open_table(&config.delta).await?;
+    let kafka_config = config.kafka.clone();
+    let views = tokio::task::spawn_blocking(move || {
+        let views = kafka::partition_views(&kafka_config, KAFKA_TIMEOUT)?;
+        let group = kafka::group_members(&kafka_config, KAFKA_TIMEOUT)?;
+        Ok::<_, rdkafka::error::KafkaError>((views, group))
+    });
+    let (views, (state, members)) = views
+        .await
+        .map_err(|e| OpsError::Kafka(e.to_string()))?
+        .map_err(|e| OpsError::Kafka(format!("cannot read the topics' offsets from {}: {e}", config.kafka.brokers)))?;
+
+    let uri = &config.delta.table_uri;
+    let tps: Vec<TopicPartition> = views.iter().map(|v| v.tp.clone()).collect();
+    let recorded = delta::recorded_offsets(&table, uri, &config.kafka.group_id, &tps).await?;
+    let undone = delta::records_undone_by_restore(&table, uri, &config.kafka.group_id, &tps).await?;
+    let from_start = config.kafka.auto_offset_reset == OffsetReset::Earliest;
+    let partitions = views
+        .iter()
+        .map(|view| partition_facts(view, recorded.get(&view.tp).copied(), undone.get(&view.tp), from_start))
+        .collect();
+
+    Ok(Inspection {
+        table: table_facts(&table, uri).await?,
+        commits: last_commits(&table, uri).await?,
+        group: GroupFacts { id: config.kafka.group_id.clone(), state, members },
+        partitions,
+    })
+}
+
+/// Where the next worker starts, and a sentence when the table, the group and the log
+/// disagree.
+fn partition_facts(
+    view: &PartitionView,
+    recorded: Option<Offset>,
+    undone: Option<&Option<Offset>>,
+    from_start: bool,
+) -> PartitionFacts {
+    let (start, low, high) = (view.log_start.0, view.log_start.0, view.log_end.0);
+    // What the table's content goes with: a RESTORE may have undone the record.
+    let effective = match undone {
+        Some(record) => record.map(|o| o.0),
+        None => recorded.map(|o| o.0),
+    };
+    let group = view.committed.map(|o| o.0);
+    let next_read = match effective {
+        Some(last) => (last + 1).max(low),
+        None if from_start => start,
+        None => group.unwrap_or(high),
+    };
+    let note = match (effective, undone) {
+        (_, Some(_)) => Some(format!(
+            "a RESTORE undid the table's record {}: the next worker resets it and re-reads from {next_read}",
+            recorded.map_or("none".into(), |o| o.0.to_string())
+        )),
+        (Some(last), _) if last + 1 < low => Some(format!(
+            "retention deleted {}..{low}, which the table needs: the worker stops unless recovery.on_offset_gap = \
+             \"continue\"",
+            last + 1
+        )),
+        (Some(last), _) if group.is_some_and(|g| last + 1 < g) => {
+            Some(format!("the table is behind the group: the next worker will re-read from {}", last + 1))
+        }
+        (Some(last), _) if group.is_none_or(|g| g < last + 1) => Some(format!(
+            "the group's commit is behind the table (a commit to come); the next worker starts at {}",
+            last + 1
+        )),
+        (None, _) if high > low && from_start => {
+            Some(format!("the table has no record: the next worker reads from the log start, {low}"))
+        }
+        _ => None,
+    };
+    PartitionFacts {
+        topic: view.tp.topic.clone(),
+        partition: view.tp.partition.0,
+        table_offset: recorded.map(|o| o.0),
+        group_committed: group,
+        log_start: low,
+        log_end: high,
+        lag: high - group.unwrap_or(low),
+        next_read,
+        note,
+    }
+}
+
+async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFacts, OpsError> {
+    let read_err = |source| crate::delta::TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let snapshot = table.snapshot().map_err(read_err)?;
+    let (mut rows, mut live_files, mut live_bytes) = (0u64, 0usize, 0u64);
+    let mut partition_values = std::collections::HashSet::new();
+    for file in snapshot.log_data().iter() {
+        live_files += 1;
+        live_bytes += file.size().max(0) as u64;
+        rows += file.num_records().unwrap_or(0) as u64;
+        let values = file.partition_values_map();
+        if !values.is_empty() {
+            partition_values.insert(format!("{values:?}"));
+        }
+    }
+    let bytes_on_disk = table
+        .object_store()
+        .list(None)
+        .try_fold(0u64, |sum, object| async move { Ok(sum + object.size) })
+        .await
+        .map_err(|e| read_err(e.into()))?;
+    Ok(TableFacts {
+        uri: uri.to_string(),
+        version: table.version().map_or(-1, |v| v as i64),
+        rows,
+        live_files,
+        live_bytes,
+        bytes_on_disk,
+        partition_columns: snapshot.metadata().partition_columns().to_vec(),
+        partitions: partition_values.len(),
+    })
+}
+
+async fn last_commits(table: &deltalake::DeltaTable, uri: &str) -> Result<Vec<CommitFacts>, OpsError> {
+    let read_err = |source| crate::delta::TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let latest = table.version().unwrap_or(0);
+    let mut commits = Vec::new();
+    for version in (latest.saturating_sub(COMMITS_LISTED - 1)..=latest).rev() {
+        let Some(bytes) = table.log_store().read_commit_entry(version).await.map_err(read_err)? else { break };
+        let mut commit = CommitFacts {
+            version: version as i64,
+            time: String::new(),
+            operation: String::new(),
+            files_added: 0,
+            files_removed: 0,
+            rows_written: 0,
+        };
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+            if let Some(info) = action.get("commitInfo") {
+                commit.operation = info["operation"].as_str().unwrap_or_default().to_string();
+                commit.time = info["timestamp"].as_i64().map(|ms| rfc3339(ms * 1000)).unwrap_or_default();
+            } else if let Some(add) = action.get("add") {
+                commit.files_added += 1;
+                let stats: Option<serde_json::Value> = add["stats"].as_str().and_then(|s| serde_json::from_str(s).ok());
+                commit.rows_written += stats.and_then(|s| s["numRecords"].as_u64()).unwrap_or(0);
+            } else if action.get("remove").is_some() {
+                commit.files_removed += 1;
+            }
+        }
+        commits.push(commit);
+    }
+    Ok(commits)
+}
+
+/// Prints `report` in `format`.
+pub fn print(report: &Inspection, format: Format) {
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(report).unwrap_or_default());
+        return;
+    }
+    let t = &report.table;
+    println!("table          {}", t.uri);
+    println!("version        {}", t.version);
+    println!("rows           {}", t.rows);
+    println!("live files     {} ({} bytes)", t.live_files, t.live_bytes);
+    println!("bytes on disk  {}", t.bytes_on_disk);
+    let layout = if t.partition_columns.is_empty() { "none".to_string() } else { t.partition_columns.join(", ") };
+    println!("partitioned by {layout} ({} partitions)", t.partitions);
+    println!();
+    let mut commits = plain_table(["version", "time", "operation", "files added", "files removed", "rows written"]);
+    for c in &report.commits {
+        commits.add_row([
+            c.version.to_string(),
+            c.time.clone(),
+            c.operation.clone(),
+            c.files_added.to_string(),
+            c.files_removed.to_string(),
+            c.rows_written.to_string(),
+        ]);
+    }
+    println!("last commits\n{commits}\n");
+    let g = &report.group;
+    println!("group {} ({}, {} members)", g.id, g.state, g.members.len());
+    let mut partitions = plain_table([
+        "topic",
+        "partition",
+        "table offset",
+        "group committed",
+        "log start",
+        "log end",
+        "lag",
+        "next read",
+    ]);
+    let mut notes = Vec::new();
+    for p in &report.partitions {
+        let shown = |o: Option<i64>| o.map_or("-".to_string(), |o| o.to_string());
+        partitions.add_row([
+            p.topic.clone(),
+            p.partition.to_string(),
+            shown(p.table_offset),
+            shown(p.group_committed),
+            p.log_start.to_string(),
+            p.log_end.to_string(),
+            p.lag.to_string(),
+            p.next_read.to_string(),
+        ]);
+        if let Some(note) = &p.note {
+            notes.push(format!("{}[{}]: {note}", p.topic, p.partition));
+        }
+    }
+    println!("{partitions}");
+    for note in notes {
+        println!("{note}");
+    }
+}
