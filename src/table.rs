@@ -550,7 +550,38 @@ async fn read_file(
     let reader = builder.build()?;
     let schema = reader.schema();
     let batches = reader.collect::<Result<Vec<_>, _>>()?;
-    Ok(concat_batches(&schema, &batches)?)
+    Ok(as_table_types(concat_batches(&schema, &batches)?)?)
+}
+
+/// `rows` with each column of the table's schema in the Arrow type this program
+/// writes: files written by other engines (Spark, Python `deltalake`, polars) may hold
+/// strings as views or large strings, and timestamps in other units.
+fn as_table_types(rows: RecordBatch) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
+    use deltalake::arrow::datatypes::{Field, Schema};
+    let table = schema();
+    if rows
+        .schema()
+        .fields()
+        .iter()
+        .all(|f| table.field_with_name(f.name()).is_ok_and(|t| t.data_type() == f.data_type()))
+    {
+        return Ok(rows);
+    }
+    let mut fields = Vec::with_capacity(rows.num_columns());
+    let mut columns = Vec::with_capacity(rows.num_columns());
+    for (field, column) in rows.schema().fields().iter().zip(rows.columns()) {
+        match table.field_with_name(field.name()) {
+            Ok(wanted) if wanted.data_type() != field.data_type() => {
+                columns.push(deltalake::arrow::compute::cast(column, wanted.data_type())?);
+                fields.push(Field::new(field.name(), wanted.data_type().clone(), field.is_nullable()));
+            }
+            _ => {
+                columns.push(column.clone());
+                fields.push(field.as_ref().clone());
+            }
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }
 
 /// The keys of a file's rows, and the Kafka partition they all come from (if one).
