@@ -59,6 +59,10 @@ enum Command {
         /// Seed of the stream.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Event time of the first message, RFC 3339 (later runs with a later start
+        /// update the rows of earlier ones).
+        #[arg(long, default_value = "2025-11-25T08:00:00Z")]
+        start: chrono::DateTime<chrono::FixedOffset>,
         /// Percentage of invalid messages, of every kind in turn.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100))]
         bad_percent: u64,
@@ -277,10 +281,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
             run_worker(config, shutdown).await?;
             Ok(Outcome::Clean)
         }
-        Command::Generate { common, count, instruments, symbols, rate, seed, bad_percent } => {
+        Command::Generate { common, count, instruments, symbols, rate, seed, start, bad_percent } => {
             let config = common.load(Figment::new())?;
             let topic = config.kafka.topics.first().context("kafka.topics is empty")?;
-            let spec = SampleSpec { count, instruments, symbols, seed, bad_percent, ..SampleSpec::default() };
+            let start_micros = start.timestamp_micros();
+            let spec = SampleSpec { count, instruments, symbols, seed, start_micros, bad_percent };
             let sent = publish_sample(&config.kafka, topic, spec, rate)
                 .await
                 .with_context(|| format!("publishing to topic {topic} at {}", config.kafka.brokers))?;

@@ -342,7 +342,8 @@ impl Worker {
             if !undone.is_empty() {
                 for (tp, record) in &undone {
                     warn!(partition = %tp, restored_record = record.map(|o| o.0),
-                        "the table was restored to an earlier version; its record of this partition is set back                          to what the restored content holds, and the partition is read again from there");
+                        "the table was restored to an earlier version; its record of this partition is set back \
+                         to what the restored content holds, and the partition is read again from there");
                 }
                 fresh = retry(
                     retry_policy,
