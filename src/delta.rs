@@ -41,6 +41,19 @@ pub enum TableError {
         /// What differs from the expected schema.
         differences: String,
     },
+    /// Another writer restored the table to an earlier version while this worker ran:
+    /// its records of `partitions` no longer match the content.
+    #[error(
+        "the Delta table at {uri} was restored to an earlier version (RESTORE at version {version}) while this \
+         worker ran; it stops without writing over the restored version. Start it again: it resumes each \
+         partition from what the restored table holds"
+    )]
+    Restored {
+        /// Table location.
+        uri: String,
+        /// The RESTORE commit.
+        version: i64,
+    },
     /// Reading the table's state or recorded offsets failed.
     #[error("cannot read the state of the Delta table at {uri}: {source}")]
     Read {
@@ -65,7 +78,7 @@ impl TableError {
     /// Whether trying again can help: storage and commit-conflict failures can, a
     /// schema mismatch cannot.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, TableError::Incompatible { .. })
+        !matches!(self, TableError::Incompatible { .. } | TableError::Restored { .. })
     }
 
     /// Whether another writer committed first (the retry re-reads the table).
@@ -284,6 +297,22 @@ impl CommitRecord {
         }
         record
     }
+}
+
+/// The newest RESTORE among the commits after `since` up to `table`'s version.
+///
+/// # Errors
+/// [`TableError::Read`] when the log cannot be read.
+pub async fn restore_since(table: &DeltaTable, uri: &str, since: u64) -> Result<Option<i64>, TableError> {
+    let read_err = |source| TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let latest = table.version().unwrap_or(0);
+    for version in (since + 1..=latest).rev() {
+        let Some(bytes) = table.log_store().read_commit_entry(version).await.map_err(read_err)? else { break };
+        if CommitRecord::parse(&bytes).restored_to.is_some() {
+            return Ok(Some(i64::try_from(version).unwrap_or(i64::MAX)));
+        }
+    }
+    Ok(None)
 }
 
 /// The records of `partitions` that a RESTORE undid, each with the record the restored

@@ -202,6 +202,7 @@ impl PositionTable {
     pub async fn write(&self, batch: &Batch) -> Result<(PositionTable, WriteReport), TableError> {
         let started = Instant::now();
         let mut fresh = self.refreshed().await?;
+        fresh.refuse_undone_records(self.table.version(), batch).await?;
         let report = fresh.merge(batch, Rows::AboveRecord, started).await?;
         Ok((fresh, report))
     }
@@ -218,6 +219,19 @@ impl PositionTable {
         let mut fresh = self.refreshed().await?;
         let report = fresh.merge(batch, Rows::All, started).await?;
         Ok((fresh, report))
+    }
+
+    /// Refuses to write over a RESTORE committed since `since` that undid the records
+    /// of `batch`'s partitions: this batch was read past the restored content, and a
+    /// commit on top would make the table's records claim the undone offsets for good.
+    async fn refuse_undone_records(&self, since: Option<u64>, batch: &Batch) -> Result<(), TableError> {
+        let Some(since) = since else { return Ok(()) };
+        let Some(version) = delta::restore_since(&self.table, &self.uri, since).await? else { return Ok(()) };
+        let partitions: Vec<TopicPartition> = batch.offsets.iter().map(|(tp, _)| tp.clone()).collect();
+        if self.records_undone_by_restore(&partitions).await?.is_empty() {
+            return Ok(());
+        }
+        Err(TableError::Restored { uri: self.uri.clone(), version })
     }
 
     async fn merge(&mut self, batch: &Batch, merged: Rows, started: Instant) -> Result<WriteReport, TableError> {

@@ -132,3 +132,43 @@ async fn delete_records(topic: &str, partition: i32, before: i64) {
     list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before)).expect("offset");
     admin.delete_records(&list, &AdminOptions::new()).await.expect("delete records");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_running_while_its_table_is_restored_stops_rather_than_write_over_it_and_a_restart_catches_up() {
+    let topic = create_topic("recovery-live-restore", 2).await;
+    let (_dir, table) = table_dir();
+    let config = config(&topic, &unique("g"), &table);
+    let worker = spawn_worker(config.clone());
+    let mut produced = Vec::new();
+    for seed in 0..3 {
+        produced.extend(produce(&topic, &sample(400, 50, 80 + seed), None).await);
+        let version = table_version_or_zero(&table).await;
+        wait_until(std::time::Duration::from_secs(60), "a flush of the new messages", async || {
+            table_version_or_zero(&table).await > version
+        })
+        .await;
+    }
+    let restore = Command::new(python())
+        .arg("-c")
+        .arg("import sys; from deltalake import DeltaTable; DeltaTable(sys.argv[1]).restore(1)")
+        .arg(&table)
+        .output()
+        .expect("run Python");
+    assert!(restore.status.success(), "restore failed: {}", String::from_utf8_lossy(&restore.stderr));
+    produced.extend(produce(&topic, &sample(400, 50, 90), None).await);
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), worker.handle)
+        .await
+        .expect("the worker stops by itself")
+        .expect("join");
+    let error = stopped.expect_err("the worker refuses to write over the restore");
+    assert!(error.to_string().contains("was restored to an earlier version"), "{error}");
+    run_to_end(config).await.expect("restart");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+}
+
+async fn table_version_or_zero(table: &std::path::Path) -> u64 {
+    match deltalake::open_table(deltalake::ensure_table_uri(table.display().to_string()).expect("url")).await {
+        Ok(t) => t.version().unwrap_or(0),
+        Err(_) => 0,
+    }
+}
