@@ -22,12 +22,6 @@ async fn dry_run(config: &Config) -> ReplayReport {
     replay::replay(config, &options(ReplayFrom::Earliest, None, true)).await.expect("dry run")
 }
 
-/// Runs Python `code` with the table path as `sys.argv[1]`.
-fn python_on(table: &std::path::Path, code: &str) {
-    let output = Command::new(python()).arg("-c").arg(code).arg(table).output().expect("run Python");
-    assert!(output.status.success(), "Python failed: {}", String::from_utf8_lossy(&output.stderr));
-}
-
 /// Runs the binary with `args` and the config file, returning its exit code and stdout.
 fn cli(config_file: &std::path::Path, args: &[&str]) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_position-sink"))
@@ -193,7 +187,7 @@ async fn inspect_reports_what_the_broker_and_the_table_hold_and_says_when_they_d
     assert_eq!(report.commits[0].operation, "MERGE");
     assert_eq!(report.group.members.len(), 0, "no worker runs");
 
-    python_on(&table, "import sys; from deltalake import DeltaTable; DeltaTable(sys.argv[1]).restore(1)");
+    python_on(&table, RESTORE_VERSION_1);
     let restored = inspect::inspect(&config).await.expect("inspect");
     assert_eq!(restored.commits[0].operation, "RESTORE");
     for p in &restored.partitions {

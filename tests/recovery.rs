@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use position_sink::config::OnOffsetGap;
 use position_sink::{Progress, WorkerError};
@@ -57,13 +55,7 @@ async fn restored_table_is_caught_up(name: &str, dead_letter_topic: Option<&str>
     }
     assert_table_matches(&read_table(&table).await, &model(&produced));
     // An operator undoes writes with the Python deltalake package.
-    let restore = Command::new(python())
-        .arg("-c")
-        .arg("import sys; from deltalake import DeltaTable; DeltaTable(sys.argv[1]).restore(1)")
-        .arg(&table)
-        .output()
-        .expect("run Python");
-    assert!(restore.status.success(), "restore failed: {}", String::from_utf8_lossy(&restore.stderr));
+    python_on(&table, RESTORE_VERSION_1);
     let restored = read_table(&table).await;
     let expected = model(&produced);
     let stale = expected.iter().filter(|(k, row)| restored.get(*k).is_none_or(|r| r.kafka_offset != row.kafka_offset));
@@ -148,13 +140,7 @@ async fn a_worker_running_while_its_table_is_restored_stops_rather_than_write_ov
         })
         .await;
     }
-    let restore = Command::new(python())
-        .arg("-c")
-        .arg("import sys; from deltalake import DeltaTable; DeltaTable(sys.argv[1]).restore(1)")
-        .arg(&table)
-        .output()
-        .expect("run Python");
-    assert!(restore.status.success(), "restore failed: {}", String::from_utf8_lossy(&restore.stderr));
+    python_on(&table, RESTORE_VERSION_1);
     produced.extend(produce(&topic, &sample(400, 50, 90), None).await);
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), worker.handle)
         .await

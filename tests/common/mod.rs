@@ -530,3 +530,13 @@ pub fn with_dead_letter_topic(mut config: position_sink::config::Config, topic: 
     config.dead_letter.transaction_timeout = std::time::Duration::from_secs(5);
     config
 }
+
+/// Python that restores the table at `sys.argv[1]` to version 1, as an operator undoing
+/// writes with the `deltalake` package would.
+pub const RESTORE_VERSION_1: &str = "import sys; from deltalake import DeltaTable; DeltaTable(sys.argv[1]).restore(1)";
+
+/// Runs Python `code` with the table path as `sys.argv[1]`.
+pub fn python_on(table: &std::path::Path, code: &str) {
+    let output = std::process::Command::new(python()).arg("-c").arg(code).arg(table).output().expect("run Python");
+    assert!(output.status.success(), "Python failed: {}", String::from_utf8_lossy(&output.stderr));
+}
