@@ -64,6 +64,7 @@ class Bench:
             "POSITION_SINK__KAFKA__TOPICS": f'["{topic}"]',
             "POSITION_SINK__KAFKA__GROUP_ID": group,
             "POSITION_SINK__DELTA__TABLE_URI": table,
+            "POSITION_SINK__HTTP__BIND": "127.0.0.1:0",
             "POSITION_SINK__DELTA__PARTITION_BY": layout,
             "RUST_LOG": "info",
             "NO_COLOR": "1",

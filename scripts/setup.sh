@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need, if missing: a C toolchain for
 # librdkafka, Java 17+ and Maven for the local Kafka broker, and a Python virtualenv
-# with deltalake, polars and pyarrow for the independent-reader tests.
+# with deltalake, polars and pyarrow for the independent-reader tests, and moto for the
+# local S3-compatible server (scripts/s3.sh).
 # Rust (cargo, 1.95+) must already be installed: see rust-toolchain in the README.
 set -euo pipefail
 
 CACHE="${POSITION_SINK_CACHE:-$HOME/.cache/position-sink}"
 VENV="$CACHE/venv"
-PY_PACKAGES=("deltalake==1.6.6" "polars==2.1.0" "pyarrow==26.0.1")
+PY_PACKAGES=("deltalake==1.6.6" "polars==2.1.0" "pyarrow==26.0.1" "moto[server]==5.2.5" "boto3==1.44.8")
 
 log() { echo "setup.sh: $*" >&2; }
 
@@ -30,7 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import deltalake, polars, pyarrow" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import deltalake, polars, pyarrow, moto.server, boto3" 2>/dev/null; then
   log "creating Python virtualenv $VENV with ${PY_PACKAGES[*]}"
   python3 -m venv "$VENV" || { apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$VENV"; }
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, starts a local Kafka broker on
-# 127.0.0.1:39092, runs every test against it, and stops it again (and the broker the
-# outage scenario of tests/faults.rs starts on 39192).
+# 127.0.0.1:39092 and a local S3-compatible server (moto) on 127.0.0.1:39600, runs every
+# test against them, and stops them again (and the broker the outage scenario of
+# tests/faults.rs starts on 39192).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,11 +12,15 @@ PORT="${POSITION_SINK_TEST_PORT:-39092}"
 
 scripts/setup.sh
 OUTAGE_PORT=39192
+S3_PORT="${POSITION_SINK_TEST_S3_PORT:-39600}"
 scripts/kafka.sh stop "$PORT" >/dev/null 2>&1 || true
 scripts/kafka.sh stop "$OUTAGE_PORT" >/dev/null 2>&1 || true
+scripts/s3.sh stop "$S3_PORT" >/dev/null 2>&1 || true
 scripts/kafka.sh start "$PORT"
-trap 'scripts/kafka.sh stop "$PORT"; scripts/kafka.sh stop "$OUTAGE_PORT" >/dev/null 2>&1 || true' EXIT
+trap 'scripts/kafka.sh stop "$PORT"; scripts/kafka.sh stop "$OUTAGE_PORT" >/dev/null 2>&1 || true; scripts/s3.sh stop "$S3_PORT" >/dev/null 2>&1 || true' EXIT
+scripts/s3.sh start "$S3_PORT"
 
 export POSITION_SINK_TEST_BROKERS="127.0.0.1:$PORT"
+export POSITION_SINK_TEST_S3="http://127.0.0.1:$S3_PORT"
 export POSITION_SINK_PYTHON="$CACHE/venv/bin/python"
 cargo test --locked --features fault-injection "$@"

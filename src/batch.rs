@@ -32,6 +32,7 @@ pub struct Buffer {
     offsets: OffsetMap,
     messages: usize,
     bytes: usize,
+    kafka_times_ms: Vec<i64>,
 }
 
 /// What one flush writes: the winning update per row key and the offsets covered.
@@ -45,6 +46,8 @@ pub struct Batch {
     pub offsets: OffsetMap,
     /// Messages consumed into this batch, before dedup.
     pub messages: usize,
+    /// Kafka timestamps (ms) of the valid messages, for the end-to-end latency metric.
+    pub kafka_times_ms: Vec<i64>,
 }
 
 impl Batch {
@@ -54,7 +57,7 @@ impl Batch {
         for row in &rows {
             offsets.observe(&row.source.tp, row.source.offset);
         }
-        Self { messages: rows.len(), rows, dead_letters: Vec::new(), offsets }
+        Self { messages: rows.len(), rows, dead_letters: Vec::new(), offsets, kafka_times_ms: Vec::new() }
     }
 }
 
@@ -69,7 +72,20 @@ impl Buffer {
             offsets: OffsetMap::default(),
             messages: 0,
             bytes: 0,
+            kafka_times_ms: Vec::new(),
         }
+    }
+
+    /// Notes the Kafka timestamp of a valid message pushed (for the latency metric).
+    pub fn note_kafka_time(&mut self, millis: Option<i64>) {
+        if let Some(millis) = millis {
+            self.kafka_times_ms.push(millis);
+        }
+    }
+
+    /// Messages consumed since the last flush.
+    pub fn messages(&self) -> usize {
+        self.messages
     }
 
     /// Adds a valid update of `size` payload bytes; an older update of the same key is dropped.
@@ -126,6 +142,7 @@ impl Buffer {
         if self.offsets.is_empty() {
             self.messages = 0;
             self.bytes = 0;
+            self.kafka_times_ms.clear();
         }
     }
 
@@ -136,6 +153,7 @@ impl Buffer {
             dead_letters: std::mem::take(&mut self.dead_letters),
             offsets: std::mem::take(&mut self.offsets),
             messages: self.messages,
+            kafka_times_ms: std::mem::take(&mut self.kafka_times_ms),
         };
         self.messages = 0;
         self.bytes = 0;

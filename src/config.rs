@@ -39,6 +39,44 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// What recovery may accept.
     pub recovery: RecoveryConfig,
+    /// The metrics and health listener.
+    pub http: HttpConfig,
+    /// Log output.
+    pub log: LogConfig,
+}
+
+/// `[http]`: one listener for `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `host:port` to listen on; empty turns the listener off. Port 0 takes a free port
+    /// (the worker logs which).
+    pub bind: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { bind: "127.0.0.1:9464".to_string() }
+    }
+}
+
+/// `[log]`: how log lines are written (the level is `RUST_LOG`'s).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log collectors (one JSON object per line).
+    pub format: LogFormat,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// JSON lines.
+    Json,
 }
 
 /// `[recovery]`: what the worker does when the table asks for messages Kafka no longer has.
@@ -367,6 +405,39 @@ impl Config {
 
     /// Checks every value a worker relies on.
     ///
+    /// Logs the effective configuration, one field per key, secrets masked (keys of
+    /// `kafka.librdkafka` and `delta.storage_options` that look secret).
+    pub fn log_effective(&self) {
+        let dead_letters = match self.dead_letter.destination {
+            DeadLetterDestination::Table => format!("table {}", self.dead_letter.resolved_table_uri(&self.delta)),
+            DeadLetterDestination::Topic => format!("topic {}", self.dead_letter.topic),
+        };
+        tracing::info!(
+            kafka.brokers = %self.kafka.brokers,
+            kafka.group_id = %self.kafka.group_id,
+            kafka.topics = ?self.kafka.topics,
+            kafka.auto_offset_reset = ?self.kafka.auto_offset_reset,
+            kafka.librdkafka = ?self.kafka.librdkafka,
+            delta.table_uri = %self.delta.table_uri,
+            delta.partition_by = ?self.delta.partition_by,
+            delta.key_columns = ?self.delta.key_columns,
+            delta.max_rows_per_file = self.delta.max_rows_per_file,
+            delta.storage_options = ?self.delta.storage_options,
+            flush.interval = ?self.flush.interval,
+            flush.max_records = self.flush.max_records,
+            flush.max_bytes = self.flush.max_bytes,
+            decode.max_message_bytes = self.decode.max_message_bytes,
+            dead_letter = %dead_letters,
+            retry.max_retries = self.retry.max_retries,
+            worker.shutdown_timeout = ?self.worker.shutdown_timeout,
+            worker.exit_when_caught_up = self.worker.exit_when_caught_up,
+            recovery.on_offset_gap = ?self.recovery.on_offset_gap,
+            http.bind = %self.http.bind,
+            log.format = ?self.log.format,
+            "effective configuration"
+        );
+    }
+
     /// # Errors
     /// The first invalid key, with its fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -394,8 +465,20 @@ impl Config {
         if self.delta.table_uri.trim().is_empty() {
             return invalid("delta.table_uri", "is empty", "set it to a directory or URL, e.g. \"./data/positions\"");
         }
+        if let Some((key, problem, fix)) =
+            unsafe_object_store_option(&self.delta.table_uri, &self.delta.storage_options)
+        {
+            return Err(ConfigError::Invalid { key, problem, fix });
+        }
         if !self.delta.key_columns.contains(&KeyColumn::Conid) {
             return invalid("delta.key_columns", "does not include \"conid\"", "add \"conid\" to the list");
+        }
+        if !self.http.bind.trim().is_empty() && self.http.bind.trim().parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "http.bind",
+                &format!("is {:?}, which is not host:port", self.http.bind),
+                "set an address such as \"127.0.0.1:9464\" or \"0.0.0.0:9464\", or \"\" to turn the listener off",
+            );
         }
         if self.delta.max_rows_per_file == 0 {
             return invalid("delta.max_rows_per_file", "is zero", "set a positive number of rows, e.g. 100000");
@@ -451,6 +534,55 @@ fn is_valid_topic(topic: &str) -> bool {
         && topic != "."
         && topic != ".."
         && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A storage option (from `delta.storage_options`, or the environment as delta-rs reads
+/// it) that would let two workers commit the same table version on S3: the key, the
+/// problem and the fix. Safe concurrent commits on S3 use conditional writes
+/// (`If-None-Match: *`), which delta-rs uses unless told otherwise.
+fn unsafe_object_store_option(table_uri: &str, options: &Settings) -> Option<(&'static str, String, &'static str)> {
+    let scheme = table_uri.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("s3" | "s3a")) {
+        return None;
+    }
+    let value = |names: &[&str]| {
+        options
+            .0
+            .iter()
+            .find(|(k, _)| names.iter().any(|n| k.eq_ignore_ascii_case(n)))
+            .map(|(_, v)| v.trim().to_ascii_lowercase())
+            .or_else(|| {
+                names
+                    .iter()
+                    .find_map(|n| std::env::var(n.to_ascii_uppercase()).ok())
+                    .map(|v| v.trim().to_ascii_lowercase())
+            })
+    };
+    if value(&["aws_s3_allow_unsafe_rename"]).is_some_and(|v| v == "true") {
+        return Some((
+            "delta.storage_options",
+            "sets AWS_S3_ALLOW_UNSAFE_RENAME = true: two workers could both commit the same table version and \
+             one commit would be lost"
+                .to_string(),
+            "remove it; position-sink commits with S3 conditional writes (If-None-Match), which AWS S3, MinIO \
+             and other S3-compatible stores support",
+        ));
+    }
+    if value(&["aws_conditional_put", "conditional_put"]).is_some_and(|v| v == "disabled") {
+        return Some((
+            "delta.storage_options",
+            "sets conditional_put = \"disabled\": commits would overwrite each other".to_string(),
+            "remove it (the default uses If-None-Match), or use a store that supports conditional writes",
+        ));
+    }
+    if value(&["aws_s3_locking_provider"]).is_some() {
+        return Some((
+            "delta.storage_options",
+            "sets AWS_S3_LOCKING_PROVIDER: delta-rs no longer supports DynamoDB locking".to_string(),
+            "remove it; commits use S3 conditional writes (If-None-Match) instead",
+        ));
+    }
+    None
 }
 
 #[cfg(test)]
@@ -527,5 +659,23 @@ mod tests {
             assert_eq!(c.flush.max_records, 77);
             Ok(())
         });
+    }
+
+    #[test]
+    fn options_that_allow_unsafe_concurrent_commits_on_s3_are_refused() {
+        let mut c = Config::default();
+        c.delta.table_uri = "s3://bucket/positions".into();
+        c.delta.storage_options.0.insert("AWS_S3_ALLOW_UNSAFE_RENAME".into(), "true".into());
+        let error = c.validate().unwrap_err().to_string();
+        assert!(error.contains("delta.storage_options") && error.contains("If-None-Match"), "{error}");
+        c.delta.storage_options.0.clear();
+        c.delta.storage_options.0.insert("conditional_put".into(), "disabled".into());
+        assert!(c.validate().is_err());
+        c.delta.storage_options.0.clear();
+        c.delta.storage_options.0.insert("AWS_ENDPOINT_URL".into(), "http://127.0.0.1:9000".into());
+        c.validate().expect("conditional writes are the default");
+        c.delta.table_uri = "./data/positions".into();
+        c.delta.storage_options.0.insert("AWS_S3_ALLOW_UNSAFE_RENAME".into(), "true".into());
+        c.validate().expect("a local table does not use S3 options");
     }
 }

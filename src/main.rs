@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use figment::Figment;
 use figment::providers::Serialized;
-use position_sink::config::Config;
+use position_sink::config::{Config, LogFormat};
 use position_sink::ops::{self, Format, Outcome};
 use position_sink::sample::SampleSpec;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +23,28 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as `text` for people or `json` for log collectors (log.format).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    /// The log format: the flag, else the configuration's `log.format` (when it loads).
+    fn log_format(&self) -> LogFormat {
+        let common = match &self.command {
+            Command::Run { common, .. }
+            | Command::Generate { common, .. }
+            | Command::Show { common, .. }
+            | Command::Inspect { common, .. }
+            | Command::Replay { common, .. }
+            | Command::Reconcile { common, .. } => common,
+            Command::DeadLetters { action: DeadLetterAction::List { common, .. } }
+            | Command::DeadLetters { action: DeadLetterAction::Republish { common, .. } } => common,
+        };
+        self.log_format.unwrap_or_else(|| common.load(Figment::new()).map(|c| c.log.format).unwrap_or_default())
+    }
 }
 
 #[derive(Subcommand)]
@@ -236,13 +256,21 @@ const DEFAULT_LOG_FILTER: &str = "warn,position_sink=info,deltalake_core::kernel
      deltalake_core::writer::stats=error,buoyant_kernel::snapshot::builder=off";
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER))
+    };
+    match cli.log_format() {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -250,7 +278,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(dispatch(Cli::parse()));
+    let result = runtime.block_on(dispatch(cli));
     // A blocking Kafka call abandoned at a shutdown deadline must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     // The same exit codes for every command (README, "Exit codes").
@@ -275,7 +303,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
                 extra = extra.merge(Serialized::default("flush.interval", v));
             }
             let config = common.load(extra)?;
-            info!(?config, "starting");
+            config.log_effective();
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             run_worker(config, shutdown).await?;

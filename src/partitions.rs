@@ -424,6 +424,11 @@ impl Partitions {
         self.states.iter().filter(|(_, s)| s.position().is_none()).map(|(tp, _)| tp.clone()).collect()
     }
 
+    /// The group's committed offset (next offset) of each assigned partition, where known.
+    pub fn committed_offsets(&self) -> Vec<(TopicPartition, Option<Offset>)> {
+        self.states.iter().map(|(tp, s)| (tp.clone(), s.committed)).collect()
+    }
+
     /// The group's committed offsets, looked up (next offsets).
     pub fn committed_looked_up(&mut self, found: &[(TopicPartition, Offset)]) {
         for (tp, next) in found {

@@ -1,7 +1,7 @@
 //! What a running worker reports about itself: live counters and health (broker
-//! reachable, storage writable, stopped on an error). Tests read it now; readiness
-//! probes and metrics will read the same values, and a run's [`RunSummary`] is taken
-//! from it: there is one set of counters.
+//! reachable, storage writable, stopped on an error). Tests, the HTTP probes and the
+//! Prometheus metrics read the same values, and a run's [`RunSummary`] is taken from
+//! it: there is one set of counters.
 //!
 //! Invariant kept here: every counter is a lock-free atomic (the per-reason dead-letter
 //! counts sit behind a short lock), written by the worker and its Kafka callbacks,
@@ -42,10 +42,26 @@ pub struct Progress {
     pub assigned_partitions: AtomicU64,
     /// Offset gaps accepted (`recovery.on_offset_gap = "continue"`).
     pub offset_gaps: AtomicU64,
+    /// Messages held in the buffer now.
+    pub buffered_messages: AtomicU64,
+    /// Bytes of messages held in the buffer now.
+    pub buffered_bytes: AtomicU64,
+    /// 1 while reading is paused because the next buffer is full.
+    pub reading_paused: AtomicU64,
+    /// The latest positions-table version written or read.
+    pub table_version: AtomicU64,
+    /// Whether the worker has had its first assignment (it joined its group).
+    pub joined: AtomicBool,
+    /// When the worker's loop last turned, milliseconds since the Unix epoch.
+    pub last_turn_millis: AtomicU64,
     /// Dead letters written, by reason category.
     pub dead_letters: Mutex<ReasonCounts>,
     /// Health, for readiness.
     pub health: Health,
+    /// Histograms and per-partition gauges.
+    pub metrics: crate::metrics::Metrics,
+    /// Where the HTTP listener listens, once it does.
+    pub http_address: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl Progress {
@@ -62,6 +78,28 @@ impl Progress {
     /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records that the loop turned now.
+    pub fn turned(&self) {
+        self.last_turn_millis.store(now_millis(), Ordering::Relaxed);
+    }
+
+    /// Time since the loop last turned (zero before it first did).
+    pub fn since_last_turn(&self) -> std::time::Duration {
+        let last = self.last_turn_millis.load(Ordering::Relaxed);
+        if last == 0 {
+            return std::time::Duration::ZERO;
+        }
+        std::time::Duration::from_millis(now_millis().saturating_sub(last))
+    }
+
+    /// Records what the buffer holds now.
+    pub fn set_buffered(&self, messages: usize, bytes: usize, paused: bool) {
+        self.buffered_messages.store(messages as u64, Ordering::Relaxed);
+        self.buffered_bytes.store(bytes as u64, Ordering::Relaxed);
+        self.reading_paused.store(u64::from(paused), Ordering::Relaxed);
+        self.observe_buffered_bytes(bytes);
     }
 
     /// Raises the buffer peak to `bytes` if larger.
@@ -143,6 +181,11 @@ impl Health {
         self.stopped.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the worker stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
     /// Whether a broker is reachable.
     pub fn is_broker_reachable(&self) -> bool {
         !self.broker_unreachable.load(Ordering::Relaxed)
@@ -172,6 +215,10 @@ impl Health {
         }
         problems
     }
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -60,6 +60,9 @@ pub enum WorkerError {
     /// A flush failed: a table after its retries, or the dead-letter topic.
     #[error("{0}")]
     Flush(#[from] FlushError),
+    /// The HTTP listener could not start (`http.bind`).
+    #[error("{0}")]
+    Http(String),
     /// The flush task panicked (a bug).
     #[error("the flush task failed: {0}")]
     FlushTask(#[from] tokio::task::JoinError),
@@ -126,7 +129,16 @@ async fn run_inner(
     progress: Arc<Progress>,
     crash: CrashPoints,
 ) -> Result<RunSummary, WorkerError> {
-    let result = start_and_run(config, &shutdown, &progress, crash).await;
+    // The listener stops with the worker, whatever ends it.
+    let http_stop = shutdown.child_token();
+    let _stop_http = http_stop.clone().drop_guard();
+    let result = match config.http.bind.trim() {
+        "" => start_and_run(config, &shutdown, &progress, crash).await,
+        bind => match crate::http::start(bind, progress.clone(), http_stop).await {
+            Ok(_) => start_and_run(config, &shutdown, &progress, crash).await,
+            Err(message) => Err(WorkerError::Http(message)),
+        },
+    };
     progress.health.set_stopped();
     let summary = progress.summary();
     info!(
@@ -170,7 +182,8 @@ type Committing = JoinHandle<CommitOutcome>;
 
 /// What the broker handed us, decoded and detached from the consumer.
 enum Received {
-    Update(PositionUpdate, usize),
+    /// A valid update, its size in bytes and its Kafka timestamp (ms).
+    Update(PositionUpdate, usize, Option<i64>),
     Invalid(DeadLetter),
     EndOfPartition,
     Error(KafkaError),
@@ -235,6 +248,7 @@ impl Worker {
             tokio::time::interval_at(Instant::now() + self.config.flush.interval, self.config.flush.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            self.progress.turned();
             let flushing = self.in_flight.is_some();
             let committing = self.committing.is_some();
             let can_read = !self.buffer.is_full();
@@ -253,6 +267,7 @@ impl Worker {
                 _ = tick.tick() => {
                     self.sync_assignment(shutdown).await?;
                     self.flush_now(shutdown).await;
+                    self.measure_lag();
                 }
                 () = sleep_until(commit_retry), if commit_retry.is_some() => {}
                 message = self.consumer.recv(), if can_read => {
@@ -280,9 +295,10 @@ impl Worker {
         self.apply_rebalances();
         self.load_recorded(shutdown).await?;
         match received {
-            Received::Update(update, size) => {
+            Received::Update(update, size, kafka_time) => {
                 if self.is_to_write(&update.source, shutdown).await? {
                     self.buffer.push(update, size);
+                    self.buffer.note_kafka_time(kafka_time);
                 }
             }
             Received::Invalid(dead_letter) => {
@@ -294,7 +310,7 @@ impl Worker {
             Received::EndOfPartition => self.note_end_of_partition(),
             Received::Error(error) => warn!(%error, "Kafka consumer error; librdkafka retries by itself"),
         }
-        self.progress.observe_buffered_bytes(self.buffer.bytes());
+        self.progress.set_buffered(self.buffer.messages(), self.buffer.bytes(), self.buffer.is_full());
         Ok(())
     }
 
@@ -311,10 +327,16 @@ impl Worker {
     fn apply_rebalances(&mut self) {
         for event in self.consumer.context().take_rebalances() {
             match event {
-                Rebalanced::Assigned(partitions) => self.partitions.assigned(&partitions),
+                Rebalanced::Assigned(partitions) => {
+                    self.partitions.assigned(&partitions);
+                    self.progress.joined.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 Rebalanced::Revoked(partitions) => {
                     self.buffer.drop_partitions(&partitions);
                     self.partitions.revoked(&partitions);
+                    for tp in &partitions {
+                        self.progress.metrics.forget_lag(tp);
+                    }
                 }
             }
             self.progress.assigned_partitions.store(self.partitions.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -543,6 +565,7 @@ impl Worker {
         }
         let Some(sinks) = self.idle_sinks.take() else { return };
         let batch = self.buffer.take();
+        self.progress.set_buffered(0, 0, false);
         let policy = self.config.retry.clone();
         let group = kafka::group_metadata_if_member(&self.consumer).map(Arc::new);
         let progress = self.progress.clone();
@@ -586,6 +609,7 @@ impl Worker {
         let positions = &report.positions;
         if positions.committed {
             Progress::add(&self.progress.rows_written, (positions.inserted + positions.updated) as u64);
+            self.observe_flush(&batch, positions);
         }
         if report.dead_letters.total() > 0 {
             self.progress.add_dead_letters(&report.dead_letters);
@@ -612,6 +636,32 @@ impl Worker {
             "flushed batch"
         );
         Ok(())
+    }
+
+    /// Feeds a committed flush into the histograms: its duration and size, and how long
+    /// its rows took from their event time and their Kafka timestamp to the commit.
+    fn observe_flush(&self, batch: &Batch, positions: &crate::table::WriteReport) {
+        let metrics = &self.progress.metrics;
+        metrics.flush_seconds.observe(positions.elapsed.as_secs_f64());
+        metrics.batch_messages.observe(batch.messages as f64);
+        self.progress.table_version.store(positions.version.0, std::sync::atomic::Ordering::Relaxed);
+        let now_micros = chrono::Utc::now().timestamp_micros();
+        for row in &batch.rows {
+            metrics.latency_from_event.observe((now_micros - row.timestamp_micros).max(0) as f64 / 1e6);
+        }
+        for millis in &batch.kafka_times_ms {
+            metrics.latency_from_kafka.observe((now_micros / 1000 - millis).max(0) as f64 / 1e3);
+        }
+    }
+
+    /// Sets each assigned partition's consumer lag: the log end (as librdkafka last saw
+    /// it) minus the group's committed offset.
+    fn measure_lag(&self) {
+        for (tp, committed) in self.partitions.committed_offsets() {
+            if let Some((low, high)) = kafka::cached_watermarks(&self.consumer, &tp) {
+                self.progress.metrics.set_lag(&tp, (high.0 - committed.unwrap_or(low).0).max(0));
+            }
+        }
     }
 
     /// Reads the partitions of a batch whose dead-letter transaction was aborted again
@@ -794,7 +844,7 @@ fn receive(message: Result<BorrowedMessage<'_>, KafkaError>, options: &DecodeOpt
         Coordinates { tp: TopicPartition::new(message.topic(), message.partition()), offset: Offset(message.offset()) };
     let size = message.payload_len() + message.key().map_or(0, <[u8]>::len);
     match decode(message.key(), message.payload(), at.clone(), options) {
-        Ok(update) => Received::Update(update, size),
+        Ok(update) => Received::Update(update, size, message.timestamp().to_millis()),
         Err(reason) => Received::Invalid(DeadLetter::new(
             at,
             message.key(),

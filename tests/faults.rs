@@ -35,7 +35,7 @@ fn write_config(s: &Scenario, extra: &str) -> std::path::PathBuf {
     let text = format!(
         "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{}\"]\n\
          [kafka.librdkafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
-         [delta]\ntable_uri = \"{}\"\n{extra}",
+         [delta]\ntable_uri = \"{}\"\n[http]\nbind = \"127.0.0.1:0\"\n{extra}",
         s.brokers,
         s.group,
         s.topic,
@@ -230,6 +230,8 @@ async fn broker_outage_is_waited_out_reported_not_ready_and_recovered_from() {
     let progress = w.progress.clone();
     wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
     assert!(progress.health.is_ready(), "{:?}", progress.health.problems());
+    let (status, body) = http_get(&progress, "/readyz");
+    assert_eq!(status, 200, "/readyz before the outage: {body}");
 
     kafka_script(&["crash", &OUTAGE_BROKER_PORT.to_string()]);
     wait_until(Duration::from_secs(30), "the worker to report the broker unreachable", async || {
@@ -237,12 +239,20 @@ async fn broker_outage_is_waited_out_reported_not_ready_and_recovered_from() {
     })
     .await;
     assert!(!progress.health.is_ready());
+    let (status, body) = http_get(&progress, "/readyz");
+    assert!(
+        status == 503 && body.contains("no Kafka broker is reachable"),
+        "/readyz during the outage: {status} {body}"
+    );
+    assert_eq!(http_get(&progress, "/healthz").0, 200, "the process is alive during the outage");
     tokio::time::sleep(Duration::from_secs(sized(6, 30) as u64)).await;
     assert!(!w.handle.is_finished(), "the worker gave up during the outage");
     assert_eq!(progress.health.problems(), ["no Kafka broker reachable"]);
 
     kafka_script(&["resume", &OUTAGE_BROKER_PORT.to_string()]);
     wait_until(Duration::from_secs(60), "the worker to report ready again", async || progress.health.is_ready()).await;
+    let (status, body) = http_get(&progress, "/readyz");
+    assert_eq!(status, 200, "/readyz after the outage: {body}");
     s.produce(sized(3000, 30_000)).await;
     wait_until(Duration::from_secs(120), "offsets committed to the end", async || s.is_committed_to_end()).await;
     w.stop().await.expect("the worker ran through the outage");

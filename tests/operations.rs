@@ -38,7 +38,8 @@ fn cli(config_file: &std::path::Path, args: &[&str]) -> (i32, String) {
 fn config_file(dir: &std::path::Path, config: &Config) -> std::path::PathBuf {
     let file = dir.join("sink.toml");
     let text = format!(
-        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{}\"]\n[delta]\ntable_uri = \"{}\"\n",
+        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{}\"]\n[delta]\ntable_uri = \"{}\"\n\
+         [http]\nbind = \"127.0.0.1:0\"\n",
         config.kafka.brokers, config.kafka.group_id, config.kafka.topics[0], config.delta.table_uri
     );
     std::fs::write(&file, text).expect("write config");

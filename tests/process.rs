@@ -48,7 +48,8 @@ fn write_config(
 ) -> std::path::PathBuf {
     let file = dir.join("sink.toml");
     let text = format!(
-        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n[delta]\ntable_uri = \"{}\"\n{extra}",
+        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n[delta]\ntable_uri = \"{}\"\n\
+         [http]\nbind = \"127.0.0.1:0\"\n{extra}",
         brokers(),
         table.display()
     );

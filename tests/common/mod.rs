@@ -58,6 +58,52 @@ pub fn kafka_script(args: &[&str]) {
     assert!(status.success(), "scripts/kafka.sh {args:?} failed");
 }
 
+/// Port of the S3-compatible server the tests start when none is given.
+const TEST_S3_PORT: u16 = 39600;
+
+/// The endpoint of the test S3 server (moto, on 127.0.0.1), starting it on first use.
+pub fn s3_endpoint() -> String {
+    static ENDPOINT: OnceLock<String> = OnceLock::new();
+    ENDPOINT
+        .get_or_init(|| {
+            if let Ok(endpoint) = std::env::var("POSITION_SINK_TEST_S3") {
+                return endpoint;
+            }
+            script("s3.sh", &["ensure", &TEST_S3_PORT.to_string()]);
+            format!("http://127.0.0.1:{TEST_S3_PORT}")
+        })
+        .clone()
+}
+
+/// Storage options for the test S3 server, as a user would give them.
+pub fn s3_options() -> std::collections::HashMap<String, String> {
+    [
+        ("AWS_ENDPOINT_URL", s3_endpoint()),
+        ("AWS_ACCESS_KEY_ID", "test".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+        ("AWS_ALLOW_HTTP", "true".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// A new bucket on the test S3 server, and the URI of a table in it.
+pub fn s3_table() -> String {
+    let bucket = unique("positions").to_ascii_lowercase().replace('_', "-");
+    let port = s3_endpoint().rsplit(':').next().expect("port").to_string();
+    script("s3.sh", &["bucket", &bucket, &port]);
+    format!("s3://{bucket}/positions")
+}
+
+/// Runs `scripts/<name>` with `args` and asserts it succeeded.
+fn script(name: &str, args: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name);
+    let status = std::process::Command::new("bash").arg(&script).args(args).status().expect("run a script");
+    assert!(status.success(), "scripts/{name} {args:?} failed");
+}
+
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -184,6 +230,8 @@ pub fn config(topic: &str, group: &str, table: &Path) -> Config {
     c.retry.min_delay = Duration::from_millis(50);
     c.retry.max_delay = Duration::from_millis(500);
     c.worker.shutdown_timeout = Duration::from_secs(30);
+    // Every worker of the tests serves its metrics and probes, each on a free port.
+    c.http.bind = "127.0.0.1:0".to_string();
     c.validate().expect("valid test config");
     c
 }
@@ -330,8 +378,16 @@ pub fn model(produced: &[Produced]) -> BTreeMap<(String, i64), Row> {
 
 /// Reads the whole table at `path`, keyed like [`model`].
 pub async fn read_table(path: &Path) -> BTreeMap<(String, i64), Row> {
-    let url = deltalake::ensure_table_uri(path.display().to_string()).expect("url");
-    let table = deltalake::open_table(url).await.expect("open table");
+    read_table_at(&path.display().to_string(), &Default::default()).await
+}
+
+/// Reads the whole table at `uri` (a path or an `s3://` URL) with storage `options`.
+pub async fn read_table_at(
+    uri: &str,
+    options: &std::collections::HashMap<String, String>,
+) -> BTreeMap<(String, i64), Row> {
+    let url = deltalake::ensure_table_uri(uri).expect("url");
+    let table = deltalake::open_table_with_storage_options(url, options.clone()).await.expect("open table");
     let ctx = SessionContext::new();
     ctx.register_table("t", table.table_provider().await.expect("provider")).expect("register");
     let batches = ctx
@@ -539,4 +595,19 @@ pub const RESTORE_VERSION_1: &str = "import sys; from deltalake import DeltaTabl
 pub fn python_on(table: &std::path::Path, code: &str) {
     let output = std::process::Command::new(python()).arg("-c").arg(code).arg(table).output().expect("run Python");
     assert!(output.status.success(), "Python failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// `GET path` from a worker's HTTP listener: the status code and the body.
+pub fn http_get(progress: &Progress, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let address = progress.http_address.get().expect("the worker serves HTTP (http.bind)");
+    assert!(address.ip().is_loopback(), "tests listen on 127.0.0.1 only");
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the worker's HTTP listener");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
+    (status, body.to_string())
 }

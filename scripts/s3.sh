@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# A local S3-compatible server for the tests and the demo: moto in server mode, from
+# the project's Python virtualenv (scripts/setup.sh installs it), bound to 127.0.0.1.
+# It implements S3 conditional writes (If-None-Match), which concurrent Delta commits
+# on S3 rely on. Its objects live in memory: stopping it forgets them.
+#
+#   scripts/s3.sh start [PORT]          start a server on 127.0.0.1:PORT (default 9000)
+#   scripts/s3.sh ensure [PORT]         start one unless a server already answers there
+#   scripts/s3.sh stop [PORT]           stop the server started by this script
+#   scripts/s3.sh bucket NAME [PORT]    create a bucket
+#
+# Credentials: any access key and secret (AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test),
+# region us-east-1, endpoint http://127.0.0.1:PORT.
+set -euo pipefail
+
+CACHE="${POSITION_SINK_CACHE:-$HOME/.cache/position-sink}"
+PYTHON="$CACHE/venv/bin/python"
+RUN_DIR="${POSITION_SINK_S3_RUN:-${TMPDIR:-/tmp}/position-sink-s3}"
+
+log() { echo "s3.sh: $*" >&2; }
+alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start() {
+  local port="${1:-9000}" dir="$RUN_DIR/${1:-9000}"
+  [ -x "$PYTHON" ] || { log "no Python virtualenv at $CACHE/venv: run scripts/setup.sh"; exit 1; }
+  if [ -f "$dir/pid" ] && alive "$(cat "$dir/pid")"; then
+    log "a server started by this script already runs on port $port"; return 0
+  fi
+  if port_open "$port"; then log "port $port is taken by another process"; exit 1; fi
+  rm -rf "$dir"; mkdir -p "$dir"
+  nohup "$PYTHON" -m moto.server -H 127.0.0.1 -p "$port" >"$dir/server.log" 2>&1 &
+  echo $! > "$dir/pid"
+  for _ in $(seq 1 100); do
+    if port_open "$port"; then log "S3 server ready on http://127.0.0.1:$port (pid $(cat "$dir/pid"), logs $dir/server.log)"; return 0; fi
+    alive "$(cat "$dir/pid")" || break
+    sleep 0.2
+  done
+  log "the S3 server did not start; its log:"; tail -20 "$dir/server.log" >&2; exit 1
+}
+
+ensure() {
+  local port="${1:-9000}"
+  mkdir -p "$RUN_DIR"
+  # Several test processes may ask at once: one starts the server, the others wait.
+  exec 9>"$RUN_DIR/ensure-$port.lock"
+  flock 9
+  if port_open "$port"; then return 0; fi
+  start "$port"
+}
+
+stop() {
+  local port="${1:-9000}" dir="$RUN_DIR/${1:-9000}"
+  [ -f "$dir/pid" ] || { log "no server started by this script on port $port"; return 0; }
+  local pid; pid="$(cat "$dir/pid")"
+  if alive "$pid"; then
+    kill "$pid"
+    for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -rf "$dir"
+  log "S3 server on port $port stopped"
+}
+
+bucket() {
+  local name="$1" port="${2:-9000}"
+  "$PYTHON" - "$name" "$port" <<'PY'
+import sys, boto3
+name, port = sys.argv[1], sys.argv[2]
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="test",
+                  aws_secret_access_key="test", region_name="us-east-1")
+s3.create_bucket(Bucket=name)
+PY
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  start) start "$@" ;;
+  ensure) ensure "$@" ;;
+  stop) stop "$@" ;;
+  bucket) bucket "$@" ;;
+  *) echo "usage: $0 start [PORT] | ensure [PORT] | stop [PORT] | bucket NAME [PORT]" >&2; exit 2 ;;
+esac

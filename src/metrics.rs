@@ -1,0 +1,221 @@
+//! The worker's Prometheus metrics. Counters and gauges are the atomics of
+//! [`Progress`], read at scrape time, so there is one set of numbers for the run
+//! summary, the logs and the scrape; histograms and per-partition lag live here.
+//! Rendering is `prometheus-client`'s text encoder (Prometheus exposition format 0.0.4).
+//!
+//! Invariant kept here: every metric a scrape shows is documented in the README's
+//! metrics table, with the same name, type, unit and labels.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::offsets::TopicPartition;
+use crate::status::Progress;
+
+/// Labels of one topic-partition.
+type PartitionLabels = Vec<(String, String)>;
+
+/// Histograms and per-partition gauges of one worker.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Time from the start of a flush's Delta write to its commit, seconds.
+    pub flush_seconds: Histogram,
+    /// Messages per flushed batch (before dedup).
+    pub batch_messages: Histogram,
+    /// Delta commit time minus each written row's event `timestamp`, seconds.
+    pub latency_from_event: Histogram,
+    /// Delta commit time minus each consumed message's Kafka timestamp, seconds.
+    pub latency_from_kafka: Histogram,
+    /// Log end minus the group's committed offset, per assigned topic-partition.
+    pub consumer_lag: Family<PartitionLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        // 10 ms .. about 20 min: a flush, and an update waiting through an outage.
+        let seconds = || Histogram::new(exponential_buckets(0.01, 2.0, 18));
+        Self {
+            flush_seconds: seconds(),
+            batch_messages: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
+            latency_from_event: seconds(),
+            latency_from_kafka: seconds(),
+            consumer_lag: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Sets the consumer lag of `tp`.
+    pub fn set_lag(&self, tp: &TopicPartition, lag: i64) {
+        self.consumer_lag.get_or_create(&labels(tp)).set(lag);
+    }
+
+    /// Forgets the lag of a partition no longer assigned.
+    pub fn forget_lag(&self, tp: &TopicPartition) {
+        self.consumer_lag.remove(&labels(tp));
+    }
+}
+
+fn labels(tp: &TopicPartition) -> PartitionLabels {
+    vec![("topic".to_string(), tp.topic.clone()), ("partition".to_string(), tp.partition.0.to_string())]
+}
+
+/// The metrics of `progress` in the Prometheus text format.
+pub fn render(progress: &std::sync::Arc<Progress>) -> String {
+    let mut registry = Registry::default();
+    let m = &progress.metrics;
+    registry.register_with_unit(
+        "position_sink_flush_duration",
+        "Time to write and commit one flush's batch to Delta",
+        Unit::Seconds,
+        m.flush_seconds.clone(),
+    );
+    registry.register(
+        "position_sink_flush_batch_messages",
+        "Messages per flushed batch, before dedup",
+        m.batch_messages.clone(),
+    );
+    registry.register_with_unit(
+        "position_sink_commit_latency_from_event",
+        "Delta commit time minus the event timestamp of each row written",
+        Unit::Seconds,
+        m.latency_from_event.clone(),
+    );
+    registry.register_with_unit(
+        "position_sink_commit_latency_from_kafka",
+        "Delta commit time minus the Kafka timestamp of each message written",
+        Unit::Seconds,
+        m.latency_from_kafka.clone(),
+    );
+    registry.register(
+        "position_sink_consumer_lag_messages",
+        "Log end offset minus the group's committed offset, per assigned topic-partition",
+        m.consumer_lag.clone(),
+    );
+    registry.register_collector(Box::new(Counters(progress.clone())));
+    let mut text = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &registry);
+    text
+}
+
+/// The `Content-Type` of [`render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The counters and gauges of [`Progress`], read at scrape time.
+#[derive(Debug)]
+struct Counters(std::sync::Arc<Progress>);
+
+impl Collector for Counters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = &self.0;
+        let counters: [(&str, &str, u64); 11] = [
+            ("position_sink_messages_consumed", "Messages read from Kafka, valid or not", Progress::get(&p.messages)),
+            (
+                "position_sink_messages_skipped",
+                "Messages skipped because the table already held them",
+                Progress::get(&p.skipped_already_written),
+            ),
+            (
+                "position_sink_rows_written",
+                "Rows inserted or updated in the positions table",
+                Progress::get(&p.rows_written),
+            ),
+            ("position_sink_flushes", "Flushes finished", Progress::get(&p.flushes)),
+            ("position_sink_delta_commits", "Commits to the positions table", Progress::get(&p.delta_commits)),
+            (
+                "position_sink_dead_letter_commits",
+                "Dead-letter table commits or topic transactions",
+                Progress::get(&p.dead_letter_commits),
+            ),
+            (
+                "position_sink_delta_write_failures",
+                "Delta write attempts that failed and were retried (storage errors and conflicts)",
+                Progress::get(&p.write_failures),
+            ),
+            (
+                "position_sink_delta_commit_conflicts",
+                "Delta commits refused because another writer committed first (retried)",
+                Progress::get(&p.commit_conflicts),
+            ),
+            (
+                "position_sink_kafka_commit_failures",
+                "Kafka offset commits that failed (retried until one succeeds)",
+                Progress::get(&p.kafka_commit_failures),
+            ),
+            (
+                "position_sink_rewinds",
+                "Flushes whose messages were read again after an aborted transaction",
+                Progress::get(&p.rewinds),
+            ),
+            (
+                "position_sink_offset_gaps",
+                "Offset gaps accepted (recovery.on_offset_gap = \"continue\")",
+                Progress::get(&p.offset_gaps),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        let by_reason = p.dead_letters();
+        let mut family = encoder.encode_descriptor(
+            "position_sink_dead_letters",
+            "Messages rejected and written to the dead-letter destination, by reason category",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (category, count) in by_reason.iter() {
+            let labels = vec![("category".to_string(), category.to_string())];
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        let gauges: [(&str, &str, Option<&Unit>, i64); 7] = [
+            ("position_sink_buffered_messages", "Messages held in the buffer", None, gauge(&p.buffered_messages)),
+            (
+                "position_sink_buffered",
+                "Bytes of messages held in the buffer",
+                Some(&Unit::Bytes),
+                gauge(&p.buffered_bytes),
+            ),
+            (
+                "position_sink_reading_paused",
+                "1 while reading is paused because the next buffer is full",
+                None,
+                gauge(&p.reading_paused),
+            ),
+            (
+                "position_sink_assigned_partitions",
+                "Partitions assigned to this worker",
+                None,
+                gauge(&p.assigned_partitions),
+            ),
+            (
+                "position_sink_table_version",
+                "Latest positions-table version this worker wrote or read",
+                None,
+                gauge(&p.table_version),
+            ),
+            (
+                "position_sink_broker_reachable",
+                "1 while a Kafka broker is reachable",
+                None,
+                i64::from(p.health.is_broker_reachable()),
+            ),
+            ("position_sink_ready", "1 while /readyz answers ready", None, i64::from(crate::http::readiness(p).0)),
+        ];
+        for (name, help, unit, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, unit, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+fn gauge(value: &std::sync::atomic::AtomicU64) -> i64 {
+    i64::try_from(Progress::get(value)).unwrap_or(i64::MAX)
+}

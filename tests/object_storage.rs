@@ -1,0 +1,107 @@
+//! The table on S3: a real S3-compatible server (moto, started by the test command on
+//! 127.0.0.1, with conditional writes) under the end-to-end model check, two workers of
+//! one group, a crash between the Delta and the Kafka commit, and independent readers
+//! (Python `deltalake` and `polars` with the same storage options).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use position_sink::config::{Config, Settings};
+use position_sink::faults::CrashPoints;
+
+fn s3_config(topic: &str, group: &str, uri: &str) -> Config {
+    let (_dir, unused) = table_dir();
+    let mut c = config(topic, group, &unused);
+    c.delta.table_uri = uri.to_string();
+    c.delta.storage_options = Settings(s3_options().into_iter().collect());
+    c.validate().expect("valid S3 config");
+    c
+}
+
+/// Reads the table at `uri` with Python `deltalake` and `polars` and returns the number
+/// of rows each sees, after asserting one row per conid.
+fn python_rows(uri: &str) -> (usize, usize) {
+    let options = serde_json::to_string(&s3_options()).expect("options");
+    let output = std::process::Command::new(python())
+        .arg("-c")
+        .arg(
+            "import json, sys, polars as pl\n\
+             from deltalake import DeltaTable\n\
+             uri, options = sys.argv[1], json.loads(sys.argv[2])\n\
+             arrow = DeltaTable(uri, storage_options=options).to_pyarrow_table()\n\
+             frame = pl.read_delta(uri, storage_options=options)\n\
+             assert frame['conid'].n_unique() == len(frame), 'one row per conid'\n\
+             print(arrow.num_rows, len(frame))",
+        )
+        .arg(uri)
+        .arg(options)
+        .output()
+        .expect("run Python");
+    assert!(output.status.success(), "Python reader failed: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut counts = text.split_whitespace().map(|n| n.parse::<usize>().expect("a count"));
+    (counts.next().expect("deltalake rows"), counts.next().expect("polars rows"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_on_s3_equals_the_model_and_python_readers_read_it() {
+    let topic = create_topic("s3-model", 3).await;
+    let produced = produce(&topic, &sample_with_bad(3000, 150, 51, 3), None).await;
+    let uri = s3_table();
+    let group = unique("g");
+    let summary = run_to_end(s3_config(&topic, &group, &uri)).await.expect("worker on S3");
+    let expected = model(&produced);
+    assert_table_matches(&read_table_at(&uri, &s3_options()).await, &expected);
+    assert_eq!(python_rows(&uri), (expected.len(), expected.len()));
+    let bad = produced.iter().filter(|m| m.rejection.is_some()).count() as u64;
+    assert_eq!(summary.dead_letters.total(), bad, "the dead letters went to the table beside it on S3");
+    assert_eq!(committed_offsets(&group, &topic, 3), end_offsets(&produced, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_of_one_group_on_s3_build_the_model_table() {
+    let topic = create_topic("s3-pair", 4).await;
+    let uri = s3_table();
+    let group = unique("g");
+    let mut produced = produce(&topic, &sample(3000, 150, 52), None).await;
+    let a = spawn_worker(s3_config(&topic, &group, &uri));
+    let b = spawn_worker(s3_config(&topic, &group, &uri));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    produced.extend(produce(&topic, &sample(3000, 150, 53), None).await);
+    let end = end_offsets(&produced, 4);
+    wait_until(Duration::from_secs(120), "both workers committed to the end", async || {
+        committed_offsets(&group, &topic, 4) == end
+    })
+    .await;
+    let (sa, sb) = (a.stop().await.expect("worker a"), b.stop().await.expect("worker b"));
+    assert!(sa.delta_commits > 0 && sb.delta_commits > 0, "both workers committed: {sa:?} {sb:?}");
+    assert_table_matches(&read_table_at(&uri, &s3_options()).await, &model(&produced));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_delta_and_the_kafka_commit_on_s3_writes_nothing_twice() {
+    let topic = create_topic("s3-crash", 2).await;
+    let produced = produce(&topic, &sample(2000, 80, 54), None).await;
+    let uri = s3_table();
+    let group = unique("g");
+    let mut crashing = s3_config(&topic, &group, &uri);
+    crashing.flush.interval = Duration::from_secs(3600);
+    let worker = spawn_worker_with(crashing, CrashPoints { crash_after_delta_commits: Some(1), ..Default::default() });
+    wait_until(Duration::from_secs(60), "every message consumed", async || worker.messages() == 2000).await;
+    let result = worker.stop().await;
+    assert!(
+        matches!(result, Err(position_sink::WorkerError::Flush(position_sink::sink::FlushError::InjectedCrash(_)))),
+        "the crash landed: {result:?}"
+    );
+    assert!(committed_offsets(&group, &topic, 2).values().all(Option::is_none), "offsets committed before the crash");
+    let written_before = read_table_at(&uri, &s3_options()).await;
+    assert_table_matches(&written_before, &model(&produced));
+
+    let summary = run_to_end(s3_config(&topic, &group, &uri)).await.expect("restart");
+    assert!(summary.skipped_already_written > 0, "the restart did not skip what the table held");
+    assert_eq!((summary.delta_commits, summary.rows_written), (0, 0), "the restart wrote again");
+    assert_eq!(read_table_at(&uri, &s3_options()).await, written_before, "rows changed (ingested_at included)");
+    assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
+}
