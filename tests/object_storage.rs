@@ -105,3 +105,48 @@ async fn a_crash_between_the_delta_and_the_kafka_commit_on_s3_writes_nothing_twi
     assert_eq!(read_table_at(&uri, &s3_options()).await, written_before, "rows changed (ingested_at included)");
     assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_s3_settings_from_aws_variables_and_logs_json_with_secrets_masked() {
+    let topic = create_topic("s3-binary", 2).await;
+    let produced = produce(&topic, &sample(1000, 60, 55), None).await;
+    let uri = s3_table();
+    let dir = tempfile::tempdir().expect("dir");
+    let config_file = dir.path().join("sink.toml");
+    // A secret in the file: the log must not show it.
+    let secret = "s3cr3t-session-token";
+    std::fs::write(
+        &config_file,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{topic}\"]\n[delta]\ntable_uri = \"{uri}\"\n\
+             [delta.storage_options]\naws_session_token = \"{secret}\"\n[http]\nbind = \"127.0.0.1:0\"\n",
+            brokers(),
+            unique("g")
+        ),
+    )
+    .expect("write config");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_position-sink"));
+    command.args(["run", "--exit-when-caught-up", "--log-format", "json", "--config"]).arg(&config_file);
+    // The program's own default levels, whatever the test runner's RUST_LOG.
+    command.env_remove("RUST_LOG");
+    for (key, value) in s3_options() {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run position-sink");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains(secret), "a secret reached the log:\n{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let message = |text: &str| {
+        lines.iter().find(|l| l["message"] == text).unwrap_or_else(|| panic!("no {text:?} line in {stderr}"))
+    };
+    let effective = message("effective configuration");
+    assert_eq!(effective["delta.table_uri"], uri.as_str());
+    assert!(effective["delta.storage_options"].as_str().is_some_and(|s| s.contains("***")), "{effective}");
+    message("flushed batch");
+    assert_table_matches(&read_table_at(&uri, &s3_options()).await, &model(&produced));
+}
