@@ -416,11 +416,11 @@ impl Config {
             kafka.brokers = %self.kafka.brokers,
             kafka.group_id = %self.kafka.group_id,
             kafka.topics = ?self.kafka.topics,
-            kafka.auto_offset_reset = ?self.kafka.auto_offset_reset,
+            kafka.auto_offset_reset = %spelled(&self.kafka.auto_offset_reset),
             kafka.librdkafka = ?self.kafka.librdkafka,
             delta.table_uri = %self.delta.table_uri,
-            delta.partition_by = ?self.delta.partition_by,
-            delta.key_columns = ?self.delta.key_columns,
+            delta.partition_by = %spelled(&self.delta.partition_by),
+            delta.key_columns = %spelled(&self.delta.key_columns),
             delta.max_rows_per_file = self.delta.max_rows_per_file,
             delta.storage_options = ?self.delta.storage_options,
             flush.interval = ?self.flush.interval,
@@ -431,9 +431,9 @@ impl Config {
             retry.max_retries = self.retry.max_retries,
             worker.shutdown_timeout = ?self.worker.shutdown_timeout,
             worker.exit_when_caught_up = self.worker.exit_when_caught_up,
-            recovery.on_offset_gap = ?self.recovery.on_offset_gap,
+            recovery.on_offset_gap = %spelled(&self.recovery.on_offset_gap),
             http.bind = %self.http.bind,
-            log.format = ?self.log.format,
+            log.format = %spelled(&self.log.format),
             "effective configuration"
         );
     }
@@ -534,6 +534,15 @@ fn is_valid_topic(topic: &str) -> bool {
         && topic != "."
         && topic != ".."
         && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A value as the configuration file spells it (`earliest`, `["conid"]`).
+fn spelled<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(text)) => text,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
 }
 
 /// A storage option (from `delta.storage_options`, or the environment as delta-rs reads

@@ -54,6 +54,24 @@ impl SinkContext {
 }
 
 impl ClientContext for SinkContext {
+    /// librdkafka's own log lines. Its "error" lines are connection failures it retries
+    /// by itself (also reported through [`SinkContext::error`] and the readiness probe),
+    /// not something an operator must act on: they are warnings here.
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                tracing::error!(target: "librdkafka", facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
+                warn!(target: "librdkafka", facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "librdkafka: {message}"),
+        }
+    }
+
     fn stats(&self, statistics: rdkafka::Statistics) {
         // Bootstrap entries have negative node ids; a real broker connection is "UP".
         let reachable = statistics.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");

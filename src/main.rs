@@ -278,7 +278,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(dispatch(cli));
+    let log_format = cli.log_format();
+    let result = runtime.block_on(dispatch(cli, log_format));
     // A blocking Kafka call abandoned at a shutdown deadline must not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     // The same exit codes for every command (README, "Exit codes").
@@ -292,7 +293,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
+async fn dispatch(cli: Cli, log_format: LogFormat) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Run { common, exit_when_caught_up, flush_interval } => {
             let mut extra = Figment::new();
@@ -302,7 +303,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Outcome> {
             if let Some(v) = flush_interval {
                 extra = extra.merge(Serialized::default("flush.interval", v));
             }
-            let config = common.load(extra)?;
+            let mut config = common.load(extra)?;
+            config.log.format = log_format;
             config.log_effective();
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
