@@ -61,10 +61,8 @@ POM
   touch "$LIBS/.complete"
 }
 
-# Whether a process runs (a killed broker may linger as a zombie nobody reaps).
-alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"; }
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=scripts/lib/local-service.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/local-service.sh"
 
 java_opts_for() {
   java_opts=(-Xms256m -Xmx768m -XX:+UseG1GC -XX:MaxGCPauseMillis=20
@@ -158,28 +156,9 @@ LOG
   launch "$port"
 }
 
-ensure() {
-  local port="${1:-9092}"
-  mkdir -p "$RUN_DIR"
-  # Several test processes may ask at once: one starts the broker, the others wait.
-  exec 9>"$RUN_DIR/ensure-$port.lock"
-  flock 9
-  if port_open "$port"; then return 0; fi
-  start "$port"
-}
+ensure() { ensure_started "${1:-9092}" start; }
 
-stop() {
-  local port="${1:-9092}" dir="$RUN_DIR/${1:-9092}"
-  [ -f "$dir/pid" ] || { log "no broker started by this script on port $port"; return 0; }
-  local pid; pid="$(cat "$dir/pid")"
-  if alive "$pid"; then
-    kill "$pid"
-    for _ in $(seq 1 60); do alive "$pid" || break; sleep 0.5; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -rf "$dir"
-  log "broker on port $port stopped"
-}
+stop() { stop_started "${1:-9092}" broker; }
 
 topic() {
   local name="$1" parts="$2" port="${3:-9092}"

@@ -18,8 +18,8 @@ PYTHON="$CACHE/venv/bin/python"
 RUN_DIR="${POSITION_SINK_S3_RUN:-${TMPDIR:-/tmp}/position-sink-s3}"
 
 log() { echo "s3.sh: $*" >&2; }
-alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"; }
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=scripts/lib/local-service.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/local-service.sh"
 
 start() {
   local port="${1:-9000}" dir="$RUN_DIR/${1:-9000}"
@@ -29,7 +29,7 @@ start() {
   fi
   if port_open "$port"; then log "port $port is taken by another process"; exit 1; fi
   rm -rf "$dir"; mkdir -p "$dir"
-  nohup "$PYTHON" -m moto.server -H 127.0.0.1 -p "$port" >"$dir/server.log" 2>&1 &
+  nohup "$PYTHON" -m moto.server -H 127.0.0.1 -p "$port" >"$dir/server.log" 2>&1 9>&- &
   echo $! > "$dir/pid"
   for _ in $(seq 1 100); do
     if port_open "$port"; then log "S3 server ready on http://127.0.0.1:$port (pid $(cat "$dir/pid"), logs $dir/server.log)"; return 0; fi
@@ -39,28 +39,9 @@ start() {
   log "the S3 server did not start; its log:"; tail -20 "$dir/server.log" >&2; exit 1
 }
 
-ensure() {
-  local port="${1:-9000}"
-  mkdir -p "$RUN_DIR"
-  # Several test processes may ask at once: one starts the server, the others wait.
-  exec 9>"$RUN_DIR/ensure-$port.lock"
-  flock 9
-  if port_open "$port"; then return 0; fi
-  start "$port"
-}
+ensure() { ensure_started "${1:-9000}" start; }
 
-stop() {
-  local port="${1:-9000}" dir="$RUN_DIR/${1:-9000}"
-  [ -f "$dir/pid" ] || { log "no server started by this script on port $port"; return 0; }
-  local pid; pid="$(cat "$dir/pid")"
-  if alive "$pid"; then
-    kill "$pid"
-    for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.2; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -rf "$dir"
-  log "S3 server on port $port stopped"
-}
+stop() { stop_started "${1:-9000}" "S3 server"; }
 
 bucket() {
   local name="$1" port="${2:-9000}"

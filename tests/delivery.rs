@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::scenario::{Scenario, sized};
 use common::*;
-use position_sink::faults::CrashPoints;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_equals_the_model_of_the_stream_and_offsets_reach_the_end() {
@@ -88,33 +87,17 @@ async fn replayed_stream_leaves_the_table_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_delta_and_kafka_commit_writes_nothing_twice() {
     let topic = create_topic("crash", 2).await;
-    let produced = produce(&topic, &sample(2000, 80, 3), None).await;
     let (_dir, table) = table_dir();
     let group = unique("g");
-    // The window never ends: the stop flushes the whole stream as one batch, whose
-    // Delta commit lands and whose Kafka commit never happens.
-    let mut crashing = config(&topic, &group, &table);
-    crashing.flush.interval = Duration::from_secs(3600);
-    let worker = spawn_worker_with(crashing, CrashPoints { crash_after_delta_commits: Some(1), ..Default::default() });
-    wait_until(Duration::from_secs(60), "every message consumed", async || worker.messages() == 2000).await;
-    let result = worker.stop().await;
-    assert!(
-        matches!(result, Err(position_sink::WorkerError::Flush(position_sink::sink::FlushError::InjectedCrash(_)))),
-        "{result:?}"
-    );
-    let version_after_crash = table_version(&table).await;
-    let committed = committed_offsets(&group, &topic, 2);
-    assert!(committed.values().all(Option::is_none), "offsets were committed before the crash: {committed:?}");
-    let written_before = read_table(&table).await;
-    assert_table_matches(&written_before, &model(&produced));
-
-    // The restart reads from the start (nothing was committed) and finds it all written.
-    let summary = run_to_end(config(&topic, &group, &table)).await.expect("restart");
-    assert!(summary.skipped_already_written > 0, "the restart did not skip what the table held");
-    assert_eq!((summary.delta_commits, summary.rows_written), (0, 0), "the restart wrote again");
-    assert_eq!(table_version(&table).await, version_after_crash, "the restart made a new table version");
-    assert_eq!(read_table(&table).await, written_before, "rows changed (ingested_at included)");
-    assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
+    let uri = table.display().to_string();
+    assert_crash_between_commits_writes_nothing_twice(
+        &topic,
+        &group,
+        || config(&topic, &group, &table),
+        &uri,
+        &Default::default(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,17 +122,7 @@ async fn two_workers_in_one_group_build_the_model_table() {
     let topic = create_topic("pair", 4).await;
     let (_dir, table) = table_dir();
     let group = unique("g");
-    let mut produced = produce(&topic, &sample(3000, 150, 21), None).await;
-    let a = spawn_worker(config(&topic, &group, &table));
-    let b = spawn_worker(config(&topic, &group, &table));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    produced.extend(produce(&topic, &sample(3000, 150, 22), None).await);
-    let end = end_offsets(&produced, 4);
-    wait_until(Duration::from_secs(90), "both workers committed to the end", async || {
-        committed_offsets(&group, &topic, 4) == end
-    })
-    .await;
-    let (sa, sb) = (a.stop().await.expect("worker a"), b.stop().await.expect("worker b"));
+    let (produced, sa, sb) = run_two_workers(&topic, &group, || config(&topic, &group, &table), (21, 22)).await;
     assert!(sa.messages + sb.messages >= produced.len() as u64);
     assert_table_matches(&read_table(&table).await, &model(&produced));
 }

@@ -5,11 +5,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use position_sink::config::{Config, Settings};
-use position_sink::faults::CrashPoints;
 
 fn s3_config(topic: &str, group: &str, uri: &str) -> Config {
     let (_dir, unused) = table_dir();
@@ -65,17 +62,7 @@ async fn two_workers_of_one_group_on_s3_build_the_model_table() {
     let topic = create_topic("s3-pair", 4).await;
     let uri = s3_table();
     let group = unique("g");
-    let mut produced = produce(&topic, &sample(3000, 150, 52), None).await;
-    let a = spawn_worker(s3_config(&topic, &group, &uri));
-    let b = spawn_worker(s3_config(&topic, &group, &uri));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    produced.extend(produce(&topic, &sample(3000, 150, 53), None).await);
-    let end = end_offsets(&produced, 4);
-    wait_until(Duration::from_secs(120), "both workers committed to the end", async || {
-        committed_offsets(&group, &topic, 4) == end
-    })
-    .await;
-    let (sa, sb) = (a.stop().await.expect("worker a"), b.stop().await.expect("worker b"));
+    let (produced, sa, sb) = run_two_workers(&topic, &group, || s3_config(&topic, &group, &uri), (52, 53)).await;
     assert!(sa.delta_commits > 0 && sb.delta_commits > 0, "both workers committed: {sa:?} {sb:?}");
     assert_table_matches(&read_table_at(&uri, &s3_options()).await, &model(&produced));
 }
@@ -83,27 +70,16 @@ async fn two_workers_of_one_group_on_s3_build_the_model_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_delta_and_the_kafka_commit_on_s3_writes_nothing_twice() {
     let topic = create_topic("s3-crash", 2).await;
-    let produced = produce(&topic, &sample(2000, 80, 54), None).await;
     let uri = s3_table();
     let group = unique("g");
-    let mut crashing = s3_config(&topic, &group, &uri);
-    crashing.flush.interval = Duration::from_secs(3600);
-    let worker = spawn_worker_with(crashing, CrashPoints { crash_after_delta_commits: Some(1), ..Default::default() });
-    wait_until(Duration::from_secs(60), "every message consumed", async || worker.messages() == 2000).await;
-    let result = worker.stop().await;
-    assert!(
-        matches!(result, Err(position_sink::WorkerError::Flush(position_sink::sink::FlushError::InjectedCrash(_)))),
-        "the crash landed: {result:?}"
-    );
-    assert!(committed_offsets(&group, &topic, 2).values().all(Option::is_none), "offsets committed before the crash");
-    let written_before = read_table_at(&uri, &s3_options()).await;
-    assert_table_matches(&written_before, &model(&produced));
-
-    let summary = run_to_end(s3_config(&topic, &group, &uri)).await.expect("restart");
-    assert!(summary.skipped_already_written > 0, "the restart did not skip what the table held");
-    assert_eq!((summary.delta_commits, summary.rows_written), (0, 0), "the restart wrote again");
-    assert_eq!(read_table_at(&uri, &s3_options()).await, written_before, "rows changed (ingested_at included)");
-    assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
+    assert_crash_between_commits_writes_nothing_twice(
+        &topic,
+        &group,
+        || s3_config(&topic, &group, &uri),
+        &uri,
+        &s3_options(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -611,3 +611,68 @@ pub fn http_get(progress: &Progress, path: &str) -> (u16, String) {
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
     (status, body.to_string())
 }
+
+/// Two workers of one group, each started with `configure()`, share a 4-partition
+/// `topic`: one round of messages before they start, one while both run. Returns what
+/// was produced and both workers' summaries, once the group committed to the end.
+pub async fn run_two_workers(
+    topic: &str,
+    group: &str,
+    configure: impl Fn() -> Config,
+    seeds: (u64, u64),
+) -> (Vec<Produced>, RunSummary, RunSummary) {
+    let mut produced = produce(topic, &sample(3000, 150, seeds.0), None).await;
+    let a = spawn_worker(configure());
+    let b = spawn_worker(configure());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    produced.extend(produce(topic, &sample(3000, 150, seeds.1), None).await);
+    let end = end_offsets(&produced, 4);
+    wait_until(Duration::from_secs(120), "both workers committed to the end", async || {
+        committed_offsets(group, topic, 4) == end
+    })
+    .await;
+    let (sa, sb) = (a.stop().await.expect("worker a"), b.stop().await.expect("worker b"));
+    (produced, sa, sb)
+}
+
+/// A worker of `group` crashes right after its first Delta commit, before its Kafka
+/// commit (the flush window never ends, so the stop flushes the whole stream as one
+/// batch); asserts the crash landed with nothing committed to Kafka, then that the
+/// restart finds everything written: it skips, writes nothing and makes no version,
+/// and the rows (`ingested_at` included) are unchanged. The table is at `uri`, read
+/// with storage `options`; `configure()` gives the worker's configuration.
+pub async fn assert_crash_between_commits_writes_nothing_twice(
+    topic: &str,
+    group: &str,
+    configure: impl Fn() -> Config,
+    uri: &str,
+    options: &std::collections::HashMap<String, String>,
+) {
+    let produced = produce(topic, &sample(2000, 80, 3), None).await;
+    let mut crashing = configure();
+    crashing.flush.interval = Duration::from_secs(3600);
+    let worker = spawn_worker_with(crashing, CrashPoints { crash_after_delta_commits: Some(1), ..Default::default() });
+    wait_until(Duration::from_secs(60), "every message consumed", async || worker.messages() == 2000).await;
+    let result = worker.stop().await;
+    assert!(
+        matches!(result, Err(position_sink::WorkerError::Flush(position_sink::sink::FlushError::InjectedCrash(_)))),
+        "the crash landed: {result:?}"
+    );
+    let version = || async {
+        let url = deltalake::ensure_table_uri(uri).expect("url");
+        deltalake::open_table_with_storage_options(url, options.clone()).await.expect("open").version()
+    };
+    let version_after_crash = version().await;
+    let committed = committed_offsets(group, topic, 2);
+    assert!(committed.values().all(Option::is_none), "offsets were committed before the crash: {committed:?}");
+    let written_before = read_table_at(uri, options).await;
+    assert_table_matches(&written_before, &model(&produced));
+
+    // The restart reads from the start (nothing was committed) and finds it all written.
+    let summary = run_to_end(configure()).await.expect("restart");
+    assert!(summary.skipped_already_written > 0, "the restart did not skip what the table held");
+    assert_eq!((summary.delta_commits, summary.rows_written), (0, 0), "the restart wrote again");
+    assert_eq!(version().await, version_after_crash, "the restart made a new table version");
+    assert_eq!(read_table_at(uri, options).await, written_before, "rows changed (ingested_at included)");
+    assert_eq!(committed_offsets(group, topic, 2), end_offsets(&produced, 2));
+}
