@@ -267,7 +267,7 @@ impl Worker {
                 _ = tick.tick() => {
                     self.sync_assignment(shutdown).await?;
                     self.flush_now(shutdown).await;
-                    self.measure_lag();
+                    self.sample_gauges();
                 }
                 () = sleep_until(commit_retry), if commit_retry.is_some() => {}
                 message = self.consumer.recv(), if can_read => {
@@ -310,7 +310,7 @@ impl Worker {
             Received::EndOfPartition => self.note_end_of_partition(),
             Received::Error(error) => warn!(%error, "Kafka consumer error; librdkafka retries by itself"),
         }
-        self.progress.set_buffered(self.buffer.messages(), self.buffer.bytes(), self.buffer.is_full());
+        self.progress.observe_buffered_bytes(self.buffer.bytes());
         Ok(())
     }
 
@@ -654,9 +654,11 @@ impl Worker {
         }
     }
 
-    /// Sets each assigned partition's consumer lag: the log end (as librdkafka last saw
-    /// it) minus the group's committed offset.
-    fn measure_lag(&self) {
+    /// Samples the gauges once per flush tick, not per message: what the buffer holds,
+    /// and each assigned partition's consumer lag (the log end, as librdkafka last saw
+    /// it, minus the group's committed offset).
+    fn sample_gauges(&self) {
+        self.progress.set_buffered(self.buffer.messages(), self.buffer.bytes(), self.buffer.is_full());
         for (tp, committed) in self.partitions.committed_offsets() {
             if let Some((low, high)) = kafka::cached_watermarks(&self.consumer, &tp) {
                 self.progress.metrics.set_lag(&tp, (high.0 - committed.unwrap_or(low).0).max(0));
