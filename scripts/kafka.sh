@@ -5,11 +5,23 @@
 #
 #   scripts/kafka.sh fetch                 download the pinned Kafka jars (once)
 #   scripts/kafka.sh start [PORT]          start a broker on 127.0.0.1:PORT (default 9092)
+#                                          with its secured listeners beside it (below)
 #   scripts/kafka.sh ensure [PORT]         start one unless a broker already answers there
 #   scripts/kafka.sh stop [PORT]           stop the broker started by this script
 #   scripts/kafka.sh crash [PORT]          SIGKILL the broker, keep its data (outage tests)
 #   scripts/kafka.sh resume [PORT]         restart a crashed broker on its data
 #   scripts/kafka.sh topic NAME PARTS [PORT]   create a topic
+#
+# Besides its plaintext listener on PORT (and its controller on PORT+1), a broker has
+# the listeners production clusters use, all on 127.0.0.1, with certificates of a
+# throw-away CA made at start in $RUN_DIR/PORT/tls (ca.pem; client.pem and client.key
+# for mTLS, the key encrypted with the password in client.key.password; other-ca.pem, a
+# CA the broker does not use, for tests of an untrusted certificate):
+#   PORT+2  SSL        TLS, server certificate only
+#   PORT+3  SASL_SSL   TLS + SASL PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER
+#                      (the broker's unsecured JWT validator); users alice and bob,
+#                      passwords alice-secret and bob-secret (SCRAM and PLAIN)
+#   PORT+4  MTLS       TLS with a client certificate required
 set -euo pipefail
 
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
@@ -101,6 +113,34 @@ resume() {
   launch "$port"
 }
 
+# A throw-away CA, the broker's certificate for 127.0.0.1 and localhost, a client
+# certificate (for mTLS) whose key is encrypted, and a second CA nobody uses.
+make_certificates() {
+  local tls="$1"
+  command -v openssl >/dev/null || { log "openssl is required for the broker's TLS listeners"; exit 1; }
+  mkdir -p "$tls"
+  (
+    cd "$tls"
+    local days=30
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days "$days" \
+      -subj "/CN=position-sink test CA" 2>/dev/null
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout other-ca.key -out other-ca.pem -days "$days" \
+      -subj "/CN=position-sink untrusted CA" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout broker.key -out broker.csr -subj "/CN=localhost" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > broker.ext
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out broker.crt \
+      -days "$days" -extfile broker.ext 2>/dev/null
+    # Kafka reads an unencrypted PKCS#8 key and its chain from one PEM file.
+    openssl pkcs8 -topk8 -nocrypt -in broker.key -out broker.pk8
+    cat broker.pk8 broker.crt ca.pem > broker-keystore.pem
+    printf 'client-key-secret' > client.key.password
+    openssl req -newkey rsa:2048 -nodes -keyout client-plain.key -out client.csr -subj "/CN=position-sink-client" 2>/dev/null
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days "$days" 2>/dev/null
+    openssl pkey -in client-plain.key -aes256 -passout file:client.key.password -out client.key
+    rm -f client-plain.key ./*.csr ./*.srl broker.key broker.pk8 broker.ext
+  )
+}
+
 start() {
   local port="${1:-9092}" controller=$(( ${1:-9092} + 1 ))
   fetch
@@ -110,15 +150,27 @@ start() {
   fi
   if port_open "$port"; then log "port $port is taken by another process"; exit 1; fi
   rm -rf "$dir"; mkdir -p "$dir/data"
+  local tls="$dir/tls" ssl=$((port + 2)) sasl_ssl=$((port + 3)) mtls=$((port + 4))
+  make_certificates "$tls"
   cat > "$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$controller
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller,SSL://127.0.0.1:$ssl,SASL_SSL://127.0.0.1:$sasl_ssl,MTLS://127.0.0.1:$mtls
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SSL://127.0.0.1:$ssl,SASL_SSL://127.0.0.1:$sasl_ssl,MTLS://127.0.0.1:$mtls
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,MTLS:SSL
 inter.broker.listener.name=PLAINTEXT
+ssl.keystore.type=PEM
+ssl.keystore.location=$tls/broker-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$tls/ca.pem
+listener.name.mtls.ssl.client.auth=required
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512,OAUTHBEARER
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_alice="alice-secret" user_bob="bob-secret";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required unsecuredLoginStringClaim_sub="broker";
 log.dirs=$dir/data
 num.partitions=4
 offsets.topic.replication.factor=1
@@ -151,9 +203,18 @@ Configuration:
 LOG
   local java_opts; java_opts_for "$dir"
   java "${java_opts[@]}" -cp "$LIBS/*" kafka.tools.StorageTool format --standalone \
+    --add-scram 'SCRAM-SHA-256=[name=alice,password=alice-secret]' \
+    --add-scram 'SCRAM-SHA-512=[name=alice,password=alice-secret]' \
+    --add-scram 'SCRAM-SHA-256=[name=bob,password=bob-secret]' \
+    --add-scram 'SCRAM-SHA-512=[name=bob,password=bob-secret]' \
     -t "$(java -cp "$LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)" \
     -c "$dir/server.properties" >"$dir/format.log" 2>&1 || { log "storage format failed:"; cat "$dir/format.log" >&2; exit 1; }
   launch "$port"
+  for p in "$ssl" "$sasl_ssl" "$mtls"; do
+    for _ in $(seq 1 60); do port_open "$p" && break; sleep 0.5; done
+    port_open "$p" || { log "the broker did not open its secured listener on port $p"; tail -30 "$dir/server.log" >&2; exit 1; }
+  done
+  log "secured listeners: SSL 127.0.0.1:$ssl, SASL_SSL 127.0.0.1:$sasl_ssl, mTLS 127.0.0.1:$mtls (certificates in $tls)"
 }
 
 ensure() { ensure_started "${1:-9092}" start; }

@@ -332,9 +332,53 @@ impl Default for WorkerConfig {
 pub struct Settings(pub BTreeMap<String, String>);
 
 impl Settings {
+    /// Whether `key`'s value is a secret: passwords, secrets, tokens, credentials and
+    /// key material (`ssl.key.pem`, `sasl.oauthbearer.client.secret`, `AWS_SECRET_ACCESS_KEY`),
+    /// but not the paths of files that hold them (`ssl.key.location`).
     fn is_secret(key: &str) -> bool {
         let key = key.to_ascii_lowercase();
-        ["password", "secret", "token", "key", "credential"].iter().any(|word| key.contains(word))
+        !key.ends_with("location")
+            && ["password", "secret", "token", "key", "credential", "jaas"].iter().any(|word| key.contains(word))
+    }
+
+    /// The values of the secret keys.
+    fn secret_values(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter(|(k, _)| Self::is_secret(k)).map(|(_, v)| v.as_str())
+    }
+
+    /// Remembers the secret values, so that [`mask_secrets`] masks them wherever they
+    /// would be shown (librdkafka's log lines and errors, this program's errors).
+    pub fn remember_secrets(&self) {
+        let mut known = SECRETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for value in self.secret_values() {
+            // Very short values would mask ordinary words; they are masked in `Debug` only.
+            if value.len() >= 4 && !known.iter().any(|k| k == value) {
+                known.push(value.to_string());
+            }
+        }
+        known.sort_by_key(|k| std::cmp::Reverse(k.len()));
+    }
+}
+
+/// Every secret value of every configuration loaded in this process.
+static SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// `text` with every remembered secret value replaced by `***`.
+pub fn mask_secrets(text: &str) -> String {
+    let known = SECRETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut masked = text.to_string();
+    for secret in known.iter() {
+        if masked.contains(secret.as_str()) {
+            masked = masked.replace(secret.as_str(), "***");
+        }
+    }
+    masked
+}
+
+impl Settings {
+    /// The value of `key`, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
     }
 }
 
@@ -399,6 +443,8 @@ impl Config {
         }
         let config: Config =
             figment.merge(Env::prefixed(ENV_PREFIX).split("__")).merge(overrides).extract().map_err(Box::new)?;
+        config.kafka.librdkafka.remember_secrets();
+        config.delta.storage_options.remember_secrets();
         config.validate()?;
         Ok(config)
     }
@@ -461,6 +507,9 @@ impl Config {
         if let Some((key, fix)) = MANAGED_LIBRDKAFKA_KEYS.iter().find(|(k, _)| self.kafka.librdkafka.0.contains_key(*k))
         {
             return invalid("kafka.librdkafka", &format!("sets `{key}`, which position-sink manages itself"), fix);
+        }
+        if let Some((problem, fix)) = unsupported_sasl_mechanism(&self.kafka.librdkafka) {
+            return invalid("kafka.librdkafka", &problem, fix);
         }
         if self.delta.table_uri.trim().is_empty() {
             return invalid("delta.table_uri", "is empty", "set it to a directory or URL, e.g. \"./data/positions\"");
@@ -527,6 +576,28 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The SASL mechanisms built into position-sink.
+const SASL_MECHANISMS: [&str; 4] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"];
+
+/// A `sasl.mechanisms` value position-sink cannot use: the problem and the fix.
+fn unsupported_sasl_mechanism(settings: &Settings) -> Option<(String, &'static str)> {
+    let value = settings.get("sasl.mechanisms").or(settings.get("sasl.mechanism"))?;
+    let mechanism = value.trim().to_ascii_uppercase();
+    if mechanism == "GSSAPI" {
+        return Some((
+            "sets \"sasl.mechanisms\" = \"GSSAPI\": Kerberos is not built into position-sink".to_string(),
+            "use SCRAM-SHA-512, SCRAM-SHA-256, PLAIN or OAUTHBEARER (all built in), or build position-sink with \
+             rdkafka's `gssapi` feature (it links the system's libsasl2)",
+        ));
+    }
+    (!SASL_MECHANISMS.contains(&mechanism.as_str())).then(|| {
+        (
+            format!("sets \"sasl.mechanisms\" = {value:?}, which is not a SASL mechanism position-sink knows"),
+            "set one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER (the one the cluster enables)",
+        )
+    })
 }
 
 fn is_valid_topic(topic: &str) -> bool {

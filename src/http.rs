@@ -93,6 +93,9 @@ pub fn readiness(progress: &Progress) -> (bool, String) {
     if !health.is_storage_ok() {
         return (false, "Delta writes are failing and being retried".to_string());
     }
+    if let Some(batch) = health.unreadable() {
+        return (false, format!("a Kafka batch cannot be read and is being read again: {batch}"));
+    }
     if !progress.joined.load(std::sync::atomic::Ordering::Relaxed) {
         return (false, "joining the consumer group: no assignment yet".to_string());
     }

@@ -287,7 +287,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
         Ok(Outcome::Differences) => ExitCode::from(1),
         Err(e) => {
-            error!("{e:#}");
+            error!("{}", position_sink::config::mask_secrets(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }
@@ -364,7 +364,8 @@ async fn publish_sample(
     let chunk = if rate == 0 { 50_000 } else { (rate / 10).max(1) };
     let mut stream = position_sink::sample::Generator::new(spec).peekable();
     let mut ticks = tokio::time::interval(TICK);
-    let producer = position_sink::kafka::producer(config)?;
+    let owned = config.clone();
+    let (producer, _) = tokio::task::spawn_blocking(move || position_sink::kafka::producer(&owned)).await??;
     let mut sent = 0;
     while stream.peek().is_some() {
         if rate > 0 {

@@ -114,7 +114,7 @@ struct Counters(std::sync::Arc<Progress>);
 impl Collector for Counters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let p = &self.0;
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
             ("position_sink_messages_consumed", "Messages read from Kafka, valid or not", Progress::get(&p.messages)),
             (
                 "position_sink_messages_skipped",
@@ -152,6 +152,11 @@ impl Collector for Counters {
                 "position_sink_rewinds",
                 "Flushes whose messages were read again after an aborted transaction",
                 Progress::get(&p.rewinds),
+            ),
+            (
+                "position_sink_unreadable_batches",
+                "Batches Kafka delivered that the client could not read (corrupt, or an unknown codec); read again",
+                Progress::get(&p.unreadable_batches),
             ),
             (
                 "position_sink_offset_gaps",

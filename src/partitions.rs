@@ -199,6 +199,11 @@ impl Partitions {
         self.states.is_empty()
     }
 
+    /// The assigned partitions.
+    pub fn assigned_partitions(&self) -> Vec<TopicPartition> {
+        self.states.keys().cloned().collect()
+    }
+
     /// Whether `tp` is assigned here.
     pub fn is_assigned(&self, tp: &TopicPartition) -> bool {
         self.states.contains_key(tp)

@@ -42,6 +42,8 @@ pub struct Progress {
     pub assigned_partitions: AtomicU64,
     /// Offset gaps accepted (`recovery.on_offset_gap = "continue"`).
     pub offset_gaps: AtomicU64,
+    /// Batches Kafka delivered that the client could not read (each is read again).
+    pub unreadable_batches: AtomicU64,
     /// Messages held in the buffer now.
     pub buffered_messages: AtomicU64,
     /// Bytes of messages held in the buffer now.
@@ -153,6 +155,8 @@ pub struct Health {
     broker_unreachable: AtomicBool,
     storage_failing: AtomicBool,
     stopped: AtomicBool,
+    /// A batch the worker cannot read, while it is being read again.
+    unreadable: Mutex<Option<String>>,
 }
 
 impl Default for Health {
@@ -161,6 +165,7 @@ impl Default for Health {
             broker_unreachable: AtomicBool::new(false),
             storage_failing: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            unreadable: Mutex::new(None),
         }
     }
 }
@@ -177,6 +182,16 @@ impl Health {
     }
 
     /// Records that the worker stopped (cleanly or on an error).
+    /// Sets (or with `None` clears) the batch that cannot be read, described.
+    pub fn set_unreadable(&self, batch: Option<String>) {
+        *self.unreadable.lock().unwrap_or_else(PoisonError::into_inner) = batch;
+    }
+
+    /// The batch that cannot be read, described, while it is read again.
+    pub fn unreadable(&self) -> Option<String> {
+        self.unreadable.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     pub fn set_stopped(&self) {
         self.stopped.store(true, Ordering::Relaxed);
     }
@@ -198,7 +213,10 @@ impl Health {
 
     /// Whether the worker is running and can reach both Kafka and storage.
     pub fn is_ready(&self) -> bool {
-        !self.stopped.load(Ordering::Relaxed) && self.is_broker_reachable() && self.is_storage_ok()
+        !self.stopped.load(Ordering::Relaxed)
+            && self.is_broker_reachable()
+            && self.is_storage_ok()
+            && self.unreadable().is_none()
     }
 
     /// Why the worker is not ready, if it is not.
@@ -212,6 +230,9 @@ impl Health {
         }
         if !self.is_storage_ok() {
             problems.push("Delta writes failing");
+        }
+        if self.unreadable().is_some() {
+            problems.push("a Kafka batch cannot be read");
         }
         problems
     }

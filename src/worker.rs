@@ -80,11 +80,31 @@ pub enum WorkerError {
         /// The oldest offset the partition still has.
         oldest: i64,
     },
+    /// No connection to the cluster can be made: wrong credentials or certificates.
+    #[error("{0}")]
+    Connection(#[from] kafka::ConnectionFault),
+    /// A batch could not be read, again and again, past the retry policy.
+    #[error(
+        "{} cannot be read after {attempts} attempts: {}. Nothing at or after that offset of the partition was \
+         committed, and a restart reads it again. {}",
+        describe_unreadable(.at), .at.fault.cause(), .at.fault.fix()
+    )]
+    UnreadableBatch {
+        /// Where, and why.
+        at: kafka::UnreadableBatch,
+        /// Attempts made.
+        attempts: usize,
+    },
     /// The last flush did not finish within worker.shutdown_timeout.
     #[error(
         "shutdown timed out after {0:?} waiting for the last flush; nothing unwritten was committed and it will be re-read"
     )]
     ShutdownTimedOut(Duration),
+}
+
+/// "partition P: the batch at offset O".
+fn describe_unreadable(at: &kafka::UnreadableBatch) -> String {
+    format!("partition {}: the batch at offset {}", at.tp, at.offset.0)
 }
 
 /// Runs a worker until `shutdown` is cancelled (or, with `worker.exit_when_caught_up`,
@@ -173,6 +193,16 @@ async fn start_and_run(
     worker.run(shutdown).await
 }
 
+/// A batch that could not be read, while it is read again.
+struct Unreadable {
+    /// Where (a negative offset when it was not found again) and why.
+    at: kafka::UnreadableBatch,
+    /// Attempts at it so far.
+    attempts: usize,
+    /// When reading resumes after the pause that follows it.
+    resumes_at: Option<Instant>,
+}
+
 /// A flush running in the background: it hands the sinks back when done.
 type InFlight = JoinHandle<Flushed>;
 type Flushed = (Sinks, Batch, Result<FlushReport, FlushError>);
@@ -212,6 +242,8 @@ struct Worker {
     looked_up_at: Option<Instant>,
     /// When moving a partition to the table's start last failed (retried after a second).
     starts_tried_at: Option<Instant>,
+    /// A batch that could not be read, while it is read again.
+    unreadable: Option<Unreadable>,
     progress: Arc<Progress>,
     crash: CrashPoints,
 }
@@ -235,6 +267,7 @@ impl Worker {
             read_to_end: false,
             looked_up_at: None,
             starts_tried_at: None,
+            unreadable: None,
             consumer: Arc::new(consumer),
             committing: None,
             config,
@@ -251,7 +284,8 @@ impl Worker {
             self.progress.turned();
             let flushing = self.in_flight.is_some();
             let committing = self.committing.is_some();
-            let can_read = !self.buffer.is_full();
+            let read_resumes = self.unreadable.as_ref().and_then(|u| u.resumes_at);
+            let can_read = !self.buffer.is_full() && read_resumes.is_none();
             let commit_retry = self.partitions.commit_retry_at();
             tokio::select! {
                 // Shutdown first, so a stop request never waits behind a backlog; then a
@@ -265,11 +299,13 @@ impl Worker {
                 }
                 outcome = join(&mut self.committing), if committing => self.commit_finished(outcome),
                 _ = tick.tick() => {
+                    self.check_connection()?;
                     self.sync_assignment(shutdown).await?;
                     self.flush_now(shutdown).await;
                     self.sample_gauges();
                 }
                 () = sleep_until(commit_retry), if commit_retry.is_some() => {}
+                () = sleep_until(read_resumes), if read_resumes.is_some() => self.resume_reading(),
                 message = self.consumer.recv(), if can_read => {
                     let received = receive(message, &self.decode_options);
                     self.handle(received, shutdown).await?;
@@ -296,19 +332,27 @@ impl Worker {
         self.load_recorded(shutdown).await?;
         match received {
             Received::Update(update, size, kafka_time) => {
+                self.note_readable(&update.source);
                 if self.is_to_write(&update.source, shutdown).await? {
                     self.buffer.push(update, size);
                     self.buffer.note_kafka_time(kafka_time);
                 }
             }
             Received::Invalid(dead_letter) => {
+                self.note_readable(&dead_letter.source);
                 if self.is_to_write(&dead_letter.source, shutdown).await? {
                     self.log_rejection(&dead_letter);
                     self.buffer.reject(dead_letter);
                 }
             }
             Received::EndOfPartition => self.note_end_of_partition(),
-            Received::Error(error) => warn!(%error, "Kafka consumer error; librdkafka retries by itself"),
+            Received::Error(error) => match kafka::BatchFault::of(&error) {
+                Some(fault) => self.read_again_after_unreadable(fault, shutdown).await?,
+                None => {
+                    self.check_connection()?;
+                    warn!(%error, "Kafka consumer error; librdkafka retries by itself");
+                }
+            },
         }
         self.progress.observe_buffered_bytes(self.buffer.bytes());
         Ok(())
@@ -320,6 +364,102 @@ impl Worker {
         self.apply_rebalances();
         self.load_recorded(shutdown).await?;
         self.move_to_starts(shutdown).await
+    }
+
+    /// Stops the worker when no connection to the cluster can be made (credentials,
+    /// certificates) and none ever succeeded: a configuration error, not an outage.
+    fn check_connection(&self) -> Result<(), WorkerError> {
+        match self.consumer.context().watch.fatal() {
+            Some(fault) => Err(fault.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Handles a batch librdkafka could not read ([`kafka::BatchFault`]): every
+    /// assigned partition is read again from where it is durable (librdkafka goes on
+    /// past a corrupt batch, and the error does not say which partition it was in), the
+    /// batch is named by reading each partition alone, readiness fails with it, and
+    /// reading pauses for the retry policy's next delay. Past `retry.max_retries`
+    /// attempts at the same batch, the worker stops.
+    async fn read_again_after_unreadable(
+        &mut self,
+        fault: kafka::BatchFault,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError> {
+        Progress::bump(&self.progress.unreadable_batches);
+        // The running flush holds only messages read before the error: it may finish.
+        self.await_in_flight(shutdown).await?;
+        let assigned = self.partitions.assigned_partitions();
+        self.buffer.drop_partitions(&assigned);
+        let starts = self.partitions.rewind(&assigned);
+        for tp in &assigned {
+            let target = starts.iter().find(|(t, _)| t == tp).map_or(rdkafka::Offset::Stored, |(_, o)| {
+                rdkafka::Offset::Offset(o.0)
+            });
+            if let Err(error) = self.consumer.seek(&tp.topic, tp.partition.0, target, Duration::ZERO) {
+                warn!(%error, partition = %tp, "cannot seek back; the next assignment reads it again");
+            }
+        }
+        let kafka_config = self.config.kafka.clone();
+        let found = tokio::task::spawn_blocking(move || kafka::find_unreadable(&kafka_config, &starts));
+        let found = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            found = found => found?,
+        };
+        let at = match found {
+            Ok(Some(at)) => at,
+            Ok(None) => kafka::UnreadableBatch { tp: TopicPartition::new("", -1), offset: Offset(-1), fault },
+            Err(error) => {
+                warn!(%error, "cannot read the partitions one by one to find the batch");
+                kafka::UnreadableBatch { tp: TopicPartition::new("", -1), offset: Offset(-1), fault }
+            }
+        };
+        let located = at.offset.0 >= 0;
+        let attempts = match &self.unreadable {
+            Some(previous) if previous.at == at => previous.attempts + 1,
+            _ => 1,
+        };
+        let description = if located {
+            format!("{}: {}", describe_unreadable(&at), at.fault.cause())
+        } else {
+            format!("a batch of an assigned partition (it read well when read alone): {}", at.fault.cause())
+        };
+        self.progress.health.set_unreadable(Some(description.clone()));
+        if located {
+            tracing::error!(topic = %at.tp.topic, partition = at.tp.partition.0, offset = at.offset.0,
+                cause = at.fault.cause(), attempt = attempts, max_retries = self.config.retry.max_retries,
+                "Kafka delivered a batch the client cannot read; nothing from it on is committed, it is read again");
+        } else {
+            warn!(cause = at.fault.cause(), attempt = attempts,
+                "Kafka delivered a batch the client could not read, which read well when read again; reading on");
+        }
+        if located && attempts > self.config.retry.max_retries {
+            return Err(WorkerError::UnreadableBatch { at, attempts });
+        }
+        let pause = crate::retry::delays(&self.config.retry).nth(attempts - 1).unwrap_or(self.config.retry.max_delay);
+        self.unreadable = Some(Unreadable { at, attempts, resumes_at: Some(Instant::now() + pause) });
+        Ok(())
+    }
+
+    /// Reading goes on after the pause that follows a batch that could not be read.
+    fn resume_reading(&mut self) {
+        if let Some(unreadable) = &mut self.unreadable {
+            unreadable.resumes_at = None;
+        }
+    }
+
+    /// A message read at `at` ends the fault of the batch that could not be read, once
+    /// it is past that batch (or, when the batch was not found again, at once).
+    fn note_readable(&mut self, at: &Coordinates) {
+        let Some(unreadable) = &self.unreadable else { return };
+        let located = unreadable.at.offset.0 >= 0;
+        if !located || (at.tp == unreadable.at.tp && at.offset >= unreadable.at.offset) {
+            if located {
+                info!(partition = %at.tp, offset = at.offset.0, "the batch that could not be read is read now");
+            }
+            self.unreadable = None;
+            self.progress.health.set_unreadable(None);
+        }
     }
 
     /// Applies assignment changes: revoked partitions' buffers are dropped (their new

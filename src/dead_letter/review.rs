@@ -30,7 +30,13 @@ pub enum ReviewError {
     Table(#[from] TableError),
     /// Kafka cannot be read or written.
     #[error("Kafka failed: {0}. Check kafka.brokers and dead_letter.topic")]
-    Kafka(#[from] KafkaError),
+    Kafka(#[from] crate::kafka::ClientError),
+}
+
+impl From<KafkaError> for ReviewError {
+    fn from(error: KafkaError) -> Self {
+        ReviewError::Kafka(error.into())
+    }
 }
 
 /// Which dead letters to re-publish.
@@ -118,7 +124,7 @@ pub async fn republish(
     Ok(report)
 }
 
-async fn publish(config: &Config, dead_letters: &[&DeadLetter]) -> Result<usize, KafkaError> {
+async fn publish(config: &Config, dead_letters: &[&DeadLetter]) -> Result<usize, crate::kafka::ClientError> {
     let origins: Vec<String> = dead_letters.iter().map(|d| d.source.to_string()).collect();
     crate::kafka::publish(
         &config.kafka,

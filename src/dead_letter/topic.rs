@@ -18,6 +18,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use crate::kafka::{ClientError, ClientKind, Watched};
+
 use super::DeadLetter;
 use crate::config::{DeadLetterConfig, KafkaConfig};
 use crate::offsets::{Coordinates, Offset, OffsetMap, TopicPartition};
@@ -47,7 +49,7 @@ pub enum TopicError {
         /// The dead-letter topic.
         topic: String,
         /// Cause.
-        source: KafkaError,
+        source: ClientError,
     },
     /// The dead-letter topic does not exist.
     #[error("the dead-letter topic {0} does not exist: create it, or set dead_letter.topic to an existing topic")]
@@ -63,7 +65,7 @@ pub enum TopicError {
 
 /// A transactional producer for the dead-letter topic.
 pub struct DeadLetterTopic {
-    producer: FutureProducer,
+    producer: FutureProducer<Watched>,
     topic: String,
     timeout: Duration,
 }
@@ -82,28 +84,40 @@ impl DeadLetterTopic {
     /// [`TopicError::Setup`] or [`TopicError::Missing`].
     pub async fn connect(kafka: &KafkaConfig, config: &DeadLetterConfig) -> Result<Arc<Self>, TopicError> {
         let topic = config.topic.clone();
-        let setup = |source| TopicError::Setup { topic: topic.clone(), source };
+        let setup = |source: KafkaError| TopicError::Setup { topic: topic.clone(), source: source.into() };
         let timeout_ms = config.transaction_timeout.as_millis().to_string();
         // A fresh id per process: a crashed worker's open transaction is aborted by the
         // broker after transaction_timeout; consumer-group fencing (KIP-447) guards the
         // offsets it carried.
         let transactional_id = format!("position-sink/{}/dead-letters/{}", kafka.group_id, instance_id());
-        let producer: FutureProducer = crate::kafka::client_config(kafka, &[("linger.ms", "5")])
+        let watched = Watched::default();
+        let watch = watched.watch.clone();
+        let producer: FutureProducer<Watched> = crate::kafka::client_config(kafka, ClientKind::Producer, &[("linger.ms", "5")])
             .set("transactional.id", &transactional_id)
             .set("enable.idempotence", "true")
             .set("transaction.timeout.ms", &timeout_ms)
             .set("message.timeout.ms", &timeout_ms)
             .set("socket.timeout.ms", &timeout_ms)
-            .create()
+            .create_with_context(watched)
             .map_err(setup)?;
         let timeout = config.transaction_timeout;
+        let explain = |source: KafkaError| TopicError::Setup { topic: topic.clone(), source: watch.explain(source) };
         let metadata = blocking({
             let producer = producer.clone();
             let topic = topic.clone();
-            move || producer.client().fetch_metadata(Some(&topic), timeout)
+            let watch = watch.clone();
+            move || {
+                crate::kafka::until_connected(&watch, timeout, |left| {
+                    producer.client().fetch_metadata(Some(&topic), left)
+                })
+                .map_err(|e| match e {
+                    ClientError::Kafka(e) => e,
+                    ClientError::Connection(_) => KafkaError::Canceled,
+                })
+            }
         })
         .await
-        .map_err(setup)?;
+        .map_err(explain)?;
         let exists =
             metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
         if !exists {
@@ -114,7 +128,7 @@ impl DeadLetterTopic {
             move || producer.init_transactions(timeout)
         })
         .await
-        .map_err(setup)?;
+        .map_err(explain)?;
         Ok(Arc::new(Self { producer, topic, timeout }))
     }
 
@@ -256,14 +270,15 @@ pub fn read(
     topic: &str,
     category: Option<&str>,
     limit: usize,
-) -> Result<Vec<DeadLetter>, KafkaError> {
-    let consumer: BaseConsumer = crate::kafka::client_config(kafka, &[])
+) -> Result<Vec<DeadLetter>, ClientError> {
+    let consumer: BaseConsumer<Watched> = crate::kafka::client_config(kafka, ClientKind::Consumer, &[])
         .set("group.id", format!("position-sink-dead-letter-reader-{}", instance_id()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
-        .create()?;
+        .create_with_context(Watched::default())?;
     let timeout = Duration::from_secs(30);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let watch = consumer.context().watch.clone();
+    let metadata = crate::kafka::until_connected(&watch, timeout, |left| consumer.fetch_metadata(Some(topic), left))?;
     let mut list = TopicPartitionList::new();
     let mut ends = Vec::new();
     for p in metadata.topics().iter().filter(|t| t.name() == topic).flat_map(|t| t.partitions()) {
@@ -293,7 +308,7 @@ pub fn read(
                     found.push(d);
                 }
             }
-            Some(Err(error)) => return Err(error),
+            Some(Err(error)) => return Err(watch.explain(error)),
             None => {}
         }
     }

@@ -112,7 +112,7 @@ pub async fn inspect(config: &Config) -> Result<Inspection, OpsError> {
     let views = tokio::task::spawn_blocking(move || {
         let views = kafka::partition_views(&kafka_config, KAFKA_TIMEOUT)?;
         let group = kafka::group_members(&kafka_config, KAFKA_TIMEOUT)?;
-        Ok::<_, rdkafka::error::KafkaError>((views, group))
+        Ok::<_, kafka::ClientError>((views, group))
     });
     let (views, (state, members)) = views
         .await

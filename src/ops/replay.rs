@@ -316,7 +316,7 @@ impl Sink {
 /// The offsets to read per partition: from where `from` says to the log end now.
 async fn ranges(config: &Config, from: &ReplayFrom) -> Result<BTreeMap<TopicPartition, (Offset, Offset)>, OpsError> {
     let kafka_config = config.kafka.clone();
-    let kafka_err = |e: rdkafka::error::KafkaError| {
+    let kafka_err = |e: kafka::ClientError| {
         OpsError::Kafka(format!(
             "cannot read the offsets of {:?} from {}: {e}",
             config.kafka.topics, config.kafka.brokers
@@ -396,12 +396,13 @@ async fn read(
     if pending.is_empty() {
         return Ok(());
     }
-    let consumer: StreamConsumer = kafka::client_config(
+    let consumer: StreamConsumer<kafka::Watched> = kafka::client_config(
         &config.kafka,
+        kafka::ClientKind::Consumer,
         &[("enable.auto.commit", "false"), ("enable.partition.eof", "false"), ("fetch.queue.backoff.ms", "10")],
     )
     .set("group.id", &config.kafka.group_id)
-    .create()
+    .create_with_context(kafka::Watched::default())
     .map_err(kafka_err)?;
     let mut list = rdkafka::TopicPartitionList::new();
     for (tp, (from, _)) in ranges.iter().filter(|(tp, _)| pending.contains_key(*tp)) {

@@ -58,6 +58,69 @@ pub fn kafka_script(args: &[&str]) {
     assert!(status.success(), "scripts/kafka.sh {args:?} failed");
 }
 
+/// The test broker's secured listeners (scripts/kafka.sh opens them beside the
+/// plaintext one) and the throw-away CA's files.
+pub struct Secured {
+    /// TLS, server certificate only.
+    pub ssl: String,
+    /// TLS + SASL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER).
+    pub sasl_ssl: String,
+    /// TLS with a client certificate required.
+    pub mtls: String,
+    /// `ca.pem`, `client.pem`, `client.key` (encrypted), `client.key.password`, `other-ca.pem`.
+    pub tls: PathBuf,
+}
+
+impl Secured {
+    /// A file of the throw-away CA's directory.
+    pub fn file(&self, name: &str) -> String {
+        self.tls.join(name).display().to_string()
+    }
+
+    /// The password of the client certificate's key.
+    pub fn client_key_password(&self) -> String {
+        std::fs::read_to_string(self.tls.join("client.key.password")).expect("client key password")
+    }
+}
+
+/// The secured listeners of the test broker: ports after the plaintext one's, as
+/// scripts/kafka.sh lays them out.
+pub fn secured() -> Secured {
+    let plaintext = brokers();
+    let (host, port) = plaintext.rsplit_once(':').expect("host:port");
+    let port: u16 = port.parse().expect("port");
+    let run = std::env::var("POSITION_SINK_KAFKA_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir().join("position-sink-kafka"));
+    Secured {
+        ssl: format!("{host}:{}", port + 2),
+        sasl_ssl: format!("{host}:{}", port + 3),
+        mtls: format!("{host}:{}", port + 4),
+        tls: run.join(port.to_string()).join("tls"),
+    }
+}
+
+/// Writes `config` as the TOML file the binary reads, and returns its path.
+pub fn write_config_file(dir: &Path, config: &Config) -> PathBuf {
+    let file = dir.join("sink.toml");
+    std::fs::write(&file, toml::to_string(config).expect("config as TOML")).expect("write config");
+    file
+}
+
+/// Runs the binary with `args` and returns its exit code, stdout and stderr.
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_position-sink"))
+        .args(args)
+        .env("RUST_LOG", "warn,position_sink=info")
+        .output()
+        .expect("run position-sink");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    eprintln!("position-sink {args:?}: {}
+{stdout}{stderr}", output.status);
+    (output.status.code().unwrap_or(-1), stdout, stderr)
+}
+
 /// Port of the S3-compatible server the tests start when none is given.
 const TEST_S3_PORT: u16 = 39600;
 
@@ -168,12 +231,24 @@ pub async fn produce(topic: &str, messages: &[Msg], partitions: Option<i32>) -> 
 
 /// [`produce`] to the broker at `brokers`.
 pub async fn produce_on(brokers: &str, topic: &str, messages: &[Msg], partitions: Option<i32>) -> Vec<Produced> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
+    produce_with(brokers, &[], topic, messages, partitions).await
+}
+
+/// [`produce`] to the broker at `brokers`, with more librdkafka `settings` (a secured
+/// listener's, a compression codec).
+pub async fn produce_with(
+    brokers: &str,
+    settings: &[(&str, &str)],
+    topic: &str,
+    messages: &[Msg],
+    partitions: Option<i32>,
+) -> Vec<Produced> {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", brokers).set("enable.idempotence", "true").set("linger.ms", "5");
+    for (key, value) in settings {
+        client.set(*key, *value);
+    }
+    let producer: FutureProducer = client.create().expect("producer");
     let sends = messages.iter().enumerate().map(|(i, m)| {
         let producer = &producer;
         async move {

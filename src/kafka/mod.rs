@@ -8,13 +8,24 @@
 //! manual commit to no one when its event API is used, as rdkafka does: commits are
 //! synchronous, on a blocking thread.)
 
+mod connection;
+mod settings;
+mod unreadable;
+
+pub use connection::{ClientError, ConnectionFault, ConnectionWatch, Watched, until_connected};
+pub use settings::ClientKind;
+pub use unreadable::{BatchFault, UnreadableBatch, find as find_unreadable};
+
 use std::sync::{Mutex, PoisonError};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::producer::Producer as _;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::{info, warn};
+
+use crate::config::mask_secrets;
 
 use std::sync::Arc;
 
@@ -40,6 +51,8 @@ pub enum Rebalanced {
 pub struct SinkContext {
     rebalances: Mutex<Vec<Rebalanced>>,
     progress: Arc<Progress>,
+    /// What the consumer's connections did.
+    pub watch: Arc<ConnectionWatch>,
 }
 
 impl SinkContext {
@@ -54,27 +67,17 @@ impl SinkContext {
 }
 
 impl ClientContext for SinkContext {
-    /// librdkafka's own log lines. Its "error" lines are connection failures it retries
-    /// by itself (also reported through [`SinkContext::error`] and the readiness probe),
-    /// not something an operator must act on: they are warnings here.
+    /// librdkafka's own log lines ([`ConnectionWatch::log`]).
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
-                tracing::error!(target: "librdkafka", facility, "librdkafka: {message}")
-            }
-            RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
-                warn!(target: "librdkafka", facility, "librdkafka: {message}")
-            }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                info!(target: "librdkafka", facility, "librdkafka: {message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "librdkafka: {message}"),
-        }
+        self.watch.log(level, facility, message);
     }
 
     fn stats(&self, statistics: rdkafka::Statistics) {
         // Bootstrap entries have negative node ids; a real broker connection is "UP".
         let reachable = statistics.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+        if reachable {
+            self.watch.connected();
+        }
         if reachable != self.progress.health.is_broker_reachable() {
             if reachable {
                 info!("a Kafka broker is reachable again");
@@ -93,7 +96,9 @@ impl ClientContext for SinkContext {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.progress.health.set_broker_reachable(false);
         }
+        self.watch.note(error.rdkafka_error_code(), reason);
         // librdkafka reconnects and retries by itself; what depends on it is retried too.
+        let (error, reason) = (mask_secrets(&error.to_string()), mask_secrets(reason));
         warn!(%error, reason, "Kafka client error");
     }
 }
@@ -116,16 +121,22 @@ impl ConsumerContext for SinkContext {
     }
 }
 
-/// A client configuration for `config`'s brokers: `defaults`, then the
-/// `kafka.librdkafka` pass-through (security settings and overrides). Callers set the
-/// keys they manage themselves afterwards.
-pub fn client_config(config: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
+/// A configuration for a `kind` client of `config`'s brokers: `defaults`, then the
+/// `kafka.librdkafka` pass-through settings that apply to `kind` (the connection
+/// settings reach every client). Callers set the keys they manage themselves
+/// afterwards. Consumers check the CRC of every batch they read, so a corrupt batch
+/// is reported instead of read.
+pub fn client_config(config: &KafkaConfig, kind: ClientKind, defaults: &[(&str, &str)]) -> ClientConfig {
+    config.librdkafka.remember_secrets();
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.brokers);
+    if kind == ClientKind::Consumer {
+        client.set("check.crcs", "true");
+    }
     for (key, value) in defaults {
         client.set(*key, *value);
     }
-    for (key, value) in &config.librdkafka.0 {
+    for (key, value) in config.librdkafka.0.iter().filter(|(key, _)| kind.takes(key)) {
         client.set(key, value);
     }
     client
@@ -150,7 +161,7 @@ pub fn subscribe(config: &KafkaConfig, progress: Arc<Progress>) -> KafkaResult<S
         ("fetch.queue.backoff.ms", "10"),
         ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
     ];
-    let mut client = client_config(config, &defaults);
+    let mut client = client_config(config, ClientKind::Consumer, &defaults);
     client
         .set("group.id", &config.group_id)
         .set("auto.offset.reset", config.auto_offset_reset.as_str())
@@ -158,7 +169,7 @@ pub fn subscribe(config: &KafkaConfig, progress: Arc<Progress>) -> KafkaResult<S
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set_log_level(RDKafkaLogLevel::Warning);
-    let context = SinkContext { rebalances: Mutex::default(), progress };
+    let context = SinkContext { rebalances: Mutex::default(), progress, watch: Arc::default() };
     let consumer: SinkConsumer = client.create_with_context(context)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -306,19 +317,42 @@ pub struct Outgoing<'a> {
 ///
 /// # Errors
 /// The first delivery failure.
-pub async fn publish<'a>(config: &KafkaConfig, messages: impl IntoIterator<Item = Outgoing<'a>>) -> KafkaResult<usize> {
-    send_all(&producer(config)?, messages).await
+pub async fn publish<'a>(
+    config: &KafkaConfig,
+    messages: impl IntoIterator<Item = Outgoing<'a>>,
+) -> Result<usize, ClientError> {
+    let owned = config.clone();
+    let (producer, watch) =
+        tokio::task::spawn_blocking(move || producer(&owned)).await.map_err(|_| KafkaError::Canceled)??;
+    send_all(&producer, messages).await.map_err(|e| watch.explain(e))
 }
 
 /// An idempotent producer for [`send_all`].
+pub type Producer = rdkafka::producer::FutureProducer<Watched>;
+
+/// An idempotent producer of `config`'s brokers, for [`send_all`], and what its
+/// connections do; connected, so that wrong credentials or certificates are reported
+/// before anything is sent. Blocking.
 ///
 /// # Errors
-/// When librdkafka rejects the configuration.
-pub fn producer(config: &KafkaConfig) -> KafkaResult<rdkafka::producer::FutureProducer> {
-    client_config(config, &[("linger.ms", "5"), ("queue.buffering.max.messages", "1000000")])
-        .set("enable.idempotence", "true")
-        .create()
+/// When librdkafka rejects the configuration, or no connection can be made.
+pub fn producer(config: &KafkaConfig) -> Result<(Producer, Arc<ConnectionWatch>), ClientError> {
+    let watched = Watched::default();
+    let watch = watched.watch.clone();
+    let producer: Producer = client_config(
+        config,
+        ClientKind::Producer,
+        &[("linger.ms", "5"), ("queue.buffering.max.messages", "1000000")],
+    )
+    .set("enable.idempotence", "true")
+    .create_with_context(watched)?;
+    until_connected(&watch, CONNECT_TIMEOUT, |timeout| producer.client().fetch_metadata(None, timeout).map(|_| ()))?;
+    Ok((producer, watch))
 }
+
+/// How long the operator's commands and the sample publisher wait for a first
+/// connection to the cluster.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Sends `messages` through `producer` and waits until each is acknowledged; returns how
 /// many were sent.
@@ -326,7 +360,7 @@ pub fn producer(config: &KafkaConfig) -> KafkaResult<rdkafka::producer::FuturePr
 /// # Errors
 /// The first delivery failure.
 pub async fn send_all<'a>(
-    producer: &rdkafka::producer::FutureProducer,
+    producer: &Producer,
     messages: impl IntoIterator<Item = Outgoing<'a>>,
 ) -> KafkaResult<usize> {
     use futures::StreamExt;
@@ -367,15 +401,29 @@ pub struct PartitionView {
     pub committed: Option<Offset>,
 }
 
+/// A consumer that never joins a group, connected to `config`'s brokers.
+pub type Bystander = BaseConsumer<Watched>;
+
 /// A consumer of `config`'s group that never joins it: for looking up offsets and for
-/// reading assigned partitions without committing.
+/// reading assigned partitions without committing. Blocking: it waits for its first
+/// connection, so that wrong credentials or certificates are reported at once.
 ///
 /// # Errors
-/// When librdkafka rejects a setting.
-pub fn bystander(config: &KafkaConfig) -> KafkaResult<BaseConsumer> {
-    client_config(config, &[("enable.auto.commit", "false"), ("enable.partition.eof", "false")])
+/// When librdkafka rejects a setting, or no connection can be made.
+pub fn bystander(config: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<Bystander, ClientError> {
+    let mut settings = vec![("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
+    settings.extend_from_slice(defaults);
+    let consumer: Bystander = client_config(config, ClientKind::Consumer, &settings)
         .set("group.id", &config.group_id)
-        .create()
+        .create_with_context(Watched::default())?;
+    let watch = consumer.context().watch.clone();
+    until_connected(&watch, CONNECT_TIMEOUT, |timeout| consumer.fetch_metadata(None, timeout).map(|_| ()))?;
+    Ok(consumer)
+}
+
+/// `result`, its error explained by `consumer`'s connection fault when there is one.
+fn explained<T>(consumer: &Bystander, result: KafkaResult<T>) -> Result<T, ClientError> {
+    result.map_err(|e| consumer.context().watch.explain(e))
 }
 
 /// Every partition of `config.topics`, with its log start and end and the group's
@@ -383,24 +431,25 @@ pub fn bystander(config: &KafkaConfig) -> KafkaResult<BaseConsumer> {
 ///
 /// # Errors
 /// When a topic does not exist or the broker does not answer within `timeout`.
-pub fn partition_views(config: &KafkaConfig, timeout: std::time::Duration) -> KafkaResult<Vec<PartitionView>> {
-    let consumer = bystander(config)?;
+pub fn partition_views(config: &KafkaConfig, timeout: std::time::Duration) -> Result<Vec<PartitionView>, ClientError> {
+    let consumer = bystander(config, &[])?;
     let mut list = TopicPartitionList::new();
     for topic in &config.topics {
-        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        let metadata = explained(&consumer, consumer.fetch_metadata(Some(topic), timeout))?;
         for t in metadata.topics() {
             if let Some(error) = t.error() {
-                return Err(KafkaError::MetadataFetch(error.into()));
+                return Err(KafkaError::MetadataFetch(error.into()).into());
             }
             for p in t.partitions() {
                 list.add_partition(t.name(), p.id());
             }
         }
     }
-    let committed = consumer.committed_offsets(list.clone(), timeout)?;
+    let committed = explained(&consumer, consumer.committed_offsets(list.clone(), timeout))?;
     let mut views = Vec::new();
     for element in list.elements() {
-        let (low, high) = consumer.fetch_watermarks(element.topic(), element.partition(), timeout)?;
+        let (low, high) =
+            explained(&consumer, consumer.fetch_watermarks(element.topic(), element.partition(), timeout))?;
         let group = committed.find_partition(element.topic(), element.partition()).and_then(|e| match e.offset() {
             rdkafka::Offset::Offset(o) => Some(Offset(o)),
             _ => None,
@@ -420,9 +469,12 @@ pub fn partition_views(config: &KafkaConfig, timeout: std::time::Duration) -> Ka
 ///
 /// # Errors
 /// When the broker does not answer within `timeout`.
-pub fn group_members(config: &KafkaConfig, timeout: std::time::Duration) -> KafkaResult<(String, Vec<String>)> {
-    let consumer = bystander(config)?;
-    let groups = consumer.fetch_group_list(Some(&config.group_id), timeout)?;
+pub fn group_members(
+    config: &KafkaConfig,
+    timeout: std::time::Duration,
+) -> Result<(String, Vec<String>), ClientError> {
+    let consumer = bystander(config, &[])?;
+    let groups = explained(&consumer, consumer.fetch_group_list(Some(&config.group_id), timeout))?;
     Ok(groups
         .groups()
         .iter()
@@ -441,13 +493,13 @@ pub fn offsets_for_time(
     partitions: &[PartitionView],
     time_ms: i64,
     timeout: std::time::Duration,
-) -> KafkaResult<Vec<(TopicPartition, Offset)>> {
-    let consumer = bystander(config)?;
+) -> Result<Vec<(TopicPartition, Offset)>, ClientError> {
+    let consumer = bystander(config, &[])?;
     let mut list = TopicPartitionList::new();
     for view in partitions {
         list.add_partition_offset(&view.tp.topic, view.tp.partition.0, rdkafka::Offset::Offset(time_ms))?;
     }
-    let found = consumer.offsets_for_times(list, timeout)?;
+    let found = explained(&consumer, consumer.offsets_for_times(list, timeout))?;
     Ok(partitions
         .iter()
         .map(|view| {
