@@ -81,7 +81,7 @@ pub enum WorkerError {
         oldest: i64,
     },
     /// No connection to the cluster can be made: wrong credentials or certificates.
-    #[error("{0}")]
+    #[error(transparent)]
     Connection(#[from] kafka::ConnectionFault),
     /// A batch could not be read, again and again, past the retry policy.
     #[error(

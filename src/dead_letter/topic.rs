@@ -278,7 +278,12 @@ pub fn read(
         .create_with_context(Watched::default())?;
     let timeout = Duration::from_secs(30);
     let watch = consumer.context().watch.clone();
-    let metadata = crate::kafka::until_connected(&watch, timeout, |left| consumer.fetch_metadata(Some(topic), left))?;
+    let metadata = crate::kafka::until_connected(&watch, timeout, |left| {
+        let fetched = consumer.fetch_metadata(Some(topic), left);
+        // librdkafka hands its log lines and errors over on poll: they say why not.
+        let _ = consumer.poll(Duration::ZERO);
+        fetched
+    })?;
     let mut list = TopicPartitionList::new();
     let mut ends = Vec::new();
     for p in metadata.topics().iter().filter(|t| t.name() == topic).flat_map(|t| t.partitions()) {

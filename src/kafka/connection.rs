@@ -192,7 +192,12 @@ pub fn until_connected<T>(
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match fetch(left.min(std::time::Duration::from_millis(500))) {
+            // librdkafka may answer from what it knows without a broker: a fault seen
+            // meanwhile still wins.
             Ok(value) => {
+                if let Some(fault) = watch.fatal() {
+                    return Err(ClientError::Connection(fault));
+                }
                 watch.connected();
                 return Ok(value);
             }

@@ -417,7 +417,12 @@ pub fn bystander(config: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<Byst
         .set("group.id", &config.group_id)
         .create_with_context(Watched::default())?;
     let watch = consumer.context().watch.clone();
-    until_connected(&watch, CONNECT_TIMEOUT, |timeout| consumer.fetch_metadata(None, timeout).map(|_| ()))?;
+    until_connected(&watch, CONNECT_TIMEOUT, |timeout| {
+        let fetched = consumer.fetch_metadata(None, timeout).map(|_| ());
+        // librdkafka hands its log lines and errors over on poll: they say why not.
+        let _ = consumer.poll(std::time::Duration::ZERO);
+        fetched
+    })?;
     Ok(consumer)
 }
 
