@@ -8,9 +8,11 @@
 # POSITION_SINK__<SECTION>__<KEY> environment variables (README, "Configuration").
 
 FROM rust:1.95-bookworm AS build
-# librdkafka is built from source by the rdkafka crate: it needs a C toolchain and perl.
+# librdkafka is built from source by the rdkafka crate (a C toolchain, perl), linked to
+# the system's OpenSSL (TLS, SCRAM) and libcurl (OAUTHBEARER/OIDC), found by pkg-config;
+# zstd is built in.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential perl \
+    && apt-get install -y --no-install-recommends build-essential perl pkg-config libssl-dev libcurl4-openssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -20,7 +22,7 @@ RUN cargo build --release --locked --bin position-sink
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates curl libssl3 libcurl4 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sink \
     && mkdir -p /var/lib/position-sink && chown sink /var/lib/position-sink

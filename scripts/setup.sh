@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need, if missing: a C toolchain for
-# librdkafka, Java 17+ and Maven for the local Kafka broker, and a Python virtualenv
+# librdkafka with the system's OpenSSL and libcurl headers (TLS, SASL/SCRAM, OAUTHBEARER),
+# Java 17+ and Maven for the local Kafka broker, openssl for its throw-away CA, and a Python virtualenv
 # with deltalake, polars and pyarrow for the independent-reader tests, and moto for the
 # local S3-compatible server (scripts/s3.sh).
 # Rust (cargo, 1.95+) must already be installed: see rust-toolchain in the README.
@@ -18,6 +19,10 @@ missing=()
 command -v cc >/dev/null || missing+=(build-essential)
 command -v make >/dev/null || missing+=(make)
 command -v perl >/dev/null || missing+=(perl)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v openssl >/dev/null || missing+=(openssl)
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+pkg-config --exists libcurl 2>/dev/null || missing+=(libcurl4-openssl-dev)
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)

@@ -569,3 +569,63 @@ async fn a_really_full_disk_mid_ingest_is_waited_out_and_nothing_partial_is_visi
     s.check().await;
     drop(disk);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_batch_is_reported_read_again_and_stops_the_worker_at_its_offset_losing_nothing() {
+    let topic = create_topic("corrupt-batch", 2).await;
+    // Three produce rounds, each acknowledged before the next: each starts new batches.
+    let mut produced = Vec::new();
+    let mut rounds = Vec::new();
+    for round in 0..3u64 {
+        let messages = sample(200, 40, 90 + round);
+        let sent = produce_with(&brokers(), &[("compression.type", "lz4")], &topic, &messages, None).await;
+        rounds.push(sent.clone());
+        produced.extend(sent);
+    }
+    let corrupt_at = rounds[1].iter().filter(|m| m.partition == 0).map(|m| m.offset).min().expect("round 2 in partition 0");
+    let segment = segment_file(&topic, 0);
+    let byte = byte_of_batch(&segment, corrupt_at);
+    flip_byte(&segment, byte);
+
+    let (_dir, table) = table_dir();
+    let mut config = config(&topic, &unique("g"), &table);
+    config.retry.min_delay = Duration::from_secs(1);
+    config.retry.max_delay = Duration::from_secs(2);
+    config.retry.max_retries = 2;
+    let w = spawn_worker(config.clone());
+    let progress = w.progress.clone();
+    wait_until(Duration::from_secs(60), "the worker to report the batch", async || {
+        Progress::get(&progress.unreadable_batches) > 0 && !w.handle.is_finished()
+    })
+    .await;
+    let (status, body) = http_get(&progress, "/readyz");
+    assert!(status == 503 && body.contains(&format!("offset {corrupt_at}")) && body.contains("CRC"), "{status} {body}");
+    let (_, metrics) = http_get(&progress, "/metrics");
+    assert!(metrics.lines().any(|l| l.starts_with("position_sink_unreadable_batches_total ") && !l.ends_with(" 0")), "{metrics}");
+
+    let stopped = tokio::time::timeout(Duration::from_secs(90), w.handle).await.expect("stops").expect("join");
+    match &stopped {
+        Err(WorkerError::UnreadableBatch { at, attempts }) => {
+            assert_eq!((at.tp.partition.0, at.offset.0), (0, corrupt_at), "the batch is named");
+            assert_eq!(*attempts, 3, "read once and again retry.max_retries times");
+        }
+        other => panic!("the worker did not stop for the corrupt batch: {other:?}"),
+    }
+    let message = stopped.unwrap_err().to_string();
+    for part in [format!("partition {topic}[0]"), format!("offset {corrupt_at}"), "CRC".into(), "reset-offsets".into()] {
+        assert!(message.contains(&part), "{part:?} missing from: {message}");
+    }
+    let committed = committed_offsets(&config.kafka.group_id, &topic, 2);
+    assert!(committed[&0].unwrap_or(0) <= corrupt_at, "committed past the corrupt batch: {committed:?}");
+    let written = read_table(&table).await;
+    assert!(
+        written.values().all(|row| row.kafka_partition != 0 || row.kafka_offset < corrupt_at),
+        "a row from at or after the corrupt batch was written"
+    );
+
+    // The batch repaired, a restarted worker reads everything: nothing was lost.
+    flip_byte(&segment, byte);
+    run_to_end(config.clone()).await.expect("the restarted worker");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    assert_eq!(committed_offsets(&config.kafka.group_id, &topic, 2), end_offsets(&produced, 2));
+}

@@ -100,6 +100,41 @@ pub fn secured() -> Secured {
     }
 }
 
+/// The first segment file of `topic`'s `partition` in the test broker's log directory
+/// (scripts/kafka.sh keeps it beside the throw-away CA).
+pub fn segment_file(topic: &str, partition: i32) -> PathBuf {
+    secured().tls.parent().expect("run directory").join("data").join(format!("{topic}-{partition}")).join(
+        "00000000000000000000.log",
+    )
+}
+
+/// The byte position, inside the record batch of `segment` that starts at
+/// `base_offset`, of a byte its CRC covers (the batch's last byte).
+pub fn byte_of_batch(segment: &Path, base_offset: i64) -> u64 {
+    let bytes = std::fs::read(segment).expect("read segment");
+    let mut at = 0usize;
+    while at + 12 <= bytes.len() {
+        let base = i64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let length = i32::from_be_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+        if base == base_offset {
+            return (at + 12 + length - 1) as u64;
+        }
+        at += 12 + length;
+    }
+    panic!("no batch starts at offset {base_offset} in {}", segment.display());
+}
+
+/// Flips every bit of the byte at `position` of `file` (twice restores it).
+pub fn flip_byte(file: &Path, position: u64) {
+    use std::os::unix::fs::FileExt;
+    let handle = std::fs::OpenOptions::new().read(true).write(true).open(file).expect("open segment");
+    let mut byte = [0u8];
+    handle.read_exact_at(&mut byte, position).expect("read byte");
+    byte[0] = !byte[0];
+    handle.write_all_at(&byte, position).expect("write byte");
+    handle.sync_all().expect("sync");
+}
+
 /// Writes `config` as the TOML file the binary reads, and returns its path.
 pub fn write_config_file(dir: &Path, config: &Config) -> PathBuf {
     let file = dir.join("sink.toml");
