@@ -200,8 +200,9 @@ impl Sinks {
 }
 
 /// [`retry`] around one Delta write, keeping the storage health and the failure and
-/// conflict counters current.
-async fn retry_write<T, F: Future<Output = Result<T, TableError>>>(
+/// conflict counters current. A retried write reads the table afresh: a commit that
+/// conflicted with another writer's is made again on top of it.
+pub(crate) async fn retry_write<T, F: Future<Output = Result<T, TableError>>>(
     policy: &RetryConfig,
     what: &str,
     progress: &Progress,

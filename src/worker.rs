@@ -393,9 +393,10 @@ impl Worker {
         self.buffer.drop_partitions(&assigned);
         let starts = self.partitions.rewind(&assigned);
         for tp in &assigned {
-            let target = starts.iter().find(|(t, _)| t == tp).map_or(rdkafka::Offset::Stored, |(_, o)| {
-                rdkafka::Offset::Offset(o.0)
-            });
+            let target = starts
+                .iter()
+                .find(|(t, _)| t == tp)
+                .map_or(rdkafka::Offset::Stored, |(_, o)| rdkafka::Offset::Offset(o.0));
             if let Err(error) = self.consumer.seek(&tp.topic, tp.partition.0, target, Duration::ZERO) {
                 warn!(%error, partition = %tp, "cannot seek back; the next assignment reads it again");
             }
@@ -430,8 +431,11 @@ impl Worker {
                 cause = at.fault.cause(), attempt = attempts, max_retries = self.config.retry.max_retries,
                 "Kafka delivered a batch the client cannot read; nothing from it on is committed, it is read again");
         } else {
-            warn!(cause = at.fault.cause(), attempt = attempts,
-                "Kafka delivered a batch the client could not read, which read well when read again; reading on");
+            warn!(
+                cause = at.fault.cause(),
+                attempt = attempts,
+                "Kafka delivered a batch the client could not read, which read well when read again; reading on"
+            );
         }
         if located && attempts > self.config.retry.max_retries {
             return Err(WorkerError::UnreadableBatch { at, attempts });

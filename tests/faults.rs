@@ -582,7 +582,8 @@ async fn a_corrupt_batch_is_reported_read_again_and_stops_the_worker_at_its_offs
         rounds.push(sent.clone());
         produced.extend(sent);
     }
-    let corrupt_at = rounds[1].iter().filter(|m| m.partition == 0).map(|m| m.offset).min().expect("round 2 in partition 0");
+    let corrupt_at =
+        rounds[1].iter().filter(|m| m.partition == 0).map(|m| m.offset).min().expect("round 2 in partition 0");
     let segment = segment_file(&topic, 0);
     let byte = byte_of_batch(&segment, corrupt_at);
     flip_byte(&segment, byte);
@@ -601,7 +602,10 @@ async fn a_corrupt_batch_is_reported_read_again_and_stops_the_worker_at_its_offs
     let (status, body) = http_get(&progress, "/readyz");
     assert!(status == 503 && body.contains(&format!("offset {corrupt_at}")) && body.contains("CRC"), "{status} {body}");
     let (_, metrics) = http_get(&progress, "/metrics");
-    assert!(metrics.lines().any(|l| l.starts_with("position_sink_unreadable_batches_total ") && !l.ends_with(" 0")), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("position_sink_unreadable_batches_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
 
     let stopped = tokio::time::timeout(Duration::from_secs(90), w.handle).await.expect("stops").expect("join");
     match &stopped {
@@ -612,7 +616,8 @@ async fn a_corrupt_batch_is_reported_read_again_and_stops_the_worker_at_its_offs
         other => panic!("the worker did not stop for the corrupt batch: {other:?}"),
     }
     let message = stopped.unwrap_err().to_string();
-    for part in [format!("partition {topic}[0]"), format!("offset {corrupt_at}"), "CRC".into(), "reset-offsets".into()] {
+    for part in [format!("partition {topic}[0]"), format!("offset {corrupt_at}"), "CRC".into(), "reset-offsets".into()]
+    {
         assert!(message.contains(&part), "{part:?} missing from: {message}");
     }
     let committed = committed_offsets(&config.kafka.group_id, &topic, 2);

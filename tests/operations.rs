@@ -6,8 +6,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::faulty_store::faulty_table;
 use common::*;
 use position_sink::config::Config;
 use position_sink::ops::reconcile::{self, Tolerances};
@@ -142,11 +144,13 @@ async fn a_replay_into_a_new_table_equals_the_model_and_a_replay_from_a_time_rea
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_into_the_table_of_a_running_group_is_refused_unless_forced() {
+async fn a_replay_into_the_table_of_a_running_group_is_refused_unless_forced_and_retries_its_conflicting_commit() {
     let topic = create_topic("ops-live", 2).await;
     let produced = produce(&topic, &sample(600, 60, 64), None).await;
     let (_dir, table) = table_dir();
-    let config = config(&topic, &unique("g"), &table);
+    let mut config = config(&topic, &unique("g"), &table);
+    // The worker holds what it read until it stops: the replay finds the rows missing.
+    config.flush.interval = Duration::from_secs(3600);
     let worker = spawn_worker(config.clone());
     wait_until(Duration::from_secs(60), "the worker read everything", async || {
         worker.messages() >= produced.len() as u64
@@ -158,10 +162,25 @@ async fn a_replay_into_the_table_of_a_running_group_is_refused_unless_forced() {
         matches!(refused, OpsError::Input(_)) && message.contains("--force") && message.contains("active members"),
         "{message}"
     );
+    // The forced replay commits through a store whose commits wait until released;
+    // while its commit waits, the stopping worker commits the same rows, so the
+    // replay's commit conflicts with it and must be made again on a fresh read.
+    let (replay_uri, faults) = faulty_table(&table);
+    let mut replaying = config.clone();
+    replaying.delta.table_uri = replay_uri;
+    faults.commit_delay_ms.store(600_000, Ordering::SeqCst);
     let mut forced = options(ReplayFrom::Earliest, None, false);
     forced.force = true;
-    replay::replay(&config, &forced).await.expect("forced replay");
+    let replay_task = tokio::spawn(async move { replay::replay(&replaying, &forced).await });
+    wait_until(Duration::from_secs(60), "the replay's commit to wait", async || {
+        faults.delayed.load(Ordering::SeqCst) > 0
+    })
+    .await;
     worker.stop().await.expect("worker");
+    assert!(is_committed_to(&config.kafka.group_id, &topic, &produced, 2), "the worker's last flush committed");
+    faults.commit_delay_ms.store(0, Ordering::SeqCst);
+    let report = replay_task.await.expect("join").expect("forced replay");
+    assert_eq!(report.conflicts_retried, 1, "the replay's commit conflicted once and was made again: {report:?}");
     assert_table_matches(&read_table(&table).await, &model(&produced));
 }
 

@@ -80,7 +80,8 @@ async fn end_to_end_through(name: &str, seed: u64) {
         .filter(|(k, _)| ClientKind::Producer.takes(k))
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let produced = produce_with(&config.kafka.brokers, &settings, &topic, &sample_with_bad(400, 60, seed, 5), None).await;
+    let produced =
+        produce_with(&config.kafka.brokers, &settings, &topic, &sample_with_bad(400, 60, seed, 5), None).await;
     assert!(produced.iter().any(|m| m.rejection.is_some()), "the sample has invalid messages");
 
     let summary = run_to_end(config.clone()).await.unwrap_or_else(|e| panic!("worker through {name}: {e}"));

@@ -92,14 +92,15 @@ impl DeadLetterTopic {
         let transactional_id = format!("position-sink/{}/dead-letters/{}", kafka.group_id, instance_id());
         let watched = Watched::default();
         let watch = watched.watch.clone();
-        let producer: FutureProducer<Watched> = crate::kafka::client_config(kafka, ClientKind::Producer, &[("linger.ms", "5")])
-            .set("transactional.id", &transactional_id)
-            .set("enable.idempotence", "true")
-            .set("transaction.timeout.ms", &timeout_ms)
-            .set("message.timeout.ms", &timeout_ms)
-            .set("socket.timeout.ms", &timeout_ms)
-            .create_with_context(watched)
-            .map_err(setup)?;
+        let producer: FutureProducer<Watched> =
+            crate::kafka::client_config(kafka, ClientKind::Producer, &[("linger.ms", "5")])
+                .set("transactional.id", &transactional_id)
+                .set("enable.idempotence", "true")
+                .set("transaction.timeout.ms", &timeout_ms)
+                .set("message.timeout.ms", &timeout_ms)
+                .set("socket.timeout.ms", &timeout_ms)
+                .create_with_context(watched)
+                .map_err(setup)?;
         let timeout = config.transaction_timeout;
         let explain = |source: KafkaError| TopicError::Setup { topic: topic.clone(), source: watch.explain(source) };
         let metadata = blocking({

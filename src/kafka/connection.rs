@@ -227,10 +227,7 @@ mod tests {
         assert!(matches!(ConnectionFault::classify(None, untrusted), Some(ConnectionFault::UntrustedBroker(_))));
         let no_client_cert = "ssl://127.0.0.1:39096/bootstrap: Receive failed: error:0A000412:SSL routines::sslv3 \
                               alert bad certificate: SSL alert number 42";
-        assert!(matches!(
-            ConnectionFault::classify(None, no_client_cert),
-            Some(ConnectionFault::ClientCertificate(_))
-        ));
+        assert!(matches!(ConnectionFault::classify(None, no_client_cert), Some(ConnectionFault::ClientCertificate(_))));
         let refused = "127.0.0.1:39999/bootstrap: Connect to ipv4#127.0.0.1:39999 failed: Connection refused";
         assert_eq!(ConnectionFault::classify(None, refused), None, "an unreachable broker is retried");
     }

@@ -20,8 +20,8 @@ use std::sync::{Mutex, PoisonError};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::producer::Producer as _;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::producer::Producer as _;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::{info, warn};
 
@@ -339,13 +339,10 @@ pub type Producer = rdkafka::producer::FutureProducer<Watched>;
 pub fn producer(config: &KafkaConfig) -> Result<(Producer, Arc<ConnectionWatch>), ClientError> {
     let watched = Watched::default();
     let watch = watched.watch.clone();
-    let producer: Producer = client_config(
-        config,
-        ClientKind::Producer,
-        &[("linger.ms", "5"), ("queue.buffering.max.messages", "1000000")],
-    )
-    .set("enable.idempotence", "true")
-    .create_with_context(watched)?;
+    let producer: Producer =
+        client_config(config, ClientKind::Producer, &[("linger.ms", "5"), ("queue.buffering.max.messages", "1000000")])
+            .set("enable.idempotence", "true")
+            .create_with_context(watched)?;
     until_connected(&watch, CONNECT_TIMEOUT, |timeout| producer.client().fetch_metadata(None, timeout).map(|_| ()))?;
     Ok((producer, watch))
 }
@@ -359,10 +356,7 @@ pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 ///
 /// # Errors
 /// The first delivery failure.
-pub async fn send_all<'a>(
-    producer: &Producer,
-    messages: impl IntoIterator<Item = Outgoing<'a>>,
-) -> KafkaResult<usize> {
+pub async fn send_all<'a>(producer: &Producer, messages: impl IntoIterator<Item = Outgoing<'a>>) -> KafkaResult<usize> {
     use futures::StreamExt;
     use rdkafka::producer::FutureRecord;
     let deliveries = futures::stream::iter(messages.into_iter().map(|m| async move {
@@ -474,10 +468,7 @@ pub fn partition_views(config: &KafkaConfig, timeout: std::time::Duration) -> Re
 ///
 /// # Errors
 /// When the broker does not answer within `timeout`.
-pub fn group_members(
-    config: &KafkaConfig,
-    timeout: std::time::Duration,
-) -> Result<(String, Vec<String>), ClientError> {
+pub fn group_members(config: &KafkaConfig, timeout: std::time::Duration) -> Result<(String, Vec<String>), ClientError> {
     let consumer = bystander(config, &[])?;
     let groups = explained(&consumer, consumer.fetch_group_list(Some(&config.group_id), timeout))?;
     Ok(groups

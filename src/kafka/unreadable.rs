@@ -49,7 +49,9 @@ impl BatchFault {
     /// What is wrong with the batch, in a phrase.
     pub fn cause(self) -> &'static str {
         match self {
-            BatchFault::Corrupt => "it fails its CRC check: the batch is corrupt in the broker's log or was damaged on the way",
+            BatchFault::Corrupt => {
+                "it fails its CRC check: the batch is corrupt in the broker's log or was damaged on the way"
+            }
             BatchFault::Decompression => "its compressed data cannot be decompressed: the batch is corrupt",
             BatchFault::Unsupported => "it uses a compression codec or message format this client cannot read",
             BatchFault::TooLarge => "it holds a message larger than the client may fetch",

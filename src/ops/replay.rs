@@ -19,10 +19,12 @@ use super::show::{plain_table, row_json};
 use super::{Format, OpsError, Outcome, RowFilter, open_table_at, rows};
 use crate::arrow::TableRow;
 use crate::batch::{Buffer, Limits};
-use crate::config::Config;
+use crate::config::{Config, RetryConfig};
 use crate::decode::{DecodeOptions, decode};
 use crate::kafka::{self, PartitionView};
 use crate::offsets::{Coordinates, Offset, TopicPartition};
+use crate::sink::retry_write;
+use crate::status::Progress;
 use crate::table::PositionTable;
 use crate::update::{PositionUpdate, RowKey};
 
@@ -110,6 +112,9 @@ pub struct ReplayReport {
     pub differences: Vec<Difference>,
     /// Delta commits made.
     pub commits: usize,
+    /// Commits that conflicted with another writer's (a running worker's) and were
+    /// made again on a fresh read of the table.
+    pub conflicts_retried: u64,
 }
 
 /// One partition's range and outcome.
@@ -185,7 +190,12 @@ pub async fn replay(config: &Config, options: &ReplayOptions) -> Result<ReplayRe
         delta.table_uri = target.clone();
         let table = PositionTable::open_or_create(&delta, &config.kafka.group_id).await?;
         let limits = Limits { max_records: config.flush.max_records, max_bytes: config.flush.max_bytes };
-        Sink::Write { table, buffer: Buffer::new(config.delta.key_columns.clone(), limits) }
+        Sink::Write {
+            table,
+            buffer: Buffer::new(config.delta.key_columns.clone(), limits),
+            retry: config.retry.clone(),
+            progress: Progress::default(),
+        }
     };
     read(config, &ranges, options.progress_bar, &mut report, &mut sink).await?;
     sink.finish(options, &mut report).await?;
@@ -207,6 +217,10 @@ enum Sink {
         table: PositionTable,
         /// The updates not yet written.
         buffer: Buffer,
+        /// How failed and conflicting commits are retried (`retry`), as the worker's are.
+        retry: RetryConfig,
+        /// The write, failure and conflict counters of those retries.
+        progress: Progress,
     },
 }
 
@@ -253,12 +267,15 @@ impl Sink {
     }
 
     async fn write(&mut self, report: &mut ReplayReport) -> Result<(), OpsError> {
-        let Sink::Write { table, buffer } = self else { return Ok(()) };
+        let Sink::Write { table, buffer, retry, progress } = self else { return Ok(()) };
         if buffer.is_empty() {
             return Ok(());
         }
         let batch = buffer.take();
-        let (fresh, written) = table.write_replayed(&batch).await?;
+        let current = &*table;
+        let (fresh, written) =
+            retry_write(retry, "write replayed messages to Delta", progress, || current.write_replayed(&batch)).await?;
+        report.conflicts_retried = Progress::get(&progress.commit_conflicts);
         *table = fresh;
         report.inserted += written.inserted;
         report.updated += written.updated;
@@ -531,8 +548,15 @@ pub fn print(report: &ReplayReport, format: Format) -> Outcome {
         );
     } else {
         println!(
-            "{changes} changes: {verb} insert {} and update {} rows of {}; {} unchanged; {} messages rejected; {} commits",
-            report.inserted, report.updated, report.table, report.unchanged, report.rejected, report.commits
+            "{changes} changes: {verb} insert {} and update {} rows of {}; {} unchanged; {} messages rejected; {} commits \
+             ({} made again after a concurrent writer's)",
+            report.inserted,
+            report.updated,
+            report.table,
+            report.unchanged,
+            report.rejected,
+            report.commits,
+            report.conflicts_retried
         );
     }
     if report.altered > 0 {

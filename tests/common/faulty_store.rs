@@ -29,9 +29,12 @@ pub struct StorageFaults {
     /// Only commits (`_delta_log/*.json`) fail: data files are written and left behind.
     pub fail_commits: AtomicBool,
     /// Each commit (`_delta_log/*.json` write) waits this long first: slow storage.
+    /// A commit already waiting sees a change at once.
     pub commit_delay_ms: AtomicU64,
     /// Writes refused so far.
     pub refused: AtomicU64,
+    /// Commits that waited for `commit_delay_ms` so far (counted when the wait starts).
+    pub delayed: AtomicU64,
 }
 
 impl StorageFaults {
@@ -112,7 +115,12 @@ impl FaultyStore {
         let is_commit = location.as_ref().contains("_delta_log/") && location.as_ref().ends_with(".json");
         let delay = self.faults.commit_delay_ms.load(Ordering::SeqCst);
         if is_commit && delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+            self.faults.delayed.fetch_add(1, Ordering::SeqCst);
+            // The wait follows the switch: lowering it lets a waiting commit through.
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_millis(self.faults.commit_delay_ms.load(Ordering::SeqCst)) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         if self.faults.fail_writes.load(Ordering::SeqCst)
             || (is_commit && self.faults.fail_commits.load(Ordering::SeqCst))

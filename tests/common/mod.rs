@@ -103,9 +103,13 @@ pub fn secured() -> Secured {
 /// The first segment file of `topic`'s `partition` in the test broker's log directory
 /// (scripts/kafka.sh keeps it beside the throw-away CA).
 pub fn segment_file(topic: &str, partition: i32) -> PathBuf {
-    secured().tls.parent().expect("run directory").join("data").join(format!("{topic}-{partition}")).join(
-        "00000000000000000000.log",
-    )
+    secured()
+        .tls
+        .parent()
+        .expect("run directory")
+        .join("data")
+        .join(format!("{topic}-{partition}"))
+        .join("00000000000000000000.log")
 }
 
 /// The byte position, inside the record batch of `segment` that starts at
@@ -151,8 +155,11 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         .expect("run position-sink");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    eprintln!("position-sink {args:?}: {}
-{stdout}{stderr}", output.status);
+    eprintln!(
+        "position-sink {args:?}: {}
+{stdout}{stderr}",
+        output.status
+    );
     (output.status.code().unwrap_or(-1), stdout, stderr)
 }
 
@@ -583,6 +590,27 @@ pub fn table_dir() -> (tempfile::TempDir, PathBuf) {
 /// Sample messages, all valid.
 pub fn sample(count: usize, instruments: usize, seed: u64) -> Vec<Msg> {
     sample_with_bad(count, instruments, seed, 0)
+}
+
+/// Sample messages whose event times start at `start` (RFC 3339): later than the
+/// default start, they update the rows of an earlier sample.
+pub fn sample_from(count: usize, instruments: usize, seed: u64, start: &str) -> Vec<Msg> {
+    let start_micros = chrono::DateTime::parse_from_rfc3339(start).expect("RFC 3339").timestamp_micros();
+    position_sink::sample::generate(position_sink::sample::SampleSpec {
+        count,
+        instruments,
+        seed,
+        start_micros,
+        ..Default::default()
+    })
+    .into_iter()
+    .map(|m| Msg { key: Some(m.key.into_bytes()), value: Some(m.value), rejection: m.rejection.map(String::from) })
+    .collect()
+}
+
+/// Whether `group` committed every partition of `topic` to the end of `produced`.
+pub fn is_committed_to(group: &str, topic: &str, produced: &[Produced], partitions: i32) -> bool {
+    committed_offsets(group, topic, partitions) == end_offsets(produced, partitions)
 }
 
 /// Sample messages with `bad_percent` invalid ones of every kind.
