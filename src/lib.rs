@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! ```text
-//!  Kafka (consumer group, manual offsets)             kafka.rs
+//!  Kafka (consumer group, manual offsets)             kafka/ (settings per client kind,
+//!                                                      connection faults, unreadable batches)
 //!    │ key + value bytes, topic/partition/offset
 //!    ▼
 //!  decode + validate ── invalid ──▶ dead letter (bytes, coordinates, reason)
@@ -18,7 +19,7 @@
 //!  Arrow record batch → merge into the files holding its keys  arrow.rs, key_index.rs,
 //!    (LWW) → one Delta commit: removes + adds + txn offsets      rewrite.rs, table.rs
 //!    ▼
-//!  Kafka offset commit (after the Delta commits)              kafka.rs
+//!  Kafka offset commit (after the Delta commits)              kafka/
 //!    (or, with dead letters in a Kafka topic: one Kafka transaction with the
 //!     dead letters and the offsets)                           dead_letter/topic.rs
 //! ```
