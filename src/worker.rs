@@ -195,8 +195,8 @@ async fn start_and_run(
 
 /// A batch that could not be read, while it is read again.
 struct Unreadable {
-    /// Where (a negative offset when it was not found again) and why.
-    at: kafka::UnreadableBatch,
+    /// Where and why; `None` when each partition read alone read well.
+    at: Option<kafka::UnreadableBatch>,
     /// Attempts at it so far.
     attempts: usize,
     /// When reading resumes after the pause that follows it.
@@ -391,12 +391,28 @@ impl Worker {
         self.await_in_flight(shutdown).await?;
         let assigned = self.partitions.assigned_partitions();
         self.buffer.drop_partitions(&assigned);
-        let starts = self.partitions.rewind(&assigned);
+        let mut starts = self.partitions.rewind(&assigned);
+        // A partition with nothing read, durable or committed known starts where the
+        // group's committed offset says, else where kafka.auto_offset_reset says.
+        let unknown: Vec<TopicPartition> =
+            assigned.iter().filter(|tp| !starts.iter().any(|(t, _)| t == *tp)).cloned().collect();
+        if !unknown.is_empty() {
+            let consumer = self.consumer.clone();
+            let lookup =
+                tokio::task::spawn_blocking(move || kafka::committed(&consumer, &unknown, COMMITTED_LOOKUP_TIMEOUT));
+            match lookup.await? {
+                Ok(found) => starts.extend(found),
+                Err(error) => warn!(%error, "committed offsets not available; reading from kafka.auto_offset_reset"),
+            }
+        }
         for tp in &assigned {
-            let target = starts
-                .iter()
-                .find(|(t, _)| t == tp)
-                .map_or(rdkafka::Offset::Stored, |(_, o)| rdkafka::Offset::Offset(o.0));
+            let target = match starts.iter().find(|(t, _)| t == tp) {
+                Some((_, offset)) => rdkafka::Offset::Offset(offset.0),
+                None if self.config.kafka.auto_offset_reset == crate::config::OffsetReset::Earliest => {
+                    rdkafka::Offset::Beginning
+                }
+                None => rdkafka::Offset::End,
+            };
             if let Err(error) = self.consumer.seek(&tp.topic, tp.partition.0, target, Duration::ZERO) {
                 warn!(%error, partition = %tp, "cannot seek back; the next assignment reads it again");
             }
@@ -407,41 +423,34 @@ impl Worker {
             () = shutdown.cancelled() => return Ok(()),
             found = found => found?,
         };
-        let at = match found {
-            Ok(Some(at)) => at,
-            Ok(None) => kafka::UnreadableBatch { tp: TopicPartition::new("", -1), offset: Offset(-1), fault },
-            Err(error) => {
-                warn!(%error, "cannot read the partitions one by one to find the batch");
-                kafka::UnreadableBatch { tp: TopicPartition::new("", -1), offset: Offset(-1), fault }
-            }
-        };
-        let located = at.offset.0 >= 0;
+        let at = found.unwrap_or_else(|error| {
+            warn!(%error, "cannot read the partitions one by one to find the batch");
+            None
+        });
         let attempts = match &self.unreadable {
             Some(previous) if previous.at == at => previous.attempts + 1,
             _ => 1,
         };
-        let description = if located {
-            format!("{}: {}", describe_unreadable(&at), at.fault.cause())
-        } else {
-            format!("a batch of an assigned partition (it read well when read alone): {}", at.fault.cause())
-        };
-        self.progress.health.set_unreadable(Some(description.clone()));
-        if located {
-            tracing::error!(topic = %at.tp.topic, partition = at.tp.partition.0, offset = at.offset.0,
-                cause = at.fault.cause(), attempt = attempts, max_retries = self.config.retry.max_retries,
-                "Kafka delivered a batch the client cannot read; nothing from it on is committed, it is read again");
-        } else {
+        let pause = crate::retry::delays(&self.config.retry).nth(attempts - 1).unwrap_or(self.config.retry.max_delay);
+        let Some(at) = at else {
+            // Read alone, every partition read well: a fault on the way, read again.
             warn!(
-                cause = at.fault.cause(),
+                cause = fault.cause(),
                 attempt = attempts,
                 "Kafka delivered a batch the client could not read, which read well when read again; reading on"
             );
-        }
-        if located && attempts > self.config.retry.max_retries {
+            self.progress.health.set_unreadable(Some(format!("a batch of an assigned partition: {}", fault.cause())));
+            self.unreadable = Some(Unreadable { at: None, attempts, resumes_at: Some(Instant::now() + pause) });
+            return Ok(());
+        };
+        self.progress.health.set_unreadable(Some(format!("{}: {}", describe_unreadable(&at), at.fault.cause())));
+        tracing::error!(topic = %at.tp.topic, partition = at.tp.partition.0, offset = at.offset.0,
+            cause = at.fault.cause(), attempt = attempts, max_retries = self.config.retry.max_retries,
+            "Kafka delivered a batch the client cannot read; nothing from it on is committed, it is read again");
+        if attempts > self.config.retry.max_retries {
             return Err(WorkerError::UnreadableBatch { at, attempts });
         }
-        let pause = crate::retry::delays(&self.config.retry).nth(attempts - 1).unwrap_or(self.config.retry.max_delay);
-        self.unreadable = Some(Unreadable { at, attempts, resumes_at: Some(Instant::now() + pause) });
+        self.unreadable = Some(Unreadable { at: Some(at), attempts, resumes_at: Some(Instant::now() + pause) });
         Ok(())
     }
 
@@ -456,14 +465,19 @@ impl Worker {
     /// it is past that batch (or, when the batch was not found again, at once).
     fn note_readable(&mut self, at: &Coordinates) {
         let Some(unreadable) = &self.unreadable else { return };
-        let located = unreadable.at.offset.0 >= 0;
-        if !located || (at.tp == unreadable.at.tp && at.offset >= unreadable.at.offset) {
-            if located {
+        let passed = unreadable.at.as_ref().is_none_or(|batch| at.tp == batch.tp && at.offset >= batch.offset);
+        if passed {
+            if unreadable.at.is_some() {
                 info!(partition = %at.tp, offset = at.offset.0, "the batch that could not be read is read now");
             }
-            self.unreadable = None;
-            self.progress.health.set_unreadable(None);
+            self.forget_unreadable();
         }
+    }
+
+    /// Ends the fault of the batch that could not be read.
+    fn forget_unreadable(&mut self) {
+        self.unreadable = None;
+        self.progress.health.set_unreadable(None);
     }
 
     /// Applies assignment changes: revoked partitions' buffers are dropped (their new
@@ -476,6 +490,11 @@ impl Worker {
                     self.progress.joined.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 Rebalanced::Revoked(partitions) => {
+                    // Its new owner meets the batch that cannot be read, if it still cannot.
+                    if self.unreadable.as_ref().and_then(|u| u.at.as_ref()).is_some_and(|b| partitions.contains(&b.tp))
+                    {
+                        self.forget_unreadable();
+                    }
                     self.buffer.drop_partitions(&partitions);
                     self.partitions.revoked(&partitions);
                     for tp in &partitions {

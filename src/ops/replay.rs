@@ -194,7 +194,7 @@ pub async fn replay(config: &Config, options: &ReplayOptions) -> Result<ReplayRe
             table,
             buffer: Buffer::new(config.delta.key_columns.clone(), limits),
             retry: config.retry.clone(),
-            progress: Progress::default(),
+            progress: Box::default(),
         }
     };
     read(config, &ranges, options.progress_bar, &mut report, &mut sink).await?;
@@ -220,7 +220,7 @@ enum Sink {
         /// How failed and conflicting commits are retried (`retry`), as the worker's are.
         retry: RetryConfig,
         /// The write, failure and conflict counters of those retries.
-        progress: Progress,
+        progress: Box<Progress>,
     },
 }
 
