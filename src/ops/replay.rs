@@ -194,7 +194,7 @@ pub async fn replay(config: &Config, options: &ReplayOptions) -> Result<ReplayRe
             table,
             buffer: Buffer::new(config.delta.key_columns.clone(), limits),
             retry: config.retry.clone(),
-            progress: Box::default(),
+            progress: Progress::default(),
         }
     };
     read(config, &ranges, options.progress_bar, &mut report, &mut sink).await?;
@@ -203,6 +203,7 @@ pub async fn replay(config: &Config, options: &ReplayOptions) -> Result<ReplayRe
 }
 
 /// Where replayed updates go.
+#[allow(clippy::large_enum_variant, reason = "one per replay, never moved in a loop")]
 enum Sink {
     /// Compared with the table's rows.
     DryRun {
@@ -220,7 +221,7 @@ enum Sink {
         /// How failed and conflicting commits are retried (`retry`), as the worker's are.
         retry: RetryConfig,
         /// The write, failure and conflict counters of those retries.
-        progress: Box<Progress>,
+        progress: Progress,
     },
 }
 
