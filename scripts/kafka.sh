@@ -22,6 +22,7 @@
 #                      (the broker's unsecured JWT validator); users alice and bob,
 #                      passwords alice-secret and bob-secret (SCRAM and PLAIN)
 #   PORT+4  MTLS       TLS with a client certificate required
+#   PORT+5  SASL_PLAINTEXT  the SASL mechanisms of PORT+3 without TLS
 set -euo pipefail
 
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
@@ -150,16 +151,16 @@ start() {
   fi
   if port_open "$port"; then log "port $port is taken by another process"; exit 1; fi
   rm -rf "$dir"; mkdir -p "$dir/data"
-  local tls="$dir/tls" ssl=$((port + 2)) sasl_ssl=$((port + 3)) mtls=$((port + 4))
+  local tls="$dir/tls" ssl=$((port + 2)) sasl_ssl=$((port + 3)) mtls=$((port + 4)) sasl_plaintext=$((port + 5))
   make_certificates "$tls"
   cat > "$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$controller
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller,SSL://127.0.0.1:$ssl,SASL_SSL://127.0.0.1:$sasl_ssl,MTLS://127.0.0.1:$mtls
-advertised.listeners=PLAINTEXT://127.0.0.1:$port,SSL://127.0.0.1:$ssl,SASL_SSL://127.0.0.1:$sasl_ssl,MTLS://127.0.0.1:$mtls
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller,SSL://127.0.0.1:$ssl,SASL_SSL://127.0.0.1:$sasl_ssl,MTLS://127.0.0.1:$mtls,SASL_PLAINTEXT://127.0.0.1:$sasl_plaintext
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SSL://127.0.0.1:$ssl,SASL_SSL://127.0.0.1:$sasl_ssl,MTLS://127.0.0.1:$mtls,SASL_PLAINTEXT://127.0.0.1:$sasl_plaintext
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,MTLS:SSL
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,MTLS:SSL,SASL_PLAINTEXT:SASL_PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 ssl.keystore.type=PEM
 ssl.keystore.location=$tls/broker-keystore.pem
@@ -171,6 +172,10 @@ listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.p
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required unsecuredLoginStringClaim_sub="broker";
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_alice="alice-secret" user_bob="bob-secret";
+listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_plaintext.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required unsecuredLoginStringClaim_sub="broker";
 log.dirs=$dir/data
 num.partitions=4
 offsets.topic.replication.factor=1
@@ -210,11 +215,11 @@ LOG
     -t "$(java -cp "$LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)" \
     -c "$dir/server.properties" >"$dir/format.log" 2>&1 || { log "storage format failed:"; cat "$dir/format.log" >&2; exit 1; }
   launch "$port"
-  for p in "$ssl" "$sasl_ssl" "$mtls"; do
+  for p in "$ssl" "$sasl_ssl" "$mtls" "$sasl_plaintext"; do
     for _ in $(seq 1 60); do port_open "$p" && break; sleep 0.5; done
     port_open "$p" || { log "the broker did not open its secured listener on port $p"; tail -30 "$dir/server.log" >&2; exit 1; }
   done
-  log "secured listeners: SSL 127.0.0.1:$ssl, SASL_SSL 127.0.0.1:$sasl_ssl, mTLS 127.0.0.1:$mtls (certificates in $tls)"
+  log "secured listeners: SSL 127.0.0.1:$ssl, SASL_SSL 127.0.0.1:$sasl_ssl, mTLS 127.0.0.1:$mtls, SASL_PLAINTEXT 127.0.0.1:$sasl_plaintext (certificates in $tls)"
 }
 
 ensure() { ensure_started "${1:-9092}" start; }

@@ -30,6 +30,15 @@ fn listener(name: &str) -> (String, Vec<(&'static str, String)>) {
         "scram-sha-512" => (s.sasl_ssl.clone(), sasl("SCRAM-SHA-512", "alice", "alice-secret")),
         "scram-sha-256" => (s.sasl_ssl.clone(), sasl("SCRAM-SHA-256", "bob", "bob-secret")),
         "plain" => (s.sasl_ssl.clone(), sasl("PLAIN", "alice", "alice-secret")),
+        "scram-sha-512-plaintext" => (
+            s.sasl_plaintext.clone(),
+            vec![
+                ("security.protocol", "SASL_PLAINTEXT".to_string()),
+                ("sasl.mechanisms", "SCRAM-SHA-512".to_string()),
+                ("sasl.username", "alice".to_string()),
+                ("sasl.password", "alice-secret".to_string()),
+            ],
+        ),
         "mtls" => (
             s.mtls.clone(),
             vec![
@@ -105,6 +114,11 @@ async fn sasl_scram_sha_512_over_tls_carries_updates_and_dead_letters_end_to_end
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sasl_scram_sha_256_over_tls_carries_updates_and_dead_letters_end_to_end() {
     end_to_end_through("scram-sha-256", 63).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_scram_sha_512_without_tls_carries_updates_and_dead_letters_end_to_end() {
+    end_to_end_through("scram-sha-512-plaintext", 67).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,6 +231,17 @@ async fn an_unknown_or_unbuilt_mechanism_stops_the_worker_with_exit_code_2() {
     let (code, output) = cli_on(&config, &["run"]);
     assert_eq!(code, 2, "{output}");
     assert!(output.contains("Kerberos is not built into position-sink"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_setting_never_reaches_the_sample_publisher() {
+    let topic = create_topic("publisher-settings", 1).await;
+    let (_dir, table) = table_dir();
+    let config = config(&topic, &unique("g"), &table);
+    assert!(config.kafka.librdkafka.0.contains_key("session.timeout.ms"), "the test config sets a consumer setting");
+    let (code, output) = cli_on(&config, &["generate", "--count", "50"]);
+    assert_eq!(code, 0, "{output}");
+    assert!(!output.contains("CONFWARN") && !output.contains("consumer property"), "{output}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

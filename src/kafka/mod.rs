@@ -507,3 +507,18 @@ pub fn offsets_for_time(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn librdkafka_is_built_with_what_production_clusters_need() {
+        let native = ClientConfig::new().create_native_config().expect("config");
+        let features = native.get("builtin.features").expect("builtin.features");
+        let features: Vec<&str> = features.split(',').collect();
+        for needed in ["ssl", "sasl_plain", "sasl_scram", "sasl_oauthbearer", "oidc", "gzip", "snappy", "lz4", "zstd"] {
+            assert!(features.contains(&needed), "librdkafka lacks {needed}: {features:?}");
+        }
+    }
+}

@@ -67,6 +67,8 @@ pub struct Secured {
     pub sasl_ssl: String,
     /// TLS with a client certificate required.
     pub mtls: String,
+    /// SASL without TLS (the mechanisms of `sasl_ssl`).
+    pub sasl_plaintext: String,
     /// `ca.pem`, `client.pem`, `client.key` (encrypted), `client.key.password`, `other-ca.pem`.
     pub tls: PathBuf,
 }
@@ -96,6 +98,7 @@ pub fn secured() -> Secured {
         ssl: format!("{host}:{}", port + 2),
         sasl_ssl: format!("{host}:{}", port + 3),
         mtls: format!("{host}:{}", port + 4),
+        sasl_plaintext: format!("{host}:{}", port + 5),
         tls: run.join(port.to_string()).join("tls"),
     }
 }
