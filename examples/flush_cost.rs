@@ -5,11 +5,11 @@
 
 use std::time::Instant;
 
-use position_sink::batch::Batch;
 use position_sink::config::{DeltaConfig, PartitionBy};
 use position_sink::offsets::{Coordinates, Offset, TopicPartition};
 use position_sink::table::PositionTable;
 use position_sink::update::PositionUpdate;
+use position_sink::worker::batch::Batch;
 
 const PARTITIONS: i32 = 6;
 const FLUSH: usize = 10_000;

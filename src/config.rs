@@ -195,7 +195,7 @@ impl PartitionBy {
     /// The partition columns of this layout.
     pub fn columns(self) -> &'static [&'static str] {
         match self {
-            PartitionBy::Symbol => &[crate::arrow::PARTITION_COLUMN],
+            PartitionBy::Symbol => &[crate::table::schema::PARTITION_COLUMN],
             PartitionBy::None => &[],
         }
     }

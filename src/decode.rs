@@ -33,6 +33,13 @@ pub struct DecodeOptions {
     pub max_message_bytes: usize,
 }
 
+impl DecodeOptions {
+    /// The options `config` sets: the one place they are built (worker, replay, review).
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self { key_columns: config.delta.key_columns.clone(), max_message_bytes: config.decode.max_message_bytes }
+    }
+}
+
 impl Default for DecodeOptions {
     fn default() -> Self {
         Self { key_columns: vec![KeyColumn::Conid], max_message_bytes: 1024 * 1024 }

@@ -4,52 +4,43 @@
 //! # Layout
 //!
 //! ```text
-//!  Kafka (consumer group, manual offsets)             kafka/ (settings per client kind,
-//!                                                      connection faults, unreadable batches)
-//!    │ key + value bytes, topic/partition/offset
-//!    ▼
+//!  Kafka (consumer group, manual offsets)                     kafka/ (clients, settings per
+//!    │ key + value bytes, topic/partition/offset                kind, connection faults,
+//!    ▼                                                          unreadable batches)
 //!  decode + validate ── invalid ──▶ dead letter (bytes, coordinates, reason)
 //!    │ PositionUpdate                     │                   decode.rs, dead_letter/
 //!    ▼                                    ▼
-//!  buffer: dedup per key, last write wins, dead letters kept  batch.rs, update.rs
+//!  buffer: dedup per key, last write wins, dead letters kept  worker/batch.rs, update.rs
 //!    │ flush every flush.interval, or early on size limits
-//!    ▼                                                         sink.rs (the order)
+//!    ▼                                                         worker/flush.rs (the order)
 //!  dead letters → Delta table (append + txn offsets)          dead_letter/table.rs
 //!    ▼
-//!  Arrow record batch → merge into the files holding its keys  arrow.rs, key_index.rs,
-//!    (LWW) → one Delta commit: removes + adds + txn offsets      rewrite.rs, table.rs
+//!  Arrow record batch → merge into the files holding its keys  table/ (schema, key_index,
+//!    (LWW) → one Delta commit: removes + adds + txn offsets      merge, files, commit)
 //!    ▼
-//!  Kafka offset commit (after the Delta commits)              kafka/
+//!  Kafka offset commit (after the Delta commits)              worker/commit.rs
 //!    (or, with dead letters in a Kafka topic: one Kafka transaction with the
 //!     dead letters and the offsets)                           dead_letter/topic.rs
 //! ```
 //!
-//! The loop that ties these together is [`worker`]; [`run`] is the entry point used
-//! by the binary and by the tests. The worker's bookkeeping per partition (what is
-//! durable, what is committed, what to skip, where to seek) is the pure state machine
-//! of [`partitions`]. The order of one flush's writes is [`sink`]'s; retries of I/O
-//! live in [`retry`], configuration in [`config`], live counters and health in
-//! [`status`]. Crash points for tests exist only with the `fault-injection` feature
-//! ([`faults`]).
+//! The loop that ties these together is [`worker`] (`worker/mod.rs`); [`run`] is the
+//! entry point used by the binary and by the tests. Where each partition reads from is
+//! `worker/resume.rs`; the worker's bookkeeping per partition (its phase, what is
+//! durable, what is committed) is the pure state machine of [`worker::partitions`].
+//! Retries of I/O live in [`retry`], configuration in [`config`], live counters, health,
+//! probes and metrics in [`status`], the operator's commands in [`ops`]. Crash points for
+//! tests exist only with the `fault-injection` feature ([`faults`]).
 
-pub mod arrow;
-pub mod batch;
 pub mod config;
 pub mod dead_letter;
 pub mod decode;
 pub mod delta;
 pub mod faults;
-pub mod http;
 pub mod kafka;
-pub mod key_index;
-pub mod metrics;
 pub mod offsets;
 pub mod ops;
-pub mod partitions;
 pub mod retry;
-pub mod rewrite;
 pub mod sample;
-pub mod sink;
 pub mod status;
 pub mod table;
 pub mod update;

@@ -316,7 +316,7 @@ async fn dispatch(cli: Cli, log_format: LogFormat) -> anyhow::Result<Outcome> {
             let topic = config.kafka.topics.first().context("kafka.topics is empty")?;
             let start_micros = start.timestamp_micros();
             let spec = SampleSpec { count, instruments, symbols, seed, start_micros, bad_percent };
-            let sent = publish_sample(&config.kafka, topic, spec, rate)
+            let sent = position_sink::sample::publish(&config.kafka, topic, spec, rate)
                 .await
                 .with_context(|| format!("publishing to topic {topic} at {}", config.kafka.brokers))?;
             info!(sent, topic, "published sample updates");
@@ -352,65 +352,11 @@ async fn dispatch(cli: Cli, log_format: LogFormat) -> anyhow::Result<Outcome> {
     }
 }
 
-/// Publishes the sample stream, in chunks so that memory stays flat, at most `rate`
-/// messages per second when `rate` is set.
-async fn publish_sample(
-    config: &position_sink::config::KafkaConfig,
-    topic: &str,
-    spec: SampleSpec,
-    rate: usize,
-) -> anyhow::Result<usize> {
-    const TICK: std::time::Duration = std::time::Duration::from_millis(100);
-    let chunk = if rate == 0 { 50_000 } else { (rate / 10).max(1) };
-    let mut stream = position_sink::sample::Generator::new(spec).peekable();
-    let mut ticks = tokio::time::interval(TICK);
-    let owned = config.clone();
-    let (producer, _) = tokio::task::spawn_blocking(move || position_sink::kafka::producer(&owned)).await??;
-    let mut sent = 0;
-    while stream.peek().is_some() {
-        if rate > 0 {
-            ticks.tick().await;
-        }
-        let messages: Vec<_> = stream.by_ref().take(chunk).collect();
-        sent += position_sink::kafka::send_all(
-            &producer,
-            messages.iter().map(|m| position_sink::kafka::Outgoing {
-                topic,
-                key: Some(m.key.as_bytes()),
-                value: Some(m.value.as_slice()),
-                headers: None,
-            }),
-        )
-        .await?;
-    }
-    Ok(sent)
-}
-
 async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {
-    use position_sink::dead_letter::{ReasonCounts, preview, review};
     match action {
         DeadLetterAction::List { common, category, limit, width } => {
             let config = common.load(Figment::new())?;
-            let found = review::list(&config, category.as_deref(), limit).await?;
-            let mut counts = ReasonCounts::default();
-            for d in &found {
-                counts.add(&d.category, 1);
-                let rejected = chrono::DateTime::from_timestamp_micros(d.rejected_at_micros)
-                    .map_or_else(|| d.rejected_at_micros.to_string(), |t| t.to_rfc3339());
-                println!(
-                    "{}:{}:{}  {}  {}",
-                    d.source.tp.topic, d.source.tp.partition.0, d.source.offset.0, d.category, rejected
-                );
-                println!("  reason: {}", d.reason);
-                println!("  key:    {}", preview(d.key.as_deref(), width));
-                println!("  value:  {}", preview(d.value.as_deref(), width));
-            }
-            println!(
-                "{} dead letters shown ({})",
-                found.len(),
-                if counts.total() == 0 { "none".into() } else { counts.to_string() }
-            );
-            Ok(())
+            ops::dead_letters::list(&config, category.as_deref(), limit, width).await?;
         }
         DeadLetterAction::Republish { common, at, category, force, dry_run } => {
             anyhow::ensure!(
@@ -418,27 +364,11 @@ async fn dead_letters(action: DeadLetterAction) -> anyhow::Result<()> {
                 "select dead letters with --at topic:partition:offset or --category NAME"
             );
             let config = common.load(Figment::new())?;
-            let selection = review::Selection { at, category };
-            let report = review::republish(&config, &selection, force, dry_run).await?;
-            let verb = if dry_run { "would re-publish" } else { "re-published" };
-            for c in &report.republished {
-                println!("{verb} {c}");
-            }
-            for (c, reason) in &report.still_invalid {
-                println!("skipped {c}: still rejected by the current rules ({reason}); fix it upstream or use --force");
-            }
-            for c in &report.not_found {
-                println!("not found: no dead letter at {c}");
-            }
-            println!(
-                "{} {verb}, {} still invalid, {} not found",
-                report.republished.len(),
-                report.still_invalid.len(),
-                report.not_found.len()
-            );
-            Ok(())
+            let selection = position_sink::dead_letter::review::Selection { at, category };
+            ops::dead_letters::republish(&config, &selection, force, dry_run).await?;
         }
     }
+    Ok(())
 }
 
 /// Runs the worker; the worker logs its totals when it stops.

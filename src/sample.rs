@@ -210,6 +210,43 @@ impl Iterator for Generator {
     }
 }
 
+/// Publishes the sample stream `spec` to `topic`, in chunks so that memory stays flat,
+/// at most `rate` messages per second when `rate` is set; returns how many were sent.
+///
+/// # Errors
+/// When no producer can be made or connected, or a message is not acknowledged.
+pub async fn publish(
+    config: &crate::config::KafkaConfig,
+    topic: &str,
+    spec: SampleSpec,
+    rate: usize,
+) -> anyhow::Result<usize> {
+    const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+    let chunk = if rate == 0 { 50_000 } else { (rate / 10).max(1) };
+    let mut stream = crate::sample::Generator::new(spec).peekable();
+    let mut ticks = tokio::time::interval(TICK);
+    let owned = config.clone();
+    let (producer, _) = tokio::task::spawn_blocking(move || crate::kafka::producer(&owned)).await??;
+    let mut sent = 0;
+    while stream.peek().is_some() {
+        if rate > 0 {
+            ticks.tick().await;
+        }
+        let messages: Vec<_> = stream.by_ref().take(chunk).collect();
+        sent += crate::kafka::send_all(
+            &producer,
+            messages.iter().map(|m| crate::kafka::Outgoing {
+                topic,
+                key: Some(m.key.as_bytes()),
+                value: Some(m.value.as_slice()),
+                headers: None,
+            }),
+        )
+        .await?;
+    }
+    Ok(sent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //!
 //! Invariant kept here: [`PositionUpdate::supersedes`] is a strict total order on
 //! distinct messages (event timestamp, then offset, then topic and partition), so
-//! every worker, every replay and the merge ([`crate::rewrite`]) pick the same winner.
+//! every worker, every replay and the merge ([`crate::table::merge`]) pick the same winner.
 
 use std::cmp::Ordering;
 

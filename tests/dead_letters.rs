@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use position_sink::dead_letter::review::{Selection, republish};
 use position_sink::faults::CrashPoints;
-use position_sink::sink::FlushError;
+use position_sink::worker::flush::FlushError;
 
 /// A message and the category it must be rejected with; a `None` value is a tombstone.
 type RuleCase = (Option<&'static str>, Option<Vec<u8>>, &'static str);

@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -27,22 +26,6 @@ fn seeded_rng(what: &str) -> rand::rngs::StdRng {
     let seed: u64 = rand::random();
     eprintln!("{what}: schedule seed {seed}");
     rand::rngs::StdRng::seed_from_u64(seed)
-}
-
-/// Writes the scenario's worker configuration as TOML for the binary.
-fn write_config(s: &Scenario, extra: &str) -> std::path::PathBuf {
-    let file = s.dir.path().join("sink.toml");
-    let text = format!(
-        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{}\"]\n\
-         [kafka.librdkafka]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\
-         [delta]\ntable_uri = \"{}\"\n[http]\nbind = \"127.0.0.1:0\"\n{extra}",
-        s.brokers,
-        s.group,
-        s.topic,
-        s.table.display()
-    );
-    std::fs::write(&file, text).expect("write config");
-    file
 }
 
 /// How long a restarted worker may take to reach its first flush: it waits out the
@@ -67,29 +50,17 @@ struct Running {
 }
 
 fn start_binary(config_file: &std::path::Path, abort_probability: Option<f64>) -> Running {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_position-sink"));
-    command
-        .arg("run")
-        .arg("--config")
-        .arg(config_file)
-        .env("RUST_LOG", "warn,position_sink=info,position_sink::sink=debug,buoyant_kernel::snapshot::builder=off")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if let Some(p) = abort_probability {
-        command.env("POSITION_SINK_FAULT_ABORT_AFTER_DELTA_COMMIT", p.to_string());
-    }
-    let mut child = command.spawn().expect("start position-sink");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, writing) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("writing batch") {
-                let _ = tx.send(());
-            } else if !line.contains("DEBUG") {
-                eprintln!("  worker: {line}");
-            }
-        }
-    });
+    let file = config_file.display().to_string();
+    let env: Vec<(&str, String)> = abort_probability
+        .map(|p| ("POSITION_SINK_FAULT_ABORT_AFTER_DELTA_COMMIT", p.to_string()))
+        .into_iter()
+        .collect();
+    let (child, writing) = spawn_binary(
+        &["run", "--config", &file],
+        &env,
+        "warn,position_sink=info,position_sink::worker::flush=debug,buoyant_kernel::snapshot::builder=off",
+        "writing batch",
+    );
     Running { child, writing }
 }
 
@@ -100,7 +71,10 @@ async fn kill_loop_sigkill_during_merge_and_between_commits_loses_and_doubles_no
     let kills = sized(9, 24);
     s.produce(total / 2).await;
     let producing = s.produce_during(total - total / 2, 10, Duration::from_secs(sized(20, 90) as u64));
-    let config_file = write_config(&s, "[flush]\ninterval = \"300ms\"\nmax_records = 3000\n");
+    let mut config = s.config();
+    config.flush.interval = Duration::from_millis(300);
+    config.flush.max_records = 3000;
+    let config_file = write_config_file(s.dir.path(), &config);
     let mut rng = seeded_rng("kill loop");
     let mut done: std::collections::BTreeMap<Kill, usize> = Default::default();
     for round in 0..kills {
@@ -150,13 +124,10 @@ async fn kill_loop_sigkill_during_merge_and_between_commits_loses_and_doubles_no
     s.finish().await;
 
     // A person reviews what was rejected.
-    let listed = Command::new(env!("CARGO_BIN_EXE_position-sink"))
-        .args(["dead-letters", "list", "--limit", "5", "--category", "missing_field", "--config"])
-        .arg(&config_file)
-        .output()
-        .expect("dead-letters list");
-    let text = String::from_utf8_lossy(&listed.stdout);
-    assert!(listed.status.success(), "{text}{}", String::from_utf8_lossy(&listed.stderr));
+    let file = config_file.display().to_string();
+    let (code, text, stderr) =
+        run_cli(&["dead-letters", "list", "--limit", "5", "--category", "missing_field", "--config", &file]);
+    assert_eq!(code, 0, "{text}{stderr}");
     assert!(text.contains("reason: missing required field \"symbol\""), "{text}");
     assert!(text.contains("5 dead letters shown (missing_field=5)"), "{text}");
 }
@@ -229,7 +200,7 @@ async fn broker_outage_is_waited_out_reported_not_ready_and_recovered_from() {
     let w = spawn_worker(s.config());
     let progress = w.progress.clone();
     wait_until(Duration::from_secs(60), "a first commit", async || Progress::get(&progress.delta_commits) > 0).await;
-    assert!(progress.health.is_ready(), "{:?}", progress.health.problems());
+    assert!(progress.readiness().ok, "{:?}", progress.readiness());
     let (status, body) = http_get(&progress, "/readyz");
     assert_eq!(status, 200, "/readyz before the outage: {body}");
 
@@ -238,7 +209,7 @@ async fn broker_outage_is_waited_out_reported_not_ready_and_recovered_from() {
         !progress.health.is_broker_reachable()
     })
     .await;
-    assert!(!progress.health.is_ready());
+    assert!(!progress.readiness().ok);
     let (status, body) = http_get(&progress, "/readyz");
     assert!(
         status == 503 && body.contains("no Kafka broker is reachable"),
@@ -247,10 +218,10 @@ async fn broker_outage_is_waited_out_reported_not_ready_and_recovered_from() {
     assert_eq!(http_get(&progress, "/healthz").0, 200, "the process is alive during the outage");
     tokio::time::sleep(Duration::from_secs(sized(6, 30) as u64)).await;
     assert!(!w.handle.is_finished(), "the worker gave up during the outage");
-    assert_eq!(progress.health.problems(), ["no Kafka broker reachable"]);
+    assert_eq!(progress.readiness().reason, "no Kafka broker is reachable");
 
     kafka_script(&["resume", &OUTAGE_BROKER_PORT.to_string()]);
-    wait_until(Duration::from_secs(60), "the worker to report ready again", async || progress.health.is_ready()).await;
+    wait_until(Duration::from_secs(60), "the worker to report ready again", async || progress.readiness().ok).await;
     let (status, body) = http_get(&progress, "/readyz");
     assert_eq!(status, 200, "/readyz after the outage: {body}");
     s.produce(sized(3000, 30_000)).await;
@@ -289,7 +260,7 @@ async fn request_errors_and_a_downed_broker_in_the_mock_cluster_are_survived() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     mock.broker_up(1).expect("broker up");
-    wait_until(Duration::from_secs(60), "ready again", async || progress.health.is_ready()).await;
+    wait_until(Duration::from_secs(60), "ready again", async || progress.readiness().ok).await;
     mock.request_errors(RDKafkaApiKey::OffsetCommit, &[RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 3]);
     s.produce(sized(2000, 20_000)).await;
     wait_until(Duration::from_secs(120), "offsets committed to the end", async || s.is_committed_to_end()).await;
@@ -317,7 +288,7 @@ async fn storage_failures_mid_flush_commit_no_offsets_pause_reading_and_heal() {
         fault.store(true, Ordering::SeqCst);
         wait_until(Duration::from_secs(30), "storage reported failing", async || !progress.health.is_storage_ok())
             .await;
-        assert!(!progress.health.is_ready());
+        assert!(!progress.readiness().ok);
         let (version, committed) = (table_version(&s.table).await, s.committed());
         tokio::time::sleep(Duration::from_secs(2)).await;
         let consumed = w.messages();
@@ -326,7 +297,7 @@ async fn storage_failures_mid_flush_commit_no_offsets_pause_reading_and_heal() {
         assert_eq!(table_version(&s.table).await, version, "{what}: a commit landed");
         assert_eq!(s.committed(), committed, "{what}: offsets were committed");
         // A reader meanwhile sees a consistent table (no duplicate rows, no partial commit).
-        let _ = read_table(&s.table).await;
+        assert_one_row_per_key(&s.table).await;
         fault.store(false, Ordering::SeqCst);
         wait_until(Duration::from_secs(60), "storage healthy again", async || progress.health.is_storage_ok()).await;
     }
@@ -558,7 +529,7 @@ async fn a_really_full_disk_mid_ingest_is_waited_out_and_nothing_partial_is_visi
     assert_eq!(table_version(&s.table).await, version, "a commit landed on a full disk");
     assert_eq!(s.committed(), committed, "offsets were committed while the disk was full");
     assert!(!w.handle.is_finished(), "the worker gave up on a full disk");
-    let _ = read_table(&s.table).await;
+    assert_one_row_per_key(&s.table).await;
 
     std::fs::remove_file(filler).expect("free the disk");
     let drain = Duration::from_secs(sized(120, 600) as u64);

@@ -21,23 +21,14 @@ fn s3_config(topic: &str, group: &str, uri: &str) -> Config {
 /// of rows each sees, after asserting one row per conid.
 fn python_rows(uri: &str) -> (usize, usize) {
     let options = serde_json::to_string(&s3_options()).expect("options");
-    let output = std::process::Command::new(python())
-        .arg("-c")
-        .arg(
-            "import json, sys, polars as pl\n\
+    let code = "import json, sys, polars as pl\n\
              from deltalake import DeltaTable\n\
              uri, options = sys.argv[1], json.loads(sys.argv[2])\n\
              arrow = DeltaTable(uri, storage_options=options).to_pyarrow_table()\n\
              frame = pl.read_delta(uri, storage_options=options)\n\
              assert frame['conid'].n_unique() == len(frame), 'one row per conid'\n\
-             print(arrow.num_rows, len(frame))",
-        )
-        .arg(uri)
-        .arg(options)
-        .output()
-        .expect("run Python");
-    assert!(output.status.success(), "Python reader failed: {}", String::from_utf8_lossy(&output.stderr));
-    let text = String::from_utf8_lossy(&output.stdout);
+             print(arrow.num_rows, len(frame))";
+    let text = run_python(&["-c".as_ref(), code.as_ref(), uri.as_ref(), options.as_ref()]);
     let mut counts = text.split_whitespace().map(|n| n.parse::<usize>().expect("a count"));
     (counts.next().expect("deltalake rows"), counts.next().expect("polars rows"))
 }

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -26,26 +25,11 @@ async fn dry_run(config: &Config) -> ReplayReport {
 
 /// Runs the binary with `args` and the config file, returning its exit code and stdout.
 fn cli(config_file: &std::path::Path, args: &[&str]) -> (i32, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_position-sink"))
-        .args(args)
-        .arg("--config")
-        .arg(config_file)
-        .output()
-        .expect("run position-sink");
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    eprintln!("position-sink {args:?}:\n{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    (output.status.code().unwrap_or(-1), stdout)
-}
-
-fn config_file(dir: &std::path::Path, config: &Config) -> std::path::PathBuf {
-    let file = dir.join("sink.toml");
-    let text = format!(
-        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{}\"]\n[delta]\ntable_uri = \"{}\"\n\
-         [http]\nbind = \"127.0.0.1:0\"\n",
-        config.kafka.brokers, config.kafka.group_id, config.kafka.topics[0], config.delta.table_uri
-    );
-    std::fs::write(&file, text).expect("write config");
-    file
+    let file = config_file.display().to_string();
+    let mut all = args.to_vec();
+    all.extend(["--config", &file]);
+    let (code, stdout, _) = run_cli(&all);
+    (code, stdout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +47,7 @@ async fn a_dry_run_finds_no_change_in_an_intact_table_and_exactly_the_damage_in_
     assert_eq!(intact.rejected, produced.iter().filter(|m| m.rejection.is_some()).count());
     let read: usize = intact.partitions.iter().map(|p| p.messages).sum();
     assert_eq!(read, produced.len(), "every offset of every partition is read");
-    let file = config_file(dir.path(), &config);
+    let file = write_config_file(dir.path(), &config);
     assert_eq!(cli(&file, &["replay", "--from", "earliest", "--dry-run"]).0, 0, "exit code of a clean dry run");
 
     // Damage: three rows deleted and one position edited, outside the stream.
@@ -252,7 +236,7 @@ async fn reconcile_is_clean_on_a_matching_snapshot_and_finds_each_kind_of_differ
     let mut expected_kinds = vec![("mismatch", rows[0].conid), ("extra", rows[1].conid), ("missing", 999_999)];
     expected_kinds.sort_by_key(|(_, conid)| *conid);
     assert_eq!(kinds, expected_kinds);
-    let file = config_file(dir.path(), &config);
+    let file = write_config_file(dir.path(), &config);
     let snapshot_arg = snapshot.display().to_string();
     assert_eq!(cli(&file, &["reconcile", "--snapshot", &snapshot_arg, "--as-of", &as_of]).0, 1);
 

@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -14,47 +12,9 @@ use common::*;
 const READ_TO_END: &str = "read every assigned partition to its end";
 
 /// Starts the binary; the receiver gets a signal each time it logs [`READ_TO_END`].
-fn start(config_file: &std::path::Path, extra: &[&str]) -> (Child, Receiver<()>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_position-sink"))
-        .arg("run")
-        .arg("--config")
-        .arg(config_file)
-        .args(extra)
-        .env("RUST_LOG", "warn,position_sink::worker=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start position-sink");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, read_to_end) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains(READ_TO_END) {
-                let _ = tx.send(());
-            }
-            eprintln!("  worker: {line}");
-        }
-    });
-    (child, read_to_end)
-}
-
-/// Writes a TOML config for `topic`, `group` and `table`, followed by `extra` sections.
-fn write_config(
-    dir: &std::path::Path,
-    topic: &str,
-    group: &str,
-    table: &std::path::Path,
-    extra: &str,
-) -> std::path::PathBuf {
-    let file = dir.join("sink.toml");
-    let text = format!(
-        "[kafka]\nbrokers = \"{}\"\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n[delta]\ntable_uri = \"{}\"\n\
-         [http]\nbind = \"127.0.0.1:0\"\n{extra}",
-        brokers(),
-        table.display()
-    );
-    std::fs::write(&file, text).expect("write config");
-    file
+fn start(config_file: &std::path::Path) -> (std::process::Child, std::sync::mpsc::Receiver<()>) {
+    let file = config_file.display().to_string();
+    spawn_binary(&["run", "--config", &file], &[], "warn,position_sink::worker=debug", READ_TO_END)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,8 +23,10 @@ async fn sigterm_mid_window_flushes_commits_and_exits_zero() {
     let produced = produce(&topic, &sample(800, 50, 43), None).await;
     let (dir, table) = table_dir();
     let group = unique("g");
-    let config_file = write_config(dir.path(), &topic, &group, &table, "[flush]\ninterval = \"1h\"\n");
-    let (mut child, read_to_end) = start(&config_file, &[]);
+    let mut config = config(&topic, &group, &table);
+    config.flush.interval = Duration::from_secs(3600);
+    let config_file = write_config_file(dir.path(), &config);
+    let (mut child, read_to_end) = start(&config_file);
     let read = tokio::task::spawn_blocking(move || read_to_end.recv_timeout(Duration::from_secs(90)).is_ok())
         .await
         .expect("join");

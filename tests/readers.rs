@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,19 +34,7 @@ async fn python_deltalake_and_polars_read_the_expected_rows() {
 /// Runs tests/readers/check_table.py on `table` against the expected rows.
 fn check_with_python(table: &std::path::Path, expected_path: &std::path::Path, layout: &str) {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/readers/check_table.py");
-    let output = Command::new(python())
-        .arg(&script)
-        .arg(table)
-        .arg(expected_path)
-        .arg(layout)
-        .output()
-        .expect("run the Python reader (set POSITION_SINK_PYTHON, or run scripts/test.sh, which installs it)");
-    assert!(
-        output.status.success(),
-        "Python reader check failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_python(&[script.as_os_str(), table.as_os_str(), expected_path.as_os_str(), layout.as_ref()]);
 }
 
 /// The expected-rows document check_table.py reads.

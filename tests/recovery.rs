@@ -20,7 +20,7 @@ async fn a_deleted_table_is_rebuilt_from_the_topic_although_the_group_committed_
     std::fs::remove_dir_all(&table).expect("delete the table");
 
     let summary = run_to_end(config(&topic, &group, &table)).await.expect("rerun");
-    assert!(summary.messages >= produced.len() as u64, "every message was read again: {summary:?}");
+    assert_eq!(summary.messages, produced.len() as u64, "every message was read again, once: {summary:?}");
     assert_table_matches(&read_table(&table).await, &model(&produced));
 }
 
@@ -61,8 +61,13 @@ async fn restored_table_is_caught_up(name: &str, dead_letter_topic: Option<&str>
     let stale = expected.iter().filter(|(k, row)| restored.get(*k).is_none_or(|r| r.kafka_offset != row.kafka_offset));
     assert!(stale.count() > 0, "the restore changed nothing");
 
+    let end = end_offsets(&produced, 3);
+    let restored_record = recorded_next_offsets_at(&table, 1);
+    let to_read_again: i64 =
+        end.iter().map(|(p, end)| end.unwrap_or(0) - restored_record.get(p).copied().unwrap_or(0)).sum();
+    assert!(to_read_again > 0, "version 1 holds everything");
     let summary = run_to_end(configured()).await.expect("rerun");
-    assert!(summary.messages > 0, "the group had committed everything: nothing was read again");
+    assert_eq!(summary.messages, to_read_again as u64, "read again from the restored record, once each: {summary:?}");
     assert_table_matches(&read_table(&table).await, &model(&produced));
     // The table's record is true again: a second restart reads nothing more.
     let again = run_to_end(configured()).await.expect("second rerun");
@@ -99,8 +104,8 @@ async fn offsets_deleted_by_retention_stop_the_worker_unless_the_gap_is_accepted
 /// Writes `messages` to the positions table of `config` through the table API, with
 /// their offsets recorded for `config`'s group, as a worker's flush would.
 async fn write_directly(config: &position_sink::config::Config, topic: &str, messages: &[Produced]) {
-    use position_sink::batch::{Buffer, Limits};
     use position_sink::offsets::{Coordinates, Offset, TopicPartition};
+    use position_sink::worker::batch::{Buffer, Limits};
     let mut buffer =
         Buffer::new(config.delta.key_columns.clone(), Limits { max_records: usize::MAX, max_bytes: usize::MAX });
     for m in messages {
@@ -157,4 +162,22 @@ async fn table_version_or_zero(table: &std::path::Path) -> u64 {
         Ok(t) => t.version().unwrap_or(0),
         Err(_) => 0,
     }
+}
+
+/// The table's recorded next offset per partition (of its one topic) as of `version`,
+/// from the `txn` actions of its commit files.
+fn recorded_next_offsets_at(table: &std::path::Path, version: u64) -> std::collections::BTreeMap<i32, i64> {
+    let mut recorded = std::collections::BTreeMap::new();
+    for v in 0..=version {
+        let log = std::fs::read_to_string(table.join(format!("_delta_log/{v:020}.json"))).expect("commit file");
+        for action in log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            let (Some(app), Some(last)) = (action["txn"]["appId"].as_str(), action["txn"]["version"].as_i64()) else {
+                continue;
+            };
+            let partition: i32 = app.rsplit('/').next().and_then(|p| p.parse().ok()).expect("partition in the app id");
+            let next = recorded.entry(partition).or_insert(0);
+            *next = (*next).max(last + 1);
+        }
+    }
+    recorded
 }

@@ -106,10 +106,7 @@ pub async fn republish(
         not_found: selection.at.iter().filter(|c| !all.iter().any(|d| d.source == **c)).cloned().collect(),
         ..RepublishReport::default()
     };
-    let options = DecodeOptions {
-        key_columns: config.delta.key_columns.clone(),
-        max_message_bytes: config.decode.max_message_bytes,
-    };
+    let options = DecodeOptions::of(config);
     let mut to_send = Vec::new();
     for d in selected {
         match decode(d.key.as_deref(), d.value.as_deref(), d.source.clone(), &options) {

@@ -30,9 +30,50 @@ use crate::config::mask_secrets;
 use std::sync::Arc;
 
 use crate::config::KafkaConfig;
+use crate::dead_letter::DeadLetter;
+use crate::decode::{DecodeOptions, decode};
+use crate::offsets::Coordinates;
 use crate::offsets::{Offset, OffsetMap, TopicPartition};
-use crate::partitions::CommitOutcome;
 use crate::status::Progress;
+use crate::update::PositionUpdate;
+use crate::worker::partitions::CommitOutcome;
+use rdkafka::Message;
+use rdkafka::message::BorrowedMessage;
+
+/// What the broker handed over, decoded and detached from the consumer.
+pub enum Received {
+    /// A valid update, its size in bytes and its Kafka timestamp (ms).
+    Update(PositionUpdate, usize, Option<i64>),
+    /// A message that is not a valid update, as its dead letter.
+    Invalid(DeadLetter),
+    /// The end of a partition was reached.
+    EndOfPartition,
+    /// A consumer error.
+    Error(KafkaError),
+}
+
+/// Decodes and validates what the consumer returned: the one decode step of the worker
+/// and of `replay`.
+pub fn receive(message: Result<BorrowedMessage<'_>, KafkaError>, options: &DecodeOptions) -> Received {
+    let message = match message {
+        Ok(m) => m,
+        Err(KafkaError::PartitionEOF(_)) => return Received::EndOfPartition,
+        Err(error) => return Received::Error(error),
+    };
+    let at =
+        Coordinates { tp: TopicPartition::new(message.topic(), message.partition()), offset: Offset(message.offset()) };
+    let size = message.payload_len() + message.key().map_or(0, <[u8]>::len);
+    match decode(message.key(), message.payload(), at.clone(), options) {
+        Ok(update) => Received::Update(update, size, message.timestamp().to_millis()),
+        Err(reason) => Received::Invalid(DeadLetter::new(
+            at,
+            message.key(),
+            message.payload(),
+            message.timestamp().to_millis(),
+            &reason,
+        )),
+    }
+}
 
 /// The consumer type the worker uses.
 pub type SinkConsumer = StreamConsumer<SinkContext>;
@@ -405,11 +446,7 @@ pub type Bystander = BaseConsumer<Watched>;
 /// # Errors
 /// When librdkafka rejects a setting, or no connection can be made.
 pub fn bystander(config: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<Bystander, ClientError> {
-    let mut settings = vec![("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
-    settings.extend_from_slice(defaults);
-    let consumer: Bystander = client_config(config, ClientKind::Consumer, &settings)
-        .set("group.id", &config.group_id)
-        .create_with_context(Watched::default())?;
+    let consumer: Bystander = bystander_config(config, defaults).create_with_context(Watched::default())?;
     let watch = consumer.context().watch.clone();
     until_connected(&watch, CONNECT_TIMEOUT, |timeout| {
         let fetched = consumer.fetch_metadata(None, timeout).map(|_| ());
@@ -418,6 +455,16 @@ pub fn bystander(config: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<Byst
         fetched
     })?;
     Ok(consumer)
+}
+
+/// The configuration of a consumer of `config`'s group that never joins it (nor commits):
+/// `defaults` and the pass-through settings; the one place such consumers are configured.
+pub fn bystander_config(config: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut settings = vec![("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
+    settings.extend_from_slice(defaults);
+    let mut client = client_config(config, ClientKind::Consumer, &settings);
+    client.set("group.id", &config.group_id);
+    client
 }
 
 /// `result`, its error explained by `consumer`'s connection fault when there is one.

@@ -6,6 +6,7 @@
 //! nothing to report), 1 when a check found differences (`reconcile`, `replay
 //! --dry-run`), 2 when it could not run (see [`Outcome`]).
 
+pub mod dead_letters;
 pub mod inspect;
 pub mod reconcile;
 pub mod replay;
@@ -15,8 +16,8 @@ use deltalake::datafusion::prelude::{SessionContext, col, lit};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::TryStreamExt;
 
-use crate::arrow::{TableRow, from_record_batch};
 use crate::config::DeltaConfig;
+use crate::table::schema::{TableRow, from_record_batch};
 
 /// How a report is printed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]

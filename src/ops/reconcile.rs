@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::show::plain_table;
 use super::{Format, OpsError, Outcome, RowFilter, open_table, rfc3339, rows};
-use crate::arrow::TableRow;
 use crate::config::Config;
+use crate::table::schema::TableRow;
 use crate::update::KeyColumn;
 
 /// One line of a snapshot.

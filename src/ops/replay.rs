@@ -11,22 +11,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use serde::Serialize;
 
 use super::show::{plain_table, row_json};
 use super::{Format, OpsError, Outcome, RowFilter, open_table_at, rows};
-use crate::arrow::TableRow;
-use crate::batch::{Buffer, Limits};
 use crate::config::{Config, RetryConfig};
-use crate::decode::{DecodeOptions, decode};
+use crate::decode::DecodeOptions;
 use crate::kafka::{self, PartitionView};
 use crate::offsets::{Coordinates, Offset, TopicPartition};
-use crate::sink::retry_write;
 use crate::status::Progress;
 use crate::table::PositionTable;
+use crate::table::schema::TableRow;
 use crate::update::{PositionUpdate, RowKey};
+use crate::worker::batch::{Buffer, Limits};
+use crate::worker::flush::retry_write;
 
 /// How long to wait for each answer from Kafka.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -189,7 +188,7 @@ pub async fn replay(config: &Config, options: &ReplayOptions) -> Result<ReplayRe
         let mut delta = config.delta.clone();
         delta.table_uri = target.clone();
         let table = PositionTable::open_or_create(&delta, &config.kafka.group_id).await?;
-        let limits = Limits { max_records: config.flush.max_records, max_bytes: config.flush.max_bytes };
+        let limits = Limits::of(&config.flush);
         Sink::Write {
             table,
             buffer: Buffer::new(config.delta.key_columns.clone(), limits),
@@ -414,14 +413,10 @@ async fn read(
     if pending.is_empty() {
         return Ok(());
     }
-    let consumer: StreamConsumer<kafka::Watched> = kafka::client_config(
-        &config.kafka,
-        kafka::ClientKind::Consumer,
-        &[("enable.auto.commit", "false"), ("enable.partition.eof", "false"), ("fetch.queue.backoff.ms", "10")],
-    )
-    .set("group.id", &config.kafka.group_id)
-    .create_with_context(kafka::Watched::default())
-    .map_err(kafka_err)?;
+    let consumer: StreamConsumer<kafka::Watched> =
+        kafka::bystander_config(&config.kafka, &[("fetch.queue.backoff.ms", "10")])
+            .create_with_context(kafka::Watched::default())
+            .map_err(kafka_err)?;
     let mut list = rdkafka::TopicPartitionList::new();
     for (tp, (from, _)) in ranges.iter().filter(|(tp, _)| pending.contains_key(*tp)) {
         list.add_partition_offset(&tp.topic, tp.partition.0, rdkafka::Offset::Offset(from.0)).map_err(kafka_err)?;
@@ -434,10 +429,7 @@ async fn read(
         ProgressStyle::with_template("{bar:40} {pos}/{len} messages  {per_sec}  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let decode_options = DecodeOptions {
-        key_columns: config.delta.key_columns.clone(),
-        max_message_bytes: config.decode.max_message_bytes,
-    };
+    let decode_options = DecodeOptions::of(config);
     let index: HashMap<TopicPartition, usize> = report
         .partitions
         .iter()
@@ -446,7 +438,7 @@ async fn read(
         .collect();
     while !pending.is_empty() {
         let message = match tokio::time::timeout(IDLE_CHECK, consumer.recv()).await {
-            Ok(message) => message.map_err(kafka_err)?,
+            Ok(message) => message,
             Err(_) => {
                 // Nothing for a while: a partition whose range ends in control records
                 // (transaction markers) is done once its position is at the end.
@@ -460,9 +452,15 @@ async fn read(
                 continue;
             }
         };
-        let at = Coordinates {
-            tp: TopicPartition::new(message.topic(), message.partition()),
-            offset: Offset(message.offset()),
+        let (at, size) = match kafka::receive(message, &decode_options) {
+            kafka::Received::Update(update, size, _) => (update.source.clone(), Ok((update, size))),
+            kafka::Received::Invalid(dead_letter) => {
+                let size =
+                    dead_letter.key.as_ref().map_or(0, Vec::len) + dead_letter.value.as_ref().map_or(0, Vec::len);
+                (dead_letter.source.clone(), Err(size))
+            }
+            kafka::Received::EndOfPartition => continue,
+            kafka::Received::Error(error) => return Err(kafka_err(error)),
         };
         let Some(end) = pending.get(&at.tp).copied() else { continue };
         if at.offset >= end {
@@ -473,16 +471,15 @@ async fn read(
             pending.remove(&at.tp);
         }
         bar.inc(1);
-        let size = message.payload_len() + message.key().map_or(0, <[u8]>::len);
         let counts = index.get(&at.tp).map(|i| &mut report.partitions[*i]);
-        match decode(message.key(), message.payload(), at.clone(), &decode_options) {
-            Ok(update) => {
+        match size {
+            Ok((update, size)) => {
                 if let Some(counts) = counts {
                     counts.messages += 1;
                 }
                 sink.take(config, update, size, report).await?;
             }
-            Err(_) => {
+            Err(size) => {
                 if let Some(counts) = counts {
                     counts.messages += 1;
                     counts.rejected += 1;

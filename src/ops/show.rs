@@ -6,8 +6,8 @@ use deltalake::datafusion::prelude::SessionContext;
 use serde_json::json;
 
 use super::{Format, OpsError, RowFilter, open_table, open_table_at, rfc3339, rows};
-use crate::arrow::TableRow;
 use crate::config::{Config, DeadLetterDestination};
+use crate::table::schema::TableRow;
 
 /// Prints the rows `filter` selects; with no filter, a summary of the table and of the
 /// dead letters by reason before them.

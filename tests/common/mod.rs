@@ -149,6 +149,37 @@ pub fn write_config_file(dir: &Path, config: &Config) -> PathBuf {
     file
 }
 
+/// Starts the binary with `args` and `env`, logging at `log` (`RUST_LOG`); its stderr
+/// is echoed to the test's output (but debug lines), and the receiver gets a signal
+/// each time a line contains `signal`.
+pub fn spawn_binary(
+    args: &[&str],
+    env: &[(&str, String)],
+    log: &str,
+    signal: &'static str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<()>) {
+    use std::io::BufRead;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_position-sink"));
+    command.args(args).env("RUST_LOG", log).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("start position-sink");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, signals) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(signal) {
+                let _ = tx.send(());
+            }
+            if !line.contains("DEBUG") {
+                eprintln!("  worker: {line}");
+            }
+        }
+    });
+    (child, signals)
+}
+
 /// Runs the binary with `args` and returns its exit code, stdout and stderr.
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_position-sink"))
@@ -501,7 +532,14 @@ pub async fn read_table(path: &Path) -> BTreeMap<(String, i64), Row> {
     read_table_at(&path.display().to_string(), &Default::default()).await
 }
 
-/// Reads the whole table at `uri` (a path or an `s3://` URL) with storage `options`.
+/// Reads the whole table at `path`, as a reader would mid-fault, and asserts it holds
+/// one row per key (no duplicate from a partial or doubled commit).
+pub async fn assert_one_row_per_key(path: &Path) {
+    read_table(path).await;
+}
+
+/// Reads the whole table at `uri` (a path or an `s3://` URL) with storage `options`;
+/// asserts on the way that it holds one row per key.
 pub async fn read_table_at(
     uri: &str,
     options: &std::collections::HashMap<String, String>,
@@ -734,8 +772,23 @@ pub const RESTORE_VERSION_1: &str = "import sys; from deltalake import DeltaTabl
 
 /// Runs Python `code` with the table path as `sys.argv[1]`.
 pub fn python_on(table: &std::path::Path, code: &str) {
-    let output = std::process::Command::new(python()).arg("-c").arg(code).arg(table).output().expect("run Python");
-    assert!(output.status.success(), "Python failed: {}", String::from_utf8_lossy(&output.stderr));
+    run_python(&["-c".as_ref(), code.as_ref(), table.as_os_str()]);
+}
+
+/// Runs the interpreter of [`python`] with `args` (`-c CODE ARGS…`, or `SCRIPT
+/// ARGS…`), asserts it succeeded, and returns what it printed.
+pub fn run_python(args: &[&std::ffi::OsStr]) -> String {
+    let output = std::process::Command::new(python())
+        .args(args)
+        .output()
+        .expect("run Python (set POSITION_SINK_PYTHON, or run scripts/test.sh, which installs it)");
+    assert!(
+        output.status.success(),
+        "Python failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// `GET path` from a worker's HTTP listener: the status code and the body.
@@ -754,18 +807,24 @@ pub fn http_get(progress: &Progress, path: &str) -> (u16, String) {
 }
 
 /// Two workers of one group, each started with `configure()`, share a 4-partition
-/// `topic`: one round of messages before they start, one while both run. Returns what
-/// was produced and both workers' summaries, once the group committed to the end.
+/// `topic`: once each owns partitions (and together all four), one round of messages,
+/// then a second one while both run. Returns what was produced and both workers'
+/// summaries, once the group committed to the end. Each partition is read by one
+/// worker only, so the two message counts add up to exactly what was produced.
 pub async fn run_two_workers(
     topic: &str,
     group: &str,
     configure: impl Fn() -> Config,
     seeds: (u64, u64),
 ) -> (Vec<Produced>, RunSummary, RunSummary) {
-    let mut produced = produce(topic, &sample(3000, 150, seeds.0), None).await;
     let a = spawn_worker(configure());
     let b = spawn_worker(configure());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let assigned = |w: &Worker| Progress::get(&w.progress.assigned_partitions);
+    wait_until(Duration::from_secs(60), "each worker to own partitions, all four together", async || {
+        assigned(&a) > 0 && assigned(&b) > 0 && assigned(&a) + assigned(&b) == 4
+    })
+    .await;
+    let mut produced = produce(topic, &sample(3000, 150, seeds.0), None).await;
     produced.extend(produce(topic, &sample(3000, 150, seeds.1), None).await);
     let end = end_offsets(&produced, 4);
     wait_until(Duration::from_secs(120), "both workers committed to the end", async || {
@@ -773,6 +832,10 @@ pub async fn run_two_workers(
     })
     .await;
     let (sa, sb) = (a.stop().await.expect("worker a"), b.stop().await.expect("worker b"));
+    for (name, summary) in [("a", &sa), ("b", &sb)] {
+        assert!(summary.messages > 0 && summary.delta_commits > 0, "worker {name} read and committed: {summary:?}");
+    }
+    assert_eq!(sa.messages + sb.messages, produced.len() as u64, "each message read by one worker, once");
     (produced, sa, sb)
 }
 
@@ -796,7 +859,10 @@ pub async fn assert_crash_between_commits_writes_nothing_twice(
     wait_until(Duration::from_secs(60), "every message consumed", async || worker.messages() == 2000).await;
     let result = worker.stop().await;
     assert!(
-        matches!(result, Err(position_sink::WorkerError::Flush(position_sink::sink::FlushError::InjectedCrash(_)))),
+        matches!(
+            result,
+            Err(position_sink::WorkerError::Flush(position_sink::worker::flush::FlushError::InjectedCrash(_)))
+        ),
         "the crash landed: {result:?}"
     );
     let version = || async {

@@ -73,32 +73,98 @@ pub enum CommitNews {
     Recovered(u32),
 }
 
-/// One assigned partition.
+/// One assigned partition: where reading it is, and the offsets its commits follow.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct PartitionState {
-    /// Whether the table's recorded offset was read since the assignment.
-    loaded: bool,
-    /// The table holds every message below this; they are skipped. Only when the
-    /// table's record vouches for dead letters too.
-    floor: Option<Offset>,
-    /// Whether moving reading forward to `floor` was asked for.
-    sought: bool,
-    /// Where the table says reading starts, until reading was moved there or the first
-    /// message showed it is there already.
-    start: Option<Start>,
-    /// Where reading was moved to after the assignment: from then on the group's
-    /// committed offset no longer says how far the partition is read.
-    resumed_from: Option<Start>,
-    /// First offset read since the assignment: where a rewind goes when nothing is durable.
-    first_read: Option<Offset>,
-    /// One past the highest offset read since the assignment.
-    next_read: Option<Offset>,
+    /// Where reading it is.
+    phase: Phase,
     /// One past the highest durable offset: what the group's committed offset should be.
     durable: Option<Offset>,
     /// The group's committed offset, as far as this worker knows.
     committed: Option<Offset>,
     /// The highest offset a commit request is pending for.
     sending: Option<Offset>,
+}
+
+/// Where reading an assigned partition is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Phase {
+    /// Assigned; the table's record of it not read yet: its messages wait for it.
+    #[default]
+    Assigned,
+    /// The table's record read: reading goes on as it decides.
+    Loaded(Loaded),
+}
+
+/// A partition whose table record is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Loaded {
+    /// The table holds every message below this; they are skipped. Only when the
+    /// table's record vouches for dead letters too.
+    floor: Option<Offset>,
+    /// Whether moving reading forward to `floor` was asked for.
+    sought: bool,
+    /// Reading against where the table says it starts.
+    start: Move,
+    /// What was read since the assignment.
+    read: Read,
+}
+
+/// Reading a loaded partition against where the table says it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Move {
+    /// The table does not say, or reading is already there: the group's committed
+    /// offset says how far the partition is read.
+    None,
+    /// Reading is to be moved to this start, before (or instead of) the next message.
+    Due(Start),
+    /// Reading was moved to this start: from then on the group's committed offset no
+    /// longer says how far the partition is read.
+    Made(Start),
+}
+
+/// What was read of a loaded partition since the assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Nothing yet.
+    Nothing,
+    /// From `first` to `next` (one past the highest offset read).
+    From { first: Offset, next: Offset },
+    /// From `first`, then moved back to read again; nothing read since.
+    Again { first: Offset },
+}
+
+impl Read {
+    /// One past the highest offset read, unless reading was moved back since.
+    fn next(self) -> Option<Offset> {
+        match self {
+            Read::From { next, .. } => Some(next),
+            Read::Nothing | Read::Again { .. } => None,
+        }
+    }
+
+    /// The first offset read since the assignment: where a move back goes when nothing is durable.
+    fn first(self) -> Option<Offset> {
+        match self {
+            Read::From { first, .. } | Read::Again { first } => Some(first),
+            Read::Nothing => None,
+        }
+    }
+
+    /// `at` read.
+    fn and(self, at: Offset) -> Read {
+        let first = self.first().unwrap_or(at);
+        let next = self.next().max(Some(at.next())).unwrap_or(at.next());
+        Read::From { first, next }
+    }
+
+    /// Moved back to read again.
+    fn again(self) -> Read {
+        match self.first() {
+            Some(first) => Read::Again { first },
+            None => Read::Nothing,
+        }
+    }
 }
 
 impl PartitionState {
@@ -112,12 +178,27 @@ impl PartitionState {
         self.is_behind() && self.durable.is_some_and(|d| self.sending.is_none_or(|s| s < d))
     }
 
+    /// The loaded phase, if the table's record is read.
+    fn loaded(&self) -> Option<&Loaded> {
+        match &self.phase {
+            Phase::Loaded(loaded) => Some(loaded),
+            Phase::Assigned => None,
+        }
+    }
+
+    /// Whether nothing was read since the assignment or the last move back.
+    fn has_read_nothing(&self) -> bool {
+        self.loaded().is_some_and(|l| l.read.next().is_none())
+    }
+
     /// Where reading stands: the next offset that will be read.
     fn position(&self) -> Option<Offset> {
-        match self.resumed_from {
-            Some(Start::At(start)) => self.next_read.max(Some(start)),
-            Some(Start::Beginning) => self.next_read,
-            None => self.next_read.max(self.floor).max(self.committed),
+        let Some(loaded) = self.loaded() else { return self.committed };
+        let next = loaded.read.next();
+        match loaded.start {
+            Move::Made(Start::At(start)) => next.max(Some(start)),
+            Move::Made(Start::Beginning) => next,
+            Move::None | Move::Due(_) => next.max(loaded.floor).max(self.committed),
         }
     }
 }
@@ -212,7 +293,7 @@ impl Partitions {
     /// Assigned partitions whose table record must be read before their messages are
     /// handled (when the record is not used to skip, loading them reads nothing).
     pub fn to_load(&self) -> Vec<TopicPartition> {
-        self.states.iter().filter(|(_, s)| !s.loaded).map(|(tp, _)| tp.clone()).collect()
+        self.states.iter().filter(|(_, s)| s.phase == Phase::Assigned).map(|(tp, _)| tp.clone()).collect()
     }
 
     /// The table's recorded offset of `tp` (the last offset it holds), read after the
@@ -221,39 +302,36 @@ impl Partitions {
         let skip_recorded = self.skip_recorded;
         let from_start = self.unrecorded_from_start;
         let Some(state) = self.states.get_mut(tp) else { return };
-        state.loaded = true;
-        state.start = match recorded {
-            Some(last) => Some(Start::At(last.next())),
-            None if from_start => Some(Start::Beginning),
-            None => None,
+        let start = match recorded {
+            Some(last) => Move::Due(Start::At(last.next())),
+            None if from_start => Move::Due(Start::Beginning),
+            None => Move::None,
         };
-        if let (true, Some(last)) = (skip_recorded, recorded) {
-            state.floor = Some(last.next());
-            state.durable = state.durable.max(Some(last.next()));
-        }
+        let floor = recorded.filter(|_| skip_recorded).map(Offset::next);
+        state.durable = state.durable.max(floor);
+        state.phase = Phase::Loaded(Loaded { floor, sought: false, start, read: Read::Nothing });
     }
 
     /// A message was read: whether to buffer it or skip it.
     pub fn seen(&mut self, at: &Coordinates) -> Seen {
         let Some(state) = self.states.get_mut(&at.tp) else { return Seen::Unknown };
-        if !state.loaded {
-            return Seen::Unknown;
+        let Phase::Loaded(loaded) = &mut state.phase else { return Seen::Unknown };
+        if let Move::Due(start) = loaded.start {
+            let behind = match start {
+                Start::At(offset) => at.offset > offset,
+                Start::Beginning => at.offset > Offset(0),
+            };
+            if behind {
+                loaded.start = Move::Made(start);
+                return Seen::Rewind { from: start };
+            }
+            loaded.start = Move::None;
         }
-        let rewind = match state.start.take() {
-            Some(Start::At(start)) if at.offset > start => Some(Start::At(start)),
-            Some(Start::Beginning) if at.offset > Offset(0) => Some(Start::Beginning),
-            _ => None,
-        };
-        if let Some(from) = rewind {
-            state.resumed_from = Some(from);
-            return Seen::Rewind { from };
-        }
-        state.first_read.get_or_insert(at.offset);
-        state.next_read = state.next_read.max(Some(at.offset.next()));
-        match state.floor {
+        loaded.read = loaded.read.and(at.offset);
+        match loaded.floor {
             Some(floor) if at.offset < floor => {
-                let seek_to = (!state.sought).then_some(floor);
-                state.sought = true;
+                let seek_to = (!loaded.sought).then_some(floor);
+                loaded.sought = true;
                 Seen::Skip { seek_to }
             }
             _ => Seen::Write,
@@ -262,9 +340,8 @@ impl Partitions {
 
     /// Reading could not be moved to `from`: ask for it again at the next message.
     pub fn rewind_failed(&mut self, tp: &TopicPartition, from: Start) {
-        if let Some(state) = self.states.get_mut(tp) {
-            state.start = Some(from);
-            state.resumed_from = None;
+        if let Some(PartitionState { phase: Phase::Loaded(loaded), .. }) = self.states.get_mut(tp) {
+            loaded.start = Move::Due(from);
         }
     }
 
@@ -276,13 +353,13 @@ impl Partitions {
     pub fn starts_due(&self) -> Vec<(TopicPartition, Start)> {
         self.states
             .iter()
-            .filter(|(_, s)| s.loaded && s.next_read.is_none())
-            .filter_map(|(tp, s)| match s.start? {
-                Start::At(start) if self.skip_recorded || s.committed.is_some_and(|c| start < c) => {
+            .filter(|(_, s)| s.has_read_nothing())
+            .filter_map(|(tp, s)| match s.loaded()?.start {
+                Move::Due(Start::At(start)) if self.skip_recorded || s.committed.is_some_and(|c| start < c) => {
                     Some((tp.clone(), Start::At(start)))
                 }
-                Start::Beginning => Some((tp.clone(), Start::Beginning)),
-                Start::At(_) => None,
+                Move::Due(Start::Beginning) => Some((tp.clone(), Start::Beginning)),
+                Move::Due(Start::At(_)) | Move::None | Move::Made(_) => None,
             })
             .collect()
     }
@@ -292,16 +369,17 @@ impl Partitions {
     pub fn starts_wait_for_committed(&self) -> bool {
         !self.skip_recorded
             && self.states.values().any(|s| {
-                s.loaded && s.next_read.is_none() && s.committed.is_none() && matches!(s.start, Some(Start::At(_)))
+                s.has_read_nothing()
+                    && s.committed.is_none()
+                    && s.loaded().is_some_and(|l| matches!(l.start, Move::Due(Start::At(_))))
             })
     }
 
     /// Reading of `tp` was moved to `start`.
     pub fn moved_to_start(&mut self, tp: &TopicPartition, start: Start) {
-        if let Some(state) = self.states.get_mut(tp) {
-            state.start = None;
-            state.resumed_from = Some(start);
-            state.sought = true;
+        if let Some(PartitionState { phase: Phase::Loaded(loaded), .. }) = self.states.get_mut(tp) {
+            loaded.start = Move::Made(start);
+            loaded.sought = true;
         }
     }
 
@@ -411,12 +489,11 @@ impl Partitions {
         let mut seeks = Vec::new();
         for tp in partitions {
             let Some(state) = self.states.get_mut(tp) else { continue };
-            let target = state.durable.or(state.committed).or(state.first_read);
-            state.next_read = None;
-            if target.is_none() {
-                state.first_read = None;
+            let first = state.loaded().and_then(|l| l.read.first());
+            if let Phase::Loaded(loaded) = &mut state.phase {
+                loaded.read = loaded.read.again();
             }
-            if let Some(target) = target {
+            if let Some(target) = state.durable.or(state.committed).or(first) {
                 seeks.push((tp.clone(), target));
             }
         }
@@ -764,5 +841,45 @@ mod tests {
         assert!(!p.is_read_to_end(|_| None), "an unknown high watermark is not an end");
         p.seen(&at(0, 10));
         assert!(!p.is_read_to_end(|t| if t.partition.0 == 0 { Some((Offset(0), Offset(12))) } else { watermarks(t) }));
+    }
+
+    #[test]
+    fn reading_records_the_first_and_next_offsets_and_a_move_back_keeps_only_the_first() {
+        let read = Read::Nothing.and(Offset(5));
+        assert_eq!(read, Read::From { first: Offset(5), next: Offset(6) });
+        let read = read.and(Offset(9)).and(Offset(7));
+        assert_eq!(read, Read::From { first: Offset(5), next: Offset(10) }, "next only grows");
+        assert_eq!(read.again(), Read::Again { first: Offset(5) });
+        assert_eq!(read.again().and(Offset(5)), Read::From { first: Offset(5), next: Offset(6) });
+        assert_eq!(Read::Nothing.again(), Read::Nothing);
+    }
+
+    #[test]
+    fn each_phase_is_entered_by_its_transition() {
+        let mut p = Partitions::new(true, &policy());
+        p.assigned(&[tp(0)]);
+        assert_eq!(p.states[&tp(0)].phase, Phase::Assigned);
+        assert_eq!(p.seen(&at(0, 3)), Seen::Unknown, "an assigned partition's messages wait for its record");
+        p.loaded(&tp(0), Some(Offset(9)));
+        let loaded = |p: &Partitions| p.states[&tp(0)].loaded().cloned().expect("loaded");
+        assert_eq!(
+            loaded(&p),
+            Loaded {
+                floor: Some(Offset(10)),
+                sought: false,
+                start: Move::Due(Start::At(Offset(10))),
+                read: Read::Nothing
+            }
+        );
+        p.moved_to_start(&tp(0), Start::At(Offset(10)));
+        assert_eq!((loaded(&p).start, loaded(&p).sought), (Move::Made(Start::At(Offset(10))), true));
+        assert_eq!(p.seen(&at(0, 10)), Seen::Write);
+        assert_eq!(loaded(&p).read, Read::From { first: Offset(10), next: Offset(11) });
+        p.rewind(&[tp(0)]);
+        assert_eq!(loaded(&p).read, Read::Again { first: Offset(10) });
+        p.rewind_failed(&tp(0), Start::At(Offset(10)));
+        assert_eq!(loaded(&p).start, Move::Due(Start::At(Offset(10))));
+        p.revoked(&[tp(0)]);
+        assert!(p.is_empty());
     }
 }

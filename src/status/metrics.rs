@@ -1,6 +1,6 @@
-//! The worker's Prometheus metrics. Counters and gauges are the atomics of
-//! [`Progress`], read at scrape time, so there is one set of numbers for the run
-//! summary, the logs and the scrape; histograms and per-partition lag live here.
+//! The worker's Prometheus metrics, rendered from [`Progress`]: its counters and gauges
+//! are read at scrape time, so there is one set of numbers for the run summary, the
+//! logs and the scrape; its histograms and per-partition lag are registered as they are.
 //! Rendering is `prometheus-client`'s text encoder (Prometheus exposition format 0.0.4).
 //!
 //! Invariant kept here: every metric a scrape shows is documented in the README's
@@ -9,61 +9,10 @@
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::offsets::TopicPartition;
-use crate::status::Progress;
-
-/// Labels of one topic-partition.
-type PartitionLabels = Vec<(String, String)>;
-
-/// Histograms and per-partition gauges of one worker.
-#[derive(Debug, Clone)]
-pub struct Metrics {
-    /// Time from the start of a flush's Delta write to its commit, seconds.
-    pub flush_seconds: Histogram,
-    /// Messages per flushed batch (before dedup).
-    pub batch_messages: Histogram,
-    /// Delta commit time minus each written row's event `timestamp`, seconds.
-    pub latency_from_event: Histogram,
-    /// Delta commit time minus each consumed message's Kafka timestamp, seconds.
-    pub latency_from_kafka: Histogram,
-    /// Log end minus the group's committed offset, per assigned topic-partition.
-    pub consumer_lag: Family<PartitionLabels, Gauge>,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        // 10 ms .. about 20 min: a flush, and an update waiting through an outage.
-        let seconds = || Histogram::new(exponential_buckets(0.01, 2.0, 18));
-        Self {
-            flush_seconds: seconds(),
-            batch_messages: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
-            latency_from_event: seconds(),
-            latency_from_kafka: seconds(),
-            consumer_lag: Family::default(),
-        }
-    }
-}
-
-impl Metrics {
-    /// Sets the consumer lag of `tp`.
-    pub fn set_lag(&self, tp: &TopicPartition, lag: i64) {
-        self.consumer_lag.get_or_create(&labels(tp)).set(lag);
-    }
-
-    /// Forgets the lag of a partition no longer assigned.
-    pub fn forget_lag(&self, tp: &TopicPartition) {
-        self.consumer_lag.remove(&labels(tp));
-    }
-}
-
-fn labels(tp: &TopicPartition) -> PartitionLabels {
-    vec![("topic".to_string(), tp.topic.clone()), ("partition".to_string(), tp.partition.0.to_string())]
-}
+use super::Progress;
 
 /// The metrics of `progress` in the Prometheus text format.
 pub fn render(progress: &std::sync::Arc<Progress>) -> String {
@@ -211,7 +160,7 @@ impl Collector for Counters {
                 None,
                 i64::from(p.health.is_broker_reachable()),
             ),
-            ("position_sink_ready", "1 while /readyz answers ready", None, i64::from(crate::http::readiness(p).0)),
+            ("position_sink_ready", "1 while /readyz answers ready", None, i64::from(p.readiness().ok)),
         ];
         for (name, help, unit, value) in gauges {
             let g = ConstGauge::new(value);

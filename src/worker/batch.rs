@@ -22,6 +22,13 @@ pub struct Limits {
     pub max_bytes: usize,
 }
 
+impl Limits {
+    /// The limits `flush` sets.
+    pub fn of(flush: &crate::config::FlushConfig) -> Self {
+        Self { max_records: flush.max_records, max_bytes: flush.max_bytes }
+    }
+}
+
 /// Updates gathered for the next flush.
 #[derive(Debug)]
 pub struct Buffer {

@@ -21,10 +21,10 @@ use deltalake::arrow::compute::{concat_batches, take_record_batch};
 use deltalake::arrow::datatypes::{Int32Type, Int64Type};
 use deltalake::arrow::error::ArrowError;
 
-use crate::arrow::{PARTITION_COLUMN, schema};
 use crate::config::PartitionBy;
-use crate::key_index::{FileGroup, FileId};
 use crate::offsets::TopicPartition;
+use crate::table::key_index::{FileGroup, FileId};
+use crate::table::schema::{PARTITION_COLUMN, schema};
 use crate::update::{KeyColumn, RowKey};
 
 /// The rows of one touched file, in the table's schema (the partition column filled in).
@@ -265,7 +265,7 @@ pub fn with_table_schema(rows: &RecordBatch, symbol: Option<&str>) -> Result<Rec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arrow::to_record_batch;
+    use crate::table::schema::to_record_batch;
     use crate::update::PositionUpdate;
     use crate::update::tests::update;
 

@@ -14,14 +14,19 @@
 
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
 use rdkafka::consumer::ConsumerGroupMetadata;
 
-use crate::batch::Batch;
+use super::batch::Batch;
+use super::{Flushed, WorkerError, join};
 use crate::config::{Config, DeadLetterDestination, RetryConfig};
 use crate::dead_letter::topic::TopicError;
 use crate::dead_letter::{DeadLetterTable, DeadLetterTopic, ReasonCounts};
 use crate::delta::TableError;
 use crate::faults::CrashPoints;
+use crate::kafka;
 use crate::retry::retry;
 use crate::status::Progress;
 use crate::table::{PositionTable, WriteReport};
@@ -227,4 +232,129 @@ pub(crate) async fn retry_write<T, F: Future<Output = Result<T, TableError>>>(
         }
     };
     retry(policy, what, observed, TableError::is_retryable).await
+}
+
+/// The worker's side of a flush: starting one from the loop, and booking its result.
+impl super::Worker {
+    /// Starts a flush from the loop (tick or full buffer); a test may hold the first one.
+    pub(super) async fn flush_now(&mut self, shutdown: &CancellationToken) {
+        if !self.buffer.is_empty()
+            && let Some(gate) = self.crash.take_flush_hold()
+        {
+            info!("holding the first flush until the test releases it");
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = gate.notified() => {}
+            }
+        }
+        self.start_flush();
+    }
+
+    /// Starts writing the buffer, unless it is empty or a flush is already running.
+    pub(super) fn start_flush(&mut self) {
+        self.apply_rebalances();
+        self.rejections_logged = 0;
+        if self.buffer.is_empty() {
+            return;
+        }
+        let Some(sinks) = self.idle_sinks.take() else { return };
+        let batch = self.buffer.take();
+        self.progress.set_buffered(0, 0, false);
+        let policy = self.config.retry.clone();
+        let group = kafka::group_metadata_if_member(&self.consumer).map(Arc::new);
+        let progress = self.progress.clone();
+        let crash = self.crash.clone();
+        self.in_flight = Some(tokio::spawn(async move {
+            let (sinks, result) = sinks.write(&batch, &policy, group, &progress, &crash).await;
+            (sinks, batch, result)
+        }));
+    }
+
+    pub(super) async fn finish_flush(
+        &mut self,
+        (sinks, batch, result): Flushed,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError> {
+        self.idle_sinks = Some(sinks);
+        self.apply_rebalances();
+        let report = match result {
+            Ok(report) => report,
+            Err(error) if error.can_reread() && self.aborted_in_a_row < self.config.retry.max_retries => {
+                self.aborted_in_a_row += 1;
+                Progress::bump(&self.progress.rewinds);
+                warn!(%error, attempt = self.aborted_in_a_row, "flush not committed to Kafka; reading its messages again");
+                self.rewind(&batch);
+                let pause = self.config.retry.min_delay * self.aborted_in_a_row as u32;
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
+                return Ok(());
+            }
+            Err(error) => return Err(error.into()),
+        };
+        self.aborted_in_a_row = 0;
+        Progress::bump(&self.progress.flushes);
+        if report.offsets_committed {
+            self.partitions.flushed_and_committed(&batch.offsets);
+        } else {
+            self.partitions.flushed(&batch.offsets);
+        }
+        let positions = &report.positions;
+        if positions.committed {
+            Progress::add(&self.progress.rows_written, (positions.inserted + positions.updated) as u64);
+            self.observe_flush(&batch, positions);
+        }
+        if report.dead_letters.total() > 0 {
+            self.progress.add_dead_letters(&report.dead_letters);
+            warn!(
+                written = report.dead_letters.total(),
+                by_reason = %report.dead_letters,
+                total_by_reason = %self.progress.dead_letters(),
+                "dead-lettered rejected messages"
+            );
+        }
+        info!(
+            messages = batch.messages,
+            rows_in = positions.rows_offered,
+            inserted = positions.inserted,
+            updated = positions.updated,
+            dead_letters = batch.dead_letters.len(),
+            version = positions.version.0,
+            committed = positions.committed,
+            files_removed = positions.files_removed,
+            files_added = positions.files_added,
+            rows_rewritten = positions.rows_rewritten,
+            bytes_written = positions.bytes_written,
+            duration_ms = positions.elapsed.as_millis() as u64,
+            "flushed batch"
+        );
+        Ok(())
+    }
+
+    /// Feeds a committed flush into the histograms: its duration and size, and how long
+    /// its rows took from their event time and their Kafka timestamp to the commit.
+    pub(super) fn observe_flush(&self, batch: &Batch, positions: &crate::table::WriteReport) {
+        let metrics = &self.progress.metrics;
+        metrics.flush_seconds.observe(positions.elapsed.as_secs_f64());
+        metrics.batch_messages.observe(batch.messages as f64);
+        self.progress.table_version.store(positions.version.0, std::sync::atomic::Ordering::Relaxed);
+        let now_micros = chrono::Utc::now().timestamp_micros();
+        for row in &batch.rows {
+            metrics.latency_from_event.observe((now_micros - row.timestamp_micros).max(0) as f64 / 1e6);
+        }
+        for millis in &batch.kafka_times_ms {
+            metrics.latency_from_kafka.observe((now_micros / 1000 - millis).max(0) as f64 / 1e3);
+        }
+    }
+
+    /// Waits for the running flush, if any, and books it.
+    pub(super) async fn await_in_flight(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        if self.in_flight.is_some() {
+            let done = join(&mut self.in_flight).await?;
+            self.in_flight = None;
+            self.finish_flush(done, shutdown).await?;
+        }
+        Ok(())
+    }
 }

@@ -7,11 +7,11 @@
 //! a live file that holds it. A key found in two live files (two workers inserted it at
 //! once) is remembered as a duplicate until a flush rewrites one of them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::config::PartitionBy;
 use crate::offsets::TopicPartition;
-use crate::update::RowKey;
+use crate::update::{KeyColumn, PositionUpdate, RowKey};
 
 /// A data file's number in the index.
 pub type FileId = u32;
@@ -145,6 +145,45 @@ impl KeyIndex {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.keys.len()
+    }
+}
+
+impl KeyIndex {
+    /// The files a merge of `rows` touches: those holding their keys (and any key held
+    /// twice), and for each group that gains keys the smallest file below `max_rows`
+    /// that takes them in (the hosts, also returned on their own).
+    pub fn files_for(
+        &self,
+        rows: &[&PositionUpdate],
+        layout: PartitionBy,
+        key_columns: &[KeyColumn],
+        max_rows: usize,
+    ) -> (BTreeSet<FileId>, BTreeSet<FileId>) {
+        let mut touched: BTreeSet<FileId> = BTreeSet::new();
+        let mut gaining: BTreeSet<FileGroup> = BTreeSet::new();
+        for row in rows {
+            let target = FileGroup::of(layout, &row.symbol, row.source.tp.clone());
+            match self.file_of(&row.key(key_columns)) {
+                Some(id) if self.file(id).is_some_and(|f| f.group == target) => {
+                    touched.insert(id);
+                }
+                Some(id) => {
+                    touched.insert(id);
+                    gaining.insert(target);
+                }
+                None => {
+                    gaining.insert(target);
+                }
+            }
+        }
+        let duplicated: Vec<(RowKey, FileId)> = self.duplicates().map(|(k, id)| (k.clone(), id)).collect();
+        for (key, id) in duplicated {
+            touched.insert(id);
+            touched.extend(self.file_of(&key));
+        }
+        let hosts: BTreeSet<FileId> = gaining.iter().filter_map(|g| self.smallest_in(g, max_rows)).collect();
+        touched.extend(hosts.iter().copied());
+        (touched, hosts)
     }
 }
 

@@ -1,11 +1,23 @@
-//! What a running worker reports about itself: live counters and health (broker
-//! reachable, storage writable, stopped on an error). Tests, the HTTP probes and the
-//! Prometheus metrics read the same values, and a run's [`RunSummary`] is taken from
-//! it: there is one set of counters.
+//! What a running worker reports about itself: live counters, histograms and health
+//! (broker reachable, storage writable, a batch that cannot be read, stopped on an
+//! error), and from them readiness and liveness, each defined once here. Tests, the
+//! HTTP probes ([`http`]) and the Prometheus metrics ([`metrics`]) read the same values,
+//! and a run's [`RunSummary`] is taken from it: there is one set of counters.
 //!
 //! Invariant kept here: every counter is a lock-free atomic (the per-reason dead-letter
 //! counts sit behind a short lock), written by the worker and its Kafka callbacks,
-//! readable from any thread at any time.
+//! readable from any thread at any time. This module imports neither of its children.
+
+pub mod http;
+pub mod metrics;
+
+use std::time::Duration;
+
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+use crate::offsets::TopicPartition;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -61,7 +73,10 @@ pub struct Progress {
     /// Health, for readiness.
     pub health: Health,
     /// Histograms and per-partition gauges.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Histograms,
+    /// The worker's loop turns at least this often (its flush interval), in
+    /// milliseconds; 0 until the worker says.
+    pub loop_period_millis: AtomicU64,
     /// Where the HTTP listener listens, once it does.
     pub http_address: std::sync::OnceLock<std::net::SocketAddr>,
 }
@@ -181,7 +196,6 @@ impl Health {
         self.storage_failing.store(!ok, Ordering::Relaxed);
     }
 
-    /// Records that the worker stopped (cleanly or on an error).
     /// Sets (or with `None` clears) the batch that cannot be read, described.
     pub fn set_unreadable(&self, batch: Option<String>) {
         *self.unreadable.lock().unwrap_or_else(PoisonError::into_inner) = batch;
@@ -192,6 +206,7 @@ impl Health {
         self.unreadable.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// Records that the worker stopped (cleanly or on an error).
     pub fn set_stopped(&self) {
         self.stopped.store(true, Ordering::Relaxed);
     }
@@ -210,32 +225,129 @@ impl Health {
     pub fn is_storage_ok(&self) -> bool {
         !self.storage_failing.load(Ordering::Relaxed)
     }
+}
 
-    /// Whether the worker is running and can reach both Kafka and storage.
-    pub fn is_ready(&self) -> bool {
-        !self.stopped.load(Ordering::Relaxed)
-            && self.is_broker_reachable()
-            && self.is_storage_ok()
-            && self.unreadable().is_none()
+/// A probe's answer: whether, and why in a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether the probe passes.
+    pub ok: bool,
+    /// Why, for a person.
+    pub reason: String,
+}
+
+impl Verdict {
+    fn new(ok: bool, reason: impl Into<String>) -> Self {
+        Self { ok, reason: reason.into() }
+    }
+}
+
+/// A loop that has not turned for this long is stuck, unless its flush interval is
+/// long: then three intervals.
+pub const STUCK_AFTER_AT_LEAST: Duration = Duration::from_secs(60);
+
+impl Progress {
+    /// Whether the worker can do its job right now, and why: it runs, a broker is
+    /// reachable, Delta writes succeed, no batch it cannot read holds it up, and it
+    /// has joined its group. The one definition `/readyz`, the `position_sink_ready`
+    /// gauge and the tests use.
+    pub fn readiness(&self) -> Verdict {
+        let health = &self.health;
+        if health.is_stopped() {
+            return Verdict::new(false, "the worker has stopped");
+        }
+        if !health.is_broker_reachable() {
+            return Verdict::new(false, "no Kafka broker is reachable");
+        }
+        if !health.is_storage_ok() {
+            return Verdict::new(false, "Delta writes are failing and being retried");
+        }
+        if let Some(batch) = health.unreadable() {
+            return Verdict::new(false, format!("a Kafka batch cannot be read and is being read again: {batch}"));
+        }
+        if !self.joined.load(Ordering::Relaxed) {
+            return Verdict::new(false, "joining the consumer group: no assignment yet");
+        }
+        let assigned = Self::get(&self.assigned_partitions);
+        Verdict::new(true, format!("{assigned} partitions assigned; broker reachable; Delta writes succeed"))
     }
 
-    /// Why the worker is not ready, if it is not.
-    pub fn problems(&self) -> Vec<&'static str> {
-        let mut problems = Vec::new();
-        if self.stopped.load(Ordering::Relaxed) {
-            problems.push("stopped");
+    /// Whether the process is alive and its loop turns, and why.
+    pub fn liveness(&self) -> Verdict {
+        if self.health.is_stopped() {
+            return Verdict::new(false, "the worker has stopped");
         }
-        if !self.is_broker_reachable() {
-            problems.push("no Kafka broker reachable");
+        let idle = self.since_last_turn();
+        let limit = self.stuck_after();
+        if idle > limit {
+            return Verdict::new(
+                false,
+                format!("the worker's loop has not turned for {} s (limit {} s)", idle.as_secs(), limit.as_secs()),
+            );
         }
-        if !self.is_storage_ok() {
-            problems.push("Delta writes failing");
-        }
-        if self.unreadable().is_some() {
-            problems.push("a Kafka batch cannot be read");
-        }
-        problems
+        Verdict::new(true, format!("the worker's loop turned {} ms ago", idle.as_millis()))
     }
+
+    /// Records that the worker's loop turns at least once per `period` (its flush
+    /// interval), which sets how long it may be idle before it counts as stuck.
+    pub fn set_loop_period(&self, period: Duration) {
+        self.loop_period_millis.store(u64::try_from(period.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// How long the loop may not turn before it counts as stuck: three loop periods,
+    /// and at least [`STUCK_AFTER_AT_LEAST`].
+    pub fn stuck_after(&self) -> Duration {
+        let period = Duration::from_millis(self.loop_period_millis.load(Ordering::Relaxed));
+        (period.saturating_mul(3)).max(STUCK_AFTER_AT_LEAST)
+    }
+}
+
+/// Histograms and per-partition gauges of one worker ([`metrics`] renders them).
+#[derive(Debug, Clone)]
+pub struct Histograms {
+    /// Time from the start of a flush's Delta write to its commit, seconds.
+    pub flush_seconds: Histogram,
+    /// Messages per flushed batch (before dedup).
+    pub batch_messages: Histogram,
+    /// Delta commit time minus each written row's event `timestamp`, seconds.
+    pub latency_from_event: Histogram,
+    /// Delta commit time minus each consumed message's Kafka timestamp, seconds.
+    pub latency_from_kafka: Histogram,
+    /// Log end minus the group's committed offset, per assigned topic-partition.
+    pub consumer_lag: Family<PartitionLabels, Gauge>,
+}
+
+/// Labels of one topic-partition.
+pub type PartitionLabels = Vec<(String, String)>;
+
+impl Default for Histograms {
+    fn default() -> Self {
+        // 10 ms .. about 20 min: a flush, and an update waiting through an outage.
+        let seconds = || Histogram::new(exponential_buckets(0.01, 2.0, 18));
+        Self {
+            flush_seconds: seconds(),
+            batch_messages: Histogram::new(exponential_buckets(1.0, 4.0, 12)),
+            latency_from_event: seconds(),
+            latency_from_kafka: seconds(),
+            consumer_lag: Family::default(),
+        }
+    }
+}
+
+impl Histograms {
+    /// Sets the consumer lag of `tp`.
+    pub fn set_lag(&self, tp: &TopicPartition, lag: i64) {
+        self.consumer_lag.get_or_create(&labels(tp)).set(lag);
+    }
+
+    /// Forgets the lag of a partition no longer assigned.
+    pub fn forget_lag(&self, tp: &TopicPartition) {
+        self.consumer_lag.remove(&labels(tp));
+    }
+}
+
+fn labels(tp: &TopicPartition) -> PartitionLabels {
+    vec![("topic".to_string(), tp.topic.clone()), ("partition".to_string(), tp.partition.0.to_string())]
 }
 
 fn now_millis() -> u64 {
@@ -246,17 +358,49 @@ fn now_millis() -> u64 {
 mod tests {
     use super::*;
 
+    fn joined() -> Progress {
+        let p = Progress::default();
+        p.joined.store(true, Ordering::Relaxed);
+        p
+    }
+
     #[test]
-    fn ready_only_when_broker_and_storage_are_fine_and_running() {
-        let h = Health::default();
-        assert!(h.is_ready());
-        h.set_broker_reachable(false);
-        assert_eq!(h.problems(), ["no Kafka broker reachable"]);
-        h.set_broker_reachable(true);
-        h.set_storage_ok(false);
-        assert!(!h.is_ready());
-        h.set_storage_ok(true);
-        h.set_stopped();
-        assert!(!h.is_ready());
+    fn ready_only_when_running_joined_and_broker_storage_and_batches_are_fine() {
+        assert_eq!(Progress::default().readiness().reason, "joining the consumer group: no assignment yet");
+        let p = joined();
+        assert!(p.readiness().ok, "{:?}", p.readiness());
+        p.health.set_broker_reachable(false);
+        assert_eq!(p.readiness(), Verdict::new(false, "no Kafka broker is reachable"));
+        p.health.set_broker_reachable(true);
+        p.health.set_storage_ok(false);
+        assert_eq!(p.readiness(), Verdict::new(false, "Delta writes are failing and being retried"));
+        p.health.set_storage_ok(true);
+        p.health.set_unreadable(Some("partition t[0]: the batch at offset 7".into()));
+        assert!(!p.readiness().ok && p.readiness().reason.contains("offset 7"), "{:?}", p.readiness());
+        p.health.set_unreadable(None);
+        assert!(p.readiness().ok);
+        p.health.set_stopped();
+        assert_eq!(p.readiness(), Verdict::new(false, "the worker has stopped"));
+    }
+
+    #[test]
+    fn the_loop_counts_as_stuck_after_three_flush_intervals_and_at_least_a_minute() {
+        let p = Progress::default();
+        assert_eq!(p.stuck_after(), STUCK_AFTER_AT_LEAST);
+        p.set_loop_period(Duration::from_secs(3));
+        assert_eq!(p.stuck_after(), STUCK_AFTER_AT_LEAST);
+        p.set_loop_period(Duration::from_secs(120));
+        assert_eq!(p.stuck_after(), Duration::from_secs(360));
+    }
+
+    #[test]
+    fn a_loop_idle_for_less_than_its_limit_is_alive() {
+        let p = Progress::default();
+        p.set_loop_period(Duration::from_secs(120));
+        let two_minutes_ago = now_millis() - 120_000;
+        p.last_turn_millis.store(two_minutes_ago, Ordering::Relaxed);
+        assert!(p.liveness().ok, "a 2-minute flush interval: {:?}", p.liveness());
+        p.last_turn_millis.store(now_millis() - 400_000, Ordering::Relaxed);
+        assert!(!p.liveness().ok);
     }
 }

@@ -1,0 +1,93 @@
+//! The commit of one flush: the files it rewrote removed, the new ones added, one `txn`
+//! per Kafka partition it covers, and the read set it declares, so that delta-rs lets
+//! it through when another worker committed only other partitions' files meanwhile.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use deltalake::DeltaTableError;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add, Transaction};
+use deltalake::protocol::{DeltaOperation, MergePredicate};
+
+use super::PositionTable;
+use super::key_index::{FileId, KeyIndex};
+use crate::offsets::TopicPartition;
+
+impl PositionTable {
+    /// Commits the removal of the `rewritten` files, the `adds` and the `transactions`
+    /// on top of this handle's version, reading the files of `partitions`.
+    ///
+    /// # Errors
+    /// When the commit conflicts with another writer's, or storage fails.
+    pub(super) async fn commit(
+        &self,
+        partitions: &[TopicPartition],
+        rewritten: &[FileId],
+        adds: &[Add],
+        transactions: Vec<Transaction>,
+        index: &KeyIndex,
+    ) -> Result<(), DeltaTableError> {
+        let removed_paths: HashSet<&str> =
+            rewritten.iter().filter_map(|id| index.file(*id)).map(|f| f.path.as_str()).collect();
+        let snapshot = self.table.snapshot()?;
+        let mut actions: Vec<Action> = snapshot
+            .log_data()
+            .iter()
+            .filter(|view| removed_paths.contains(view.path().as_ref()))
+            .map(|view| Action::Remove(view.remove_action(true)))
+            .collect();
+        actions.extend(adds.iter().cloned().map(Action::Add));
+        let operation = self.operation(partitions, rewritten, index);
+        let read_version = serde_json::json!(snapshot.version());
+        let properties = CommitProperties::default()
+            .with_metadata([("readVersion".to_string(), read_version)])
+            .with_application_transactions(transactions);
+        CommitBuilder::from(properties)
+            .with_actions(actions)
+            .build(Some(snapshot), self.table.log_store(), operation)
+            .await?;
+        Ok(())
+    }
+
+    /// The commit's operation: a merge whose read set is the files of the partitions it
+    /// writes (and of any file it rewrites), so delta-rs lets it through when another
+    /// worker committed only other partitions' files in the meantime.
+    fn operation(&self, partitions: &[TopicPartition], rewritten: &[FileId], index: &KeyIndex) -> DeltaOperation {
+        let mut owners: BTreeMap<&str, BTreeSet<i32>> = BTreeMap::new();
+        let rewritten_owners = rewritten.iter().filter_map(|id| index.file(*id)?.group.owner.as_ref());
+        let mut whole_table = rewritten.iter().any(|id| index.file(*id).is_some_and(|f| f.group.owner.is_none()));
+        for tp in partitions.iter().chain(rewritten_owners) {
+            whole_table |= !is_plain_name(&tp.topic);
+            owners.entry(tp.topic.as_str()).or_default().insert(tp.partition.0);
+        }
+        let predicate = (!whole_table && !owners.is_empty()).then(|| {
+            owners
+                .iter()
+                .map(|(topic, ps)| {
+                    let list: Vec<String> = ps.iter().map(i32::to_string).collect();
+                    format!("(kafka_topic = '{topic}' AND kafka_partition IN ({}))", list.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        });
+        let keys: Vec<&str> = self.key_columns.iter().map(|k| k.name()).collect();
+        DeltaOperation::Merge {
+            predicate,
+            merge_predicate: Some(
+                keys.iter().map(|k| format!("target.{k} = source.{k}")).collect::<Vec<_>>().join(" AND "),
+            ),
+            matched_predicates: vec![MergePredicate {
+                action_type: "update".into(),
+                predicate: Some("source is newer (timestamp, kafka_offset, kafka_topic, kafka_partition)".into()),
+            }],
+            not_matched_predicates: vec![MergePredicate { action_type: "insert".into(), predicate: None }],
+            not_matched_by_source_predicates: Vec::new(),
+        }
+    }
+}
+
+/// Whether a topic name can be quoted in the conflict predicate as it is (Kafka allows
+/// only ASCII letters, digits, `.`, `_` and `-`).
+fn is_plain_name(topic: &str) -> bool {
+    topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

@@ -1,0 +1,501 @@
+//! The worker loop: consume → decode → buffer → flush (dead letters and positions) →
+//! commit offsets. The loop only waits and carries out what [`Partitions`] decides.
+//!
+//! Invariants kept here:
+//! - At most one flush is in flight; while it runs, reading continues into the next
+//!   buffer until that buffer is full, then reading stops (memory stays bounded).
+//! - Kafka offsets are committed only after the flush that covers them is durable
+//!   ([`crate::worker::flush`] gives the order), only for partitions this worker still owns, and
+//!   again after a failure until they stick ([`crate::worker::partitions`] keeps the books).
+//! - A rejected message never stops the partition: it becomes a dead letter in the
+//!   batch, and its offset advances with the batch.
+//! - Every wait observes shutdown; on shutdown the running flush and the buffer are
+//!   written and committed within `worker.shutdown_timeout`.
+
+pub mod batch;
+mod commit;
+pub mod flush;
+pub mod partitions;
+mod resume;
+
+use resume::Unreadable;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::flush::{DeadLetterSink, FlushError, FlushReport, Sinks};
+use crate::config::Config;
+use crate::dead_letter::DeadLetter;
+use crate::decode::DecodeOptions;
+use crate::faults::CrashPoints;
+use crate::kafka::{self, Rebalanced, SinkConsumer};
+use crate::offsets::{Coordinates, TopicPartition};
+use crate::status::{Progress, RunSummary};
+use crate::table::{PositionTable, TableError};
+use crate::worker::batch::{Batch, Buffer, Limits};
+use crate::worker::partitions::{CommitOutcome, Partitions, Seen};
+
+/// Rejected messages logged one by one per flush window; the rest are only counted.
+const REJECTIONS_LOGGED_PER_FLUSH: usize = 20;
+
+/// Why a worker stopped with an error. Offsets past the failure were not committed;
+/// a restart resumes from the table's recorded offsets.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The Kafka client could not be created or subscribed.
+    #[error("Kafka consumer setup failed: {0}. Check kafka.brokers, kafka.topics and kafka.librdkafka")]
+    Kafka(#[from] KafkaError),
+    /// A table failed and retries (retry.max_retries) were exhausted.
+    #[error("{0}")]
+    Table(#[from] TableError),
+    /// A flush failed: a table after its retries, or the dead-letter topic.
+    #[error("{0}")]
+    Flush(#[from] FlushError),
+    /// The HTTP listener could not start (`http.bind`).
+    #[error("{0}")]
+    Http(String),
+    /// The flush task panicked (a bug).
+    #[error("the flush task failed: {0}")]
+    FlushTask(#[from] tokio::task::JoinError),
+    /// The table needs messages that retention already deleted.
+    #[error(
+        "the table resumes partition {partition} at offset {needed}, but the oldest offset still in Kafka is \
+         {oldest}: retention deleted {needed}..{oldest}. Restore the table from a backup that covers them, or \
+         accept the gap with recovery.on_offset_gap = \"continue\""
+    )]
+    OffsetGap {
+        /// The partition.
+        partition: TopicPartition,
+        /// The first offset the table needs.
+        needed: i64,
+        /// The oldest offset the partition still has.
+        oldest: i64,
+    },
+    /// No connection to the cluster can be made: wrong credentials or certificates.
+    #[error(transparent)]
+    Connection(#[from] kafka::ConnectionFault),
+    /// A batch could not be read, again and again, past the retry policy.
+    #[error(
+        "{} cannot be read after {attempts} attempts: {}. Nothing at or after that offset of the partition was \
+         committed, and a restart reads it again. {}",
+        describe_unreadable(.at), .at.fault.cause(), .at.fault.fix()
+    )]
+    UnreadableBatch {
+        /// Where, and why.
+        at: kafka::UnreadableBatch,
+        /// Attempts made.
+        attempts: usize,
+    },
+    /// The last flush did not finish within worker.shutdown_timeout.
+    #[error(
+        "shutdown timed out after {0:?} waiting for the last flush; nothing unwritten was committed and it will be re-read"
+    )]
+    ShutdownTimedOut(Duration),
+}
+
+/// "partition P: the batch at offset O".
+fn describe_unreadable(at: &kafka::UnreadableBatch) -> String {
+    format!("partition {}: the batch at offset {}", at.tp, at.offset.0)
+}
+
+/// Runs a worker until `shutdown` is cancelled (or, with `worker.exit_when_caught_up`,
+/// until every assigned partition is written to its end), then flushes and commits.
+///
+/// # Errors
+/// See [`WorkerError`].
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<RunSummary, WorkerError> {
+    run_with_progress(config, shutdown, Arc::default()).await
+}
+
+/// [`run`], keeping `progress` current while it runs (counters and health for probes,
+/// metrics and tests). The summary returned is taken from it.
+///
+/// # Errors
+/// See [`WorkerError`].
+pub async fn run_with_progress(
+    config: Config,
+    shutdown: CancellationToken,
+    progress: Arc<Progress>,
+) -> Result<RunSummary, WorkerError> {
+    run_inner(config, shutdown, progress, CrashPoints::default()).await
+}
+
+/// [`run_with_progress`], with crash points set by a test (feature `fault-injection`).
+///
+/// # Errors
+/// See [`WorkerError`].
+#[cfg(feature = "fault-injection")]
+pub async fn run_with_crash_points(
+    config: Config,
+    shutdown: CancellationToken,
+    progress: Arc<Progress>,
+    crash: CrashPoints,
+) -> Result<RunSummary, WorkerError> {
+    run_inner(config, shutdown, progress, crash).await
+}
+
+async fn run_inner(
+    config: Config,
+    shutdown: CancellationToken,
+    progress: Arc<Progress>,
+    crash: CrashPoints,
+) -> Result<RunSummary, WorkerError> {
+    progress.set_loop_period(config.flush.interval);
+    // The listener stops with the worker, whatever ends it.
+    let http_stop = shutdown.child_token();
+    let _stop_http = http_stop.clone().drop_guard();
+    let result = match config.http.bind.trim() {
+        "" => start_and_run(config, &shutdown, &progress, crash).await,
+        bind => match crate::status::http::start(bind, progress.clone(), http_stop).await {
+            Ok(_) => start_and_run(config, &shutdown, &progress, crash).await,
+            Err(message) => Err(WorkerError::Http(message)),
+        },
+    };
+    progress.health.set_stopped();
+    let summary = progress.summary();
+    info!(
+        messages = summary.messages,
+        skipped_already_written = summary.skipped_already_written,
+        delta_commits = summary.delta_commits,
+        commit_conflicts = summary.commit_conflicts,
+        rows_written = summary.rows_written,
+        dead_letters = summary.dead_letters.total(),
+        by_reason = %summary.dead_letters,
+        ok = result.is_ok(),
+        "worker stopped"
+    );
+    result.map(|()| summary)
+}
+
+async fn start_and_run(
+    config: Config,
+    shutdown: &CancellationToken,
+    progress: &Arc<Progress>,
+    crash: CrashPoints,
+) -> Result<(), WorkerError> {
+    let sinks = Sinks::open(&config).await?;
+    let dead_letters = match &sinks.dead_letters {
+        DeadLetterSink::Table(t) => format!("table {}", t.uri()),
+        DeadLetterSink::Topic(t) => format!("topic {}", t.topic()),
+    };
+    info!(table = sinks.positions.uri(), version = ?sinks.positions.version().map(|v| v.0), dead_letters, "opened destinations");
+    let consumer = kafka::subscribe(&config.kafka, progress.clone())?;
+    info!(brokers = %config.kafka.brokers, group = %config.kafka.group_id, topics = ?config.kafka.topics, "subscribed");
+    let mut worker = Worker::new(config, consumer, sinks, progress.clone(), crash);
+    worker.run(shutdown).await
+}
+
+/// A flush running in the background: it hands the sinks back when done.
+type InFlight = JoinHandle<Flushed>;
+pub(crate) type Flushed = (Sinks, Batch, Result<FlushReport, FlushError>);
+
+/// An offset commit waiting for the group's answer, on a blocking thread.
+type Committing = JoinHandle<CommitOutcome>;
+
+struct Worker {
+    config: Config,
+    consumer: Arc<SinkConsumer>,
+    /// The commit request in flight, if any (one at a time).
+    committing: Option<Committing>,
+    decode_options: DecodeOptions,
+    buffer: Buffer,
+    partitions: Partitions,
+    /// The destinations when no flush is running.
+    idle_sinks: Option<Sinks>,
+    /// A separate handle for reading recorded offsets while a flush runs.
+    reader: PositionTable,
+    in_flight: Option<InFlight>,
+    /// Rejections logged individually in the current flush window.
+    rejections_logged: usize,
+    /// Flushes in a row whose dead-letter transaction was aborted.
+    aborted_in_a_row: usize,
+    /// Whether every assigned partition was last seen read to its end.
+    read_to_end: bool,
+    /// When the group's committed offsets were last looked up.
+    looked_up_at: Option<Instant>,
+    /// When moving a partition to the table's start last failed (retried after a second).
+    starts_tried_at: Option<Instant>,
+    /// A batch that could not be read, while it is read again.
+    unreadable: Option<Unreadable>,
+    progress: Arc<Progress>,
+    crash: CrashPoints,
+}
+
+impl Worker {
+    fn new(config: Config, consumer: SinkConsumer, sinks: Sinks, progress: Arc<Progress>, crash: CrashPoints) -> Self {
+        let limits = Limits::of(&config.flush);
+        Self {
+            decode_options: DecodeOptions::of(&config),
+            buffer: Buffer::new(config.delta.key_columns.clone(), limits),
+            partitions: Partitions::new(sinks.table_offsets_cover_dead_letters(), &config.retry)
+                .with_unrecorded_from_start(config.kafka.auto_offset_reset == crate::config::OffsetReset::Earliest),
+            reader: sinks.positions.clone(),
+            idle_sinks: Some(sinks),
+            in_flight: None,
+            rejections_logged: 0,
+            aborted_in_a_row: 0,
+            read_to_end: false,
+            looked_up_at: None,
+            starts_tried_at: None,
+            unreadable: None,
+            consumer: Arc::new(consumer),
+            committing: None,
+            config,
+            progress,
+            crash,
+        }
+    }
+
+    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        let mut tick =
+            tokio::time::interval_at(Instant::now() + self.config.flush.interval, self.config.flush.interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            self.progress.turned();
+            let flushing = self.in_flight.is_some();
+            let committing = self.committing.is_some();
+            let read_resumes = self.unreadable.as_ref().and_then(|u| u.resumes_at);
+            let can_read = !self.buffer.is_full() && read_resumes.is_none();
+            let commit_retry = self.partitions.commit_retry_at();
+            tokio::select! {
+                // Shutdown first, so a stop request never waits behind a backlog; then a
+                // finished flush, so offsets are committed and the next flush can start
+                // before more is read; then commit results, which free offsets to retry.
+                biased;
+                () = shutdown.cancelled() => break,
+                done = join(&mut self.in_flight), if flushing => {
+                    self.in_flight = None;
+                    self.finish_flush(done?, shutdown).await?;
+                }
+                outcome = join(&mut self.committing), if committing => self.commit_finished(outcome),
+                _ = tick.tick() => {
+                    self.check_connection()?;
+                    self.sync_assignment(shutdown).await?;
+                    self.flush_now(shutdown).await;
+                    self.sample_gauges();
+                }
+                () = sleep_until(commit_retry), if commit_retry.is_some() => {}
+                () = sleep_until(read_resumes), if read_resumes.is_some() => self.resume_reading(),
+                message = self.consumer.recv(), if can_read => {
+                    let received = kafka::receive(message, &self.decode_options);
+                    self.handle(received, shutdown).await?;
+                }
+            }
+            // Exiting when caught up, the last batch has nothing more to wait for.
+            let last_batch = self.config.worker.exit_when_caught_up && self.read_to_end;
+            if self.buffer.is_full() || (last_batch && self.in_flight.is_none()) {
+                self.flush_now(shutdown).await;
+            }
+            self.send_due_commits();
+            if self.config.worker.exit_when_caught_up && self.is_caught_up(shutdown).await? {
+                info!("every assigned partition is written to its end; exiting");
+                break;
+            }
+        }
+        self.drain(shutdown).await
+    }
+
+    async fn handle(&mut self, received: kafka::Received, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        // No move to the table's starts with a message in hand: it was read before the
+        // move would take effect. `Partitions::seen` asks for the move from it instead.
+        self.apply_rebalances();
+        self.load_recorded(shutdown).await?;
+        match received {
+            kafka::Received::Update(update, size, kafka_time) => {
+                self.note_readable(&update.source);
+                if self.is_to_write(&update.source, shutdown).await? {
+                    self.buffer.push(update, size);
+                    self.buffer.note_kafka_time(kafka_time);
+                }
+            }
+            kafka::Received::Invalid(dead_letter) => {
+                self.note_readable(&dead_letter.source);
+                if self.is_to_write(&dead_letter.source, shutdown).await? {
+                    self.log_rejection(&dead_letter);
+                    self.buffer.reject(dead_letter);
+                }
+            }
+            kafka::Received::EndOfPartition => self.note_end_of_partition(),
+            kafka::Received::Error(error) => match kafka::BatchFault::of(&error) {
+                Some(fault) => self.read_again_after_unreadable(fault, shutdown).await?,
+                None => {
+                    self.check_connection()?;
+                    warn!(%error, "Kafka consumer error; librdkafka retries by itself");
+                }
+            },
+        }
+        self.progress.observe_buffered_bytes(self.buffer.bytes());
+        Ok(())
+    }
+
+    /// Applies the assignment changes librdkafka reported, then reads the table's
+    /// recorded offsets of newly assigned partitions.
+    async fn sync_assignment(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        self.apply_rebalances();
+        self.load_recorded(shutdown).await?;
+        self.move_to_starts(shutdown).await
+    }
+
+    /// Stops the worker when no connection to the cluster can be made (credentials,
+    /// certificates) and none ever succeeded: a configuration error, not an outage.
+    fn check_connection(&self) -> Result<(), WorkerError> {
+        match self.consumer.context().watch.fatal() {
+            Some(fault) => Err(fault.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies assignment changes: revoked partitions' buffers are dropped (their new
+    /// owner re-reads them) and their bookkeeping forgotten.
+    fn apply_rebalances(&mut self) {
+        for event in self.consumer.context().take_rebalances() {
+            match event {
+                Rebalanced::Assigned(partitions) => {
+                    self.partitions.assigned(&partitions);
+                    self.progress.joined.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Rebalanced::Revoked(partitions) => {
+                    // Its new owner meets the batch that cannot be read, if it still cannot.
+                    if self.unreadable.as_ref().and_then(|u| u.at.as_ref()).is_some_and(|b| partitions.contains(&b.tp))
+                    {
+                        self.forget_unreadable();
+                    }
+                    self.buffer.drop_partitions(&partitions);
+                    self.partitions.revoked(&partitions);
+                    for tp in &partitions {
+                        self.progress.metrics.forget_lag(tp);
+                    }
+                }
+            }
+            self.progress.assigned_partitions.store(self.partitions.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a consumed message and tells whether it still has to be written.
+    async fn is_to_write(&mut self, at: &Coordinates, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
+        self.read_to_end = false;
+        let mut seen = self.partitions.seen(at);
+        if seen == Seen::Unknown {
+            // A message of a partition whose assignment was not reported yet.
+            if !self.partitions.is_assigned(&at.tp) {
+                self.partitions.assigned(std::slice::from_ref(&at.tp));
+            }
+            self.load_recorded(shutdown).await?;
+            seen = self.partitions.seen(at);
+        }
+        if !matches!(seen, Seen::Rewind { .. }) {
+            // A message dropped for a move back is read again, and counted then.
+            Progress::bump(&self.progress.messages);
+        }
+        match seen {
+            Seen::Write => Ok(true),
+            Seen::Skip { seek_to } => {
+                Progress::bump(&self.progress.skipped_already_written);
+                if let Some(next) = seek_to {
+                    info!(partition = %at.tp, from = at.offset.0, to = next.0, "skipping messages the table already holds");
+                    if let Err(error) = kafka::seek(&self.consumer, &at.tp, next) {
+                        debug!(%error, "seek not possible yet; skipping message by message");
+                    }
+                }
+                Ok(false)
+            }
+            // Stopping while the table was read: the message is read again next time.
+            Seen::Unknown => Ok(false),
+            Seen::Rewind { from } => {
+                self.read_again_from(at, from, shutdown).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Logs a rejection with its coordinates, up to a bound per flush window.
+    fn log_rejection(&mut self, dead_letter: &DeadLetter) {
+        if self.rejections_logged < REJECTIONS_LOGGED_PER_FLUSH {
+            self.rejections_logged += 1;
+            let at = &dead_letter.source;
+            warn!(topic = %at.tp.topic, partition = at.tp.partition.0, offset = at.offset.0,
+                category = %dead_letter.category, reason = %dead_letter.reason,
+                "rejected message; it goes to the dead letters");
+        }
+    }
+
+    /// Notes, once, when every assigned partition has been read to its end.
+    fn note_end_of_partition(&mut self) {
+        let consumer = &self.consumer;
+        let at_end = self.partitions.is_read_to_end(|tp| kafka::cached_watermarks(consumer, tp));
+        if at_end && !self.read_to_end {
+            debug!(partitions = self.partitions.len(), "read every assigned partition to its end");
+        }
+        self.read_to_end = at_end;
+    }
+
+    /// Samples the gauges once per flush tick, not per message: what the buffer holds,
+    /// and each assigned partition's consumer lag (the log end, as librdkafka last saw
+    /// it, minus the group's committed offset).
+    fn sample_gauges(&self) {
+        self.progress.set_buffered(self.buffer.messages(), self.buffer.bytes(), self.buffer.is_full());
+        for (tp, committed) in self.partitions.committed_offsets() {
+            if let Some((low, high)) = kafka::cached_watermarks(&self.consumer, &tp) {
+                self.progress.metrics.set_lag(&tp, (high.0 - committed.unwrap_or(low).0).max(0));
+            }
+        }
+    }
+
+    /// Whether every assigned partition is read to its end and written.
+    async fn is_caught_up(&mut self, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
+        if !self.buffer.is_empty() || self.in_flight.is_some() {
+            return Ok(false);
+        }
+        self.sync_assignment(shutdown).await?;
+        self.look_up_unknown_positions(shutdown).await;
+        let consumer = &self.consumer;
+        Ok(self.partitions.is_read_to_end(|tp| kafka::cached_watermarks(consumer, tp)))
+    }
+
+    /// Finishes the running flush, writes what is buffered, and commits every durable
+    /// offset, all within `worker.shutdown_timeout`.
+    async fn drain(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        let timeout = self.config.worker.shutdown_timeout;
+        let deadline = Instant::now() + timeout;
+        let flushed = tokio::time::timeout_at(deadline, async {
+            self.await_in_flight(shutdown).await?;
+            self.start_flush();
+            self.await_in_flight(shutdown).await
+        })
+        .await;
+        match flushed {
+            Ok(result) => result?,
+            Err(_) => {
+                if let Some(handle) = self.in_flight.take() {
+                    handle.abort();
+                }
+                return Err(WorkerError::ShutdownTimedOut(timeout));
+            }
+        }
+        self.commit_durable_until(deadline).await;
+        Ok(())
+    }
+}
+
+/// Sleeps until `at`; never returns for `None` (the select! arm is disabled then).
+pub(crate) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for a background task; never returns for `None` (the select! arm is disabled then).
+pub(crate) async fn join<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, WorkerError> {
+    match task {
+        Some(handle) => Ok(handle.await?),
+        None => std::future::pending().await,
+    }
+}
