@@ -138,8 +138,9 @@ async fn a_worker_running_while_its_table_is_restored_stops_rather_than_write_ov
     let worker = spawn_worker(config.clone());
     let mut produced = Vec::new();
     for seed in 0..3 {
-        produced.extend(produce(&topic, &sample(400, 50, 80 + seed), None).await);
+        // The version before producing: a flush may land before `produce` returns.
         let version = table_version_or_zero(&table).await;
+        produced.extend(produce(&topic, &sample(400, 50, 80 + seed), None).await);
         wait_until(std::time::Duration::from_secs(60), "a flush of the new messages", async || {
             table_version_or_zero(&table).await > version
         })
