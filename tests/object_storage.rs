@@ -92,16 +92,11 @@ async fn the_binary_takes_s3_settings_from_aws_variables_and_logs_json_with_secr
         ),
     )
     .expect("write config");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_position-sink"));
-    command.args(["run", "--exit-when-caught-up", "--log-format", "json", "--config"]).arg(&config_file);
-    // The program's own default levels, whatever the test runner's RUST_LOG.
-    command.env_remove("RUST_LOG");
-    for (key, value) in s3_options() {
-        command.env(key, value);
-    }
-    let output = command.output().expect("run position-sink");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
+    let file = config_file.display().to_string();
+    let environment: Vec<(String, String)> = s3_options().into_iter().collect();
+    let (code, _, stderr) =
+        run_cli_with(&["run", "--exit-when-caught-up", "--log-format", "json", "--config", &file], &environment, None);
+    assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains(secret), "a secret reached the log:\n{stderr}");
     let lines: Vec<serde_json::Value> = stderr
         .lines()

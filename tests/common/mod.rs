@@ -182,18 +182,25 @@ pub fn spawn_binary(
 
 /// Runs the binary with `args` and returns its exit code, stdout and stderr.
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_position-sink"))
-        .args(args)
-        .env("RUST_LOG", "warn,position_sink=info")
-        .output()
-        .expect("run position-sink");
+    run_cli_with(args, &[], Some("warn,position_sink=info"))
+}
+
+/// [`run_cli`] with `env` set and `RUST_LOG` = `log` (`None`: unset, the program's own
+/// default levels, whatever the test runner's).
+pub fn run_cli_with(args: &[&str], env: &[(String, String)], log: Option<&str>) -> (i32, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_position-sink"));
+    command.args(args);
+    match log {
+        Some(log) => command.env("RUST_LOG", log),
+        None => command.env_remove("RUST_LOG"),
+    };
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run position-sink");
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    eprintln!(
-        "position-sink {args:?}: {}
-{stdout}{stderr}",
-        output.status
-    );
+    eprintln!("position-sink {args:?}: {}\n{stdout}{stderr}", output.status);
     (output.status.code().unwrap_or(-1), stdout, stderr)
 }
 
