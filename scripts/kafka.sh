@@ -33,7 +33,8 @@ RUN_DIR="${POSITION_SINK_KAFKA_RUN:-${TMPDIR:-/tmp}/position-sink-kafka}"
 log() { echo "kafka.sh: $*" >&2; }
 
 fetch() {
-  if [ -f "$LIBS/.complete" ]; then return 0; fi
+  # The marker names what the set holds: a set fetched before slf4j 2 was added is fetched again.
+  if [ -f "$LIBS/.complete-slf4j2" ]; then return 0; fi
   command -v mvn >/dev/null || { log "Maven (mvn) is required to fetch Kafka's jars"; exit 1; }
   command -v java >/dev/null || { log "Java 17+ is required to run Kafka"; exit 1; }
   local work="$CACHE/kafka-$KAFKA_VERSION"
@@ -61,17 +62,24 @@ fetch() {
       <artifactId>log4j-slf4j2-impl</artifactId>
       <version>2.24.3</version>
     </dependency>
+    <!-- The broker's logs reach log4j (and server.log) only through slf4j 2. -->
+    <dependency>
+      <groupId>org.slf4j</groupId>
+      <artifactId>slf4j-api</artifactId>
+      <version>2.0.16</version>
+    </dependency>
   </dependencies>
 </project>
 POM
   log "fetching Apache Kafka $KAFKA_VERSION jars from Maven Central"
+  rm -rf "$LIBS"
   if ! mvn -B -q -f "$work/pom.xml" dependency:copy-dependencies \
       -DoutputDirectory="$LIBS" -DincludeScope=runtime >"$work/mvn.log" 2>&1; then
     log "Maven could not fetch org.apache.kafka:kafka_2.13:$KAFKA_VERSION (is Maven Central reachable?); see $work/mvn.log"
     tail -20 "$work/mvn.log" >&2
     exit 1
   fi
-  touch "$LIBS/.complete"
+  touch "$LIBS/.complete-slf4j2"
 }
 
 # shellcheck source=scripts/lib/local-service.sh
@@ -86,20 +94,30 @@ java_opts_for() {
 # until every listener of its server.properties accepts connections (3 minutes at most:
 # a loaded machine starts a JVM slowly).
 launch() {
-  local port="$1" dir="$RUN_DIR/$1"
-  local java_opts; java_opts_for "$dir"
-  nohup java "${java_opts[@]}" -cp "$LIBS/*" kafka.Kafka "$dir/server.properties" >"$dir/server.log" 2>&1 9>&- &
-  echo $! > "$dir/pid"
+  local port="$1" dir="$RUN_DIR/$1" attempt
   local ports
   ports=$(sed -n 's/^listeners=//p' "$dir/server.properties" | tr ',' '\n' | sed 's/.*://')
-  for _ in $(seq 1 360); do
-    local closed=0 p
-    for p in $ports; do port_open "$p" || closed=$((closed + 1)); done
-    if [ "$closed" = 0 ]; then log "broker ready on 127.0.0.1:$port (pid $(cat "$dir/pid"), logs $dir/server.log)"; return 0; fi
-    if ! alive "$(cat "$dir/pid")"; then log "broker exited:"; tail -30 "$dir/server.log" >&2; exit 1; fi
-    sleep 0.5
+  # A listener port may be held for a moment by another program's outgoing connection
+  # (it lies in the kernel's ephemeral range): a broker that exits at start is started again.
+  for attempt in 1 2 3; do
+    local java_opts; java_opts_for "$dir"
+    nohup java "${java_opts[@]}" -cp "$LIBS/*" kafka.Kafka "$dir/server.properties" >"$dir/server.log" 2>&1 9>&- &
+    echo $! > "$dir/pid"
+    local _ closed p
+    for _ in $(seq 1 360); do
+      closed=0
+      for p in $ports; do port_open "$p" || closed=$((closed + 1)); done
+      if [ "$closed" = 0 ]; then log "broker ready on 127.0.0.1:$port (pid $(cat "$dir/pid"), logs $dir/server.log)"; return 0; fi
+      alive "$(cat "$dir/pid")" || break
+      sleep 0.5
+    done
+    if alive "$(cat "$dir/pid")"; then
+      log "broker did not open all of its listeners ($(echo $ports)) within 3 minutes"; tail -30 "$dir/server.log" >&2; exit 1
+    fi
+    log "broker exited at start (attempt $attempt of 3):"; grep -E "ERROR|Exception" "$dir/server.log" | tail -5 >&2
+    sleep 2
   done
-  log "broker did not open all of its listeners ($(echo $ports)) within 3 minutes"; tail -30 "$dir/server.log" >&2; exit 1
+  log "broker on port $port exited at start 3 times"; tail -30 "$dir/server.log" >&2; exit 1
 }
 
 # Kills the broker with SIGKILL and keeps its data: an outage, for tests.

@@ -12,6 +12,14 @@ PORT="${POSITION_SINK_TEST_PORT:-39092}"
 
 scripts/setup.sh
 OUTAGE_PORT=39192
+# Keep the brokers' and the S3 server's ports out of the kernel's ephemeral range, so no
+# outgoing connection holds one when a server starts (root only; best effort).
+reserved=/proc/sys/net/ipv4/ip_local_reserved_ports
+if [ -w "$reserved" ]; then
+  ours="$PORT-$((PORT + 5)),$OUTAGE_PORT-$((OUTAGE_PORT + 5)),${POSITION_SINK_TEST_S3_PORT:-39600}"
+  current="$(cat "$reserved")"
+  echo "${current:+$current,}$ours" > "$reserved" 2>/dev/null || true
+fi
 S3_PORT="${POSITION_SINK_TEST_S3_PORT:-39600}"
 scripts/kafka.sh stop "$PORT" >/dev/null 2>&1 || true
 scripts/kafka.sh stop "$OUTAGE_PORT" >/dev/null 2>&1 || true
