@@ -14,7 +14,7 @@ use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use super::{ClientError, ClientKind, Watched, client_config};
+use super::{ClientError, Watched};
 use crate::config::KafkaConfig;
 use crate::offsets::{Offset, TopicPartition};
 
@@ -104,13 +104,8 @@ pub fn find(
     partitions: &[(TopicPartition, Offset)],
 ) -> Result<Option<UnreadableBatch>, ClientError> {
     for (tp, from) in partitions {
-        let consumer: rdkafka::consumer::BaseConsumer<Watched> = client_config(
-            config,
-            ClientKind::Consumer,
-            &[("enable.auto.commit", "false"), ("enable.partition.eof", "true")],
-        )
-        .set("group.id", &config.group_id)
-        .create_with_context(Watched::default())?;
+        let consumer: super::Bystander = super::bystander_config(config, &[("enable.partition.eof", "true")])
+            .create_with_context(Watched::default())?;
         let mut list = rdkafka::TopicPartitionList::new();
         list.add_partition_offset(&tp.topic, tp.partition.0, rdkafka::Offset::Offset(from.0))?;
         consumer.assign(&list)?;

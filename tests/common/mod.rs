@@ -640,22 +640,6 @@ pub fn sample(count: usize, instruments: usize, seed: u64) -> Vec<Msg> {
     sample_with_bad(count, instruments, seed, 0)
 }
 
-/// Sample messages whose event times start at `start` (RFC 3339): later than the
-/// default start, they update the rows of an earlier sample.
-pub fn sample_from(count: usize, instruments: usize, seed: u64, start: &str) -> Vec<Msg> {
-    let start_micros = chrono::DateTime::parse_from_rfc3339(start).expect("RFC 3339").timestamp_micros();
-    position_sink::sample::generate(position_sink::sample::SampleSpec {
-        count,
-        instruments,
-        seed,
-        start_micros,
-        ..Default::default()
-    })
-    .into_iter()
-    .map(|m| Msg { key: Some(m.key.into_bytes()), value: Some(m.value), rejection: m.rejection.map(String::from) })
-    .collect()
-}
-
 /// Whether `group` committed every partition of `topic` to the end of `produced`.
 pub fn is_committed_to(group: &str, topic: &str, produced: &[Produced], partitions: i32) -> bool {
     committed_offsets(group, topic, partitions) == end_offsets(produced, partitions)
