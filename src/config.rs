@@ -39,6 +39,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// What recovery may accept.
     pub recovery: RecoveryConfig,
+    /// Checkpoints, log cleanup, vacuum and compaction of the tables.
+    pub maintenance: MaintenanceConfig,
     /// The metrics and health listener.
     pub http: HttpConfig,
     /// Log output.
@@ -167,6 +169,13 @@ pub struct DeltaConfig {
     pub max_rows_per_file: usize,
     /// Options for the object store (credentials, endpoint), passed to delta-rs.
     pub storage_options: Settings,
+    /// Delta table properties given to a table this program creates (both tables):
+    /// what maintenance keeps is decided by the table's own `delta.checkpointInterval`,
+    /// `delta.logRetentionDuration` and `delta.deletedFileRetentionDuration`, whoever set
+    /// them. An existing table keeps its properties (change them with Spark's
+    /// `ALTER TABLE ... SET TBLPROPERTIES` or deltalake's `alter.set_table_properties`).
+    /// Keys given here are added to the defaults or replace them.
+    pub table_properties: Settings,
 }
 
 impl Default for DeltaConfig {
@@ -177,7 +186,45 @@ impl Default for DeltaConfig {
             partition_by: PartitionBy::Symbol,
             max_rows_per_file: 100_000,
             storage_options: Settings::default(),
+            table_properties: Settings(
+                DEFAULT_TABLE_PROPERTIES.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ),
         }
+    }
+}
+
+/// The table properties of a table this program creates (docs/maintenance.md says why):
+/// a checkpoint every 100 commits (5 minutes of 3 s flushes), and an hour of history:
+/// commit files and removed data files are kept for an hour, so a reader in the middle
+/// of a read, time travel and `RESTORE` reach an hour back.
+pub const DEFAULT_TABLE_PROPERTIES: [(&str, &str); 3] = [
+    ("delta.checkpointInterval", "100"),
+    ("delta.logRetentionDuration", "interval 1 hours"),
+    ("delta.deletedFileRetentionDuration", "interval 1 hours"),
+];
+
+/// `[maintenance]`: what Delta has no table property for: whether and how often the
+/// workers clean the tables up, and when a Kafka partition's files are compacted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// Whether workers maintain the tables while they run (`position-sink maintain`
+    /// does the same on demand either way).
+    pub enabled: bool,
+    /// How often the table-wide work runs (log cleanup and vacuum of both tables, on
+    /// the one worker that owns partition 0 of the first topic) and how often each
+    /// worker looks for files of its partitions to compact.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A Kafka partition's files of one symbol (or of the whole partition, in the
+    /// `none` layout) are compacted once there are at least this many and their rows
+    /// fit in fewer files of `delta.max_rows_per_file` rows.
+    pub compaction_min_files: usize,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self { enabled: true, interval: Duration::from_secs(300), compaction_min_files: 4 }
     }
 }
 
@@ -477,7 +524,11 @@ impl Config {
             retry.max_retries = self.retry.max_retries,
             worker.shutdown_timeout = ?self.worker.shutdown_timeout,
             worker.exit_when_caught_up = self.worker.exit_when_caught_up,
+            delta.table_properties = ?self.delta.table_properties,
             recovery.on_offset_gap = %spelled(&self.recovery.on_offset_gap),
+            maintenance.enabled = self.maintenance.enabled,
+            maintenance.interval = ?self.maintenance.interval,
+            maintenance.compaction_min_files = self.maintenance.compaction_min_files,
             http.bind = %self.http.bind,
             log.format = %spelled(&self.log.format),
             "effective configuration"
@@ -571,6 +622,36 @@ impl Config {
                 "leave it empty (a table beside the positions table) or name another location",
             );
         }
+        if self.maintenance.interval.is_zero() {
+            return invalid("maintenance.interval", "is zero", "set a positive duration, e.g. \"5m\"");
+        }
+        if self.maintenance.compaction_min_files < 2 {
+            return invalid(
+                "maintenance.compaction_min_files",
+                "is below 2",
+                "set 2 or more (a single file is never compacted)",
+            );
+        }
+        if let Some((key, problem)) = invalid_table_property(&self.delta.table_properties) {
+            return Err(ConfigError::Invalid {
+                key: "delta.table_properties",
+                problem: format!("sets `{key}` {problem}"),
+                fix: "use a Delta interval such as \"interval 1 hours\" for durations and a positive count for \
+                      delta.checkpointInterval",
+            });
+        }
+        if self.dead_letter.destination == DeadLetterDestination::Table
+            && self
+                .dead_letter
+                .resolved_table_uri(&self.delta)
+                .starts_with(&format!("{}/", self.delta.table_uri.trim_end_matches('/')))
+        {
+            return invalid(
+                "dead_letter.table_uri",
+                "is inside the positions table's directory, where vacuum would delete its files",
+                "put it beside the positions table (leave it empty for <delta.table_uri>_dead_letters)",
+            );
+        }
         if self.retry.min_delay > self.retry.max_delay {
             return invalid("retry.min_delay", "is longer than retry.max_delay", "make min_delay <= max_delay");
         }
@@ -598,6 +679,51 @@ fn unsupported_sasl_mechanism(settings: &Settings) -> Option<(String, &'static s
             "set one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER (the one the cluster enables)",
         )
     })
+}
+
+/// A table property this program would create a table with that Delta cannot use.
+fn invalid_table_property(properties: &Settings) -> Option<(String, String)> {
+    for (key, value) in &properties.0 {
+        let problem = match key.as_str() {
+            "delta.checkpointInterval" => {
+                value.trim().parse::<u64>().ok().filter(|n| *n > 0).is_none().then(|| format!("to {value:?}"))
+            }
+            "delta.logRetentionDuration" | "delta.deletedFileRetentionDuration" => {
+                parse_delta_interval(value).is_none().then(|| format!("to {value:?}, not an interval"))
+            }
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            return Some((key.clone(), problem));
+        }
+    }
+    None
+}
+
+/// A Delta interval property (`interval 1 hours`, `interval 30 seconds`) as a duration,
+/// parsed as strictly as Delta's readers parse it (lower case, whole numbers, no months).
+pub fn parse_delta_interval(value: &str) -> Option<Duration> {
+    let mut words = value.split_whitespace();
+    if words.next() != Some("interval") {
+        return None;
+    }
+    let count: u64 = words.next()?.parse().ok()?;
+    let unit = words.next()?;
+    if words.next().is_some() {
+        return None;
+    }
+    let seconds = match unit.strip_suffix('s').unwrap_or(unit) {
+        "nanosecond" => return Some(Duration::from_nanos(count)),
+        "microsecond" => return Some(Duration::from_micros(count)),
+        "millisecond" => return Some(Duration::from_millis(count)),
+        "second" => 1,
+        "minute" => 60,
+        "hour" => 3600,
+        "day" => 86_400,
+        "week" => 604_800,
+        _ => return None,
+    };
+    Some(Duration::from_secs(count.checked_mul(seconds)?))
 }
 
 fn is_valid_topic(topic: &str) -> bool {
@@ -714,6 +840,23 @@ mod tests {
         let err = load_toml("[dead_letter]\ndestination = \"topic\"\ntopic = \"positions\"\n").unwrap_err().to_string();
         assert!(err.contains("kafka.topics"), "{err}");
         assert!(load_toml("[dead_letter]\ndestination = \"topic\"\ntopic = \"dlq\"\n").is_ok());
+    }
+
+    #[test]
+    fn table_properties_add_to_the_defaults_and_are_checked() {
+        let c = load_toml("[delta.table_properties]\n\"delta.logRetentionDuration\" = \"interval 2 days\"\n").unwrap();
+        let properties = &c.delta.table_properties;
+        assert_eq!(properties.get("delta.logRetentionDuration"), Some("interval 2 days"));
+        assert_eq!(properties.get("delta.checkpointInterval"), Some("100"), "defaults stay");
+        let err = load_toml("[delta.table_properties]\n\"delta.deletedFileRetentionDuration\" = \"1 fortnight\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("delta.table_properties") && err.contains("deletedFileRetentionDuration"), "{err}");
+        assert_eq!(parse_delta_interval("interval 1 hours"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_delta_interval("interval 90 seconds"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_delta_interval("interval 1 week"), Some(Duration::from_secs(604_800)));
+        assert_eq!(parse_delta_interval("soon"), None);
+        assert_eq!(parse_delta_interval("1 hours"), None, "Delta's readers need the word interval");
     }
 
     #[test]

@@ -117,13 +117,19 @@ pub struct TableSpec {
     pub layout_key: Option<&'static str>,
 }
 
-/// Opens the table at `uri`, creating it from `spec` if missing, and checks that an
-/// existing table can hold `spec`'s rows.
+/// Opens the table at `uri`, creating it from `spec` with the table `properties` if
+/// missing, and checks that an existing table can hold `spec`'s rows. An existing
+/// table keeps its own properties.
 ///
 /// # Errors
 /// [`TableError::Open`] when storage fails, [`TableError::Incompatible`] when the table
 /// exists with other columns or partitioning.
-pub async fn open_or_create(uri: &str, storage_options: &Settings, spec: &TableSpec) -> Result<DeltaTable, TableError> {
+pub async fn open_or_create(
+    uri: &str,
+    storage_options: &Settings,
+    spec: &TableSpec,
+    properties: &Settings,
+) -> Result<DeltaTable, TableError> {
     let open_err = |source| TableError::Open { uri: uri.to_string(), source: Box::new(source) };
     let url = deltalake::ensure_table_uri(uri).map_err(open_err)?;
     let options: HashMap<String, String> = storage_options.0.clone().into_iter().collect();
@@ -136,6 +142,7 @@ pub async fn open_or_create(uri: &str, storage_options: &Settings, spec: &TableS
             .with_partition_columns(spec.partition_columns.iter().copied())
             .with_table_name(spec.name)
             .with_comment(spec.comment)
+            .with_configuration(properties.0.iter().map(|(k, v)| (k.clone(), Some(v.clone()))))
             .await;
         table = match created {
             Ok(t) => t,

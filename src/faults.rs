@@ -104,6 +104,21 @@ impl CrashPoints {
     }
 }
 
+/// Environment variable read by the binary built with `fault-injection`: when set to
+/// `1`, the process aborts (as SIGKILL would) after a compaction wrote its files and
+/// before it commits them.
+#[cfg(feature = "fault-injection")]
+pub const ABORT_BEFORE_COMPACTION_COMMIT_ENV: &str = "POSITION_SINK_FAULT_ABORT_BEFORE_COMPACTION_COMMIT";
+
+/// Aborts the process if [`ABORT_BEFORE_COMPACTION_COMMIT_ENV`] asks for it.
+#[cfg(feature = "fault-injection")]
+pub(crate) fn maybe_abort_before_compaction_commit() {
+    if std::env::var(ABORT_BEFORE_COMPACTION_COMMIT_ENV).is_ok_and(|v| v == "1") {
+        eprintln!("position-sink: injected abort after a compaction wrote its files, before its commit");
+        std::process::abort();
+    }
+}
+
 #[cfg(feature = "fault-injection")]
 fn is_due(after: Option<usize>, count: u64) -> bool {
     after.is_some_and(|n| count >= n as u64)

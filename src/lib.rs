@@ -37,6 +37,7 @@ pub mod decode;
 pub mod delta;
 pub mod faults;
 pub mod kafka;
+pub mod maintenance;
 pub mod offsets;
 pub mod ops;
 pub mod retry;

@@ -39,7 +39,8 @@ impl Cli {
             | Command::Show { common, .. }
             | Command::Inspect { common, .. }
             | Command::Replay { common, .. }
-            | Command::Reconcile { common, .. } => common,
+            | Command::Reconcile { common, .. }
+            | Command::Maintain { common, .. } => common,
             Command::DeadLetters { action: DeadLetterAction::List { common, .. } }
             | Command::DeadLetters { action: DeadLetterAction::Republish { common, .. } } => common,
         };
@@ -160,6 +161,18 @@ enum Command {
         /// Differences listed in the table format.
         #[arg(long, default_value_t = 50)]
         details: usize,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Compact, clean up the log and vacuum the tables now (what the workers do every
+    /// maintenance.interval), or with --dry-run list what that would remove.
+    Maintain {
+        #[command(flatten)]
+        common: Common,
+        /// Only list what would be removed, and how many bytes.
+        #[arg(long)]
+        dry_run: bool,
         /// `table` for people, `json` for scripts.
         #[arg(long, value_enum, default_value_t)]
         format: Format,
@@ -347,6 +360,13 @@ async fn dispatch(cli: Cli, log_format: LogFormat) -> anyhow::Result<Outcome> {
             let tolerances = ops::reconcile::Tolerances { position: tolerance, stale_after };
             let report = ops::reconcile::reconcile(&config, &snapshot, as_of.as_deref(), tolerances).await?;
             Ok(ops::reconcile::print(&report, format, details))
+        }
+        Command::Maintain { common, dry_run, format } => {
+            let config = common.load(Figment::new())?;
+            let progress_bar = format == Format::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let options = ops::maintain::MaintainOptions { dry_run, progress_bar };
+            let report = ops::maintain::maintain(&config, &options).await?;
+            Ok(ops::maintain::print(&report, format))
         }
         Command::DeadLetters { action } => dead_letters(action).await.map(|()| Outcome::Clean),
     }

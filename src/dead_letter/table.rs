@@ -68,9 +68,19 @@ impl DeadLetterTable {
     ///
     /// # Errors
     /// [`TableError::Open`] or [`TableError::Incompatible`].
-    pub async fn open_or_create(uri: &str, storage_options: &Settings, group_id: &str) -> Result<Self, TableError> {
-        let table = delta::open_or_create(uri, storage_options, &spec()).await?;
+    pub async fn open_or_create(
+        uri: &str,
+        storage_options: &Settings,
+        properties: &Settings,
+        group_id: &str,
+    ) -> Result<Self, TableError> {
+        let table = delta::open_or_create(uri, storage_options, &spec(), properties).await?;
         Ok(Self { table, uri: uri.to_string(), group_id: group_id.to_string() })
+    }
+
+    /// The Delta table handle, at the version this handle last saw.
+    pub fn delta(&self) -> &DeltaTable {
+        &self.table
     }
 
     /// The table location.
@@ -121,7 +131,12 @@ impl DeadLetterTable {
             .clone()
             .write([batch])
             .with_save_mode(SaveMode::Append)
-            .with_commit_properties(CommitProperties::default().with_application_transactions(transactions))
+            .with_commit_properties(
+                CommitProperties::default()
+                    .with_application_transactions(transactions)
+                    // Log cleanup is maintenance's (one worker, on a schedule), not every commit's.
+                    .with_cleanup_expired_logs(Some(false)),
+            )
             .await
             .map_err(write_err)?;
         for d in &new {

@@ -1,7 +1,6 @@
 //! `position-sink inspect`: where the table, the group and the log stand, side by side,
 //! with a sentence wherever they disagree.
 
-use futures::TryStreamExt;
 use serde::Serialize;
 
 use super::show::plain_table;
@@ -45,6 +44,15 @@ pub struct TableFacts {
     pub live_bytes: u64,
     /// Bytes of every object under the table's location (removed files and the log too).
     pub bytes_on_disk: u64,
+    /// Data files on storage, referenced or not, and their bytes; the log; the newest
+    /// checkpoint and the commits a fresh reader reads after it.
+    pub storage: crate::maintenance::Footprint,
+    /// The table's retention settings.
+    pub retention: crate::maintenance::RetentionSettings,
+    /// The last vacuum and the last compaction among the last commits, RFC 3339.
+    pub last_vacuum: Option<String>,
+    /// See `last_vacuum`.
+    pub last_compaction: Option<String>,
     /// Partition columns.
     pub partition_columns: Vec<String>,
     /// Distinct partition values (symbols in the `symbol` layout).
@@ -206,12 +214,11 @@ async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFa
             partition_values.insert(format!("{values:?}"));
         }
     }
-    let bytes_on_disk = table
-        .object_store()
-        .list(None)
-        .try_fold(0u64, |sum, object| async move { Ok(sum + object.size) })
-        .await
-        .map_err(|e| read_err(e.into()))?;
+    let objects = crate::maintenance::footprint::list_objects(table).await.map_err(read_err)?;
+    let bytes_on_disk = objects.values().map(|(size, _)| size).sum();
+    let storage = crate::maintenance::footprint::of(table, &objects).map_err(read_err)?;
+    let retention = crate::maintenance::RetentionSettings::of(table).map_err(read_err)?;
+    let (last_vacuum, last_compaction) = last_maintenance(table, uri).await?;
     Ok(TableFacts {
         uri: uri.to_string(),
         version: table.version().map_or(-1, |v| v as i64),
@@ -219,9 +226,49 @@ async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFa
         live_files,
         live_bytes,
         bytes_on_disk,
+        storage,
+        retention,
+        last_vacuum,
+        last_compaction,
         partition_columns: snapshot.metadata().partition_columns().to_vec(),
         partitions: partition_values.len(),
     })
+}
+
+/// Commits read back for the last vacuum and compaction (a worker runs both every
+/// maintenance.interval, so they are found within a few hundred commits).
+const MAINTENANCE_LOOKBACK: u64 = 2000;
+
+/// When the last vacuum and the last compaction were committed, among the last
+/// [`MAINTENANCE_LOOKBACK`] commits (read a few at a time; only their `commitInfo`).
+async fn last_maintenance(
+    table: &deltalake::DeltaTable,
+    uri: &str,
+) -> Result<(Option<String>, Option<String>), OpsError> {
+    let read_err = |source| crate::delta::TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let latest = table.version().unwrap_or(0);
+    let log_store = table.log_store();
+    let versions: Vec<u64> = (latest.saturating_sub(MAINTENANCE_LOOKBACK - 1)..=latest).rev().collect();
+    let (mut vacuum, mut compaction) = (None, None);
+    for chunk in versions.chunks(32) {
+        let reads = chunk.iter().map(|v| log_store.read_commit_entry(*v));
+        let commits = futures::future::try_join_all(reads).await.map_err(read_err)?;
+        for bytes in commits.into_iter().flatten() {
+            let Some(line) = bytes.split(|b| *b == b'\n').find(|l| l.starts_with(b"{\"commitInfo\"")) else { continue };
+            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+            let info = &action["commitInfo"];
+            let time = info["timestamp"].as_i64().map(|ms| rfc3339(ms * 1000));
+            match info["operation"].as_str() {
+                Some("VACUUM END") if vacuum.is_none() => vacuum = time,
+                Some("OPTIMIZE") if compaction.is_none() => compaction = time,
+                _ => {}
+            }
+        }
+        if vacuum.is_some() && compaction.is_some() {
+            break;
+        }
+    }
+    Ok((vacuum, compaction))
 }
 
 async fn last_commits(table: &deltalake::DeltaTable, uri: &str) -> Result<Vec<CommitFacts>, OpsError> {
@@ -267,7 +314,25 @@ pub fn print(report: &Inspection, format: Format) {
     println!("version        {}", t.version);
     println!("rows           {}", t.rows);
     println!("live files     {} ({} bytes)", t.live_files, t.live_bytes);
-    println!("bytes on disk  {}", t.bytes_on_disk);
+    let f = &t.storage;
+    println!("bytes on disk  {} (data files: {} on disk, {} bytes)", t.bytes_on_disk, f.files_on_disk, f.bytes_on_disk);
+    println!(
+        "log            {} files ({} bytes); checkpoint {}, {} commits after it",
+        f.log_files,
+        f.log_bytes,
+        f.checkpoint_version.map_or("none".to_string(), |v| format!("at version {v}")),
+        f.commits_since_checkpoint
+    );
+    let r = &t.retention;
+    println!(
+        "retention      checkpoint every {} commits, log kept {}, removed files kept {}",
+        r.checkpoint_interval,
+        humantime::format_duration(r.log_retention),
+        humantime::format_duration(r.deleted_file_retention)
+    );
+    let never = || format!("none in the last {MAINTENANCE_LOOKBACK} commits");
+    println!("last vacuum    {}", t.last_vacuum.clone().unwrap_or_else(never));
+    println!("last compaction {}", t.last_compaction.clone().unwrap_or_else(never));
     let layout = if t.partition_columns.is_empty() { "none".to_string() } else { t.partition_columns.join(", ") };
     println!("partitioned by {layout} ({} partitions)", t.partitions);
     println!();

@@ -1,4 +1,4 @@
-//! The operator's commands: `show`, `inspect`, `replay` and `reconcile`. Each reads the
+//! The operator's commands: `show`, `inspect`, `replay`, `reconcile` and `maintain`. Each reads the
 //! table (and Kafka) and prints a report, as an aligned table for people or as JSON
 //! for scripts; none of them runs inside the worker.
 //!
@@ -8,6 +8,7 @@
 
 pub mod dead_letters;
 pub mod inspect;
+pub mod maintain;
 pub mod reconcile;
 pub mod replay;
 pub mod show;

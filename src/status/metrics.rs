@@ -63,7 +63,13 @@ struct Counters(std::sync::Arc<Progress>);
 impl Collector for Counters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let p = &self.0;
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 14] = [
+            ("position_sink_compactions", "Compactions of this worker's files committed", Progress::get(&p.compactions)),
+            (
+                "position_sink_maintenance_files_removed",
+                "Data files (vacuum) and log files (log cleanup) removed by this worker's maintenance",
+                Progress::get(&p.files_removed_by_maintenance),
+            ),
             ("position_sink_messages_consumed", "Messages read from Kafka, valid or not", Progress::get(&p.messages)),
             (
                 "position_sink_messages_skipped",
@@ -166,8 +172,76 @@ impl Collector for Counters {
             let g = ConstGauge::new(value);
             g.encode(encoder.encode_descriptor(name, help, unit, g.metric_type())?)?;
         }
-        Ok(())
+        encode_maintenance(&p.maintenance(), &mut encoder)
     }
+}
+
+/// The maintenance gauges, once this worker measured them.
+fn encode_maintenance(m: &super::MaintenanceStatus, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let labelled: [(&str, &str, Option<&Unit>, [(&str, Option<u64>); 2]); 2] = [
+        (
+            "position_sink_table_files",
+            "Positions-table data files on storage (state=on_disk) and referenced by the latest version (state=live)",
+            None,
+            [("on_disk", m.files_on_disk), ("live", m.live_files)],
+        ),
+        (
+            "position_sink_table",
+            "Bytes of positions-table data files on storage (state=on_disk) and live (state=live)",
+            Some(&Unit::Bytes),
+            [("on_disk", m.bytes_on_disk), ("live", m.live_bytes)],
+        ),
+    ];
+    for (name, help, unit, values) in labelled {
+        if values.iter().all(|(_, v)| v.is_none()) {
+            continue;
+        }
+        let mut family = encoder.encode_descriptor(name, help, unit, prometheus_client::metrics::MetricType::Gauge)?;
+        for (state, value) in values {
+            if let Some(value) = value {
+                let labels = vec![("state".to_string(), state.to_string())];
+                ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    let plain: [(&str, &str, Option<&Unit>, Option<u64>); 3] = [
+        ("position_sink_table_log_files", "Files in the positions table's _delta_log", None, m.log_files),
+        ("position_sink_table_log", "Bytes of the positions table's _delta_log", Some(&Unit::Bytes), m.log_bytes),
+        (
+            "position_sink_table_commits_since_checkpoint",
+            "Commit files a fresh reader of the positions table reads after its newest checkpoint",
+            None,
+            m.commits_since_checkpoint,
+        ),
+    ];
+    for (name, help, unit, value) in plain {
+        if let Some(value) = value {
+            let g = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            g.encode(encoder.encode_descriptor(name, help, unit, g.metric_type())?)?;
+        }
+    }
+    let runs: Vec<(&str, (f64, f64))> =
+        [("clean", m.last_clean), ("compaction", m.last_compaction)].into_iter().filter_map(|(t, r)| Some((t, r?))).collect();
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let families: [(&str, &str, fn((f64, f64)) -> f64); 2] = [
+        (
+            "position_sink_maintenance_last_run_timestamp",
+            "When this worker last ran maintenance (task=clean: log cleanup and vacuum; task=compaction)",
+            |(at, _)| at,
+        ),
+        ("position_sink_maintenance_last_duration", "How long this worker's last maintenance run took, by task", |(_, took)| took),
+    ];
+    for (name, help, value) in families {
+        let mut family =
+            encoder.encode_descriptor(name, help, Some(&Unit::Seconds), prometheus_client::metrics::MetricType::Gauge)?;
+        for (task, run) in &runs {
+            let labels = vec![("task".to_string(), task.to_string())];
+            ConstGauge::new(value(*run)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 fn gauge(value: &std::sync::atomic::AtomicU64) -> i64 {

@@ -79,6 +79,48 @@ pub struct Progress {
     pub loop_period_millis: AtomicU64,
     /// Where the HTTP listener listens, once it does.
     pub http_address: std::sync::OnceLock<std::net::SocketAddr>,
+    /// Compactions committed by this worker.
+    pub compactions: AtomicU64,
+    /// Data and log files this worker's maintenance removed.
+    pub files_removed_by_maintenance: AtomicU64,
+    /// What the last maintenance runs found and when they ran.
+    pub maintenance: Mutex<MaintenanceStatus>,
+}
+
+/// The table's storage as this worker's maintenance last measured it, and when each
+/// kind of maintenance last ran here (absent: not yet, or not on this worker).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MaintenanceStatus {
+    /// Positions-table data files on storage, referenced or not.
+    pub files_on_disk: Option<u64>,
+    /// Their bytes.
+    pub bytes_on_disk: Option<u64>,
+    /// Data files the latest version references.
+    pub live_files: Option<u64>,
+    /// Their bytes.
+    pub live_bytes: Option<u64>,
+    /// Files under `_delta_log/`.
+    pub log_files: Option<u64>,
+    /// Their bytes.
+    pub log_bytes: Option<u64>,
+    /// Commit files after the newest checkpoint.
+    pub commits_since_checkpoint: Option<u64>,
+    /// The last table-wide run (log cleanup, vacuum): Unix seconds, and seconds taken.
+    pub last_clean: Option<(f64, f64)>,
+    /// The last compaction check of this worker's files: Unix seconds, and seconds taken.
+    pub last_compaction: Option<(f64, f64)>,
+}
+
+impl Progress {
+    /// Updates what maintenance last found.
+    pub fn update_maintenance(&self, change: impl FnOnce(&mut MaintenanceStatus)) {
+        change(&mut self.maintenance.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// What maintenance last found.
+    pub fn maintenance(&self) -> MaintenanceStatus {
+        self.maintenance.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }
 
 impl Progress {

@@ -13,6 +13,16 @@ use super::PositionTable;
 use super::key_index::{FileId, KeyIndex};
 use crate::offsets::TopicPartition;
 
+/// What a commit of the positions table does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CommitKind {
+    /// A flush: rows changed, offsets recorded.
+    Flush,
+    /// A compaction: the same rows in fewer files, no offsets (`dataChange: false`,
+    /// so streaming readers skip it).
+    Compaction,
+}
+
 impl PositionTable {
     /// Commits the removal of the `rewritten` files, the `adds` and the `transactions`
     /// on top of this handle's version, reading the files of `partitions`.
@@ -21,6 +31,7 @@ impl PositionTable {
     /// When the commit conflicts with another writer's, or storage fails.
     pub(super) async fn commit(
         &self,
+        kind: CommitKind,
         partitions: &[TopicPartition],
         rewritten: &[FileId],
         adds: &[Add],
@@ -30,18 +41,28 @@ impl PositionTable {
         let removed_paths: HashSet<&str> =
             rewritten.iter().filter_map(|id| index.file(*id)).map(|f| f.path.as_str()).collect();
         let snapshot = self.table.snapshot()?;
+        let data_change = kind == CommitKind::Flush;
         let mut actions: Vec<Action> = snapshot
             .log_data()
             .iter()
             .filter(|view| removed_paths.contains(view.path().as_ref()))
-            .map(|view| Action::Remove(view.remove_action(true)))
+            .map(|view| Action::Remove(deltalake::kernel::Remove { data_change, ..view.remove_action(true) }))
             .collect();
-        actions.extend(adds.iter().cloned().map(Action::Add));
-        let operation = self.operation(partitions, rewritten, index);
+        actions.extend(adds.iter().cloned().map(|add| Action::Add(Add { data_change, ..add })));
+        let operation = match kind {
+            CommitKind::Flush => self.operation(partitions, rewritten, index),
+            CommitKind::Compaction => DeltaOperation::Optimize {
+                predicate: partitions_predicate(partitions),
+                target_size: i64::try_from(self.max_rows_per_file).unwrap_or(i64::MAX),
+            },
+        };
         let read_version = serde_json::json!(snapshot.version());
         let properties = CommitProperties::default()
             .with_metadata([("readVersion".to_string(), read_version)])
-            .with_application_transactions(transactions);
+            .with_application_transactions(transactions)
+            // Log cleanup is maintenance's (one worker, on a schedule), not every commit's;
+            // checkpoints stay with the commit that reaches delta.checkpointInterval.
+            .with_cleanup_expired_logs(Some(false));
         CommitBuilder::from(properties)
             .with_actions(actions)
             .build(Some(snapshot), self.table.log_store(), operation)
@@ -60,16 +81,7 @@ impl PositionTable {
             whole_table |= !is_plain_name(&tp.topic);
             owners.entry(tp.topic.as_str()).or_default().insert(tp.partition.0);
         }
-        let predicate = (!whole_table && !owners.is_empty()).then(|| {
-            owners
-                .iter()
-                .map(|(topic, ps)| {
-                    let list: Vec<String> = ps.iter().map(i32::to_string).collect();
-                    format!("(kafka_topic = '{topic}' AND kafka_partition IN ({}))", list.join(", "))
-                })
-                .collect::<Vec<_>>()
-                .join(" OR ")
-        });
+        let predicate = (!whole_table && !owners.is_empty()).then(|| owners_predicate(&owners));
         let keys: Vec<&str> = self.key_columns.iter().map(|k| k.name()).collect();
         DeltaOperation::Merge {
             predicate,
@@ -84,6 +96,30 @@ impl PositionTable {
             not_matched_by_source_predicates: Vec::new(),
         }
     }
+}
+
+/// `(kafka_topic = 't' AND kafka_partition IN (0, 1)) OR ...`.
+fn owners_predicate(owners: &BTreeMap<&str, BTreeSet<i32>>) -> String {
+    owners
+        .iter()
+        .map(|(topic, ps)| {
+            let list: Vec<String> = ps.iter().map(i32::to_string).collect();
+            format!("(kafka_topic = '{topic}' AND kafka_partition IN ({}))", list.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// The predicate naming `partitions`' rows, when their topics can be quoted.
+fn partitions_predicate(partitions: &[TopicPartition]) -> Option<String> {
+    let mut owners: BTreeMap<&str, BTreeSet<i32>> = BTreeMap::new();
+    for tp in partitions {
+        if !is_plain_name(&tp.topic) {
+            return None;
+        }
+        owners.entry(tp.topic.as_str()).or_default().insert(tp.partition.0);
+    }
+    (!owners.is_empty()).then(|| owners_predicate(&owners))
 }
 
 /// Whether a topic name can be quoted in the conflict predicate as it is (Kafka allows

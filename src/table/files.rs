@@ -10,7 +10,6 @@ use deltalake::arrow::datatypes::Int32Type;
 use deltalake::kernel::Add;
 use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use deltalake::table::config::TablePropertiesExt;
 use deltalake::{DeltaTableError, ObjectStore};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
@@ -28,14 +27,18 @@ impl PositionTable {
         let rows = files.iter().map(|f| f.rows.num_rows()).sum();
         let write_err = |source| TableError::Write { uri: self.uri.clone(), rows, source: Box::new(source) };
         let snapshot = self.table.snapshot().map_err(write_err)?;
+        // The table's own choice of statistics (delta.dataSkippingStatsColumns or
+        // delta.dataSkippingNumIndexedCols), whoever set it.
+        let (indexed_columns, statistics_columns) =
+            deltalake::operations::get_num_idx_cols_and_stats_columns(Some(snapshot.table_config()), Default::default());
         let config = WriterConfig::new(
             schema(),
             self.layout.columns().iter().map(|c| c.to_string()).collect(),
             None,
             None,
             None,
-            snapshot.table_config().num_indexed_cols(),
-            None,
+            indexed_columns,
+            statistics_columns,
         );
         let store = self.table.object_store();
         let writes: Vec<_> = files

@@ -141,6 +141,37 @@ impl KeyIndex {
         self.duplicates.iter().map(|(key, id)| (key, *id))
     }
 
+    /// The groups of `owners`' files worth compacting: at least `min_files` files whose
+    /// rows fit in fewer files of `max_rows` rows. Each group's files, smallest groups
+    pub fn groups_to_compact(
+        &self,
+        owners: &[TopicPartition],
+        min_files: usize,
+        max_rows: usize,
+    ) -> Vec<(FileGroup, Vec<FileId>)> {
+        let mut found: Vec<(FileGroup, Vec<FileId>)> = self
+            .by_group
+            .iter()
+            .filter(|(group, ids)| {
+                group.owner.as_ref().is_some_and(|owner| owners.contains(owner)) && ids.len() >= min_files.max(2)
+            })
+            .filter_map(|(group, ids)| {
+                let rows: usize = ids.iter().filter_map(|id| self.files.get(id)).map(|f| f.rows).sum();
+                let mut ids: Vec<FileId> = ids.iter().copied().collect();
+                ids.sort_unstable();
+                (rows.div_ceil(max_rows.max(1)) < ids.len()).then(|| (group.clone(), ids))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// The Kafka partitions that own files.
+    pub fn owners(&self) -> Vec<TopicPartition> {
+        let owners: BTreeSet<&TopicPartition> = self.by_group.keys().filter_map(|g| g.owner.as_ref()).collect();
+        owners.into_iter().cloned().collect()
+    }
+
     /// Keys indexed.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -244,5 +275,18 @@ mod tests {
         assert_eq!(index.smallest_in(&group(0), 100), Some(small));
         assert_eq!(index.smallest_in(&group(0), 3), None, "every file is full");
         assert_eq!(index.smallest_in(&group(2), 100), None);
+    }
+
+    #[test]
+    fn only_an_owned_group_of_enough_files_that_fit_in_fewer_is_compacted() {
+        let mut index = KeyIndex::default();
+        let a = index.add_file("a".into(), group(0), (0..2).map(key));
+        let b = index.add_file("b".into(), group(0), (2..4).map(key));
+        index.add_file("c".into(), group(1), [key(10)]);
+        index.add_file("d".into(), group(1), [key(11)]);
+        let owned = [TopicPartition::new("positions", 0)];
+        assert_eq!(index.groups_to_compact(&owned, 2, 100), vec![(group(0), vec![a, b])]);
+        assert!(index.groups_to_compact(&owned, 3, 100).is_empty(), "fewer files than the threshold");
+        assert!(index.groups_to_compact(&owned, 2, 2).is_empty(), "two full files cannot be fewer");
     }
 }

@@ -85,6 +85,33 @@ pub fn plan(
     key_columns: &[KeyColumn],
     max_rows_per_file: usize,
 ) -> Result<Plan, ArrowError> {
+    lay_out(touched, batch, layout, key_columns, max_rows_per_file, false)
+}
+
+/// Plans the compaction of `files`: all of them rewritten into as few files of at most
+/// `max_rows_per_file` rows per group as hold their rows (a key held twice keeps only
+/// its newest row).
+///
+/// # Errors
+/// As [`plan`].
+pub fn pack(
+    files: &[TouchedFile],
+    layout: PartitionBy,
+    key_columns: &[KeyColumn],
+    max_rows_per_file: usize,
+) -> Result<Plan, ArrowError> {
+    let nothing = RecordBatch::new_empty(schema());
+    lay_out(files, &nothing, layout, key_columns, max_rows_per_file, true)
+}
+
+fn lay_out(
+    touched: &[TouchedFile],
+    batch: &RecordBatch,
+    layout: PartitionBy,
+    key_columns: &[KeyColumn],
+    max_rows_per_file: usize,
+    rewrite_all: bool,
+) -> Result<Plan, ArrowError> {
     let mut parts: Vec<&RecordBatch> = touched.iter().map(|f| &f.rows).collect();
     parts.push(batch);
     let rows = concat_batches(&schema(), parts)?;
@@ -127,7 +154,7 @@ pub fn plan(
         is_winner[row] = true;
     }
     let mut gaining = std::collections::HashSet::new();
-    let mut rewrite = vec![false; touched.len()];
+    let mut rewrite = vec![rewrite_all; touched.len()];
     for (row, origin) in origins.iter().enumerate() {
         match origin {
             Origin::File(file) if !is_winner[row] => rewrite[*file] = true,
@@ -346,5 +373,15 @@ mod tests {
         let owners: Vec<_> = plan.files.iter().map(|f| f.group.owner.as_ref().map(|o| o.partition.0)).collect();
         assert_eq!(owners, vec![Some(0), Some(1)]);
         assert_eq!(conids(&plan), vec![vec![1, 3], vec![2]]);
+    }
+
+    #[test]
+    fn packing_rewrites_every_file_into_as_few_as_hold_the_rows() {
+        let small = |id, conids: &[i64]| file(id, &conids.iter().map(|c| update(*c, "A", 1, 0, *c)).collect::<Vec<_>>());
+        let files = [small(1, &[5, 1]), small(2, &[2]), small(3, &[4, 3])];
+        let plan = pack(&files, PartitionBy::Symbol, &[KeyColumn::Conid], 3).expect("pack");
+        assert_eq!(plan.rewritten, vec![1, 2, 3]);
+        assert_eq!(conids(&plan), vec![vec![1, 2, 3], vec![4, 5]], "two files of at most 3 rows, in key order");
+        assert_eq!((plan.inserted, plan.updated, plan.unchanged), (0, 0, 0));
     }
 }

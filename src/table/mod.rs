@@ -17,6 +17,7 @@
 //!   partitions, so workers of one group commit side by side.
 
 mod commit;
+mod compact;
 mod files;
 pub mod key_index;
 pub mod merge;
@@ -36,6 +37,8 @@ use crate::config::{DeltaConfig, PartitionBy};
 pub use crate::delta::TableError;
 use crate::delta::{self, TableSpec};
 use crate::offsets::{Offset, TopicPartition};
+use crate::table::commit::CommitKind;
+pub use crate::table::compact::CompactionReport;
 use crate::table::key_index::{FileGroup, FileId, KeyIndex};
 use crate::table::merge::TouchedFile;
 use crate::table::schema::{PARTITION_COLUMN, schema, to_record_batch};
@@ -84,7 +87,7 @@ pub struct WriteReport {
 
 impl WriteReport {
     /// A write of `rows_offered` rows that changed nothing (yet) at `version`.
-    fn nothing(version: Option<TableVersion>, rows_offered: usize, started: Instant) -> Self {
+    pub(crate) fn nothing(version: Option<TableVersion>, rows_offered: usize, started: Instant) -> Self {
         Self {
             version: version.unwrap_or(TableVersion(0)),
             rows_offered,
@@ -121,8 +124,10 @@ impl PositionTable {
     /// [`TableError::Open`] when storage fails, [`TableError::Incompatible`] when the
     /// table exists with other columns or partitioning.
     pub async fn open_or_create(config: &DeltaConfig, group_id: &str) -> Result<Self, TableError> {
+        let properties = creation_properties(config);
         let table =
-            delta::open_or_create(&config.table_uri, &config.storage_options, &spec(config.partition_by)).await?;
+            delta::open_or_create(&config.table_uri, &config.storage_options, &spec(config.partition_by), &properties)
+                .await?;
         Ok(Self {
             table,
             uri: config.table_uri.clone(),
@@ -137,6 +142,11 @@ impl PositionTable {
     /// The table location as configured.
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// The Delta table handle, at the version this handle last saw.
+    pub fn delta(&self) -> &DeltaTable {
+        &self.table
     }
 
     /// The version this handle last saw.
@@ -196,7 +206,8 @@ impl PositionTable {
             .collect();
         let properties = CommitProperties::default()
             .with_metadata([("positionSink".to_string(), serde_json::json!("records reset after a RESTORE"))])
-            .with_application_transactions(transactions);
+            .with_application_transactions(transactions)
+            .with_cleanup_expired_logs(Some(false));
         let operation =
             DeltaOperation::Write { mode: deltalake::protocol::SaveMode::Append, partition_by: None, predicate: None };
         CommitBuilder::from(properties)
@@ -282,7 +293,7 @@ impl PositionTable {
         }
 
         let adds = self.write_files(&plan.files).await?;
-        self.commit(&partitions, &plan.rewritten, &adds, transactions, &index).await.map_err(write_err)?;
+        self.commit(CommitKind::Flush, &partitions, &plan.rewritten, &adds, transactions, &index).await.map_err(write_err)?;
         let rows_rewritten = plan.files.iter().map(|f| f.rows.num_rows()).sum();
         for id in &plan.rewritten {
             index.remove_file(*id);
@@ -422,6 +433,26 @@ fn warn_many_symbols(files: usize) {
              created with delta.partition_by = \"none\" is several times faster (docs/write-path.md)"
         );
     }
+}
+
+/// The columns a reader filters positions by: the only ones whose statistics a new
+/// table keeps, which makes each file's entry in the log about half as long.
+/// (Delta refuses statistics columns that are partition columns.)
+const STATISTICS_COLUMNS: [&str; 6] = ["conid", "symbol", "account", "timestamp", "kafka_partition", "kafka_offset"];
+
+/// The table properties a new positions table gets: `delta.table_properties`, and
+/// statistics of the columns readers filter by unless those set which.
+fn creation_properties(config: &DeltaConfig) -> crate::config::Settings {
+    let mut properties = config.table_properties.clone();
+    let chooses_statistics = ["delta.dataSkippingStatsColumns", "delta.dataSkippingNumIndexedCols"]
+        .iter()
+        .any(|key| properties.0.contains_key(*key));
+    if !chooses_statistics {
+        let partitioning = config.partition_by.columns();
+        let columns: Vec<&str> = STATISTICS_COLUMNS.into_iter().filter(|c| !partitioning.contains(c)).collect();
+        properties.0.insert("delta.dataSkippingStatsColumns".to_string(), columns.join(","));
+    }
+    properties
 }
 
 /// The positions table in `layout`: the columns of [`crate::table::schema::schema`].

@@ -78,6 +78,17 @@ pub enum FlushError {
     InjectedCrash(&'static str),
 }
 
+impl FlushReport {
+    /// The report of a flush with nothing to write.
+    fn nothing() -> Self {
+        Self {
+            positions: WriteReport::nothing(None, 0, std::time::Instant::now()),
+            dead_letters: ReasonCounts::default(),
+            offsets_committed: false,
+        }
+    }
+}
+
 impl FlushError {
     /// Whether nothing of the flush's Kafka side became visible and its messages can
     /// simply be read again (the worker rewinds instead of stopping).
@@ -103,12 +114,12 @@ impl Sinks {
         let dead_letters = match config.dead_letter.destination {
             DeadLetterDestination::Table => {
                 let uri = config.dead_letter.resolved_table_uri(&config.delta);
-                let storage = &config.delta.storage_options;
+                let (storage, properties) = (&config.delta.storage_options, &config.delta.table_properties);
                 DeadLetterSink::Table(
                     retry(
                         &config.retry,
                         "open the dead-letter table",
-                        || DeadLetterTable::open_or_create(&uri, storage, group),
+                        || DeadLetterTable::open_or_create(&uri, storage, properties, group),
                         TableError::is_retryable,
                     )
                     .await?,
@@ -250,11 +261,16 @@ impl super::Worker {
         self.start_flush();
     }
 
-    /// Starts writing the buffer, unless it is empty or a flush is already running.
+    /// Starts writing the buffer, followed by a compaction of the worker's files when
+    /// one is due; nothing when both are empty or a flush is already running.
     pub(super) fn start_flush(&mut self) {
         self.apply_rebalances();
         self.rejections_logged = 0;
-        if self.buffer.is_empty() {
+        if self.in_flight.is_some() || (self.buffer.is_empty() && !self.config.maintenance.enabled) {
+            return;
+        }
+        let compaction = if self.config.maintenance.enabled { self.take_due_compaction() } else { None };
+        if self.buffer.is_empty() && compaction.is_none() {
             return;
         }
         let Some(sinks) = self.idle_sinks.take() else { return };
@@ -264,8 +280,16 @@ impl super::Worker {
         let group = kafka::group_metadata_if_member(&self.consumer).map(Arc::new);
         let progress = self.progress.clone();
         let crash = self.crash.clone();
+        let min_files = self.config.maintenance.compaction_min_files;
         self.in_flight = Some(tokio::spawn(async move {
-            let (sinks, result) = sinks.write(&batch, &policy, group, &progress, &crash).await;
+            let (mut sinks, result) = if batch.messages == 0 {
+                (sinks, Ok(FlushReport::nothing()))
+            } else {
+                sinks.write(&batch, &policy, group, &progress, &crash).await
+            };
+            if let (Ok(_), Some(partitions)) = (&result, compaction) {
+                sinks.compact(&partitions, min_files, &progress).await;
+            }
             (sinks, batch, result)
         }));
     }
@@ -277,6 +301,10 @@ impl super::Worker {
     ) -> Result<(), WorkerError> {
         self.idle_sinks = Some(sinks);
         self.apply_rebalances();
+        if batch.messages == 0 && result.is_ok() {
+            // A compaction alone: no batch to book.
+            return Ok(());
+        }
         let report = match result {
             Ok(report) => report,
             Err(error) if error.can_reread() && self.aborted_in_a_row < self.config.retry.max_retries => {

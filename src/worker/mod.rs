@@ -15,6 +15,7 @@
 pub mod batch;
 mod commit;
 pub mod flush;
+mod maintain;
 pub mod partitions;
 mod resume;
 
@@ -224,6 +225,12 @@ struct Worker {
     starts_tried_at: Option<Instant>,
     /// A batch that could not be read, while it is read again.
     unreadable: Option<Unreadable>,
+    /// When maintenance is next due.
+    schedule: maintain::Schedule,
+    /// The table-wide maintenance run in progress, if any.
+    cleaning: Option<maintain::Cleaning>,
+    /// A handle on the dead-letter table for maintenance (when dead letters go to one).
+    dead_letter_reader: Option<crate::dead_letter::DeadLetterTable>,
     progress: Arc<Progress>,
     crash: CrashPoints,
 }
@@ -237,6 +244,9 @@ impl Worker {
             partitions: Partitions::new(sinks.table_offsets_cover_dead_letters(), &config.retry)
                 .with_unrecorded_from_start(config.kafka.auto_offset_reset == crate::config::OffsetReset::Earliest),
             reader: sinks.positions.clone(),
+            schedule: maintain::Schedule::new(config.maintenance.interval),
+            cleaning: None,
+            dead_letter_reader: maintain::dead_letter_table(&sinks),
             idle_sinks: Some(sinks),
             in_flight: None,
             rejections_logged: 0,
@@ -261,6 +271,7 @@ impl Worker {
             self.progress.turned();
             let flushing = self.in_flight.is_some();
             let committing = self.committing.is_some();
+            let cleaning = self.cleaning.is_some();
             let read_resumes = self.unreadable.as_ref().and_then(|u| u.resumes_at);
             let can_read = !self.buffer.is_full() && read_resumes.is_none();
             let commit_retry = self.partitions.commit_retry_at();
@@ -275,10 +286,15 @@ impl Worker {
                     self.finish_flush(done?, shutdown).await?;
                 }
                 outcome = join(&mut self.committing), if committing => self.commit_finished(outcome),
+                reports = join(&mut self.cleaning), if cleaning => {
+                    self.cleaning = None;
+                    self.clean_finished(reports?);
+                }
                 _ = tick.tick() => {
                     self.check_connection()?;
                     self.sync_assignment(shutdown).await?;
                     self.flush_now(shutdown).await;
+                    self.schedule_maintenance();
                     self.sample_gauges();
                 }
                 () = sleep_until(commit_retry), if commit_retry.is_some() => {}
@@ -462,6 +478,11 @@ impl Worker {
     /// Finishes the running flush, writes what is buffered, and commits every durable
     /// offset, all within `worker.shutdown_timeout`.
     async fn drain(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        // Table-wide maintenance is idempotent: the next run carries on where this stops.
+        if let Some(cleaning) = self.cleaning.take() {
+            cleaning.abort();
+        }
+        self.config.maintenance.enabled = false;
         let timeout = self.config.worker.shutdown_timeout;
         let deadline = Instant::now() + timeout;
         let flushed = tokio::time::timeout_at(deadline, async {

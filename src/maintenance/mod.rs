@@ -1,0 +1,297 @@
+//! Table maintenance over a trading day: what keeps storage, the log and readers
+//! bounded while a worker commits every few seconds (docs/maintenance.md).
+//!
+//! - **Checkpoints**: written by the commit that reaches the table's
+//!   `delta.checkpointInterval` (delta-rs's post-commit hook); [`clean`] writes one when
+//!   the newest is further back than that (a writer crashed before its hook ran).
+//! - **Log cleanup**: commit and checkpoint files older than the table's
+//!   `delta.logRetentionDuration` and older than a checkpoint are removed (delta-rs's
+//!   rule), by [`clean`] on a schedule instead of by every commit.
+//! - **Vacuum**: data files no version within `delta.deletedFileRetentionDuration`
+//!   references (removed files, and files a crashed flush or compaction wrote and never
+//!   committed) are deleted, never one younger than [`MIN_UNREFERENCED_AGE`].
+//! - **Compaction** of one worker's files: [`crate::table::PositionTable::compact`].
+//!
+//! Invariant kept here: nothing a version inside the table's retention window
+//! references is deleted, so a reader that reads through a vacuum never fails; every
+//! step is idempotent, so two runs at once (a worker and `position-sink maintain`)
+//! remove nothing twice and nothing more.
+
+pub mod footprint;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::operations::vacuum::VacuumMode;
+use deltalake::table::config::TablePropertiesExt;
+use deltalake::{DeltaTable, DeltaTableError};
+
+pub use footprint::Footprint;
+
+/// Files vacuum never deletes, whatever the table's retention: a flush or compaction
+/// commits the files it wrote within seconds, and a file younger than this may be one
+/// about to be committed.
+pub const MIN_UNREFERENCED_AGE: Duration = Duration::from_secs(60);
+
+/// A maintenance step that failed, with the table it failed on.
+#[derive(Debug, thiserror::Error)]
+#[error("maintenance of the Delta table at {uri} failed while {step}: {source}")]
+pub struct MaintenanceError {
+    /// Table location.
+    pub uri: String,
+    /// What it was doing.
+    pub step: &'static str,
+    /// Cause.
+    pub source: Box<DeltaTableError>,
+}
+
+/// A file removed (or, in a dry run, to be removed).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Removed {
+    /// Path relative to the table root.
+    pub path: String,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// What one [`clean`] of a table did (or would do).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CleanReport {
+    /// Table location.
+    pub uri: String,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+    /// The table's settings that decided it.
+    pub settings: RetentionSettings,
+    /// The footprint before.
+    pub before: Footprint,
+    /// The checkpoint written, if one was missing.
+    pub checkpoint_written: Option<u64>,
+    /// Log files removed.
+    pub log_files: Vec<Removed>,
+    /// Data files removed by vacuum.
+    pub data_files: Vec<Removed>,
+    /// The footprint after (not measured in a dry run).
+    pub after: Option<Footprint>,
+    /// Time taken.
+    #[serde(with = "humantime_serde")]
+    pub elapsed: Duration,
+}
+
+impl CleanReport {
+    /// Bytes removed (or to be removed) in all.
+    pub fn bytes_removed(&self) -> u64 {
+        self.log_files.iter().chain(&self.data_files).map(|r| r.bytes).sum()
+    }
+}
+
+/// The table properties maintenance follows, as the table holds them (Delta's
+/// defaults where it holds none).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RetentionSettings {
+    /// `delta.checkpointInterval`.
+    pub checkpoint_interval: u64,
+    /// `delta.logRetentionDuration`.
+    #[serde(with = "humantime_serde")]
+    pub log_retention: Duration,
+    /// `delta.deletedFileRetentionDuration`.
+    #[serde(with = "humantime_serde")]
+    pub deleted_file_retention: Duration,
+    /// `delta.enableExpiredLogCleanup`.
+    pub log_cleanup: bool,
+}
+
+impl RetentionSettings {
+    /// The settings of `table` at the version it is loaded at.
+    ///
+    /// # Errors
+    /// When the table has no snapshot.
+    pub fn of(table: &DeltaTable) -> Result<Self, DeltaTableError> {
+        let config = table.snapshot()?.table_config();
+        Ok(Self {
+            checkpoint_interval: config.checkpoint_interval().get(),
+            log_retention: config.log_retention_duration(),
+            deleted_file_retention: config.deleted_file_retention_duration(),
+            log_cleanup: config.enable_expired_log_cleanup(),
+        })
+    }
+
+    /// How old an unreferenced data file must be before vacuum deletes it.
+    pub fn vacuum_age(&self) -> Duration {
+        self.deleted_file_retention.max(MIN_UNREFERENCED_AGE)
+    }
+}
+
+/// Runs the table-wide steps on `table` (read afresh): a missing checkpoint, log
+/// cleanup, vacuum; with `dry_run`, only finds what they would remove.
+///
+/// # Errors
+/// The step that failed; the steps before it stay done (each is idempotent, so the
+/// next run carries on).
+pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<CleanReport, MaintenanceError> {
+    let started = Instant::now();
+    let failed = |step: &'static str| move |source| MaintenanceError { uri: uri.to_string(), step, source: Box::new(source) };
+    let mut table = table.clone();
+    table.update_state().await.map_err(failed("reading the table"))?;
+    let settings = RetentionSettings::of(&table).map_err(failed("reading the table"))?;
+    let objects = footprint::list_objects(&table).await.map_err(failed("listing the table's files"))?;
+    let before = footprint::of(&table, &objects).map_err(failed("reading the table"))?;
+
+    let mut checkpoint_written = None;
+    if !dry_run && needs_checkpoint(&before, &settings) {
+        deltalake::checkpoints::create_checkpoint(&table, None).await.map_err(failed("writing a checkpoint"))?;
+        checkpoint_written = Some(before.version);
+    }
+    let log_files = if settings.log_cleanup {
+        let checkpoint = checkpoint_written.or(before.checkpoint_version);
+        expired_log_files(&objects, before.version, checkpoint, &settings, now_millis())
+    } else {
+        Vec::new()
+    };
+    if !dry_run && !log_files.is_empty() {
+        // delta-rs's own cleanup: the same rule, with its own listing.
+        deltalake::checkpoints::cleanup_metadata(&table, None).await.map_err(failed("removing expired log files"))?;
+    }
+
+    let vacuum_age = chrono::Duration::from_std(settings.vacuum_age()).unwrap_or(chrono::Duration::MAX);
+    let (vacuumed, metrics) = table
+        .clone()
+        .vacuum()
+        .with_mode(VacuumMode::Full)
+        .with_retention_period(vacuum_age)
+        .with_dry_run(dry_run)
+        .with_commit_properties(CommitProperties::default().with_cleanup_expired_logs(Some(false)))
+        .await
+        .map_err(failed("vacuuming"))?;
+    let data_files: Vec<Removed> = metrics
+        .files_deleted
+        .into_iter()
+        .map(|path| {
+            let bytes = objects.get(&path).map_or(0, |(size, _)| *size);
+            Removed { path, bytes }
+        })
+        .collect();
+    let after = if dry_run { None } else { Some(footprint::measure(&vacuumed).await.map_err(failed("measuring"))?) };
+    Ok(CleanReport {
+        uri: uri.to_string(),
+        dry_run,
+        settings,
+        before,
+        checkpoint_written,
+        log_files,
+        data_files,
+        after,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Bins the small files of an append-only table (the dead-letter table) into files of
+/// up to 32 MiB: a dead-letter file per flush would otherwise pile up over a day.
+/// Concurrent appends do not conflict with it.
+///
+/// # Errors
+/// When the table cannot be read or the commit fails.
+pub async fn bin_small_files(table: &DeltaTable, uri: &str) -> Result<(), MaintenanceError> {
+    let failed = |source| MaintenanceError { uri: uri.to_string(), step: "binning small files", source: Box::new(source) };
+    let mut table = table.clone();
+    table.update_state().await.map_err(failed)?;
+    if table.snapshot().map_err(failed)?.log_data().num_files() < 2 {
+        return Ok(());
+    }
+    table
+        .optimize()
+        .with_target_size(std::num::NonZeroU64::new(32 * 1024 * 1024).unwrap_or(std::num::NonZeroU64::MIN))
+        .with_commit_properties(CommitProperties::default().with_cleanup_expired_logs(Some(false)))
+        .await
+        .map_err(failed)?;
+    Ok(())
+}
+
+/// Whether the newest checkpoint is further back than the table's interval.
+fn needs_checkpoint(footprint: &Footprint, settings: &RetentionSettings) -> bool {
+    footprint.version > 0 && footprint.commits_since_checkpoint >= settings.checkpoint_interval
+}
+
+fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The log files delta-rs's cleanup removes (`cleanup_expired_logs_for`): those older
+/// than the log retention, below the newest checkpoint at or before the oldest
+/// version still inside the retention window.
+fn expired_log_files(
+    objects: &HashMap<String, (u64, i64)>,
+    version: u64,
+    newest_checkpoint: Option<u64>,
+    settings: &RetentionSettings,
+    now_millis: i64,
+) -> Vec<Removed> {
+    let cutoff = now_millis - i64::try_from(settings.log_retention.as_millis()).unwrap_or(i64::MAX);
+    let entries: Vec<(&String, u64, bool, u64, i64)> = objects
+        .iter()
+        .filter_map(|(path, (size, modified))| {
+            let name = path.strip_prefix("_delta_log/")?;
+            let (v, is_commit) = footprint::log_entry(name)?;
+            Some((path, v, is_commit, *size, *modified))
+        })
+        .collect();
+    let oldest_kept = entries.iter().filter(|e| e.4 >= cutoff).map(|e| e.1).min().unwrap_or(version).min(version);
+    let safe_checkpoint = entries
+        .iter()
+        .filter(|e| !e.2 && e.1 <= oldest_kept)
+        .map(|e| e.1)
+        .chain(newest_checkpoint.filter(|c| *c <= oldest_kept))
+        .max();
+    let Some(safe_checkpoint) = safe_checkpoint else { return Vec::new() };
+    let mut removed: Vec<Removed> = entries
+        .into_iter()
+        .filter(|e| e.1 < safe_checkpoint && e.4 <= cutoff)
+        .map(|e| Removed { path: e.0.clone(), bytes: e.3 })
+        .collect();
+    removed.sort_by(|a, b| a.path.cmp(&b.path));
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(log_retention_secs: u64) -> RetentionSettings {
+        RetentionSettings {
+            checkpoint_interval: 10,
+            log_retention: Duration::from_secs(log_retention_secs),
+            deleted_file_retention: Duration::from_secs(5),
+            log_cleanup: true,
+        }
+    }
+
+    fn log(entries: &[(&str, i64)]) -> HashMap<String, (u64, i64)> {
+        entries.iter().map(|(name, at)| (format!("_delta_log/{name}"), (100, *at * 1000))).collect()
+    }
+
+    #[test]
+    fn only_log_files_older_than_retention_and_below_a_checkpoint_go() {
+        let objects = log(&[
+            ("00000000000000000000.json", 0),
+            ("00000000000000000001.json", 10),
+            ("00000000000000000002.json", 20),
+            ("00000000000000000002.checkpoint.parquet", 20),
+            ("00000000000000000003.json", 30),
+            ("00000000000000000004.json", 95),
+        ]);
+        let removed: Vec<String> = expired_log_files(&objects, 4, Some(2), &settings(50), 100_000)
+            .into_iter()
+            .map(|r| r.path)
+            .collect();
+        assert_eq!(removed, ["_delta_log/00000000000000000000.json", "_delta_log/00000000000000000001.json"]);
+        assert!(expired_log_files(&objects, 4, None, &settings(200), 100_000).is_empty(), "all inside retention");
+    }
+
+    #[test]
+    fn vacuum_never_takes_a_file_younger_than_a_minute() {
+        assert_eq!(settings(1).vacuum_age(), MIN_UNREFERENCED_AGE);
+        let day = RetentionSettings { deleted_file_retention: Duration::from_secs(86_400), ..settings(1) };
+        assert_eq!(day.vacuum_age(), Duration::from_secs(86_400));
+    }
+}

@@ -1,0 +1,199 @@
+//! The worker's side of maintenance (docs/maintenance.md): when it runs, and who runs it.
+//!
+//! - **Compaction of its own files**: every `maintenance.interval`, in the flush slot
+//!   (after the next flush, or alone when nothing is buffered), so it never runs beside
+//!   this worker's flush and it touches only the files of the partitions it owns.
+//! - **Table-wide work** (checkpoint if missing, log cleanup, vacuum, for both tables,
+//!   and the dead-letter table's small files binned): on the one worker that owns
+//!   partition 0 of the first topic, every `maintenance.interval`, in a task beside
+//!   the loop (it changes no live file, so it conflicts with no flush). Whoever owns
+//!   that partition after a rebalance takes it over.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::flush::{DeadLetterSink, Sinks};
+use crate::dead_letter::DeadLetterTable;
+use crate::maintenance::{self, CleanReport, MaintenanceError};
+use crate::offsets::TopicPartition;
+use crate::status::Progress;
+use crate::table::PositionTable;
+
+/// The table-wide run in progress, if any.
+pub(super) type Cleaning = JoinHandle<Vec<Result<CleanReport, MaintenanceError>>>;
+
+/// When each kind of maintenance is next due.
+#[derive(Debug)]
+pub(super) struct Schedule {
+    interval: Duration,
+    compaction_at: Instant,
+    clean_at: Instant,
+    /// Whether a compaction waits for the flush slot.
+    compaction_due: bool,
+}
+
+impl Schedule {
+    /// A schedule whose first runs come one `interval` after start, then every `interval`.
+    pub(super) fn new(interval: Duration) -> Self {
+        let first = Instant::now() + interval;
+        Self { interval, compaction_at: first, clean_at: first, compaction_due: false }
+    }
+
+    /// Marks compaction due when its time has come.
+    fn check_compaction(&mut self, now: Instant) {
+        if now >= self.compaction_at {
+            self.compaction_due = true;
+            self.compaction_at = now + self.interval;
+        }
+    }
+
+    /// Whether the table-wide run is due now (and books the next one).
+    fn take_clean(&mut self, now: Instant) -> bool {
+        let due = now >= self.clean_at;
+        if due {
+            self.clean_at = now + self.interval;
+        }
+        due
+    }
+}
+
+impl super::Worker {
+    /// Whether this worker runs the table-wide work: it owns partition 0 of the first topic.
+    fn runs_table_wide_work(&self) -> bool {
+        self.config.kafka.topics.first().is_some_and(|topic| self.partitions.is_assigned(&TopicPartition::new(topic, 0)))
+    }
+
+    /// At each tick: starts what maintenance is due.
+    pub(super) fn schedule_maintenance(&mut self) {
+        if !self.config.maintenance.enabled {
+            return;
+        }
+        let now = Instant::now();
+        self.schedule.check_compaction(now);
+        if self.schedule.compaction_due && self.in_flight.is_none() && self.buffer.is_empty() {
+            // Nothing to flush: the compaction takes the flush slot alone.
+            self.start_flush();
+        }
+        if self.cleaning.is_none() && self.runs_table_wide_work() && self.schedule.take_clean(now) {
+            self.start_clean();
+        }
+    }
+
+    /// The partitions whose files the next flush task compacts, if compaction is due.
+    pub(super) fn take_due_compaction(&mut self) -> Option<Vec<TopicPartition>> {
+        if !std::mem::take(&mut self.schedule.compaction_due) {
+            return None;
+        }
+        let owned = self.partitions.assigned_partitions();
+        (!owned.is_empty()).then_some(owned)
+    }
+
+    /// Starts the table-wide run beside the loop.
+    fn start_clean(&mut self) {
+        let positions = self.reader.clone();
+        let dead_letters = self.dead_letter_reader.clone();
+        let progress = self.progress.clone();
+        self.cleaning = Some(tokio::spawn(async move { clean_tables(&positions, dead_letters.as_ref(), &progress).await }));
+    }
+
+    /// Books a finished table-wide run.
+    pub(super) fn clean_finished(&mut self, reports: Vec<Result<CleanReport, MaintenanceError>>) {
+        for result in reports {
+            match result {
+                Ok(report) => {
+                    let after = report.after.clone().unwrap_or_else(|| report.before.clone());
+                    info!(
+                        table = %report.uri,
+                        log_files_removed = report.log_files.len(),
+                        data_files_removed = report.data_files.len(),
+                        bytes_removed = report.bytes_removed(),
+                        checkpoint_written = ?report.checkpoint_written,
+                        files_on_disk = after.files_on_disk,
+                        live_files = after.live_files,
+                        commits_since_checkpoint = after.commits_since_checkpoint,
+                        duration_ms = report.elapsed.as_millis() as u64,
+                        "maintained table"
+                    );
+                }
+                Err(error) => warn!(%error, "table maintenance failed; it runs again at the next maintenance.interval"),
+            }
+        }
+    }
+}
+
+/// Cleans the positions table and the dead-letter table (and bins the dead-letter
+/// table's small files), keeping `progress` current.
+async fn clean_tables(
+    positions: &PositionTable,
+    dead_letters: Option<&DeadLetterTable>,
+    progress: &Progress,
+) -> Vec<Result<CleanReport, MaintenanceError>> {
+    let started = std::time::Instant::now();
+    let mut reports = Vec::new();
+    let cleaned = maintenance::clean(positions.delta(), positions.uri(), false).await;
+    if let Ok(report) = &cleaned {
+        let after = report.after.clone().unwrap_or_else(|| report.before.clone());
+        progress.update_maintenance(|m| {
+            m.files_on_disk = Some(after.files_on_disk);
+            m.bytes_on_disk = Some(after.bytes_on_disk);
+            m.live_files = Some(after.live_files);
+            m.live_bytes = Some(after.live_bytes);
+            m.log_files = Some(after.log_files);
+            m.log_bytes = Some(after.log_bytes);
+            m.commits_since_checkpoint = Some(after.commits_since_checkpoint);
+        });
+    }
+    reports.push(cleaned);
+    if let Some(table) = dead_letters {
+        if let Err(error) = maintenance::bin_small_files(table.delta(), table.uri()).await {
+            warn!(%error, "binning the dead-letter table's small files failed; it runs again next time");
+        }
+        reports.push(maintenance::clean(table.delta(), table.uri(), false).await);
+    }
+    let removed: usize = reports.iter().flatten().map(|r| r.log_files.len() + r.data_files.len()).sum();
+    Progress::add(&progress.files_removed_by_maintenance, removed as u64);
+    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    progress.update_maintenance(|m| m.last_clean = Some((now, started.elapsed().as_secs_f64())));
+    reports
+}
+
+impl Sinks {
+    /// Compacts the files of `partitions` (the worker's own) in the positions table;
+    /// a compaction that fails or conflicts is dropped and tried again next interval.
+    pub(super) async fn compact(&mut self, partitions: &[TopicPartition], min_files: usize, progress: &Progress) {
+        let started = std::time::Instant::now();
+        match self.positions.compact(partitions, min_files).await {
+            Ok((table, report)) => {
+                self.positions = table;
+                if report.committed {
+                    Progress::bump(&progress.compactions);
+                    info!(
+                        groups = report.groups,
+                        files_removed = report.files_removed,
+                        files_added = report.files_added,
+                        rows = report.rows,
+                        duration_ms = report.elapsed.as_millis() as u64,
+                        "compacted files"
+                    );
+                }
+            }
+            Err(error) if error.is_conflict() => {
+                info!(%error, "compaction met another commit and was dropped; its files are left for vacuum");
+            }
+            Err(error) => warn!(%error, "compaction failed; it is tried again at the next maintenance.interval"),
+        }
+        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        progress.update_maintenance(|m| m.last_compaction = Some((now, started.elapsed().as_secs_f64())));
+    }
+}
+
+/// The dead-letter table of `sinks`, if dead letters go to one.
+pub(super) fn dead_letter_table(sinks: &Sinks) -> Option<DeadLetterTable> {
+    match &sinks.dead_letters {
+        DeadLetterSink::Table(table) => Some(table.clone()),
+        DeadLetterSink::Topic(_) => None,
+    }
+}
