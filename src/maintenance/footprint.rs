@@ -52,10 +52,7 @@ pub(crate) fn log_entry(name: &str) -> Option<(u64, bool)> {
 pub(crate) async fn list_objects(table: &DeltaTable) -> Result<HashMap<String, (u64, i64)>, DeltaTableError> {
     let store = table.object_store();
     let objects: Vec<deltalake::ObjectMeta> = store.list(None).try_collect().await?;
-    Ok(objects
-        .into_iter()
-        .map(|o| (o.location.to_string(), (o.size, o.last_modified.timestamp_millis())))
-        .collect())
+    Ok(objects.into_iter().map(|o| (o.location.to_string(), (o.size, o.last_modified.timestamp_millis()))).collect())
 }
 
 /// Measures `table` at its latest version (the handle is read afresh).

@@ -131,7 +131,8 @@ impl RetentionSettings {
 /// next run carries on).
 pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<CleanReport, MaintenanceError> {
     let started = Instant::now();
-    let failed = |step: &'static str| move |source| MaintenanceError { uri: uri.to_string(), step, source: Box::new(source) };
+    let failed =
+        |step: &'static str| move |source| MaintenanceError { uri: uri.to_string(), step, source: Box::new(source) };
     let mut table = table.clone();
     table.update_state().await.map_err(failed("reading the table"))?;
     let settings = RetentionSettings::of(&table).map_err(failed("reading the table"))?;
@@ -155,16 +156,18 @@ pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<Clean
     }
 
     let vacuum_age = chrono::Duration::from_std(settings.vacuum_age()).unwrap_or(chrono::Duration::MAX);
-    let (vacuumed, metrics) = table
+    // delta-rs plans the vacuum (which files no version in the window references); the
+    // files are deleted here, because delta-rs's own run commits a VACUUM START first,
+    // which conflicts with any flush committed meanwhile (it declares the whole table read).
+    let (_, planned) = table
         .clone()
         .vacuum()
         .with_mode(VacuumMode::Full)
         .with_retention_period(vacuum_age)
-        .with_dry_run(dry_run)
-        .with_commit_properties(CommitProperties::default().with_cleanup_expired_logs(Some(false)))
+        .with_dry_run(true)
         .await
-        .map_err(failed("vacuuming"))?;
-    let data_files: Vec<Removed> = metrics
+        .map_err(failed("planning the vacuum"))?;
+    let data_files: Vec<Removed> = planned
         .files_deleted
         .into_iter()
         .map(|path| {
@@ -172,8 +175,12 @@ pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<Clean
             Removed { path, bytes }
         })
         .collect();
+    if !dry_run && !data_files.is_empty() {
+        delete(&table, &data_files).await.map_err(failed("vacuuming"))?;
+    }
+    let vacuumed = table;
     let after = if dry_run { None } else { Some(footprint::measure(&vacuumed).await.map_err(failed("measuring"))?) };
-    Ok(CleanReport {
+    let report = CleanReport {
         uri: uri.to_string(),
         dry_run,
         settings,
@@ -183,7 +190,74 @@ pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<Clean
         data_files,
         after,
         elapsed: started.elapsed(),
-    })
+    };
+    if !dry_run {
+        record_run(&vacuumed, &report).await.map_err(failed("recording the run"))?;
+    }
+    Ok(report)
+}
+
+/// Deletes `files` (a file already gone is fine: another run took it).
+async fn delete(table: &DeltaTable, files: &[Removed]) -> Result<(), DeltaTableError> {
+    use futures::{StreamExt, TryStreamExt};
+    let store = table.object_store();
+    let paths: Vec<deltalake::Path> = files
+        .iter()
+        .map(|f| deltalake::Path::parse(&f.path).unwrap_or_else(|_| deltalake::Path::from(f.path.as_str())))
+        .collect();
+    let locations = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
+    store
+        .delete_stream(locations)
+        .or_else(|error| async move {
+            match error {
+                deltalake::ObjectStoreError::NotFound { path, .. } => Ok(deltalake::Path::from(path)),
+                other => Err(other),
+            }
+        })
+        .try_collect::<Vec<_>>()
+        .await?;
+    Ok(())
+}
+
+/// Where the last run of [`clean`] is recorded, relative to the table root: a file
+/// Delta readers and vacuum ignore (its directory starts with `_`). A record in the
+/// log itself would be a commit that conflicts with every flush made meanwhile.
+pub const LAST_RUN_FILE: &str = "_position_sink/maintenance.json";
+
+/// What [`LAST_RUN_FILE`] holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LastRun {
+    /// When it finished, RFC 3339.
+    pub finished_at: String,
+    /// The table version it ran at.
+    pub version: u64,
+    /// Log files removed.
+    pub log_files_removed: usize,
+    /// Data files removed.
+    pub data_files_removed: usize,
+    /// Bytes removed.
+    pub bytes_removed: u64,
+}
+
+async fn record_run(table: &DeltaTable, report: &CleanReport) -> Result<(), DeltaTableError> {
+    use object_store::ObjectStoreExt;
+    let run = LastRun {
+        finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        version: report.before.version,
+        log_files_removed: report.log_files.len(),
+        data_files_removed: report.data_files.len(),
+        bytes_removed: report.bytes_removed(),
+    };
+    let body = serde_json::to_vec(&run).map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+    table.object_store().put(&deltalake::Path::from(LAST_RUN_FILE), body.into()).await?;
+    Ok(())
+}
+
+/// The last run of [`clean`] on `table`, if one was recorded.
+pub async fn last_run(table: &DeltaTable) -> Option<LastRun> {
+    use object_store::ObjectStoreExt;
+    let bytes = table.object_store().get(&deltalake::Path::from(LAST_RUN_FILE)).await.ok()?.bytes().await.ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Bins the small files of an append-only table (the dead-letter table) into files of
@@ -193,7 +267,8 @@ pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<Clean
 /// # Errors
 /// When the table cannot be read or the commit fails.
 pub async fn bin_small_files(table: &DeltaTable, uri: &str) -> Result<(), MaintenanceError> {
-    let failed = |source| MaintenanceError { uri: uri.to_string(), step: "binning small files", source: Box::new(source) };
+    let failed =
+        |source| MaintenanceError { uri: uri.to_string(), step: "binning small files", source: Box::new(source) };
     let mut table = table.clone();
     table.update_state().await.map_err(failed)?;
     if table.snapshot().map_err(failed)?.log_data().num_files() < 2 {
@@ -280,10 +355,8 @@ mod tests {
             ("00000000000000000003.json", 30),
             ("00000000000000000004.json", 95),
         ]);
-        let removed: Vec<String> = expired_log_files(&objects, 4, Some(2), &settings(50), 100_000)
-            .into_iter()
-            .map(|r| r.path)
-            .collect();
+        let removed: Vec<String> =
+            expired_log_files(&objects, 4, Some(2), &settings(50), 100_000).into_iter().map(|r| r.path).collect();
         assert_eq!(removed, ["_delta_log/00000000000000000000.json", "_delta_log/00000000000000000001.json"]);
         assert!(expired_log_files(&objects, 4, None, &settings(200), 100_000).is_empty(), "all inside retention");
     }

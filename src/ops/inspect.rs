@@ -49,9 +49,9 @@ pub struct TableFacts {
     pub storage: crate::maintenance::Footprint,
     /// The table's retention settings.
     pub retention: crate::maintenance::RetentionSettings,
-    /// The last vacuum and the last compaction among the last commits, RFC 3339.
-    pub last_vacuum: Option<String>,
-    /// See `last_vacuum`.
+    /// The last log cleanup and vacuum (by a worker or `maintain`), as it recorded itself.
+    pub last_clean: Option<crate::maintenance::LastRun>,
+    /// The last compaction among the last commits, RFC 3339.
     pub last_compaction: Option<String>,
     /// Partition columns.
     pub partition_columns: Vec<String>,
@@ -218,7 +218,8 @@ async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFa
     let bytes_on_disk = objects.values().map(|(size, _)| size).sum();
     let storage = crate::maintenance::footprint::of(table, &objects).map_err(read_err)?;
     let retention = crate::maintenance::RetentionSettings::of(table).map_err(read_err)?;
-    let (last_vacuum, last_compaction) = last_maintenance(table, uri).await?;
+    let last_compaction = last_compaction(table, uri).await?;
+    let last_clean = crate::maintenance::last_run(table).await;
     Ok(TableFacts {
         uri: uri.to_string(),
         version: table.version().map_or(-1, |v| v as i64),
@@ -228,28 +229,24 @@ async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFa
         bytes_on_disk,
         storage,
         retention,
-        last_vacuum,
+        last_clean,
         last_compaction,
         partition_columns: snapshot.metadata().partition_columns().to_vec(),
         partitions: partition_values.len(),
     })
 }
 
-/// Commits read back for the last vacuum and compaction (a worker runs both every
-/// maintenance.interval, so they are found within a few hundred commits).
+/// Commits read back for the last compaction.
 const MAINTENANCE_LOOKBACK: u64 = 2000;
 
-/// When the last vacuum and the last compaction were committed, among the last
-/// [`MAINTENANCE_LOOKBACK`] commits (read a few at a time; only their `commitInfo`).
-async fn last_maintenance(
-    table: &deltalake::DeltaTable,
-    uri: &str,
-) -> Result<(Option<String>, Option<String>), OpsError> {
+/// When the last compaction was committed, among the last [`MAINTENANCE_LOOKBACK`]
+/// commits (read a few at a time; only their `commitInfo`).
+async fn last_compaction(table: &deltalake::DeltaTable, uri: &str) -> Result<Option<String>, OpsError> {
     let read_err = |source| crate::delta::TableError::Read { uri: uri.to_string(), source: Box::new(source) };
     let latest = table.version().unwrap_or(0);
     let log_store = table.log_store();
     let versions: Vec<u64> = (latest.saturating_sub(MAINTENANCE_LOOKBACK - 1)..=latest).rev().collect();
-    let (mut vacuum, mut compaction) = (None, None);
+    let mut compaction = None;
     for chunk in versions.chunks(32) {
         let reads = chunk.iter().map(|v| log_store.read_commit_entry(*v));
         let commits = futures::future::try_join_all(reads).await.map_err(read_err)?;
@@ -258,17 +255,17 @@ async fn last_maintenance(
             let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
             let info = &action["commitInfo"];
             let time = info["timestamp"].as_i64().map(|ms| rfc3339(ms * 1000));
-            match info["operation"].as_str() {
-                Some("VACUUM END") if vacuum.is_none() => vacuum = time,
-                Some("OPTIMIZE") if compaction.is_none() => compaction = time,
-                _ => {}
+            let (key, mark) = crate::table::commit::COMPACTION_MARK;
+            if info["operation"].as_str() == Some("OPTIMIZE") || info[key].as_str() == Some(mark) {
+                compaction = time;
+                break;
             }
         }
-        if vacuum.is_some() && compaction.is_some() {
+        if compaction.is_some() {
             break;
         }
     }
-    Ok((vacuum, compaction))
+    Ok(compaction)
 }
 
 async fn last_commits(table: &deltalake::DeltaTable, uri: &str) -> Result<Vec<CommitFacts>, OpsError> {
@@ -330,9 +327,15 @@ pub fn print(report: &Inspection, format: Format) {
         humantime::format_duration(r.log_retention),
         humantime::format_duration(r.deleted_file_retention)
     );
-    let never = || format!("none in the last {MAINTENANCE_LOOKBACK} commits");
-    println!("last vacuum    {}", t.last_vacuum.clone().unwrap_or_else(never));
-    println!("last compaction {}", t.last_compaction.clone().unwrap_or_else(never));
+    match &t.last_clean {
+        Some(run) => println!(
+            "last cleanup   {} at version {}: {} log and {} data files removed ({} bytes)",
+            run.finished_at, run.version, run.log_files_removed, run.data_files_removed, run.bytes_removed
+        ),
+        None => println!("last cleanup   never (no maintenance ran on this table)"),
+    }
+    let never = format!("none in the last {MAINTENANCE_LOOKBACK} commits");
+    println!("last compaction {}", t.last_compaction.as_deref().unwrap_or(&never));
     let layout = if t.partition_columns.is_empty() { "none".to_string() } else { t.partition_columns.join(", ") };
     println!("partitioned by {layout} ({} partitions)", t.partitions);
     println!();

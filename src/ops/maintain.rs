@@ -144,7 +144,13 @@ pub fn print(report: &MaintainReport, format: Format) -> Outcome {
         let b = &t.before;
         println!(
             "  before:   {} data files on disk ({} bytes), {} live ({} bytes); log {} files ({} bytes), {} commits since the last checkpoint",
-            b.files_on_disk, b.bytes_on_disk, b.live_files, b.live_bytes, b.log_files, b.log_bytes, b.commits_since_checkpoint
+            b.files_on_disk,
+            b.bytes_on_disk,
+            b.live_files,
+            b.live_bytes,
+            b.log_files,
+            b.log_bytes,
+            b.commits_since_checkpoint
         );
         if let Some(version) = t.checkpoint_written {
             println!("  checkpoint written at version {version}");

@@ -64,7 +64,11 @@ impl Collector for Counters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let p = &self.0;
         let counters: [(&str, &str, u64); 14] = [
-            ("position_sink_compactions", "Compactions of this worker's files committed", Progress::get(&p.compactions)),
+            (
+                "position_sink_compactions",
+                "Compactions of this worker's files committed",
+                Progress::get(&p.compactions),
+            ),
             (
                 "position_sink_maintenance_files_removed",
                 "Data files (vacuum) and log files (log cleanup) removed by this worker's maintenance",
@@ -220,8 +224,10 @@ fn encode_maintenance(m: &super::MaintenanceStatus, encoder: &mut DescriptorEnco
             g.encode(encoder.encode_descriptor(name, help, unit, g.metric_type())?)?;
         }
     }
-    let runs: Vec<(&str, (f64, f64))> =
-        [("clean", m.last_clean), ("compaction", m.last_compaction)].into_iter().filter_map(|(t, r)| Some((t, r?))).collect();
+    let runs: Vec<(&str, (f64, f64))> = [("clean", m.last_clean), ("compaction", m.last_compaction)]
+        .into_iter()
+        .filter_map(|(t, r)| Some((t, r?)))
+        .collect();
     if runs.is_empty() {
         return Ok(());
     }
@@ -231,11 +237,19 @@ fn encode_maintenance(m: &super::MaintenanceStatus, encoder: &mut DescriptorEnco
             "When this worker last ran maintenance (task=clean: log cleanup and vacuum; task=compaction)",
             |(at, _)| at,
         ),
-        ("position_sink_maintenance_last_duration", "How long this worker's last maintenance run took, by task", |(_, took)| took),
+        (
+            "position_sink_maintenance_last_duration",
+            "How long this worker's last maintenance run took, by task",
+            |(_, took)| took,
+        ),
     ];
     for (name, help, value) in families {
-        let mut family =
-            encoder.encode_descriptor(name, help, Some(&Unit::Seconds), prometheus_client::metrics::MetricType::Gauge)?;
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            Some(&Unit::Seconds),
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
         for (task, run) in &runs {
             let labels = vec![("task".to_string(), task.to_string())];
             ConstGauge::new(value(*run)).encode(family.encode_family(&labels)?)?;

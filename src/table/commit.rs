@@ -13,6 +13,10 @@ use super::PositionTable;
 use super::key_index::{FileId, KeyIndex};
 use crate::offsets::TopicPartition;
 
+/// The `commitInfo` entry that marks a compaction (its operation is a `MERGE` that
+/// changes no data).
+pub const COMPACTION_MARK: (&str, &str) = ("positionSink", "compaction");
+
 /// What a commit of the positions table does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum CommitKind {
@@ -51,14 +55,23 @@ impl PositionTable {
         actions.extend(adds.iter().cloned().map(|add| Action::Add(Add { data_change, ..add })));
         let operation = match kind {
             CommitKind::Flush => self.operation(partitions, rewritten, index),
-            CommitKind::Compaction => DeltaOperation::Optimize {
+            // delta-rs takes the read set from a MERGE's predicate (an OPTIMIZE would
+            // declare the whole table read, and conflict with every other worker's flush).
+            CommitKind::Compaction => DeltaOperation::Merge {
                 predicate: partitions_predicate(partitions),
-                target_size: i64::try_from(self.max_rows_per_file).unwrap_or(i64::MAX),
+                merge_predicate: None,
+                matched_predicates: Vec::new(),
+                not_matched_predicates: Vec::new(),
+                not_matched_by_source_predicates: Vec::new(),
             },
         };
         let read_version = serde_json::json!(snapshot.version());
+        let mut metadata = vec![("readVersion".to_string(), read_version)];
+        if kind == CommitKind::Compaction {
+            metadata.push((COMPACTION_MARK.0.to_string(), serde_json::json!(COMPACTION_MARK.1)));
+        }
         let properties = CommitProperties::default()
-            .with_metadata([("readVersion".to_string(), read_version)])
+            .with_metadata(metadata)
             .with_application_transactions(transactions)
             // Log cleanup is maintenance's (one worker, on a schedule), not every commit's;
             // checkpoints stay with the commit that reaches delta.checkpointInterval.

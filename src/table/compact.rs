@@ -98,13 +98,12 @@ impl PositionTable {
         let adds = fresh.write_files(&plan.files).await?;
         #[cfg(feature = "fault-injection")]
         crate::faults::maybe_abort_before_compaction_commit();
-        let owners: Vec<TopicPartition> = groups
-            .iter()
-            .filter_map(|(group, _)| group.owner.clone())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        fresh.commit(CommitKind::Compaction, &owners, &plan.rewritten, &adds, Vec::new(), &index).await.map_err(write_err)?;
+        let owners: Vec<TopicPartition> =
+            groups.iter().filter_map(|(group, _)| group.owner.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        fresh
+            .commit(CommitKind::Compaction, &owners, &plan.rewritten, &adds, Vec::new(), &index)
+            .await
+            .map_err(write_err)?;
         for id in &plan.rewritten {
             index.remove_file(*id);
         }

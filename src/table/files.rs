@@ -29,8 +29,10 @@ impl PositionTable {
         let snapshot = self.table.snapshot().map_err(write_err)?;
         // The table's own choice of statistics (delta.dataSkippingStatsColumns or
         // delta.dataSkippingNumIndexedCols), whoever set it.
-        let (indexed_columns, statistics_columns) =
-            deltalake::operations::get_num_idx_cols_and_stats_columns(Some(snapshot.table_config()), Default::default());
+        let (indexed_columns, statistics_columns) = deltalake::operations::get_num_idx_cols_and_stats_columns(
+            Some(snapshot.table_config()),
+            Default::default(),
+        );
         let config = WriterConfig::new(
             schema(),
             self.layout.columns().iter().map(|c| c.to_string()).collect(),

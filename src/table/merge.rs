@@ -377,7 +377,8 @@ mod tests {
 
     #[test]
     fn packing_rewrites_every_file_into_as_few_as_hold_the_rows() {
-        let small = |id, conids: &[i64]| file(id, &conids.iter().map(|c| update(*c, "A", 1, 0, *c)).collect::<Vec<_>>());
+        let small =
+            |id, conids: &[i64]| file(id, &conids.iter().map(|c| update(*c, "A", 1, 0, *c)).collect::<Vec<_>>());
         let files = [small(1, &[5, 1]), small(2, &[2]), small(3, &[4, 3])];
         let plan = pack(&files, PartitionBy::Symbol, &[KeyColumn::Conid], 3).expect("pack");
         assert_eq!(plan.rewritten, vec![1, 2, 3]);

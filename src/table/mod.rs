@@ -16,7 +16,7 @@
 //!   [`KeyIndex`]), and its commit declares as read only the files of its own Kafka
 //!   partitions, so workers of one group commit side by side.
 
-mod commit;
+pub mod commit;
 mod compact;
 mod files;
 pub mod key_index;
@@ -293,7 +293,9 @@ impl PositionTable {
         }
 
         let adds = self.write_files(&plan.files).await?;
-        self.commit(CommitKind::Flush, &partitions, &plan.rewritten, &adds, transactions, &index).await.map_err(write_err)?;
+        self.commit(CommitKind::Flush, &partitions, &plan.rewritten, &adds, transactions, &index)
+            .await
+            .map_err(write_err)?;
         let rows_rewritten = plan.files.iter().map(|f| f.rows.num_rows()).sum();
         for id in &plan.rewritten {
             index.remove_file(*id);

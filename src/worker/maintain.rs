@@ -63,7 +63,11 @@ impl Schedule {
 impl super::Worker {
     /// Whether this worker runs the table-wide work: it owns partition 0 of the first topic.
     fn runs_table_wide_work(&self) -> bool {
-        self.config.kafka.topics.first().is_some_and(|topic| self.partitions.is_assigned(&TopicPartition::new(topic, 0)))
+        self.config
+            .kafka
+            .topics
+            .first()
+            .is_some_and(|topic| self.partitions.is_assigned(&TopicPartition::new(topic, 0)))
     }
 
     /// At each tick: starts what maintenance is due.
@@ -96,7 +100,8 @@ impl super::Worker {
         let positions = self.reader.clone();
         let dead_letters = self.dead_letter_reader.clone();
         let progress = self.progress.clone();
-        self.cleaning = Some(tokio::spawn(async move { clean_tables(&positions, dead_letters.as_ref(), &progress).await }));
+        self.cleaning =
+            Some(tokio::spawn(async move { clean_tables(&positions, dead_letters.as_ref(), &progress).await }));
     }
 
     /// Books a finished table-wide run.
@@ -105,6 +110,13 @@ impl super::Worker {
             match result {
                 Ok(report) => {
                     let after = report.after.clone().unwrap_or_else(|| report.before.clone());
+                    if report.log_files.is_empty()
+                        && report.data_files.is_empty()
+                        && report.checkpoint_written.is_none()
+                    {
+                        tracing::debug!(table = %report.uri, files_on_disk = after.files_on_disk, "table maintained; nothing to remove");
+                        continue;
+                    }
                     info!(
                         table = %report.uri,
                         log_files_removed = report.log_files.len(),
