@@ -260,6 +260,9 @@ pub async fn last_run(table: &DeltaTable) -> Option<LastRun> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// The size the dead-letter table's small files are binned into.
+const BIN_SIZE: std::num::NonZeroU64 = std::num::NonZeroU64::new(32 * 1024 * 1024).expect("not zero");
+
 /// Bins the small files of an append-only table (the dead-letter table) into files of
 /// up to 32 MiB: a dead-letter file per flush would otherwise pile up over a day.
 /// Concurrent appends do not conflict with it.
@@ -276,7 +279,7 @@ pub async fn bin_small_files(table: &DeltaTable, uri: &str) -> Result<(), Mainte
     }
     table
         .optimize()
-        .with_target_size(std::num::NonZeroU64::new(32 * 1024 * 1024).unwrap_or(std::num::NonZeroU64::MIN))
+        .with_target_size(BIN_SIZE)
         .with_commit_properties(CommitProperties::default().with_cleanup_expired_logs(Some(false)))
         .await
         .map_err(failed)?;

@@ -167,8 +167,7 @@ async fn clean_tables(
     }
     let removed: usize = reports.iter().flatten().map(|r| r.log_files.len() + r.data_files.len()).sum();
     Progress::add(&progress.files_removed_by_maintenance, removed as u64);
-    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-    progress.update_maintenance(|m| m.last_clean = Some((now, started.elapsed().as_secs_f64())));
+    progress.update_maintenance(|m| m.last_clean = Some((unix_now(), started.elapsed().as_secs_f64())));
     reports
 }
 
@@ -197,8 +196,7 @@ impl Sinks {
             }
             Err(error) => warn!(%error, "compaction failed; it is tried again at the next maintenance.interval"),
         }
-        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-        progress.update_maintenance(|m| m.last_compaction = Some((now, started.elapsed().as_secs_f64())));
+        progress.update_maintenance(|m| m.last_compaction = Some((unix_now(), started.elapsed().as_secs_f64())));
     }
 }
 
@@ -208,4 +206,9 @@ pub(super) fn dead_letter_table(sinks: &Sinks) -> Option<DeadLetterTable> {
         DeadLetterSink::Table(table) => Some(table.clone()),
         DeadLetterSink::Topic(_) => None,
     }
+}
+
+/// Now, in seconds since the Unix epoch (the maintenance gauges' unit).
+fn unix_now() -> f64 {
+    chrono::Utc::now().timestamp_millis() as f64 / 1000.0
 }
