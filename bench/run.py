@@ -17,6 +17,7 @@ import sys
 import time
 from datetime import datetime
 
+import day
 import polars as pl
 import pyarrow as pa
 from confluent_kafka import Consumer, TopicPartition
@@ -38,6 +39,7 @@ class Bench:
         self.python = sys.executable
         self.peer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py")
         self.run_id = str(int(time.time()))
+        self.flush_entry = flush_entry
         os.makedirs(self.work, exist_ok=True)
 
     def n(self, count):
@@ -48,10 +50,12 @@ class Bench:
         subprocess.run([self.args.kafka, "topic", name, str(partitions), str(self.args.port)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def produce(self, topic, count, instruments, symbols, rate=0):
+    def produce(self, topic, count, instruments, symbols, rate=0, seed=7, start=None):
         env = self.env(topic, "bench-producer", os.path.join(self.work, "unused"))
         cmd = [self.args.bin, "generate", "--count", str(count), "--instruments", str(instruments),
-               "--symbols", str(symbols), "--seed", "7"]
+               "--symbols", str(symbols), "--seed", str(seed)]
+        if start:
+            cmd += ["--start", start]
         if rate:
             cmd += ["--rate", str(rate)]
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,10 +93,10 @@ class Bench:
         self.raw_consume(topic, 1000)
 
     # --- position-sink -----------------------------------------------------------
-    def start_worker(self, topic, group, table, layout, exit_when_caught_up=True, name="worker"):
+    def start_worker(self, topic, group, table, layout, exit_when_caught_up=True, name="worker", extra=()):
         log_path = os.path.join(self.work, f"{name}.log")
         time_path = os.path.join(self.work, f"{name}.time")
-        cmd = ["/usr/bin/time", "-v", "-o", time_path, self.args.bin, "run"]
+        cmd = ["/usr/bin/time", "-v", "-o", time_path, self.args.bin, "run", *extra]
         if exit_when_caught_up:
             cmd.append("--exit-when-caught-up")
         handle = open(log_path, "w")
@@ -119,10 +123,7 @@ class Bench:
                 start = start or stamp
                 last_assigned = stamp
             if "flushed batch" in line:
-                fields = dict(FIELD.findall(line))
-                flushes.append({k: int(fields.get(k, "0")) for k in
-                                ("messages", "rows_in", "files_removed", "files_added", "bytes_written",
-                                 "duration_ms", "version")})
+                flushes.append(flush_entry(line))
             if "worker stopped" in line:
                 end = stamp
                 stopped = {k: v.strip('"') for k, v in FIELD.findall(line)}
@@ -270,6 +271,15 @@ class Bench:
         return results
 
 
+def flush_entry(line):
+    """The figures of a worker's "flushed batch" log line."""
+    fields = dict(FIELD.findall(ANSI.sub("", line)))
+    entry = {k: int(fields.get(k, "0")) for k in ("messages", "rows_in", "files_removed", "files_added",
+                                                  "bytes_written", "duration_ms", "version")}
+    entry["committed"] = fields.get("committed") == "true"
+    return entry
+
+
 def wall_seconds(times):
     """The elapsed wall-clock time in a /usr/bin/time -v report."""
     text = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", times).group(1)
@@ -342,16 +352,29 @@ def main():
         parser.add_argument(flag, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--only", default="B1,B2,B3,B4,B5,B6",
+                        help="comma-separated scenarios; B4 needs B1")
     args = parser.parse_args()
+    only = set(args.only.upper().split(","))
     bench = Bench(args)
     n = bench.n
     results = {"machine": machine(), "scale": args.scale, "started": datetime.now().isoformat(timespec="seconds")}
     bench.warm_up()
-    results["B1"] = bench.backlog("b1", n(1_000_000), n(100_000), 2000, ["symbol", "none"])
-    results["B5"] = bench.backlog("b5", n(1_000_000), n(100_000), 20, ["symbol"])
-    results["B4"] = bench.scale_out(results["B1"], "none")
-    results["B3"] = bench.table_growth(["none", "symbol"], 2000, [n(100_000), n(1_000_000)])
-    results["B2"] = bench.steady(20_000, max(10, int(60 * args.scale)), n(100_000), 2000, "none")
+    if "B1" in only:
+        results["B1"] = bench.backlog("b1", n(1_000_000), n(100_000), 2000, ["symbol", "none"])
+    if "B5" in only:
+        results["B5"] = bench.backlog("b5", n(1_000_000), n(100_000), 20, ["symbol"])
+    if "B4" in only and "B1" in results:
+        results["B4"] = bench.scale_out(results["B1"], "none")
+    if "B3" in only:
+        results["B3"] = bench.table_growth(["none", "symbol"], 2000, [n(100_000), n(1_000_000)])
+    if "B2" in only:
+        results["B2"] = bench.steady(20_000, max(10, int(60 * args.scale)), n(100_000), 2000, "none")
+    if "B6" in only:
+        # 28,800 flushes at 50 ms (60x a 3 s window): a simulated hour is 1,200 flushes.
+        results["B6"] = [day.TradingDay(bench, layout, int(28_800 * args.scale), n(100_000), 200, interval_ms=50,
+                                        rate=2000, cap_seconds=int(2700 * args.scale) + 60).run()
+                         for layout in ("none", "symbol")]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     with open(args.out.removesuffix(".json") + ".md", "w") as f:
@@ -360,13 +383,13 @@ def main():
 
 
 def markdown(r):
-    """The README's results table."""
+    """The README's results tables, for the scenarios this run measured."""
     rows = ["| scenario | raw consume | position-sink | seed-style peer | position-sink / raw | position-sink / peer "
             "| CPU per message | peak RSS | flushes → commits | live files |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, label in (("B1", "B1 backlog, 2,000 symbols"), ("B5", "B5 backlog, 20 symbols")):
-        b = r[name]
-        for key in sorted(k for k in b if k.startswith("position_sink_")):
+        b = r.get(name)
+        for key in sorted(k for k in b or {} if k.startswith("position_sink_")):
             w, p, raw = b[key], b["peer"], b["raw"]
             rows.append(
                 f"| {label}, layout `{key.removeprefix('position_sink_')}` | {raw['rate'] / 1000:.0f}k msg/s "
@@ -374,21 +397,27 @@ def markdown(r):
                 f"| {w['rate'] / p['rate']:.2f}× | {w['cpu_us_per_message']:.1f} µs (peer {p['cpu_us_per_message']:.1f}) "
                 f"| {w['peak_rss_mib']:.0f} MiB (peer {p['peak_rss_mib']:.0f}) | {w['flushes']} → {w['delta_commits']} "
                 f"| {w['table']['live_files']} |")
-    b4, b2 = r["B4"], r["B2"]
-    out = "\n".join(rows) + "\n\n"
-    out += (f"- B2 steady, {b2['offered_rate']:,} updates/s for {b2['seconds']} s (layout `none`): latency from the "
-            f"Kafka timestamp to the commit that recorded the update p50 {b2['latency_p50_s']:.2f} s, "
-            f"p99 {b2['latency_p99_s']:.2f} s, max {b2['latency_max_s']:.2f} s; flush p50 {b2['flush_ms_p50']:.0f} ms.\n")
-    for g in r["B3"]:
+    out = "\n".join(rows) + "\n\n" if len(rows) > 2 else ""
+    if "B2" in r:
+        b2 = r["B2"]
+        out += (f"- B2 steady, {b2['offered_rate']:,} updates/s for {b2['seconds']} s (layout `none`): latency from "
+                f"the Kafka timestamp to the commit that recorded the update p50 {b2['latency_p50_s']:.2f} s, "
+                f"p99 {b2['latency_p99_s']:.2f} s, max {b2['latency_max_s']:.2f} s; flush p50 "
+                f"{b2['flush_ms_p50']:.0f} ms.\n")
+    for g in r.get("B3", []):
         a, z = g["runs"][0], g["runs"][-1]
         out += (f"- B3 table growth (layout `{g['layout']}`): a 10k-update flush takes "
                 f"{a['median_flush_seconds'] * 1000:.0f} ms into {a['keys']:,} keys and "
                 f"{z['median_flush_seconds'] * 1000:.0f} ms into {z['keys']:,} keys (×{g['ratio']:.1f}); rows written "
                 f"per row in: {a['rows_rewritten_per_row_in']:.1f} and {z['rows_rewritten_per_row_in']:.1f}.\n")
-    out += (f"- B4 scale-out (B1, layout `none`): from the group's last assignment to the end, 1 worker "
-            f"{b4['one_worker_reading_seconds']:.2f} s, 3 workers {b4['three_workers_reading_seconds']:.2f} s; "
-            f"from process start, {b4['one_worker_seconds']:.1f} s and {b4['three_workers_seconds']:.1f} s; "
-            f"{b4['commits']} commits, {b4['conflicts']} conflicts.\n")
+    if "B4" in r:
+        b4 = r["B4"]
+        out += (f"- B4 scale-out (B1, layout `none`): from the group's last assignment to the end, 1 worker "
+                f"{b4['one_worker_reading_seconds']:.2f} s, 3 workers {b4['three_workers_reading_seconds']:.2f} s; "
+                f"from process start, {b4['one_worker_seconds']:.1f} s and {b4['three_workers_seconds']:.1f} s; "
+                f"{b4['commits']} commits, {b4['conflicts']} conflicts.\n")
+    if "B6" in r:
+        out += "\n" + day.markdown(r["B6"])
     return out
 
 
@@ -400,7 +429,7 @@ def machine():
 
 def report(r):
     out = [f"position-sink write-path benchmark ({r['machine']}, scale {r['scale']})", ""]
-    for name in ("B1", "B5"):
+    for name in (n for n in ("B1", "B5") if n in r):
         b = r[name]
         raw = b["raw"]["rate"]
         out.append(f"{name}: {b['messages']} updates, {b['instruments']} conids, {b['symbols']} symbols")
@@ -423,26 +452,31 @@ def report(r):
                    f"(process life: {p['wall_rate']:8.0f} msg/s)  "
                    f"{p['cpu_us_per_message']:5.1f} us CPU/msg  {p['peak_rss_mib']:6.0f} MiB")
         out.append("")
-    b = r["B4"]
-    out.append(f"B4: from the group's last assignment to the end: 1 worker {b['one_worker_reading_seconds']:.2f} s, "
-               f"3 workers {b['three_workers_reading_seconds']:.2f} s (speed-up {b['reading_speedup']:.2f}x); "
-               f"process start to end: 1 worker {b['one_worker_seconds']:.1f} s, 3 workers "
-               f"{b['three_workers_seconds']:.1f} s ({b['speedup']:.2f}x); {b['commits']} commits, "
-               f"{b['conflicts']} conflicts ({b['conflict_ratio']:.1%})")
-    for i, w in enumerate(b["per_worker"]):
-        out.append(f"  worker {i}: {w['messages']} msgs, {w['cpu_seconds']:.1f} s CPU "
-                   f"({w['cpu_us_per_message']:.1f} us/msg), {w['peak_rss_mib']:.0f} MiB, {w['delta_commits']} commits")
-    out.append("")
-    for g in r["B3"]:
+    b = r.get("B4")
+    if b:
+        out.append(f"B4: from the group's last assignment to the end: 1 worker {b['one_worker_reading_seconds']:.2f} s, "
+                   f"3 workers {b['three_workers_reading_seconds']:.2f} s (speed-up {b['reading_speedup']:.2f}x); "
+                   f"process start to end: 1 worker {b['one_worker_seconds']:.1f} s, 3 workers "
+                   f"{b['three_workers_seconds']:.1f} s ({b['speedup']:.2f}x); {b['commits']} commits, "
+                   f"{b['conflicts']} conflicts ({b['conflict_ratio']:.1%})")
+        for i, w in enumerate(b["per_worker"]):
+            out.append(f"  worker {i}: {w['messages']} msgs, {w['cpu_seconds']:.1f} s CPU "
+                       f"({w['cpu_us_per_message']:.1f} us/msg), {w['peak_rss_mib']:.0f} MiB, {w['delta_commits']} commits")
+        out.append("")
+    for g in r.get("B3", []):
         cells = ", ".join(f"{x['keys']} keys {x['median_flush_seconds'] * 1000:.0f} ms "
                           f"({x['flushes'][0]['files_removed']} files, "
                           f"{x['rows_rewritten_per_row_in']:.1f} rows written per row in)" for x in g["runs"])
         out.append(f"B3 ({g['layout']}): 10k-update flush into {cells}; ratio {g['ratio']:.2f}")
-    out.append("")
-    b = r["B2"]
-    out.append(f"B2: {b['offered_rate']} updates/s for {b['seconds']} s: latency p50 {b['latency_p50_s']:.2f} s, "
-               f"p99 {b['latency_p99_s']:.2f} s, max {b['latency_max_s']:.2f} s; flush p50 {b['flush_ms_p50']:.0f} ms, "
-               f"max {b['flush_ms_max']} ms; {b['cpu_us_per_message']:.1f} us CPU/msg, {b['peak_rss_mib']:.0f} MiB")
+    b = r.get("B2")
+    if b:
+        out.append("")
+        out.append(f"B2: {b['offered_rate']} updates/s for {b['seconds']} s: latency p50 {b['latency_p50_s']:.2f} s, "
+                   f"p99 {b['latency_p99_s']:.2f} s, max {b['latency_max_s']:.2f} s; flush p50 {b['flush_ms_p50']:.0f} ms, "
+                   f"max {b['flush_ms_max']} ms; {b['cpu_us_per_message']:.1f} us CPU/msg, {b['peak_rss_mib']:.0f} MiB")
+    if "B6" in r:
+        out.append("")
+        out.append(day.report(r["B6"]))
     return "\n".join(out)
 
 

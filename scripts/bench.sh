@@ -4,8 +4,10 @@
 # rate and the seed-style Python peer, all in one run. Prints the report and writes
 # it as JSON to bench/results/<time>.json.
 #
-#   scripts/bench.sh            the full scenarios (about 15 minutes on 2 cores)
-#   scripts/bench.sh --quick    a tenth of the data, to check the benchmark itself
+#   scripts/bench.sh                 every scenario (B1..B5 about 15 minutes on 2 cores,
+#                                    B6, the trading day, up to 45 minutes a layout)
+#   scripts/bench.sh --quick         a tenth of the data, to check the benchmark itself
+#   scripts/bench.sh --only B6       some scenarios (comma-separated; B4 needs B1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +15,15 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/position-sink/target}"
 CACHE="${POSITION_SINK_CACHE:-$HOME/.cache/position-sink}"
 PORT="${POSITION_SINK_BENCH_PORT:-39292}"
 SCALE=1
-if [ "${1:-}" = "--quick" ]; then SCALE=0.1; fi
+ONLY=B1,B2,B3,B4,B5,B6
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) SCALE=0.1 ;;
+    --only) ONLY="$2"; shift ;;
+    *) echo "bench.sh: unknown argument $1 (use --quick, --only B1,B6)" >&2; exit 2 ;;
+  esac
+  shift
+done
 
 scripts/setup.sh
 "$CACHE/venv/bin/pip" install -q --disable-pip-version-check "confluent-kafka==2.16.1"
@@ -31,5 +41,5 @@ OUT="bench/results/$(date -u +%Y%m%dT%H%M%SZ).json"
   --bin "$CARGO_TARGET_DIR/release/position-sink" \
   --raw "$CARGO_TARGET_DIR/release/examples/raw_consume" \
   --flush-cost "$CARGO_TARGET_DIR/release/examples/flush_cost" \
-  --kafka scripts/kafka.sh --port "$PORT" --work "$WORK" --out "$OUT" --scale "$SCALE"
+  --kafka scripts/kafka.sh --port "$PORT" --work "$WORK" --out "$OUT" --scale "$SCALE" --only "$ONLY"
 echo "bench.sh: results in $OUT"
