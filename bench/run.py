@@ -373,7 +373,7 @@ def main():
     if "B6" in only:
         # 28,800 flushes at 50 ms (60x a 3 s window): a simulated hour is 1,200 flushes.
         results["B6"] = [day.TradingDay(bench, layout, int(28_800 * args.scale), n(100_000), 200, interval_ms=50,
-                                        rate=2000, cap_seconds=int(2700 * args.scale) + 60).run()
+                                        rate=2000, cap_seconds=int(1800 * args.scale) + 60).run()
                          for layout in ("none", "symbol")]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -5,7 +5,7 @@
 # it as JSON to bench/results/<time>.json.
 #
 #   scripts/bench.sh                 every scenario (B1..B5 about 15 minutes on 2 cores,
-#                                    B6, the trading day, up to 45 minutes a layout)
+#                                    B6, the trading day, up to 31 minutes a layout)
 #   scripts/bench.sh --quick         a tenth of the data, to check the benchmark itself
 #   scripts/bench.sh --only B6       some scenarios (comma-separated; B4 needs B1)
 set -euo pipefail
