@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The write-path benchmark: builds the release binary, starts a local broker on
-# 127.0.0.1:39292, and runs B1..B5 (docs/write-path.md) against the broker's raw consume
+# 127.0.0.1:39292, and runs B1..B6 (docs/write-path.md, docs/maintenance.md) against the broker's raw consume
 # rate and the seed-style Python peer, all in one run. Prints the report and writes
 # it as JSON to bench/results/<time>.json.
 #
