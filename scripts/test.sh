@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what is missing, starts a local Kafka broker on
+# The test command: installs what is missing (Apache Spark with Delta Lake too, the
+# reference reader), starts a local Kafka broker on
 # 127.0.0.1:39092 and a local S3-compatible server (moto) on 127.0.0.1:39600, runs every
 # test against them, and stops them again (and the broker the outage scenario of
 # tests/faults.rs starts on 39192).
@@ -11,6 +12,7 @@ CACHE="${POSITION_SINK_CACHE:-$HOME/.cache/position-sink}"
 PORT="${POSITION_SINK_TEST_PORT:-39092}"
 
 scripts/setup.sh
+scripts/spark.sh fetch   # the reference reader of the deletion-vector tests
 OUTAGE_PORT=39192
 # Keep the brokers' and the S3 server's ports out of the kernel's ephemeral range, so no
 # outgoing connection holds one when a server starts (root only; best effort).
@@ -31,4 +33,5 @@ scripts/s3.sh start "$S3_PORT"
 export POSITION_SINK_TEST_BROKERS="127.0.0.1:$PORT"
 export POSITION_SINK_TEST_S3="http://127.0.0.1:$S3_PORT"
 export POSITION_SINK_PYTHON="$CACHE/venv/bin/python"
+export POSITION_SINK_SPARK_JARS="$(scripts/spark.sh jars)"
 cargo test --locked --features fault-injection "$@"

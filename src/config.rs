@@ -165,6 +165,12 @@ pub struct DeltaConfig {
     /// symbol, for tens to hundreds of symbols) or `"none"` (no partition column, files
     /// sorted by symbol; for thousands of symbols). See docs/write-path.md.
     pub partition_by: PartitionBy,
+    /// How a flush replaces rows, fixed when the table is created: `"copy_on_write"`
+    /// (files holding a changed row are rewritten; every Delta reader reads the table)
+    /// or `"deletion_vectors"` (changed rows are hidden by deletion vectors and written
+    /// anew: a flush costs its batch, not the table; readers must support deletion
+    /// vectors). See docs/write-path.md.
+    pub write_mode: WriteMode,
     /// Most rows in one data file; a flush rewrites only the files that hold its keys.
     pub max_rows_per_file: usize,
     /// Options for the object store (credentials, endpoint), passed to delta-rs.
@@ -184,6 +190,7 @@ impl Default for DeltaConfig {
             table_uri: "./data/positions".into(),
             key_columns: vec![KeyColumn::Conid],
             partition_by: PartitionBy::Symbol,
+            write_mode: WriteMode::CopyOnWrite,
             max_rows_per_file: 100_000,
             storage_options: Settings::default(),
             table_properties: Settings(
@@ -220,11 +227,19 @@ pub struct MaintenanceConfig {
     /// `none` layout) are compacted once there are at least this many and their rows
     /// fit in fewer files of `delta.max_rows_per_file` rows.
     pub compaction_min_files: usize,
+    /// A file with at least this fraction of its rows hidden by deletion vectors
+    /// (`delta.write_mode = "deletion_vectors"`) is rewritten without them.
+    pub compaction_hidden_fraction: f64,
 }
 
 impl Default for MaintenanceConfig {
     fn default() -> Self {
-        Self { enabled: true, interval: Duration::from_secs(300), compaction_min_files: 4 }
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(300),
+            compaction_min_files: 4,
+            compaction_hidden_fraction: 0.3,
+        }
     }
 }
 
@@ -246,6 +261,16 @@ impl PartitionBy {
             PartitionBy::None => &[],
         }
     }
+}
+
+/// How a flush replaces rows in the positions table (`delta.write_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// Files holding a replaced row are rewritten without it.
+    CopyOnWrite,
+    /// Replaced rows are hidden by deletion vectors; their new rows go into new files.
+    DeletionVectors,
 }
 
 /// `[flush]`: when the buffer is written.
@@ -513,6 +538,7 @@ impl Config {
             kafka.librdkafka = ?self.kafka.librdkafka,
             delta.table_uri = %self.delta.table_uri,
             delta.partition_by = %spelled(&self.delta.partition_by),
+            delta.write_mode = %spelled(&self.delta.write_mode),
             delta.key_columns = %spelled(&self.delta.key_columns),
             delta.max_rows_per_file = self.delta.max_rows_per_file,
             delta.storage_options = ?self.delta.storage_options,
@@ -529,6 +555,7 @@ impl Config {
             maintenance.enabled = self.maintenance.enabled,
             maintenance.interval = ?self.maintenance.interval,
             maintenance.compaction_min_files = self.maintenance.compaction_min_files,
+            maintenance.compaction_hidden_fraction = self.maintenance.compaction_hidden_fraction,
             http.bind = %self.http.bind,
             log.format = %spelled(&self.log.format),
             "effective configuration"
@@ -630,6 +657,14 @@ impl Config {
                 "maintenance.compaction_min_files",
                 "is below 2",
                 "set 2 or more (a single file is never compacted)",
+            );
+        }
+        let hidden = self.maintenance.compaction_hidden_fraction;
+        if !(hidden > 0.0 && hidden <= 1.0) {
+            return invalid(
+                "maintenance.compaction_hidden_fraction",
+                "is not in (0, 1]",
+                "set a fraction such as 0.3 (a file with 30% of its rows hidden is rewritten)",
             );
         }
         if let Some((key, problem)) = invalid_table_property(&self.delta.table_properties) {

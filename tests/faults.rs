@@ -15,6 +15,7 @@ use common::faulty_store::faulty_table;
 use common::scenario::{Scenario, sized};
 use common::*;
 use position_sink::WorkerError;
+use position_sink::config::WriteMode;
 use position_sink::faults::CrashPoints;
 use position_sink::status::Progress;
 use rand::{Rng, SeedableRng};
@@ -66,7 +67,17 @@ fn start_binary(config_file: &std::path::Path, abort_probability: Option<f64>) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_loop_sigkill_during_merge_and_between_commits_loses_and_doubles_nothing() {
-    let mut s = Scenario::new("killloop", 4).await;
+    kill_loop("killloop", WriteMode::CopyOnWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_loop_in_deletion_vector_mode_loses_and_doubles_nothing() {
+    kill_loop("killloopdv", WriteMode::DeletionVectors).await;
+}
+
+async fn kill_loop(name: &'static str, mode: WriteMode) {
+    let mut s = Scenario::new(name, 4).await;
+    s.write_mode = mode;
     let total = sized(40_000, 200_000);
     let kills = sized(9, 24);
     s.produce(total / 2).await;

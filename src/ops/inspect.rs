@@ -36,8 +36,14 @@ pub struct TableFacts {
     pub uri: String,
     /// Latest version.
     pub version: i64,
-    /// Rows in the live files.
+    /// Rows in the live files (rows hidden by deletion vectors not counted).
     pub rows: u64,
+    /// Rows of live files hidden by deletion vectors.
+    pub hidden_rows: u64,
+    /// Live data files with a deletion vector.
+    pub files_with_deletion_vectors: usize,
+    /// How flushes replace rows: `copy_on_write` or `deletion_vectors`.
+    pub write_mode: crate::config::WriteMode,
     /// Live data files.
     pub live_files: usize,
     /// Bytes of the live data files.
@@ -204,11 +210,16 @@ async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFa
     let read_err = |source| crate::delta::TableError::Read { uri: uri.to_string(), source: Box::new(source) };
     let snapshot = table.snapshot().map_err(read_err)?;
     let (mut rows, mut live_files, mut live_bytes) = (0u64, 0usize, 0u64);
+    let (mut hidden_rows, mut files_with_deletion_vectors) = (0u64, 0usize);
     let mut partition_values = std::collections::HashSet::new();
     for file in snapshot.log_data().iter() {
         live_files += 1;
         live_bytes += file.size().max(0) as u64;
         rows += file.num_records().unwrap_or(0) as u64;
+        if let Some(dv) = file.deletion_vector_descriptor() {
+            hidden_rows += dv.cardinality.max(0) as u64;
+            files_with_deletion_vectors += 1;
+        }
         let values = file.partition_values_map();
         if !values.is_empty() {
             partition_values.insert(format!("{values:?}"));
@@ -223,7 +234,10 @@ async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFa
     Ok(TableFacts {
         uri: uri.to_string(),
         version: table.version().map_or(-1, |v| v as i64),
-        rows,
+        rows: rows.saturating_sub(hidden_rows),
+        hidden_rows,
+        files_with_deletion_vectors,
+        write_mode: crate::table::table_write_mode(table),
         live_files,
         live_bytes,
         bytes_on_disk,
@@ -338,6 +352,13 @@ pub fn print(report: &Inspection, format: Format) {
     println!("last compaction {}", t.last_compaction.as_deref().unwrap_or(&never));
     let layout = if t.partition_columns.is_empty() { "none".to_string() } else { t.partition_columns.join(", ") };
     println!("partitioned by {layout} ({} partitions)", t.partitions);
+    match t.write_mode {
+        crate::config::WriteMode::CopyOnWrite => println!("write mode     copy_on_write"),
+        crate::config::WriteMode::DeletionVectors => println!(
+            "write mode     deletion_vectors: {} rows hidden in {} files",
+            t.hidden_rows, t.files_with_deletion_vectors
+        ),
+    }
     println!();
     let mut commits = plain_table(["version", "time", "operation", "files added", "files removed", "rows written"]);
     for c in &report.commits {

@@ -12,7 +12,7 @@ use super::{Format, OpsError, Outcome};
 use crate::config::{Config, DeadLetterDestination};
 use crate::dead_letter::DeadLetterTable;
 use crate::maintenance::{self, CleanReport};
-use crate::table::{CompactionReport, PositionTable};
+use crate::table::{CompactionReport, PositionTable, Thresholds};
 
 /// Options of one run.
 #[derive(Debug, Clone, Default)]
@@ -67,16 +67,16 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
     let failed = |e: maintenance::MaintenanceError| OpsError::Input(e.to_string());
     super::open_table(&config.delta).await?;
     let positions = PositionTable::open_or_create(&config.delta, &config.kafka.group_id).await?;
-    let min_files = config.maintenance.compaction_min_files;
+    let thresholds = Thresholds::from(&config.maintenance);
 
     step("compacting the positions table");
     let mut compaction = Compaction::default();
-    let candidates = positions.compaction_candidates(None, min_files).await?;
+    let candidates = positions.compaction_candidates(None, thresholds).await?;
     compaction.partitions = candidates.len();
     compaction.files = candidates.iter().map(|(_, files)| files).sum();
     if !options.dry_run && !candidates.is_empty() {
         let owners: Vec<_> = candidates.iter().map(|(owner, _)| owner.clone()).collect();
-        match positions.compact(&owners, min_files).await {
+        match positions.compact(&owners, thresholds).await {
             Ok((_, CompactionReport { files_added, committed, .. })) => {
                 compaction.files_added = files_added;
                 compaction.committed = committed;

@@ -1,12 +1,13 @@
-//! The commit of one flush: the files it rewrote removed, the new ones added, one `txn`
-//! per Kafka partition it covers, and the read set it declares, so that delta-rs lets
-//! it through when another worker committed only other partitions' files meanwhile.
+//! The commit of one flush: the files it rewrote removed, the files whose rows it hid
+//! re-added with their new deletion vectors, the new ones added, one `txn` per Kafka
+//! partition it covers, and the read set it declares, so that delta-rs lets it through
+//! when another worker committed only other partitions' files meanwhile.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use deltalake::DeltaTableError;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Add, Transaction};
+use deltalake::kernel::{Action, Add, DeletionVectorDescriptor, Transaction};
 use deltalake::protocol::{DeltaOperation, MergePredicate};
 
 use super::PositionTable;
@@ -27,9 +28,21 @@ pub(super) enum CommitKind {
     Compaction,
 }
 
+/// The data files one commit changes.
+#[derive(Debug, Default)]
+pub(super) struct Changes<'a> {
+    /// Files removed.
+    pub removed: &'a [FileId],
+    /// Files whose rows the commit hides: removed with their old deletion vector and
+    /// added back with the new one.
+    pub revised: &'a [(FileId, DeletionVectorDescriptor)],
+    /// New files.
+    pub added: &'a [Add],
+}
+
 impl PositionTable {
-    /// Commits the removal of the `rewritten` files, the `adds` and the `transactions`
-    /// on top of this handle's version, reading the files of `partitions`.
+    /// Commits `changes` and the `transactions` on top of this handle's version,
+    /// reading the files of `partitions`.
     ///
     /// # Errors
     /// When the commit conflicts with another writer's, or storage fails.
@@ -37,22 +50,39 @@ impl PositionTable {
         &self,
         kind: CommitKind,
         partitions: &[TopicPartition],
-        rewritten: &[FileId],
-        adds: &[Add],
+        changes: Changes<'_>,
         transactions: Vec<Transaction>,
         index: &KeyIndex,
     ) -> Result<(), DeltaTableError> {
-        let removed_paths: HashSet<&str> =
-            rewritten.iter().filter_map(|id| index.file(*id)).map(|f| f.path.as_str()).collect();
+        let path_of = |id: &FileId| index.file(*id).map(|f| f.path.as_str());
+        let removed_paths: HashSet<&str> = changes.removed.iter().filter_map(path_of).collect();
+        let revised: HashMap<&str, &DeletionVectorDescriptor> =
+            changes.revised.iter().filter_map(|(id, dv)| Some((path_of(id)?, dv))).collect();
         let snapshot = self.table.snapshot()?;
         let data_change = kind == CommitKind::Flush;
-        let mut actions: Vec<Action> = snapshot
-            .log_data()
-            .iter()
-            .filter(|view| removed_paths.contains(view.path().as_ref()))
-            .map(|view| Action::Remove(deltalake::kernel::Remove { data_change, ..view.remove_action(true) }))
-            .collect();
-        actions.extend(adds.iter().cloned().map(|add| Action::Add(Add { data_change, ..add })));
+        let mut actions: Vec<Action> = Vec::new();
+        for view in snapshot.log_data().iter() {
+            let path = view.path();
+            if removed_paths.contains(path.as_ref()) {
+                actions.push(Action::Remove(deltalake::kernel::Remove { data_change, ..view.remove_action(true) }));
+            } else if let Some(dv) = revised.get(path.as_ref()) {
+                actions.push(Action::Remove(deltalake::kernel::Remove { data_change, ..view.remove_action(true) }));
+                #[expect(deprecated, reason = "the file's add action, re-added with its new deletion vector")]
+                let add = view.add_action();
+                let stats = add.stats.as_deref().map(loose_statistics);
+                actions.push(Action::Add(Add {
+                    data_change,
+                    deletion_vector: Some((*dv).clone()),
+                    stats,
+                    modification_time: chrono::Utc::now().timestamp_millis(),
+                    ..add
+                }));
+            }
+        }
+        actions.extend(changes.added.iter().cloned().map(|add| Action::Add(Add { data_change, ..add })));
+        let rewritten: Vec<FileId> =
+            changes.removed.iter().copied().chain(changes.revised.iter().map(|(id, _)| *id)).collect();
+        let rewritten = rewritten.as_slice();
         let operation = match kind {
             CommitKind::Flush => self.operation(partitions, rewritten, index),
             // delta-rs takes the read set from a MERGE's predicate (an OPTIMIZE would
@@ -108,6 +138,19 @@ impl PositionTable {
             not_matched_predicates: vec![MergePredicate { action_type: "insert".into(), predicate: None }],
             not_matched_by_source_predicates: Vec::new(),
         }
+    }
+}
+
+/// A data file's statistics once a deletion vector hides some of its rows: the
+/// minimums and maximums may name hidden rows, so they are marked as not tight
+/// (`numRecords` stays the file's physical count, as the protocol asks).
+fn loose_statistics(stats: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(stats) {
+        Ok(serde_json::Value::Object(mut fields)) => {
+            fields.insert("tightBounds".to_string(), serde_json::Value::Bool(false));
+            serde_json::Value::Object(fields).to_string()
+        }
+        _ => stats.to_string(),
     }
 }
 

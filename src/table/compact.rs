@@ -1,6 +1,7 @@
 //! Compaction of one worker's files: the files of a group (a symbol's rows of one Kafka
 //! partition, or the partition's rows in the `none` layout) that fit in fewer files are
-//! rewritten into as few as hold them, in a commit of their own.
+//! rewritten into as few as hold them, and files whose rows are mostly hidden by
+//! deletion vectors are rewritten without them, in a commit of their own.
 //!
 //! Invariants kept here:
 //! - Only the files of the Kafka partitions passed in (the worker's own) are touched,
@@ -13,11 +14,26 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use super::commit::CommitKind;
+use super::commit::{Changes, CommitKind};
 use super::key_index::FileId;
 use super::merge;
 use super::{PositionTable, TableError};
 use crate::offsets::TopicPartition;
+
+/// When a Kafka partition's files are compacted (`maintenance.*`).
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    /// At least this many files of a group that fit in fewer.
+    pub min_files: usize,
+    /// Or a file with at least this fraction of its rows hidden by a deletion vector.
+    pub hidden_fraction: f64,
+}
+
+impl From<&crate::config::MaintenanceConfig> for Thresholds {
+    fn from(config: &crate::config::MaintenanceConfig) -> Self {
+        Self { min_files: config.compaction_min_files, hidden_fraction: config.compaction_hidden_fraction }
+    }
+}
 
 /// What one compaction did.
 #[derive(Debug, Clone, Default)]
@@ -47,7 +63,7 @@ impl PositionTable {
     pub async fn compaction_candidates(
         &self,
         partitions: Option<&[TopicPartition]>,
-        min_files: usize,
+        thresholds: Thresholds,
     ) -> Result<Vec<(TopicPartition, usize)>, TableError> {
         let fresh = self.refreshed().await?;
         let index = fresh.index.clone();
@@ -58,7 +74,12 @@ impl PositionTable {
             None => index.owners(),
         };
         let mut files: std::collections::BTreeMap<TopicPartition, usize> = std::collections::BTreeMap::new();
-        for (group, ids) in index.groups_to_compact(&owners, min_files, fresh.max_rows_per_file) {
+        for (group, ids) in index.groups_to_compact(
+            &owners,
+            thresholds.min_files,
+            thresholds.hidden_fraction,
+            fresh.max_rows_per_file,
+        ) {
             if let Some(owner) = group.owner {
                 *files.entry(owner).or_default() += ids.len();
             }
@@ -77,14 +98,19 @@ impl PositionTable {
     pub async fn compact(
         &self,
         partitions: &[TopicPartition],
-        min_files: usize,
+        thresholds: Thresholds,
     ) -> Result<(PositionTable, CompactionReport), TableError> {
         let started = Instant::now();
         let mut fresh = self.refreshed().await?;
         let index = fresh.index.clone();
         let mut index = index.lock().await;
         fresh.sync_index(&mut index).await?;
-        let groups = index.groups_to_compact(partitions, min_files, fresh.max_rows_per_file);
+        let groups = index.groups_to_compact(
+            partitions,
+            thresholds.min_files,
+            thresholds.hidden_fraction,
+            fresh.max_rows_per_file,
+        );
         if groups.is_empty() {
             return Ok((fresh, CompactionReport { elapsed: started.elapsed(), ..CompactionReport::default() }));
         }
@@ -100,10 +126,8 @@ impl PositionTable {
         crate::faults::maybe_abort_before_compaction_commit();
         let owners: Vec<TopicPartition> =
             groups.iter().filter_map(|(group, _)| group.owner.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-        fresh
-            .commit(CommitKind::Compaction, &owners, &plan.rewritten, &adds, Vec::new(), &index)
-            .await
-            .map_err(write_err)?;
+        let changes = Changes { removed: &plan.rewritten, added: &adds, ..Changes::default() };
+        fresh.commit(CommitKind::Compaction, &owners, changes, Vec::new(), &index).await.map_err(write_err)?;
         for id in &plan.rewritten {
             index.remove_file(*id);
         }
@@ -116,9 +140,7 @@ impl PositionTable {
             committed: true,
             elapsed: Duration::ZERO,
         };
-        for (add, file) in adds.iter().zip(plan.files) {
-            index.add_file(super::files::decoded_path(&add.path), file.group, file.keys);
-        }
+        super::index_new_files(&mut index, &adds, plan.files).map_err(|e| write_err(e.into()))?;
         fresh.table.update_state().await.map_err(write_err)?;
         Ok((fresh.clone(), CompactionReport { elapsed: started.elapsed(), ..report }))
     }

@@ -4,16 +4,18 @@
 
 use std::sync::Arc;
 
-use deltalake::arrow::array::{AsArray, RecordBatch, RecordBatchReader};
+use deltalake::arrow::array::{AsArray, BooleanArray, RecordBatch, RecordBatchReader};
 use deltalake::arrow::compute::concat_batches;
-use deltalake::arrow::datatypes::Int32Type;
+use deltalake::arrow::datatypes::{Int32Type, Int64Type, TimestampMicrosecondType};
 use deltalake::kernel::Add;
 use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::{DeltaTableError, ObjectStore};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
+use roaring::RoaringTreemap;
 
+use super::key_index::{KeyIndex, Row, SourceId, Stamp};
 use super::merge::{self, NewFile};
 use super::schema::schema;
 use super::{PositionTable, TableError};
@@ -131,11 +133,16 @@ fn as_table_types(rows: RecordBatch) -> Result<RecordBatch, deltalake::arrow::er
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }
 
-/// The keys of a file's rows, and the Kafka partition they all come from (if one).
-pub(super) fn file_keys(
+/// The live rows of a file (those `deleted` does not hide), with their keys and
+/// precedence, and the Kafka partition all its rows come from (if one). `rows` holds at
+/// least the key columns, `timestamp`, `kafka_topic`, `kafka_partition` and
+/// `kafka_offset`, in the file's order.
+pub(super) fn file_rows(
     rows: &RecordBatch,
     key_columns: &[KeyColumn],
-) -> Result<(Option<TopicPartition>, Vec<RowKey>), deltalake::arrow::error::ArrowError> {
+    deleted: &RoaringTreemap,
+    index: &mut KeyIndex,
+) -> Result<(Option<TopicPartition>, Vec<Row>), deltalake::arrow::error::ArrowError> {
     let topics = merge::column(rows, "kafka_topic")?.as_string::<i32>();
     let partitions = merge::column(rows, "kafka_partition")?.as_primitive::<Int32Type>();
     let mut owner = None;
@@ -149,7 +156,53 @@ pub(super) fn file_keys(
         }
     }
     let owner = owner.filter(|_| !mixed).map(|(topic, partition)| TopicPartition::new(topic, partition));
-    Ok((owner, merge::keys_of(rows, key_columns)?))
+    let keys = merge::keys_of(rows, key_columns)?;
+    Ok((owner, rows_with_keys(rows, keys, deleted, index)?))
+}
+
+/// The live rows of `rows` (those `deleted` does not hide) whose keys are `keys`, with
+/// their precedence.
+pub(super) fn rows_with_keys(
+    rows: &RecordBatch,
+    keys: Vec<RowKey>,
+    deleted: &RoaringTreemap,
+    index: &mut KeyIndex,
+) -> Result<Vec<Row>, deltalake::arrow::error::ArrowError> {
+    let topics = merge::column(rows, "kafka_topic")?.as_string::<i32>();
+    let partitions = merge::column(rows, "kafka_partition")?.as_primitive::<Int32Type>();
+    let offsets = merge::column(rows, "kafka_offset")?.as_primitive::<Int64Type>().values();
+    let timestamps = merge::column(rows, "timestamp")?.as_primitive::<TimestampMicrosecondType>().values();
+    let mut last_source: Option<((&str, i32), SourceId)> = None;
+    let mut live = Vec::with_capacity(keys.len().saturating_sub(deleted.len() as usize));
+    for (row, key) in keys.into_iter().enumerate() {
+        if deleted.contains(row as u64) {
+            continue;
+        }
+        let tp = (topics.value(row), partitions.value(row));
+        let source = match last_source {
+            Some((last, id)) if last == tp => id,
+            _ => {
+                let id = index.source(tp.0, tp.1);
+                last_source = Some((tp, id));
+                id
+            }
+        };
+        let stamp = Stamp { timestamp: timestamps[row], offset: offsets[row], source };
+        live.push(Row { row: row as u32, key, stamp });
+    }
+    Ok(live)
+}
+
+/// `rows` without those `deleted` hides.
+pub(super) fn without_hidden(
+    rows: RecordBatch,
+    deleted: &RoaringTreemap,
+) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
+    if deleted.is_empty() {
+        return Ok(rows);
+    }
+    let keep: BooleanArray = (0..rows.num_rows()).map(|row| Some(!deleted.contains(row as u64))).collect();
+    deltalake::arrow::compute::filter_record_batch(&rows, &keep)
 }
 
 /// A path as the Delta log's file list shows it (percent-decoded).

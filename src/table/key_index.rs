@@ -1,13 +1,18 @@
-//! Which live data file of the positions table holds each key, so that a flush reads
-//! and rewrites only the files its keys are in. Pure: the table module reads the files
-//! and feeds their keys in.
+//! Which live data file and row of the positions table holds each key, and the
+//! precedence of that row, so that a flush reads and rewrites only the files its keys
+//! are in (copy-on-write) or marks only their rows deleted (deletion vectors). Pure:
+//! the table module reads the files and feeds their rows in.
 //!
 //! Invariant kept here: after [`KeyIndex::sync`] with the table's live files and
 //! [`KeyIndex::add_file`] for each file it did not know, every key of the table maps to
-//! a live file that holds it. A key found in two live files (two workers inserted it at
-//! once) is remembered as a duplicate until a flush rewrites one of them.
+//! a live row that holds it (a row a file's deletion vector hides is not live). A key
+//! found in two live rows (two workers inserted it at once) is remembered as a
+//! duplicate until a flush removes one of them.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap, HashSet};
+
+use roaring::RoaringTreemap;
 
 use crate::config::PartitionBy;
 use crate::offsets::TopicPartition;
@@ -15,6 +20,43 @@ use crate::update::{KeyColumn, PositionUpdate, RowKey};
 
 /// A data file's number in the index.
 pub type FileId = u32;
+
+/// A Kafka partition's number in the index (rows name theirs by it).
+pub type SourceId = u32;
+
+/// What decides which of two rows of a key wins: the order of
+/// [`crate::update::PositionUpdate::precedence`] (timestamp, offset, topic, partition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Event time, µs.
+    pub timestamp: i64,
+    /// Kafka offset of the update.
+    pub offset: i64,
+    /// Kafka partition of the update.
+    pub source: SourceId,
+}
+
+/// Where a key's row is: its file, its position in the file, and its precedence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// The file.
+    pub file: FileId,
+    /// The row's position in the file (what a deletion vector names).
+    pub row: u32,
+    /// The row's precedence.
+    pub stamp: Stamp,
+}
+
+/// One live row of a file, as fed to [`KeyIndex::add_file`].
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Its position in the file.
+    pub row: u32,
+    /// Its key.
+    pub key: RowKey,
+    /// Its precedence.
+    pub stamp: Stamp,
+}
 
 /// The rows a file may hold: one symbol (in the `symbol` layout) and one Kafka partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,58 +83,148 @@ pub struct IndexedFile {
     pub path: String,
     /// The rows it may hold.
     pub group: FileGroup,
-    /// Rows in the file.
+    /// Rows in the file, hidden ones included.
     pub rows: usize,
+    /// The unique id of its deletion vector (none: every row is live).
+    pub deletion_vector: Option<String>,
+    /// The positions its deletion vector hides.
+    pub deleted: RoaringTreemap,
 }
 
-/// Keys → live files, kept current from the table's log.
+impl IndexedFile {
+    /// Rows not hidden by the file's deletion vector.
+    pub fn live_rows(&self) -> usize {
+        self.rows.saturating_sub(self.deleted.len() as usize)
+    }
+}
+
+/// A live data file as the table's log lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveFile {
+    /// The path relative to the table root.
+    pub path: String,
+    /// The unique id of its deletion vector, if it has one.
+    pub deletion_vector: Option<String>,
+}
+
+/// Keys → live rows, kept current from the table's log.
 #[derive(Debug, Default)]
 pub struct KeyIndex {
-    keys: HashMap<RowKey, FileId, foldhash::fast::RandomState>,
+    keys: HashMap<RowKey, Slot, foldhash::fast::RandomState>,
     files: HashMap<FileId, IndexedFile>,
     by_path: HashMap<String, FileId>,
     by_group: HashMap<FileGroup, HashSet<FileId>>,
-    duplicates: HashMap<RowKey, FileId, foldhash::fast::RandomState>,
+    duplicates: HashMap<RowKey, Slot, foldhash::fast::RandomState>,
+    sources: Vec<TopicPartition>,
     next_id: FileId,
 }
 
 impl KeyIndex {
-    /// Forgets the files that are no longer live and returns the live paths it does not
-    /// know yet, for the caller to read and pass to [`KeyIndex::add_file`].
-    pub fn sync<'a>(&mut self, live: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-        let live: HashSet<&str> = live.into_iter().collect();
-        let gone: Vec<FileId> =
-            self.by_path.iter().filter(|(path, _)| !live.contains(path.as_str())).map(|(_, id)| *id).collect();
+    /// Forgets the files that are no longer live (or whose deletion vector changed) and
+    /// returns the live files it does not know yet, for the caller to read and pass to
+    /// [`KeyIndex::add_file`].
+    pub fn sync(&mut self, live: &[LiveFile]) -> Vec<LiveFile> {
+        let current: HashMap<&str, &Option<String>> =
+            live.iter().map(|f| (f.path.as_str(), &f.deletion_vector)).collect();
+        let gone: Vec<FileId> = self
+            .by_path
+            .iter()
+            .filter(|(path, id)| {
+                current.get(path.as_str()).is_none_or(|dv| self.files.get(id).is_some_and(|f| f.deletion_vector != **dv))
+            })
+            .map(|(_, id)| *id)
+            .collect();
         for id in &gone {
             self.forget(*id);
         }
         if !gone.is_empty() {
             let files = &self.files;
-            self.keys.retain(|_, id| files.contains_key(id));
-            self.duplicates.retain(|_, id| files.contains_key(id));
+            self.keys.retain(|_, slot| files.contains_key(&slot.file));
+            self.duplicates.retain(|_, slot| files.contains_key(&slot.file));
         }
-        live.into_iter().filter(|path| !self.by_path.contains_key(*path)).map(str::to_string).collect()
+        live.iter().filter(|f| !self.by_path.contains_key(&f.path)).cloned().collect()
     }
 
-    /// Records a live file and the keys it holds. A key already held by another live
-    /// file is kept as a duplicate to resolve.
-    pub fn add_file(&mut self, path: String, group: FileGroup, keys: impl IntoIterator<Item = RowKey>) -> FileId {
+    /// Records a live file, its live rows and the positions its deletion vector hides.
+    /// A key already held by another live row is kept as a duplicate to resolve.
+    pub fn add_file(
+        &mut self,
+        file: LiveFile,
+        group: FileGroup,
+        rows: usize,
+        deleted: RoaringTreemap,
+        live: impl IntoIterator<Item = Row>,
+    ) -> FileId {
         let id = self.next_id;
         self.next_id += 1;
-        let mut rows = 0;
-        for key in keys {
-            rows += 1;
-            if let Some(previous) = self.keys.insert(key.clone(), id)
-                && previous != id
-                && self.files.contains_key(&previous)
+        for Row { row, key, stamp } in live {
+            let slot = Slot { file: id, row, stamp };
+            if let Some(previous) = self.keys.insert(key.clone(), slot)
+                && previous.file != id
+                && self.files.contains_key(&previous.file)
             {
                 self.duplicates.insert(key, previous);
             }
         }
-        self.by_path.insert(path.clone(), id);
+        self.by_path.insert(file.path.clone(), id);
         self.by_group.entry(group.clone()).or_default().insert(id);
-        self.files.insert(id, IndexedFile { path, group, rows });
+        let LiveFile { path, deletion_vector } = file;
+        self.files.insert(id, IndexedFile { path, group, rows, deletion_vector, deleted });
         id
+    }
+
+    /// Records that this worker hid `rows` of file `id` with the deletion vector whose
+    /// unique id is `deletion_vector` (`rows`: every row it hides, old and new). The
+    /// keys of those rows are re-added with the files that hold their new rows; a key
+    /// held twice keeps its other copy.
+    pub fn hide_rows(&mut self, id: FileId, deletion_vector: String, rows: &RoaringTreemap) {
+        if let Some(file) = self.files.get_mut(&id) {
+            file.deletion_vector = Some(deletion_vector);
+            file.deleted |= rows;
+        }
+        self.drop_copies(|slot| slot.file == id && rows.contains(u64::from(slot.row)));
+    }
+
+    /// Forgets the copies of duplicated keys that are `gone`; where the indexed copy is
+    /// gone, the other one takes its place.
+    fn drop_copies(&mut self, gone: impl Fn(&Slot) -> bool) {
+        let Self { keys, duplicates, .. } = self;
+        duplicates.retain(|key, copy| {
+            if gone(copy) {
+                return false;
+            }
+            match keys.get_mut(key) {
+                Some(indexed) if gone(indexed) => {
+                    *indexed = *copy;
+                    false
+                }
+                _ => true,
+            }
+        });
+    }
+
+    /// The number of the Kafka partition `topic`/`partition` (given one on first use).
+    pub fn source(&mut self, topic: &str, partition: i32) -> SourceId {
+        if let Some(found) = self.sources.iter().position(|tp| tp.topic == topic && tp.partition.0 == partition) {
+            return found as SourceId;
+        }
+        self.sources.push(TopicPartition::new(topic, partition));
+        (self.sources.len() - 1) as SourceId
+    }
+
+    /// The order of `update` against the stored row stamped `stored`, under
+    /// [`crate::update::PositionUpdate::precedence`].
+    pub fn compare_update(&self, update: &PositionUpdate, stored: &Stamp) -> Ordering {
+        let tp = self.sources.get(stored.source as usize).map(|tp| (tp.topic.as_str(), tp.partition.0));
+        (update.timestamp_micros, update.source.offset.0)
+            .cmp(&(stored.timestamp, stored.offset))
+            .then_with(|| Some((update.source.tp.topic.as_str(), update.source.tp.partition.0)).cmp(&tp))
+    }
+
+    /// The order of `a` against `b` under [`crate::update::PositionUpdate::precedence`].
+    pub fn compare(&self, a: &Stamp, b: &Stamp) -> Ordering {
+        let tp = |s: &Stamp| self.sources.get(s.source as usize).map(|tp| (tp.topic.as_str(), tp.partition.0));
+        (a.timestamp, a.offset).cmp(&(b.timestamp, b.offset)).then_with(|| tp(a).cmp(&tp(b)))
     }
 
     fn forget(&mut self, id: FileId) {
@@ -110,12 +242,17 @@ impl KeyIndex {
     /// Forgets a file this worker removed; its keys are re-added with the files that replace it.
     pub fn remove_file(&mut self, id: FileId) {
         self.forget(id);
-        self.duplicates.retain(|_, file| *file != id);
+        self.drop_copies(|slot| slot.file == id);
+    }
+
+    /// The live row that holds `key`.
+    pub fn slot_of(&self, key: &RowKey) -> Option<Slot> {
+        self.keys.get(key).copied().filter(|slot| self.files.contains_key(&slot.file))
     }
 
     /// The live file that holds `key`.
     pub fn file_of(&self, key: &RowKey) -> Option<FileId> {
-        self.keys.get(key).copied().filter(|id| self.files.contains_key(id))
+        self.slot_of(key).map(|slot| slot.file)
     }
 
     /// A live file by number.
@@ -129,37 +266,52 @@ impl KeyIndex {
         self.by_group
             .get(group)?
             .iter()
-            .filter_map(|id| self.files.get(id).map(|f| (*id, f.rows)))
+            .filter_map(|id| self.files.get(id).map(|f| (*id, f.live_rows())))
             .filter(|(_, rows)| *rows < max_rows)
             .min_by_key(|(id, rows)| (*rows, *id))
             .map(|(id, _)| id)
     }
 
-    /// Files holding a second copy of a key, with the key: a flush touching these
-    /// files keeps only the newest row.
-    pub fn duplicates(&self) -> impl Iterator<Item = (&RowKey, FileId)> {
-        self.duplicates.iter().map(|(key, id)| (key, *id))
+    /// Rows holding a second copy of a key, with the key: a flush keeps only the
+    /// newest row.
+    pub fn duplicates(&self) -> impl Iterator<Item = (&RowKey, Slot)> {
+        self.duplicates.iter().map(|(key, slot)| (key, *slot))
     }
 
-    /// The groups of `owners`' files worth compacting: at least `min_files` files whose
-    /// rows fit in fewer files of `max_rows` rows. Each group's files, smallest groups
+    /// Live files by number.
+    pub fn files(&self) -> impl Iterator<Item = (FileId, &IndexedFile)> {
+        self.files.iter().map(|(id, f)| (*id, f))
+    }
+
+    /// The groups of `owners`' files worth compacting, with the files to pack: the
+    /// files not full or with at least `hidden_fraction` of their rows hidden by a
+    /// deletion vector, when there are at least `min_files` of them whose live rows fit
+    /// in fewer files of `max_rows` rows, or when one of them crosses `hidden_fraction`.
+    /// Smallest groups first.
     pub fn groups_to_compact(
         &self,
         owners: &[TopicPartition],
         min_files: usize,
+        hidden_fraction: f64,
         max_rows: usize,
     ) -> Vec<(FileGroup, Vec<FileId>)> {
+        let mostly_hidden =
+            |f: &IndexedFile| f.rows > 0 && f.deleted.len() as f64 >= hidden_fraction * f.rows as f64;
         let mut found: Vec<(FileGroup, Vec<FileId>)> = self
             .by_group
             .iter()
-            .filter(|(group, ids)| {
-                group.owner.as_ref().is_some_and(|owner| owners.contains(owner)) && ids.len() >= min_files.max(2)
-            })
+            .filter(|(group, _)| group.owner.as_ref().is_some_and(|owner| owners.contains(owner)))
             .filter_map(|(group, ids)| {
-                let rows: usize = ids.iter().filter_map(|id| self.files.get(id)).map(|f| f.rows).sum();
-                let mut ids: Vec<FileId> = ids.iter().copied().collect();
-                ids.sort_unstable();
-                (rows.div_ceil(max_rows.max(1)) < ids.len()).then(|| (group.clone(), ids))
+                let mut candidates: Vec<FileId> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| self.files.get(id).is_some_and(|f| f.live_rows() < max_rows || mostly_hidden(f)))
+                    .collect();
+                candidates.sort_unstable();
+                let files = || candidates.iter().filter_map(|id| self.files.get(id));
+                let rows: usize = files().map(IndexedFile::live_rows).sum();
+                let packs = candidates.len() >= min_files.max(2) && rows.div_ceil(max_rows.max(1)) < candidates.len();
+                (packs || files().any(mostly_hidden)).then(|| (group.clone(), candidates))
             })
             .collect();
         found.sort();
@@ -207,9 +359,9 @@ impl KeyIndex {
                 }
             }
         }
-        let duplicated: Vec<(RowKey, FileId)> = self.duplicates().map(|(k, id)| (k.clone(), id)).collect();
-        for (key, id) in duplicated {
-            touched.insert(id);
+        let duplicated: Vec<(RowKey, Slot)> = self.duplicates().map(|(k, slot)| (k.clone(), slot)).collect();
+        for (key, slot) in duplicated {
+            touched.insert(slot.file);
             touched.extend(self.file_of(&key));
         }
         let hosts: BTreeSet<FileId> = gaining.iter().filter_map(|g| self.smallest_in(g, max_rows)).collect();
@@ -230,27 +382,56 @@ mod tests {
         FileGroup { symbol: None, owner: Some(TopicPartition::new("positions", partition)) }
     }
 
+    fn live(path: &str) -> LiveFile {
+        LiveFile { path: path.to_string(), deletion_vector: None }
+    }
+
+    fn stamp(timestamp: i64) -> Stamp {
+        Stamp { timestamp, offset: 0, source: 0 }
+    }
+
+    /// Adds a file holding `keys` at rows 0, 1, …
+    fn add(index: &mut KeyIndex, path: &str, group: FileGroup, keys: impl IntoIterator<Item = RowKey>) -> FileId {
+        let rows: Vec<Row> =
+            keys.into_iter().enumerate().map(|(row, key)| Row { row: row as u32, key, stamp: stamp(1) }).collect();
+        index.add_file(live(path), group, rows.len(), RoaringTreemap::new(), rows)
+    }
+
     #[test]
     fn sync_returns_only_unknown_files_and_forgets_removed_ones() {
         let mut index = KeyIndex::default();
-        let mut unknown = index.sync(["a.parquet", "b.parquet"]);
-        unknown.sort();
-        assert_eq!(unknown, vec!["a.parquet", "b.parquet"]);
-        let a = index.add_file("a.parquet".into(), group(0), [key(1), key(2)]);
-        index.add_file("b.parquet".into(), group(1), [key(3)]);
-        assert_eq!(index.sync(["a.parquet", "b.parquet"]), Vec::<String>::new());
+        let mut unknown = index.sync(&[live("a.parquet"), live("b.parquet")]);
+        unknown.sort_by(|a, b| a.path.cmp(&b.path));
+        assert_eq!(unknown, vec![live("a.parquet"), live("b.parquet")]);
+        let a = add(&mut index, "a.parquet", group(0), [key(1), key(2)]);
+        add(&mut index, "b.parquet", group(1), [key(3)]);
+        assert_eq!(index.sync(&[live("a.parquet"), live("b.parquet")]), Vec::<LiveFile>::new());
         assert_eq!(index.file_of(&key(1)), Some(a));
-        assert_eq!(index.sync(["b.parquet", "c.parquet"]), vec!["c.parquet"]);
+        assert_eq!(index.sync(&[live("b.parquet"), live("c.parquet")]), vec![live("c.parquet")]);
         assert_eq!(index.file_of(&key(1)), None, "a key of a removed file is absent");
         assert_eq!(index.len(), 1);
     }
 
     #[test]
+    fn a_file_whose_deletion_vector_another_writer_changed_is_read_again() {
+        let mut index = KeyIndex::default();
+        add(&mut index, "a.parquet", group(0), [key(1), key(2)]);
+        let changed = LiveFile { path: "a.parquet".into(), deletion_vector: Some("uXYZ@1".into()) };
+        assert_eq!(index.sync(std::slice::from_ref(&changed)), vec![changed.clone()]);
+        assert_eq!(index.file_of(&key(1)), None, "its rows are read again with the vector applied");
+        let rows = vec![Row { row: 1, key: key(2), stamp: stamp(1) }];
+        let a = index.add_file(changed.clone(), group(0), 2, [0u64].into_iter().collect(), rows);
+        assert_eq!(index.sync(std::slice::from_ref(&changed)), Vec::<LiveFile>::new());
+        assert_eq!(index.slot_of(&key(2)).map(|s| (s.file, s.row)), Some((a, 1)));
+        assert_eq!(index.file(a).map(IndexedFile::live_rows), Some(1));
+    }
+
+    #[test]
     fn a_key_moved_to_a_new_file_follows_it() {
         let mut index = KeyIndex::default();
-        let a = index.add_file("a".into(), group(0), [key(1), key(2)]);
+        let a = add(&mut index, "a", group(0), [key(1), key(2)]);
         index.remove_file(a);
-        let b = index.add_file("b".into(), group(0), [key(1), key(2)]);
+        let b = add(&mut index, "b", group(0), [key(1), key(2)]);
         assert_eq!(index.file_of(&key(2)), Some(b));
         assert_eq!(index.duplicates().count(), 0);
     }
@@ -258,20 +439,45 @@ mod tests {
     #[test]
     fn a_key_in_two_live_files_is_a_duplicate_until_one_is_removed() {
         let mut index = KeyIndex::default();
-        let a = index.add_file("a".into(), group(0), [key(1)]);
-        let b = index.add_file("b".into(), group(1), [key(1)]);
+        let a = add(&mut index, "a", group(0), [key(1)]);
+        let b = add(&mut index, "b", group(1), [key(1)]);
         assert_eq!(index.file_of(&key(1)), Some(b));
-        assert_eq!(index.duplicates().collect::<Vec<_>>(), vec![(&key(1), a)]);
-        index.remove_file(a);
+        assert_eq!(index.duplicates().map(|(k, slot)| (k.clone(), slot.file)).collect::<Vec<_>>(), vec![(key(1), a)]);
+        index.remove_file(b);
         assert_eq!(index.duplicates().count(), 0);
+        assert_eq!(index.file_of(&key(1)), Some(a), "the other copy is the key's row again");
+    }
+
+    #[test]
+    fn hiding_a_duplicate_row_resolves_it() {
+        let mut index = KeyIndex::default();
+        let a = add(&mut index, "a", group(0), [key(1), key(2)]);
+        let b = add(&mut index, "b", group(1), [key(1)]);
+        index.hide_rows(b, "u1".into(), &[0u64].into_iter().collect());
+        assert_eq!(index.duplicates().count(), 0);
+        assert_eq!(index.slot_of(&key(1)).map(|s| (s.file, s.row)), Some((a, 0)));
+        index.hide_rows(a, "u1".into(), &[0u64].into_iter().collect());
+        assert_eq!(index.file(a).map(|f| (f.live_rows(), f.deletion_vector.clone())), Some((1, Some("u1".into()))));
+    }
+
+    #[test]
+    fn stamps_compare_by_time_then_offset_then_topic_and_partition() {
+        let mut index = KeyIndex::default();
+        let (p0, p1) = (index.source("positions", 0), index.source("positions", 1));
+        assert_eq!(index.source("positions", 1), p1, "a partition keeps its number");
+        let at = |timestamp, offset, source| Stamp { timestamp, offset, source };
+        assert_eq!(index.compare(&at(2, 0, p0), &at(1, 9, p1)), Ordering::Greater);
+        assert_eq!(index.compare(&at(1, 3, p0), &at(1, 4, p0)), Ordering::Less);
+        assert_eq!(index.compare(&at(1, 3, p1), &at(1, 3, p0)), Ordering::Greater);
+        assert_eq!(index.compare(&at(1, 3, p0), &at(1, 3, p0)), Ordering::Equal);
     }
 
     #[test]
     fn new_keys_go_to_the_smallest_file_with_room() {
         let mut index = KeyIndex::default();
-        index.add_file("big".into(), group(0), (0..10).map(key));
-        let small = index.add_file("small".into(), group(0), (10..13).map(key));
-        index.add_file("other".into(), group(1), [key(20)]);
+        add(&mut index, "big", group(0), (0..10).map(key));
+        let small = add(&mut index, "small", group(0), (10..13).map(key));
+        add(&mut index, "other", group(1), [key(20)]);
         assert_eq!(index.smallest_in(&group(0), 100), Some(small));
         assert_eq!(index.smallest_in(&group(0), 3), None, "every file is full");
         assert_eq!(index.smallest_in(&group(2), 100), None);
@@ -280,13 +486,19 @@ mod tests {
     #[test]
     fn only_an_owned_group_of_enough_files_that_fit_in_fewer_is_compacted() {
         let mut index = KeyIndex::default();
-        let a = index.add_file("a".into(), group(0), (0..2).map(key));
-        let b = index.add_file("b".into(), group(0), (2..4).map(key));
-        index.add_file("c".into(), group(1), [key(10)]);
-        index.add_file("d".into(), group(1), [key(11)]);
+        let a = add(&mut index, "a", group(0), (0..2).map(key));
+        let b = add(&mut index, "b", group(0), (2..4).map(key));
+        add(&mut index, "c", group(1), [key(10)]);
+        add(&mut index, "d", group(1), [key(11)]);
         let owned = [TopicPartition::new("positions", 0)];
-        assert_eq!(index.groups_to_compact(&owned, 2, 100), vec![(group(0), vec![a, b])]);
-        assert!(index.groups_to_compact(&owned, 3, 100).is_empty(), "fewer files than the threshold");
-        assert!(index.groups_to_compact(&owned, 2, 2).is_empty(), "two full files cannot be fewer");
+        assert_eq!(index.groups_to_compact(&owned, 2, 0.3, 100), vec![(group(0), vec![a, b])]);
+        assert!(index.groups_to_compact(&owned, 3, 0.3, 100).is_empty(), "fewer files than the threshold");
+        assert!(index.groups_to_compact(&owned, 2, 0.3, 2).is_empty(), "two full files cannot be fewer");
+        index.hide_rows(a, "u1".into(), &[0u64].into_iter().collect());
+        assert_eq!(
+            index.groups_to_compact(&owned, 3, 0.5, 2),
+            vec![(group(0), vec![a])],
+            "a file with half its rows hidden is rewritten alone"
+        );
     }
 }

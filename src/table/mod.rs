@@ -18,6 +18,7 @@
 
 pub mod commit;
 mod compact;
+pub mod deletion;
 mod files;
 pub mod key_index;
 pub mod merge;
@@ -27,19 +28,19 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use deltalake::kernel::Transaction;
+use deltalake::kernel::{DeletionVectorDescriptor, Transaction};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::protocol::DeltaOperation;
 use deltalake::{DeltaTable, DeltaTableError};
 use tokio::sync::Mutex;
 
-use crate::config::{DeltaConfig, PartitionBy};
+use crate::config::{DeltaConfig, PartitionBy, WriteMode};
 pub use crate::delta::TableError;
 use crate::delta::{self, TableSpec};
 use crate::offsets::{Offset, TopicPartition};
-use crate::table::commit::CommitKind;
-pub use crate::table::compact::CompactionReport;
-use crate::table::key_index::{FileGroup, FileId, KeyIndex};
+use crate::table::commit::{Changes, CommitKind};
+pub use crate::table::compact::{CompactionReport, Thresholds};
+use crate::table::key_index::{FileGroup, FileId, KeyIndex, LiveFile};
 use crate::table::merge::TouchedFile;
 use crate::table::schema::{PARTITION_COLUMN, schema, to_record_batch};
 use crate::update::{KeyColumn, PositionUpdate};
@@ -75,6 +76,8 @@ pub struct WriteReport {
     pub files_removed: usize,
     /// Data files added.
     pub files_added: usize,
+    /// Data files given a new deletion vector (deletion-vector mode).
+    pub files_hidden_in: usize,
     /// Rows in the data files added (the batch's winners and the rows rewritten with them).
     pub rows_rewritten: usize,
     /// Bytes of data files added.
@@ -96,6 +99,7 @@ impl WriteReport {
             unchanged: 0,
             files_removed: 0,
             files_added: 0,
+            files_hidden_in: 0,
             rows_rewritten: 0,
             bytes_written: 0,
             committed: false,
@@ -112,6 +116,7 @@ pub struct PositionTable {
     group_id: String,
     key_columns: Vec<KeyColumn>,
     layout: PartitionBy,
+    write_mode: WriteMode,
     max_rows_per_file: usize,
     index: Arc<Mutex<KeyIndex>>,
 }
@@ -128,12 +133,14 @@ impl PositionTable {
         let table =
             delta::open_or_create(&config.table_uri, &config.storage_options, &spec(config.partition_by), &properties)
                 .await?;
+        check_write_mode(&table, &config.table_uri, config.write_mode)?;
         Ok(Self {
             table,
             uri: config.table_uri.clone(),
             group_id: group_id.to_string(),
             key_columns: config.key_columns.clone(),
             layout: config.partition_by,
+            write_mode: config.write_mode,
             max_rows_per_file: config.max_rows_per_file,
             index: Arc::default(),
         })
@@ -279,6 +286,9 @@ impl PositionTable {
         let index = self.index.clone();
         let mut index = index.lock().await;
         self.sync_index(&mut index).await?;
+        if self.write_mode == WriteMode::DeletionVectors {
+            return self.merge_hiding(&rows, transactions, &partitions, &mut index, report).await;
+        }
         let (touched, hosts) = index.files_for(&rows, self.layout, &self.key_columns, self.max_rows_per_file);
         let files = self.read_touched(&index, &touched, &hosts).await?;
         let batch_rows =
@@ -293,19 +303,19 @@ impl PositionTable {
         }
 
         let adds = self.write_files(&plan.files).await?;
-        self.commit(CommitKind::Flush, &partitions, &plan.rewritten, &adds, transactions, &index)
-            .await
-            .map_err(write_err)?;
+        let changes = Changes { removed: &plan.rewritten, added: &adds, ..Changes::default() };
+        self.commit(CommitKind::Flush, &partitions, changes, transactions, &index).await.map_err(write_err)?;
         let rows_rewritten = plan.files.iter().map(|f| f.rows.num_rows()).sum();
         for id in &plan.rewritten {
             index.remove_file(*id);
         }
-        for (add, file) in adds.iter().zip(plan.files) {
-            index.add_file(files::decoded_path(&add.path), file.group, file.keys);
-        }
+        index_new_files(&mut index, &adds, plan.files).map_err(arrow_err)?;
         self.table.update_state().await.map_err(write_err)?;
         if self.layout == PartitionBy::Symbol && adds.len() > MANY_FILES_PER_FLUSH {
             warn_many_symbols(adds.len());
+        }
+        if rows_rewritten > REWRITTEN_PER_ROW_IN * rows.len().max(1) && rows_rewritten >= MANY_ROWS_REWRITTEN {
+            warn_rewrites(rows_rewritten, rows.len());
         }
         Ok(WriteReport {
             version: self.version().unwrap_or(TableVersion(0)),
@@ -315,6 +325,79 @@ impl PositionTable {
             files_added: adds.len(),
             rows_rewritten,
             bytes_written: adds.iter().map(|a| a.size.max(0) as u64).sum(),
+            committed: true,
+            elapsed: started.elapsed(),
+            ..report
+        })
+    }
+
+    /// A flush in deletion-vector mode: the batch's winners written as new files of
+    /// their groups, the stored rows they replace hidden by deletion vectors (one
+    /// vector file for the flush), all in one commit. A file whose every row is hidden
+    /// is removed instead.
+    async fn merge_hiding(
+        &mut self,
+        rows: &[&PositionUpdate],
+        transactions: Vec<Transaction>,
+        partitions: &[TopicPartition],
+        index: &mut KeyIndex,
+        mut report: WriteReport,
+    ) -> Result<WriteReport, TableError> {
+        let started = Instant::now() - report.elapsed;
+        let write_err =
+            |source| TableError::Write { uri: self.uri.clone(), rows: rows.len(), source: Box::new(source) };
+        let arrow_err = |e: deltalake::arrow::error::ArrowError| write_err(DeltaTableError::from(e));
+        let plan = deletion::plan(rows, index, &self.key_columns);
+        report.unchanged = plan.unchanged;
+        if transactions.is_empty() && plan.winners.is_empty() && plan.hidden.is_empty() {
+            return Ok(report);
+        }
+        let batch_rows =
+            to_record_batch(plan.winners.iter().copied(), chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
+        let laid_out = merge::plan(&[], &batch_rows, self.layout, &self.key_columns, self.max_rows_per_file)
+            .map_err(arrow_err)?;
+        let adds = self.write_files(&laid_out.files).await?;
+
+        let mut removed = Vec::new();
+        let mut vectors = Vec::new();
+        for (id, hidden) in plan.hidden {
+            let Some(file) = index.file(id) else { continue };
+            let all = &file.deleted | &hidden;
+            if all.len() >= file.rows as u64 { removed.push(id) } else { vectors.push((id, all)) }
+        }
+        let vector_file = if vectors.is_empty() { None } else { Some(deletion::write_vectors(vectors).map_err(write_err)?) };
+        let mut revised = Vec::new();
+        let mut vector_bytes = 0;
+        if let Some(file) = &vector_file {
+            vector_bytes = file.bytes.len() as u64;
+            let location = deltalake::Path::from(file.path.as_str());
+            let store = self.table.object_store();
+            object_store::ObjectStoreExt::put(&store, &location, file.bytes.clone().into())
+                .await
+                .map_err(|e| write_err(e.into()))?;
+            revised = file.vectors.iter().map(|(id, dv, _)| (*id, dv.clone())).collect();
+        }
+        let changes = Changes { removed: &removed, revised: &revised, added: &adds };
+        self.commit(CommitKind::Flush, partitions, changes, transactions, index).await.map_err(write_err)?;
+
+        for id in &removed {
+            index.remove_file(*id);
+        }
+        for (id, dv, all) in vector_file.map(|f| f.vectors).unwrap_or_default() {
+            index.hide_rows(id, deletion::unique_id(&dv), &all);
+        }
+        let rows_written = laid_out.files.iter().map(|f| f.rows.num_rows()).sum();
+        index_new_files(index, &adds, laid_out.files).map_err(arrow_err)?;
+        self.table.update_state().await.map_err(write_err)?;
+        Ok(WriteReport {
+            version: self.version().unwrap_or(TableVersion(0)),
+            inserted: plan.inserted,
+            updated: plan.updated,
+            files_removed: removed.len(),
+            files_added: adds.len(),
+            files_hidden_in: revised.len(),
+            rows_rewritten: rows_written,
+            bytes_written: adds.iter().map(|a| a.size.max(0) as u64).sum::<u64>() + vector_bytes,
             committed: true,
             elapsed: started.elapsed(),
             ..report
@@ -347,40 +430,43 @@ impl PositionTable {
     async fn sync_index(&self, index: &mut KeyIndex) -> Result<(), TableError> {
         let read_err = |source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) };
         let snapshot = self.table.snapshot().map_err(read_err)?;
-        let live: Vec<(String, Option<String>, u64)> = snapshot
-            .log_data()
-            .iter()
-            .map(|view| {
-                let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
-                (view.path().into_owned(), symbol, view.size().max(0) as u64)
-            })
-            .collect();
-        let unknown: HashSet<String> = index.sync(live.iter().map(|(path, _, _)| path.as_str())).into_iter().collect();
+        let mut listed: Vec<(LiveFile, Option<String>, Option<DeletionVectorDescriptor>)> = Vec::new();
+        for view in snapshot.log_data().iter() {
+            let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
+            let dv = view.deletion_vector_descriptor();
+            let file = LiveFile { path: view.path().into_owned(), deletion_vector: dv.as_ref().map(deletion::unique_id) };
+            listed.push((file, symbol, dv));
+        }
+        let live: Vec<LiveFile> = listed.iter().map(|(file, _, _)| file.clone()).collect();
+        let unknown: HashSet<String> = index.sync(&live).into_iter().map(|f| f.path).collect();
         if unknown.is_empty() {
             return Ok(());
         }
         let store = self.table.object_store();
-        let mut key_names = vec!["conid", "kafka_topic", "kafka_partition"];
+        let mut key_names = vec!["conid", "timestamp", "kafka_topic", "kafka_partition", "kafka_offset"];
         key_names.extend(self.key_columns.iter().map(|k| k.name()).filter(|n| *n != "conid"));
-        let reads: Vec<_> = live
+        let reads: Vec<_> = listed
             .into_iter()
-            .filter(|(path, _, _)| unknown.contains(path))
-            .map(|(path, symbol, _)| {
+            .filter(|(file, _, _)| unknown.contains(&file.path))
+            .map(|(file, symbol, dv)| {
                 let store = store.clone();
+                let table = self.table.clone();
                 let key_names = key_names.clone();
                 async move {
-                    let rows = files::read_file(store, &path, Some(&key_names)).await?;
-                    Ok::<_, DeltaTableError>((path, symbol, rows))
+                    let rows = files::read_file(store, &file.path, Some(&key_names)).await?;
+                    let deleted = match dv {
+                        Some(dv) => deletion::read_vector(&table, dv).await?,
+                        None => roaring::RoaringTreemap::new(),
+                    };
+                    Ok::<_, DeltaTableError>((file, symbol, rows, deleted))
                 }
             })
             .collect();
-        for (path, symbol, rows) in files::on_threads(reads).await.map_err(read_err)? {
-            let (owner, keys) = files::file_keys(&rows, &self.key_columns).map_err(|e| read_err(e.into()))?;
-            index.add_file(
-                path,
-                FileGroup { symbol: symbol.filter(|_| self.layout == PartitionBy::Symbol), owner },
-                keys,
-            );
+        for (file, symbol, rows, deleted) in files::on_threads(reads).await.map_err(read_err)? {
+            let (owner, live) =
+                files::file_rows(&rows, &self.key_columns, &deleted, index).map_err(|e| read_err(e.into()))?;
+            let group = FileGroup { symbol: symbol.filter(|_| self.layout == PartitionBy::Symbol), owner };
+            index.add_file(file, group, rows.num_rows(), deleted, live);
         }
         Ok(())
     }
@@ -394,25 +480,26 @@ impl PositionTable {
     ) -> Result<Vec<TouchedFile>, TableError> {
         let read_err = |source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) };
         let snapshot = self.table.snapshot().map_err(read_err)?;
-        let by_path: HashMap<&str, (FileId, &FileGroup)> =
-            touched.iter().filter_map(|id| index.file(*id).map(|f| (f.path.as_str(), (*id, &f.group)))).collect();
-        let wanted: Vec<(FileId, FileGroup, String, Option<String>)> = snapshot
+        let by_path: HashMap<&str, (FileId, &key_index::IndexedFile)> =
+            touched.iter().filter_map(|id| index.file(*id).map(|f| (f.path.as_str(), (*id, f)))).collect();
+        let wanted: Vec<(FileId, FileGroup, String, Option<String>, roaring::RoaringTreemap)> = snapshot
             .log_data()
             .iter()
             .filter_map(|view| {
-                let (id, group) = *by_path.get(view.path().as_ref())?;
+                let (id, file) = *by_path.get(view.path().as_ref())?;
                 let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
-                Some((id, group.clone(), view.path().into_owned(), symbol))
+                Some((id, file.group.clone(), view.path().into_owned(), symbol, file.deleted.clone()))
             })
             .collect();
         let store = self.table.object_store();
         let reads: Vec<_> = wanted
             .into_iter()
-            .map(|(id, group, path, symbol)| {
+            .map(|(id, group, path, symbol, deleted)| {
                 let store = store.clone();
                 let hosts_new_keys = hosts.contains(&id);
                 async move {
                     let rows = files::read_file(store, &path, None).await?;
+                    let rows = files::without_hidden(rows, &deleted)?;
                     let rows = merge::with_table_schema(&rows, symbol.as_deref())?;
                     Ok::<_, DeltaTableError>(TouchedFile { id, group, rows, hosts_new_keys })
                 }
@@ -422,8 +509,79 @@ impl PositionTable {
     }
 }
 
+/// Records the files a commit added in `index`: their rows, keys and precedence.
+fn index_new_files(
+    index: &mut KeyIndex,
+    adds: &[deltalake::kernel::Add],
+    written: Vec<merge::NewFile>,
+) -> Result<(), deltalake::arrow::error::ArrowError> {
+    let nothing_hidden = roaring::RoaringTreemap::new();
+    for (add, file) in adds.iter().zip(written) {
+        let rows = file.rows.num_rows();
+        let live = files::rows_with_keys(&file.rows, file.keys, &nothing_hidden, index)?;
+        let path = LiveFile { path: files::decoded_path(&add.path), deletion_vector: None };
+        index.add_file(path, file.group, rows, roaring::RoaringTreemap::new(), live);
+    }
+    Ok(())
+}
+
+/// Refuses a table whose write mode is not `configured`: a table is in deletion-vector
+/// mode when its `delta.enableDeletionVectors` property is true.
+fn check_write_mode(table: &DeltaTable, uri: &str, configured: WriteMode) -> Result<(), TableError> {
+    let found = table_write_mode(table);
+    if found == configured {
+        return Ok(());
+    }
+    let spelled = |mode: WriteMode| match mode {
+        WriteMode::CopyOnWrite => "copy_on_write",
+        WriteMode::DeletionVectors => "deletion_vectors",
+    };
+    Err(TableError::Incompatible {
+        uri: uri.to_string(),
+        kind: "positions",
+        config_key: "delta.table_uri",
+        differences: format!(
+            "it was created with delta.write_mode = \"{}\" (delta.enableDeletionVectors = {}), the worker is \
+             configured with \"{}\" (set delta.write_mode to the table's mode, or use a new delta.table_uri)",
+            spelled(found),
+            found == WriteMode::DeletionVectors,
+            spelled(configured)
+        ),
+    })
+}
+
+/// The write mode of `table`, from its `delta.enableDeletionVectors` property.
+pub fn table_write_mode(table: &DeltaTable) -> WriteMode {
+    let enabled = table
+        .snapshot()
+        .ok()
+        .and_then(|s| s.metadata().configuration().get("delta.enableDeletionVectors").cloned())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    if enabled { WriteMode::DeletionVectors } else { WriteMode::CopyOnWrite }
+}
+
 /// Files one flush may add in the `symbol` layout before the worker suggests `none`.
 const MANY_FILES_PER_FLUSH: usize = 1000;
+
+/// Rows a copy-on-write flush may rewrite per row it brings, and in all, before the
+/// worker suggests deletion vectors.
+const REWRITTEN_PER_ROW_IN: usize = 20;
+const MANY_ROWS_REWRITTEN: usize = 100_000;
+
+/// Says once per process that copy-on-write makes flushes cost the table, not the batch.
+fn warn_rewrites(rewritten: usize, rows_in: usize) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            rows_rewritten = rewritten,
+            rows_in,
+            "a flush rewrote {} rows per row it brought (copy-on-write rewrites every file holding a changed key); \
+             a table created with delta.write_mode = \"deletion_vectors\" writes only the batch, if its readers \
+             read deletion vectors (docs/write-path.md)",
+            rewritten / rows_in.max(1)
+        );
+    }
+}
 
 /// Says once per process that the table's layout makes flushes slow.
 fn warn_many_symbols(files: usize) {
@@ -446,6 +604,9 @@ const STATISTICS_COLUMNS: [&str; 6] = ["conid", "symbol", "account", "timestamp"
 /// statistics of the columns readers filter by unless those set which.
 fn creation_properties(config: &DeltaConfig) -> crate::config::Settings {
     let mut properties = config.table_properties.clone();
+    if config.write_mode == WriteMode::DeletionVectors {
+        properties.0.insert("delta.enableDeletionVectors".to_string(), "true".to_string());
+    }
     let chooses_statistics = ["delta.dataSkippingStatsColumns", "delta.dataSkippingNumIndexedCols"]
         .iter()
         .any(|key| properties.0.contains_key(*key));

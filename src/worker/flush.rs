@@ -280,7 +280,7 @@ impl super::Worker {
         let group = kafka::group_metadata_if_member(&self.consumer).map(Arc::new);
         let progress = self.progress.clone();
         let crash = self.crash.clone();
-        let min_files = self.config.maintenance.compaction_min_files;
+        let thresholds = crate::table::Thresholds::from(&self.config.maintenance);
         self.in_flight = Some(tokio::spawn(async move {
             let (mut sinks, result) = if batch.messages == 0 {
                 (sinks, Ok(FlushReport::nothing()))
@@ -288,7 +288,7 @@ impl super::Worker {
                 sinks.write(&batch, &policy, group, &progress, &crash).await
             };
             if let (Ok(_), Some(partitions)) = (&result, compaction) {
-                sinks.compact(&partitions, min_files, &progress).await;
+                sinks.compact(&partitions, thresholds, &progress).await;
             }
             (sinks, batch, result)
         }));

@@ -20,7 +20,7 @@ use crate::dead_letter::DeadLetterTable;
 use crate::maintenance::{self, CleanReport, MaintenanceError};
 use crate::offsets::TopicPartition;
 use crate::status::Progress;
-use crate::table::PositionTable;
+use crate::table::{PositionTable, Thresholds};
 
 /// The table-wide run in progress, if any.
 pub(super) type Cleaning = JoinHandle<Vec<Result<CleanReport, MaintenanceError>>>;
@@ -174,9 +174,9 @@ async fn clean_tables(
 impl Sinks {
     /// Compacts the files of `partitions` (the worker's own) in the positions table;
     /// a compaction that fails or conflicts is dropped and tried again next interval.
-    pub(super) async fn compact(&mut self, partitions: &[TopicPartition], min_files: usize, progress: &Progress) {
+    pub(super) async fn compact(&mut self, partitions: &[TopicPartition], thresholds: Thresholds, progress: &Progress) {
         let started = std::time::Instant::now();
-        match self.positions.compact(partitions, min_files).await {
+        match self.positions.compact(partitions, thresholds).await {
             Ok((table, report)) => {
                 self.positions = table;
                 if report.committed {

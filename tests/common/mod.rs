@@ -874,3 +874,27 @@ pub async fn assert_crash_between_commits_writes_nothing_twice(
     assert_eq!(read_table_at(uri, options).await, written_before, "rows changed (ingested_at included)");
     assert_eq!(committed_offsets(group, topic, 2), end_offsets(&produced, 2));
 }
+
+/// Rows (conid, symbol, kafka_offset) of each table in `paths` as Apache Spark with
+/// Delta Lake reads them (tests/readers/spark_rows.py; scripts/spark.sh fetches both).
+pub fn spark_rows(paths: &[&Path]) -> Vec<Vec<(i64, String, i64)>> {
+    let cache = std::env::var("POSITION_SINK_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/position-sink", std::env::var("HOME").unwrap_or_default()));
+    let jars = std::env::var("POSITION_SINK_SPARK_JARS").unwrap_or_else(|_| format!("{cache}/spark-delta-4.0.1/jars"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/readers/spark_rows.py");
+    let output = std::process::Command::new(python())
+        .arg(script)
+        .args(paths)
+        .env("POSITION_SINK_SPARK_JARS", jars)
+        .env("SPARK_LOCAL_IP", "127.0.0.1")
+        .env("PYSPARK_PYTHON", python())
+        .output()
+        .expect("run Spark");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "Spark failed to read {paths:?}: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr).lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+    stdout.lines().filter(|l| l.starts_with('[')).map(|l| serde_json::from_str(l).expect("rows as JSON")).collect()
+}

@@ -35,6 +35,8 @@ pub struct Scenario {
     pub table_uri: String,
     pub produced: Vec<Produced>,
     pub started: Instant,
+    /// How the table's flushes replace rows (every worker of the scenario gets it).
+    pub write_mode: position_sink::config::WriteMode,
     seed: u64,
 }
 
@@ -66,6 +68,7 @@ impl Scenario {
             table,
             produced: Vec::new(),
             started: Instant::now(),
+            write_mode: position_sink::config::WriteMode::CopyOnWrite,
             seed,
         }
     }
@@ -76,6 +79,7 @@ impl Scenario {
         c.kafka.brokers = self.brokers.clone();
         c.delta.table_uri = self.table_uri.clone();
         c.dead_letter.table_uri = format!("{}_dead_letters", self.table_uri);
+        c.delta.write_mode = self.write_mode;
         c
     }
 

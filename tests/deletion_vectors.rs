@@ -1,0 +1,277 @@
+//! Merge-on-read (`delta.write_mode = "deletion_vectors"`, docs/write-path.md): a flush
+//! hides the rows it replaces with deletion vectors instead of rewriting their files.
+//! Checked against a model of the written updates after many flushes, through a
+//! restart (the key index read back with the vectors), a compaction and a vacuum, by
+//! this program's reader and by independent ones (polars, deltalake's `QueryBuilder`,
+//! and the reference implementation, Apache Spark with Delta Lake);
+//! a table in one mode refuses a worker configured for the other.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use position_sink::config::{DeltaConfig, PartitionBy, WriteMode};
+use position_sink::offsets::{Coordinates, Offset, TopicPartition};
+use position_sink::table::{PositionTable, TableError, Thresholds};
+use position_sink::update::PositionUpdate;
+use position_sink::worker::batch::Batch;
+
+const PARTITIONS: i32 = 3;
+
+fn update(conid: i64, symbol: &str, millis: i64, partition: i32, offset: i64) -> PositionUpdate {
+    let at = Coordinates { tp: TopicPartition::new("t", partition), offset: Offset(offset) };
+    let json = format!(r#"{{"conid":{conid},"symbol":"{symbol}","position":{offset},"timestamp":{millis}}}"#);
+    position_sink::decode::decode(None, Some(json.as_bytes()), at, &Default::default()).expect("valid update")
+}
+
+fn config(path: &Path, layout: PartitionBy, mode: WriteMode) -> DeltaConfig {
+    let mut config = DeltaConfig {
+        table_uri: path.display().to_string(),
+        partition_by: layout,
+        write_mode: mode,
+        max_rows_per_file: 40,
+        ..DeltaConfig::default()
+    };
+    // Removed files and vectors may be vacuumed as soon as they are old enough.
+    config.table_properties.0.insert("delta.deletedFileRetentionDuration".into(), "interval 1 seconds".into());
+    config
+}
+
+/// The newest update per conid, by (timestamp, offset, partition): what the table must hold.
+#[derive(Default)]
+struct Model(BTreeMap<i64, PositionUpdate>);
+
+impl Model {
+    fn apply(&mut self, update: &PositionUpdate) {
+        if self.0.get(&update.conid).is_none_or(|old| update.supersedes(old)) {
+            self.0.insert(update.conid, update.clone());
+        }
+    }
+
+    fn expected(&self) -> BTreeMap<(String, i64), common::Row> {
+        self.0
+            .values()
+            .map(|u| {
+                let row = common::Row {
+                    conid: u.conid,
+                    symbol: u.symbol.clone(),
+                    position: u.position,
+                    timestamp_micros: u.timestamp_micros,
+                    account: None,
+                    market_price: None,
+                    kafka_partition: u.source.tp.partition.0,
+                    kafka_offset: u.source.offset.0,
+                    ingested_at: 0,
+                };
+                ((u.symbol.clone(), u.conid), row)
+            })
+            .collect()
+    }
+
+    /// (conid, symbol, kafka_offset) per row, as the Python readers print it.
+    fn triples(&self) -> Vec<(i64, String, i64)> {
+        self.0.values().map(|u| (u.conid, u.symbol.clone(), u.source.offset.0)).collect()
+    }
+}
+
+/// A stream of flushes over 300 conids and 12 symbols: updates mostly newer, some late
+/// (older than what the table holds), some repeated, and conids that change symbol.
+struct Stream {
+    rng: StdRng,
+    symbols: BTreeMap<i64, String>,
+    offsets: [i64; PARTITIONS as usize],
+    clock: i64,
+}
+
+impl Stream {
+    fn new(seed: u64) -> Self {
+        Self { rng: StdRng::seed_from_u64(seed), symbols: BTreeMap::new(), offsets: [0; 3], clock: 1_000_000 }
+    }
+
+    /// One flush's batch (one row per key, the newest of the flush's updates).
+    fn flush(&mut self, model: &mut Model, updates: usize) -> Batch {
+        let mut newest: BTreeMap<i64, PositionUpdate> = BTreeMap::new();
+        for _ in 0..updates {
+            let conid = self.rng.random_range(1..=300i64);
+            let moves = self.rng.random_bool(0.05);
+            let symbol = if moves || !self.symbols.contains_key(&conid) {
+                let s = format!("S{:02}", self.rng.random_range(0..12));
+                self.symbols.insert(conid, s.clone());
+                s
+            } else {
+                self.symbols[&conid].clone()
+            };
+            self.clock += 1;
+            let late = self.rng.random_bool(0.1);
+            let millis = if late { self.clock - self.rng.random_range(1..500) } else { self.clock };
+            let partition = (conid % i64::from(PARTITIONS)) as i32;
+            let offset = self.offsets[partition as usize];
+            self.offsets[partition as usize] += 1;
+            let u = update(conid, &symbol, millis, partition, offset);
+            model.apply(&u);
+            if newest.get(&conid).is_none_or(|old| u.supersedes(old)) {
+                newest.insert(conid, u);
+            }
+        }
+        Batch::of_rows(newest.into_values().collect())
+    }
+}
+
+/// Live files that carry a deletion vector, and the vector files on disk.
+async fn vectors_in(path: &Path) -> (usize, usize) {
+    let url = deltalake::ensure_table_uri(path.display().to_string()).expect("url");
+    let table = deltalake::open_table(url).await.expect("open");
+    let snapshot = table.snapshot().expect("snapshot");
+    let with_vector = snapshot.log_data().iter().filter(|f| f.deletion_vector_descriptor().is_some()).count();
+    let files = std::fs::read_dir(path)
+        .expect("table dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("deletion_vector_"))
+        .count();
+    (with_vector, files)
+}
+
+/// (conid, symbol, kafka_offset) of every row as polars (`read_delta` and `scan_delta`)
+/// and deltalake's `QueryBuilder` read it; fails if they disagree.
+fn independent_rows(path: &Path) -> Vec<(i64, String, i64)> {
+    let script = r#"
+import json, sys
+import polars as pl
+import pyarrow as pa
+from deltalake import DeltaTable, QueryBuilder
+path = sys.argv[1]
+columns = ["conid", "symbol", "kafka_offset"]
+frame = pl.read_delta(path).select(columns).sort("conid")
+scanned = pl.scan_delta(path).select(columns).sort("conid").collect()
+assert frame.equals(scanned), "read_delta and scan_delta differ"
+reader = QueryBuilder().register("t", DeltaTable(path)).execute(
+    "SELECT conid, symbol, kafka_offset FROM t ORDER BY conid")
+queried = pl.from_arrow(pa.table(reader.read_all())).select(columns)
+assert queried.height == frame.height, f"QueryBuilder reads {queried.height} rows, polars {frame.height}"
+assert queried.equals(frame.cast(queried.schema)), "QueryBuilder and polars differ"
+print(json.dumps(frame.rows()))
+"#;
+    let printed = common::run_python(&["-c".as_ref(), script.as_ref(), path.as_os_str()]);
+    serde_json::from_str(&printed).expect("rows as JSON")
+}
+
+fn age_everything(path: &Path) {
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+    let mut pending = vec![path.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).expect("dir").filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() {
+                if !name.starts_with('_') {
+                    pending.push(entry.path());
+                }
+            } else if name.ends_with(".parquet") || name.ends_with(".bin") {
+                let file = std::fs::File::options().write(true).open(entry.path()).expect("file");
+                file.set_modified(two_hours_ago).expect("age the file");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushes_hide_replaced_rows_and_every_reader_agrees_with_the_model_through_restart_compaction_and_vacuum() {
+    for (seed, layout) in [(7, PartitionBy::None), (8, PartitionBy::Symbol)] {
+        let (_dir, path) = common::table_dir();
+        let config = config(&path, layout, WriteMode::DeletionVectors);
+        let mut table = PositionTable::open_or_create(&config, "g").await.expect("open");
+        let (mut model, mut stream) = (Model::default(), Stream::new(seed));
+        let mut hidden_in = 0;
+        for flush in 0..30 {
+            let batch = stream.flush(&mut model, 60);
+            let (next, report) = table.write(&batch).await.expect("flush");
+            table = next;
+            hidden_in += report.files_hidden_in;
+            assert!(
+                report.rows_rewritten <= batch.rows.len(),
+                "a flush writes only its own rows ({} for {})",
+                report.rows_rewritten,
+                batch.rows.len()
+            );
+            if flush % 10 == 9 {
+                common::assert_table_matches(&common::read_table(&path).await, &model.expected());
+            }
+        }
+        assert!(hidden_in > 0, "flushes hid rows with deletion vectors ({layout:?})");
+        let (with_vector, vector_files) = vectors_in(&path).await;
+        assert!(with_vector > 0 && vector_files > 0, "the table has deletion vectors ({with_vector}, {vector_files})");
+        assert_eq!(independent_rows(&path), model.triples(), "{layout:?}");
+
+        // A restarted worker reads the vectors back into its key index.
+        let mut table = PositionTable::open_or_create(&config, "g").await.expect("reopen");
+        for _ in 0..10 {
+            let (next, _) = table.write(&stream.flush(&mut model, 60)).await.expect("flush after restart");
+            table = next;
+        }
+        common::assert_table_matches(&common::read_table(&path).await, &model.expected());
+        assert_eq!(independent_rows(&path), model.triples(), "{layout:?} after a restart");
+
+        // Compaction rewrites the files without their hidden rows.
+        let partitions: Vec<TopicPartition> = (0..PARTITIONS).map(|p| TopicPartition::new("t", p)).collect();
+        let thresholds = Thresholds { min_files: 2, hidden_fraction: 0.01 };
+        let (table, report) = table.compact(&partitions, thresholds).await.expect("compaction");
+        assert!(report.committed && report.files_removed > 0, "{report:?}");
+        assert_eq!(vectors_in(&path).await.0, 0, "no live file keeps a deletion vector");
+        common::assert_table_matches(&common::read_table(&path).await, &model.expected());
+
+        // Vacuum removes the vector files no version within the retention references.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        age_everything(&path);
+        position_sink::maintenance::clean(table.delta(), table.uri(), false).await.expect("vacuum");
+        assert_eq!(vectors_in(&path).await, (0, 0), "unreferenced vector files are vacuumed");
+        assert_eq!(independent_rows(&path), model.triples(), "{layout:?} after compaction and vacuum");
+        let mut table = table;
+        for _ in 0..5 {
+            let (next, _) = table.write(&stream.flush(&mut model, 60)).await.expect("a flush after maintenance");
+            table = next;
+        }
+        common::assert_table_matches(&common::read_table(&path).await, &model.expected());
+        assert!(vectors_in(&path).await.0 > 0, "new flushes hide rows again");
+        assert_eq!(independent_rows(&path), model.triples(), "{layout:?} after more flushes");
+        // The reference implementation reads the same rows.
+        assert_eq!(common::spark_rows(&[&path]), vec![model.triples()], "Spark reads {layout:?} differently");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_in_one_write_mode_refuses_a_worker_configured_for_the_other() {
+    for (created, configured) in
+        [(WriteMode::CopyOnWrite, WriteMode::DeletionVectors), (WriteMode::DeletionVectors, WriteMode::CopyOnWrite)]
+    {
+        let (_dir, path) = common::table_dir();
+        PositionTable::open_or_create(&config(&path, PartitionBy::Symbol, created), "g").await.expect("create");
+        let refused = PositionTable::open_or_create(&config(&path, PartitionBy::Symbol, configured), "g").await;
+        let Err(error @ TableError::Incompatible { .. }) = refused else {
+            panic!("a {configured:?} worker opened a {created:?} table")
+        };
+        let message = error.to_string();
+        assert!(message.contains("delta.write_mode"), "{message}");
+        assert!(!error.is_retryable(), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_deletion_vector_table_declares_the_feature_readers_need() {
+    let (_dir, path) = common::table_dir();
+    PositionTable::open_or_create(&config(&path, PartitionBy::None, WriteMode::DeletionVectors), "g").await.expect("create");
+    let log = std::fs::read_to_string(path.join("_delta_log/00000000000000000000.json")).expect("first commit");
+    let protocol = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|a| a.get("protocol").cloned())
+        .expect("a protocol action");
+    assert_eq!(protocol["minReaderVersion"], 3, "{protocol}");
+    assert_eq!(protocol["minWriterVersion"], 7, "{protocol}");
+    let features = |kind: &str| protocol[kind].as_array().cloned().unwrap_or_default();
+    assert!(features("readerFeatures").contains(&"deletionVectors".into()), "{protocol}");
+    assert!(features("writerFeatures").contains(&"deletionVectors".into()), "{protocol}");
+}

@@ -1,0 +1,41 @@
+"""Reads Delta tables with Apache Spark and Delta Lake, the reference implementation.
+
+    python spark_rows.py PATH [PATH ...]
+
+Prints, per table, its rows as JSON (conid, symbol, kafka_offset), ordered by conid,
+one line per table. Spark runs in local mode bound to 127.0.0.1, with Delta's jars
+from the directory in POSITION_SINK_SPARK_JARS (scripts/spark.sh fetch).
+"""
+import glob
+import json
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+jars = sorted(glob.glob(os.path.join(os.environ["POSITION_SINK_SPARK_JARS"], "*.jar")))
+if not jars:
+    sys.exit("no Delta jars in POSITION_SINK_SPARK_JARS: run scripts/spark.sh fetch")
+spark = (
+    SparkSession.builder.master("local[2]")
+    .appName("position-sink reference reader")
+    .config("spark.jars", ",".join(jars))
+    .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+    .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+    .config("spark.driver.bindAddress", "127.0.0.1")
+    .config("spark.driver.host", "127.0.0.1")
+    .config("spark.ui.enabled", "false")
+    .config("spark.sql.shuffle.partitions", "2")
+    .config("spark.driver.memory", "1g")
+    .getOrCreate()
+)
+spark.sparkContext.setLogLevel("ERROR")
+for path in sys.argv[1:]:
+    rows = (
+        spark.read.format("delta").load(path)
+        .select("conid", "symbol", "kafka_offset")
+        .orderBy("conid")
+        .collect()
+    )
+    print(json.dumps([[r.conid, r.symbol, r.kafka_offset] for r in rows]), flush=True)
+spark.stop()
