@@ -1,11 +1,12 @@
-//! Benchmark B3: the time of one flush of 10k updates into tables of growing size,
-//! through the worker's own write path (no Kafka). Prints one JSON line per table size.
+//! Benchmark B3: the time of one flush into tables of growing size, through the
+//! worker's own write path (no Kafka): flushes of 10k random keys, then a sparse stream
+//! of flushes of 100 random keys. Prints one JSON line per table size.
 //!
-//! Usage: flush_cost DIR LAYOUT(symbol|none) SYMBOLS KEYS...
+//! Usage: flush_cost DIR LAYOUT(symbol|none) MODE(copy_on_write|deletion_vectors) SYMBOLS KEYS...
 
 use std::time::Instant;
 
-use position_sink::config::{DeltaConfig, PartitionBy};
+use position_sink::config::{DeltaConfig, PartitionBy, WriteMode};
 use position_sink::offsets::{Coordinates, Offset, TopicPartition};
 use position_sink::table::PositionTable;
 use position_sink::update::PositionUpdate;
@@ -13,6 +14,7 @@ use position_sink::worker::batch::Batch;
 
 const PARTITIONS: i32 = 6;
 const FLUSH: usize = 10_000;
+const SPARSE_FLUSH: usize = 100;
 const ROUNDS: usize = 3;
 
 fn row(conid: i64, symbols: i64, timestamp_micros: i64, offset: i64) -> PositionUpdate {
@@ -43,13 +45,18 @@ fn batch(rows: Vec<PositionUpdate>) -> Batch {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, dir, layout, symbols, sizes @ ..] = args.as_slice() else {
-        return Err("usage: flush_cost DIR LAYOUT SYMBOLS KEYS...".into());
+    let [_, dir, layout, mode, symbols, sizes @ ..] = args.as_slice() else {
+        return Err("usage: flush_cost DIR LAYOUT MODE SYMBOLS KEYS...".into());
     };
     let layout = match layout.as_str() {
         "symbol" => PartitionBy::Symbol,
         "none" => PartitionBy::None,
         other => return Err(format!("unknown layout {other}").into()),
+    };
+    let write_mode = match mode.as_str() {
+        "copy_on_write" => WriteMode::CopyOnWrite,
+        "deletion_vectors" => WriteMode::DeletionVectors,
+        other => return Err(format!("unknown write mode {other}").into()),
     };
     let symbols: i64 = symbols.parse()?;
     for size in sizes {
@@ -57,12 +64,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if keys < FLUSH as i64 {
             return Err(format!("a table of {keys} keys cannot take a flush of {FLUSH} distinct keys").into());
         }
-        let uri = format!("{dir}/flush-cost-{layout:?}-{keys}").to_lowercase();
-        let config = DeltaConfig { table_uri: uri, partition_by: layout, ..DeltaConfig::default() };
+        let uri = format!("{dir}/flush-cost-{layout:?}-{mode}-{keys}").to_lowercase();
+        let config = DeltaConfig { table_uri: uri.clone(), partition_by: layout, write_mode, ..DeltaConfig::default() };
         let mut table = PositionTable::open_or_create(&config, "bench").await?;
         let mut offset = 0;
         let built = Instant::now();
-        for chunk in (0..keys).collect::<Vec<_>>().chunks(100_000) {
+        // Copy-on-write fills each group's files up to the limit as keys arrive; merge-on-read
+        // writes each flush's new keys into new files, so the table is built in larger flushes.
+        let chunk_size = match write_mode {
+            WriteMode::CopyOnWrite => 100_000,
+            WriteMode::DeletionVectors => 600_000,
+        };
+        for chunk in (0..keys).collect::<Vec<_>>().chunks(chunk_size) {
             let rows = chunk.iter().map(|c| {
                 offset += 1;
                 row(*c, symbols, 1_000_000, offset)
@@ -70,11 +83,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             table = table.write(&batch(rows.collect())).await?.0;
         }
         let build_seconds = built.elapsed().as_secs_f64();
+        let row_bytes = live_bytes(&table) as f64 / keys as f64;
         let mut flushes = Vec::new();
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        for round in 0..ROUNDS {
+        for (round, size) in std::iter::repeat_n(FLUSH, ROUNDS).chain(std::iter::repeat_n(SPARSE_FLUSH, ROUNDS)).enumerate() {
             let mut conids = std::collections::BTreeSet::new();
-            while conids.len() < FLUSH {
+            while conids.len() < size {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
@@ -88,25 +102,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (written, report) = table.write(&batch(rows.collect())).await?;
             table = written;
             flushes.push(serde_json::json!({
+                "sparse": size == SPARSE_FLUSH,
                 "seconds": started.elapsed().as_secs_f64(),
                 "rows_in": report.rows_offered,
                 "updated": report.updated,
                 "files_removed": report.files_removed,
                 "files_added": report.files_added,
+                "files_hidden_in": report.files_hidden_in,
                 "rows_rewritten": report.rows_rewritten,
                 "bytes_written": report.bytes_written,
+                "bytes_over_batch": report.bytes_written as f64 / (report.rows_offered.max(1) as f64 * row_bytes),
             }));
         }
-        let mut seconds: Vec<f64> = flushes.iter().filter_map(|f| f["seconds"].as_f64()).collect();
-        seconds.sort_by(f64::total_cmp);
+        let median = |sparse: bool| {
+            let mut seconds: Vec<f64> = flushes
+                .iter()
+                .filter(|f| f["sparse"].as_bool() == Some(sparse))
+                .filter_map(|f| f["seconds"].as_f64())
+                .collect();
+            seconds.sort_by(f64::total_cmp);
+            seconds[seconds.len() / 2]
+        };
         println!(
             "{}",
             serde_json::json!({
-                "layout": format!("{layout:?}").to_lowercase(), "symbols": symbols, "keys": keys,
-                "build_seconds": build_seconds, "median_flush_seconds": seconds[seconds.len() / 2],
+                "layout": format!("{layout:?}").to_lowercase(), "mode": mode, "symbols": symbols, "keys": keys,
+                "build_seconds": build_seconds, "median_flush_seconds": median(false),
+                "median_sparse_flush_seconds": median(true), "row_bytes": row_bytes,
                 "flushes": flushes,
             })
         );
+        drop(table);
+        std::fs::remove_dir_all(&uri).ok();
     }
     Ok(())
+}
+
+/// Bytes of the table's live data files.
+fn live_bytes(table: &PositionTable) -> u64 {
+    table
+        .delta()
+        .snapshot()
+        .map(|s| s.log_data().iter().map(|f| f.size().max(0) as u64).sum())
+        .unwrap_or_default()
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::faulty_store::faulty_table;
 use common::*;
-use position_sink::config::Config;
+use position_sink::config::{Config, WriteMode};
 use position_sink::ops::reconcile::{self, Tolerances};
 use position_sink::ops::replay::{self, ReplayFrom, ReplayOptions, ReplayReport};
 use position_sink::ops::{OpsError, inspect};
@@ -34,10 +34,20 @@ fn cli(config_file: &std::path::Path, args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_finds_no_change_in_an_intact_table_and_exactly_the_damage_in_a_damaged_one() {
-    let topic = create_topic("ops-dry", 3).await;
+    dry_run_finds_exactly_the_damage("ops-dry", WriteMode::CopyOnWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_deletion_vector_mode_a_dry_run_finds_exactly_the_damage_and_a_replay_repairs_it() {
+    dry_run_finds_exactly_the_damage("ops-dry-dv", WriteMode::DeletionVectors).await;
+}
+
+async fn dry_run_finds_exactly_the_damage(name: &str, mode: WriteMode) {
+    let topic = create_topic(name, 3).await;
     let produced = produce(&topic, &sample_with_bad(3000, 150, 61, 3), None).await;
     let (dir, table) = table_dir();
-    let config = config(&topic, &unique("g"), &table);
+    let mut config = config(&topic, &unique("g"), &table);
+    config.delta.write_mode = mode;
     run_to_end(config.clone()).await.expect("worker");
     let expected = model(&produced);
 

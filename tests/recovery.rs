@@ -6,43 +6,63 @@
 mod common;
 
 use common::*;
-use position_sink::config::OnOffsetGap;
+use position_sink::config::{OnOffsetGap, WriteMode};
 use position_sink::{Progress, WorkerError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_table_is_rebuilt_from_the_topic_although_the_group_committed_everything() {
-    let topic = create_topic("recovery-lost", 3).await;
+    deleted_table_is_rebuilt("recovery-lost", WriteMode::CopyOnWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_table_in_deletion_vector_mode_is_rebuilt_from_the_topic() {
+    deleted_table_is_rebuilt("recovery-lost-dv", WriteMode::DeletionVectors).await;
+}
+
+async fn deleted_table_is_rebuilt(name: &str, mode: WriteMode) {
+    let topic = create_topic(name, 3).await;
     let produced = produce(&topic, &sample(3000, 150, 21), None).await;
     let (_dir, table) = table_dir();
     let group = unique("g");
-    run_to_end(config(&topic, &group, &table)).await.expect("first run");
+    let configured = || {
+        let mut c = config(&topic, &group, &table);
+        c.delta.write_mode = mode;
+        c
+    };
+    run_to_end(configured()).await.expect("first run");
     assert_table_matches(&read_table(&table).await, &model(&produced));
     std::fs::remove_dir_all(&table).expect("delete the table");
 
-    let summary = run_to_end(config(&topic, &group, &table)).await.expect("rerun");
+    let summary = run_to_end(configured()).await.expect("rerun");
     assert_eq!(summary.messages, produced.len() as u64, "every message was read again, once: {summary:?}");
     assert_table_matches(&read_table(&table).await, &model(&produced));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_restored_to_an_earlier_version_is_caught_up_exactly() {
-    restored_table_is_caught_up("recovery-restored", None).await;
+    restored_table_is_caught_up("recovery-restored", None, WriteMode::CopyOnWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_in_deletion_vector_mode_restored_to_an_earlier_version_is_caught_up_exactly() {
+    restored_table_is_caught_up("recovery-restored-dv", None, WriteMode::DeletionVectors).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_table_is_caught_up_with_dead_letters_in_a_topic() {
     let dead_letter_topic = create_topic("recovery-restored-dlt", 1).await;
-    restored_table_is_caught_up("recovery-restored-t", Some(&dead_letter_topic)).await;
+    restored_table_is_caught_up("recovery-restored-t", Some(&dead_letter_topic), WriteMode::CopyOnWrite).await;
 }
 
 /// Four runs make several versions; Python deltalake restores version 1; a restarted
 /// worker of the same group brings the table back to the model of the whole stream.
-async fn restored_table_is_caught_up(name: &str, dead_letter_topic: Option<&str>) {
+async fn restored_table_is_caught_up(name: &str, dead_letter_topic: Option<&str>, mode: WriteMode) {
     let topic = create_topic(name, 3).await;
     let (_dir, table) = table_dir();
     let group = unique("g");
     let configured = || {
-        let c = config(&topic, &group, &table);
+        let mut c = config(&topic, &group, &table);
+        c.delta.write_mode = mode;
         match dead_letter_topic {
             Some(dlt) => with_dead_letter_topic(c, dlt),
             None => c,
@@ -54,15 +74,24 @@ async fn restored_table_is_caught_up(name: &str, dead_letter_topic: Option<&str>
         run_to_end(configured()).await.expect("run");
     }
     assert_table_matches(&read_table(&table).await, &model(&produced));
-    // An operator undoes writes with the Python deltalake package.
-    python_on(&table, RESTORE_VERSION_1);
+    // An operator undoes writes with the Python deltalake package: to version 1, or in
+    // deletion-vector mode to the first version whose files carry vectors (they come
+    // back with the vectors they had then).
+    let version = match mode {
+        WriteMode::CopyOnWrite => 1,
+        WriteMode::DeletionVectors => first_version_with_a_vector(&table),
+    };
+    python_on(
+        &table,
+        &format!("import sys; from deltalake import DeltaTable; DeltaTable(sys.argv[1]).restore({version})"),
+    );
     let restored = read_table(&table).await;
     let expected = model(&produced);
     let stale = expected.iter().filter(|(k, row)| restored.get(*k).is_none_or(|r| r.kafka_offset != row.kafka_offset));
     assert!(stale.count() > 0, "the restore changed nothing");
 
     let end = end_offsets(&produced, 3);
-    let restored_record = recorded_next_offsets_at(&table, 1);
+    let restored_record = recorded_next_offsets_at(&table, version);
     let to_read_again: i64 =
         end.iter().map(|(p, end)| end.unwrap_or(0) - restored_record.get(p).copied().unwrap_or(0)).sum();
     assert!(to_read_again > 0, "version 1 holds everything");
@@ -167,6 +196,19 @@ async fn table_version_or_zero(table: &std::path::Path) -> u64 {
 
 /// The table's recorded next offset per partition (of its one topic) as of `version`,
 /// from the `txn` actions of its commit files.
+/// The first commit that adds a file with a deletion vector.
+fn first_version_with_a_vector(table: &std::path::Path) -> u64 {
+    (1..)
+        .take_while(|v| table.join(format!("_delta_log/{v:020}.json")).exists())
+        .find(|v| {
+            let log = std::fs::read_to_string(table.join(format!("_delta_log/{v:020}.json"))).expect("commit file");
+            log.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|action| action["add"]["deletionVector"].is_object())
+        })
+        .expect("a flush hid rows with a deletion vector")
+}
+
 fn recorded_next_offsets_at(table: &std::path::Path, version: u64) -> std::collections::BTreeMap<i32, i64> {
     let mut recorded = std::collections::BTreeMap::new();
     for v in 0..=version {

@@ -18,6 +18,7 @@
 //! remove nothing twice and nothing more.
 
 pub mod footprint;
+pub mod vectors;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -167,8 +168,14 @@ pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<Clean
         .with_dry_run(true)
         .await
         .map_err(failed("planning the vacuum"))?;
-    let data_files: Vec<Removed> = planned
-        .files_deleted
+    let mut planned_files = planned.files_deleted;
+    if planned_files.iter().any(|path| vectors::is_vector_file(path)) {
+        let since = now_millis() - i64::try_from(settings.vacuum_age().as_millis()).unwrap_or(i64::MAX);
+        let kept =
+            vectors::of_recent_removes(&table, &objects, since).await.map_err(failed("reading recent removes"))?;
+        planned_files.retain(|path| !kept.contains(path));
+    }
+    let data_files: Vec<Removed> = planned_files
         .into_iter()
         .map(|path| {
             let bytes = objects.get(&path).map_or(0, |(size, _)| *size);
