@@ -27,10 +27,12 @@ REAL_WINDOW_SECONDS = 3.0
 READER = r"""
 import json, os, sys, time
 t0 = time.monotonic()
-from deltalake import DeltaTable
+from deltalake import DeltaTable, QueryBuilder
 table = DeltaTable(sys.argv[1])
 t1 = time.monotonic()
-rows = table.to_pyarrow_table().num_rows
+# DataFusion's reader (deltalake's QueryBuilder) reads both write modes; to_pyarrow_table
+# refuses deletion vectors.
+rows = sum(b.num_rows for b in QueryBuilder().register("t", table).execute("SELECT * FROM t"))
 t2 = time.monotonic()
 print(json.dumps({"open_s": t1 - t0, "read_s": t2 - t1, "rows": rows, "version": table.version()}), flush=True)
 os._exit(0)  # pyarrow's and deltalake's thread pools can abort the interpreter's exit
@@ -45,18 +47,19 @@ class TradingDay:
     """One layout's day: a worker running against a steady producer, sampled hourly."""
 
     def __init__(self, bench, layout, flushes, conids, symbols, interval_ms, rate, cap_seconds):
-        self.bench, self.layout = bench, layout
+        # `layout` is a layout, or `layout/write_mode`.
+        self.bench, self.layout, self.slug = bench, layout, layout.replace("/", "_")
         self.flushes, self.conids, self.symbols = flushes, conids, symbols
         self.interval_ms, self.rate, self.cap_seconds = interval_ms, rate, cap_seconds
         # Every duration of the day shrinks by this factor.
         self.speedup = REAL_WINDOW_SECONDS * 1000 / interval_ms
         self.retention_s = max(1, round(3600 / self.speedup))
         self.maintenance_s = max(1, round(300 / self.speedup))
-        self.table = os.path.join(bench.work, f"b6-{layout}")
+        self.table = os.path.join(bench.work, f"b6-{self.slug}")
         self.hours, self.flush_lines, self.reader_failures = [], [], []
 
     def config(self):
-        path = os.path.join(self.bench.work, f"b6-{self.layout}.toml")
+        path = os.path.join(self.bench.work, f"b6-{self.slug}.toml")
         with open(path, "w") as f:
             f.write(f'[flush]\ninterval = "{self.interval_ms}ms"\n\n'
                     f'[maintenance]\nenabled = true\ninterval = "{self.maintenance_s}s"\n\n'
@@ -67,13 +70,13 @@ class TradingDay:
 
     def run(self):
         bench = self.bench
-        topic = f"bench-b6-{self.layout}-{int(time.time())}"
+        topic = f"bench-b6-{self.slug}-{int(time.time())}"
         bench.topic(topic)
         # The book exists before the day starts: every conid once, written as a backlog.
         log(f"B6 ({self.layout}): seeding {self.conids} conids over {self.symbols} symbols")
         bench.produce(topic, self.conids * 3, self.conids, self.symbols).wait()
-        worker = bench.start_worker(topic, f"sink-b6-{self.layout}", self.table, self.layout,
-                                    exit_when_caught_up=False, name=f"b6-{self.layout}",
+        worker = bench.start_worker(topic, f"sink-b6-{self.slug}", self.table, self.layout,
+                                    exit_when_caught_up=False, name=f"b6-{self.slug}",
                                     extra=["--config", self.config()])
         follower = threading.Thread(target=self.follow, args=(worker["log"],), daemon=True)
         follower.start()
@@ -179,7 +182,8 @@ class TradingDay:
         # What the retention window holds: files removed within the retention, plus one
         # maintenance interval (vacuum runs on a schedule) and the 60 s floor.
         window_ms = (max(self.retention_s, 60) + self.maintenance_s) * 1000
-        held = 0
+        live_paths = set(adds["path"])
+        held_files = {}
         for e in entries:
             if not e.endswith(".json") or e.startswith("_"):
                 continue
@@ -187,10 +191,16 @@ class TradingDay:
                 for line in open(os.path.join(log_dir, e)):
                     action = json.loads(line)
                     remove = action.get("remove")
-                    if remove and remove.get("deletionTimestamp", 0) >= now_ms - window_ms:
-                        held += remove.get("size", 0)
+                    # A file re-added with a new deletion vector stays live: not held.
+                    if remove and remove.get("deletionTimestamp", 0) >= now_ms - window_ms \
+                            and remove["path"] not in live_paths:
+                        held_files[remove["path"]] = remove.get("size", 0)
             except (OSError, ValueError):
                 pass
+        # Deletion-vector files are counted as held (they are small; live or in the window).
+        vectors = sum(os.path.getsize(os.path.join(self.table, name)) for name in os.listdir(self.table)
+                      if name.startswith("deletion_vector_"))
+        held = sum(held_files.values()) + vectors
         reader = self.read()
         durations = sorted(line["duration_ms"] for line in lines)
         commit_bytes = [line["commit_bytes"] for line in lines if line["commit_bytes"]]

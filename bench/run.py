@@ -61,6 +61,8 @@ class Bench:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def env(self, topic, group, table, layout="symbol"):
+        """A worker's environment; `layout` is a layout, or `layout/write_mode`."""
+        layout, _, mode = layout.partition("/")
         group = f"{group}-{self.run_id}"
         env = dict(os.environ)
         env.update({
@@ -70,6 +72,7 @@ class Bench:
             "POSITION_SINK__DELTA__TABLE_URI": table,
             "POSITION_SINK__HTTP__BIND": "127.0.0.1:0",
             "POSITION_SINK__DELTA__PARTITION_BY": layout,
+            "POSITION_SINK__DELTA__WRITE_MODE": mode or "copy_on_write",
             "RUST_LOG": "info",
             "NO_COLOR": "1",
         })
@@ -171,9 +174,9 @@ class Bench:
         table = DeltaTable(path)
         adds = pa.table(table.get_add_actions(flatten=True)).to_pydict()
         live_bytes = sum(adds["size_bytes"])
-        rows = sum(adds["num_records"])
         on_disk = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
         frame = pl.read_delta(path)
+        rows = frame.height
         one_row_per_key = frame["conid"].n_unique() == frame.height
         return {"rows": rows, "live_files": len(adds["path"]), "live_bytes": live_bytes, "bytes_on_disk": on_disk,
                 "row_bytes": live_bytes / max(rows, 1), "one_row_per_key": one_row_per_key,
@@ -190,11 +193,12 @@ class Bench:
         result["raw"] = self.raw_consume(topic, count)
         for layout in layouts:
             log(f"{name}: position-sink, layout {layout}")
-            table = os.path.join(self.work, f"{name}-{layout}")
-            figures = self.run_worker(topic, f"sink-{name}-{layout}", table, layout, f"{name}-{layout}")
+            slug = layout.replace("/", "_")
+            table = os.path.join(self.work, f"{name}-{slug}")
+            figures = self.run_worker(topic, f"sink-{name}-{slug}", table, layout, f"{name}-{slug}")
             figures["table"] = self.table_figures(table)
             figures["bytes_per_flush_bound"] = flush_bound(figures)
-            result[f"position_sink_{layout}"] = figures
+            result[f"position_sink_{slug}"] = figures
         if peer:
             log(f"{name}: seed-style peer")
             result["peer"] = self.peer_run(topic, count, f"{name}-peer")
@@ -233,8 +237,10 @@ class Bench:
     def steady(self, rate, seconds, instruments, symbols, layout):
         topic = f"bench-b2-{int(time.time())}"
         self.topic(topic)
-        table = os.path.join(self.work, "b2")
-        worker = self.start_worker(topic, "sink-b2", table, layout, exit_when_caught_up=False, name="b2")
+        slug = layout.replace("/", "_")
+        table = os.path.join(self.work, f"b2-{slug}")
+        worker = self.start_worker(topic, f"sink-b2-{slug}", table, layout, exit_when_caught_up=False,
+                                   name=f"b2-{slug}")
         time.sleep(3)
         count = rate * seconds
         log(f"B2: offering {rate} updates/s for {seconds} s")
@@ -249,7 +255,7 @@ class Bench:
         latencies.sort()
         pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
         return {
-            "offered_rate": rate, "seconds": seconds, "messages": len(latencies),
+            "layout": layout, "offered_rate": rate, "seconds": seconds, "messages": len(latencies),
             "latency_p50_s": pick(0.50), "latency_p99_s": pick(0.99), "latency_max_s": latencies[-1],
             "flushes": figures["flushes"], "cpu_us_per_message": figures["cpu_us_per_message"],
             "peak_rss_mib": figures["peak_rss_mib"],
@@ -366,7 +372,8 @@ def main():
     results = {"machine": machine(), "scale": args.scale, "started": datetime.now().isoformat(timespec="seconds")}
     bench.warm_up()
     if "B1" in only:
-        results["B1"] = bench.backlog("b1", n(1_000_000), n(100_000), 2000, ["symbol", "none"])
+        results["B1"] = bench.backlog("b1", n(1_000_000), n(100_000), 2000,
+                                      ["symbol", "none", "symbol/deletion_vectors", "none/deletion_vectors"])
     if "B5" in only:
         results["B5"] = bench.backlog("b5", n(1_000_000), n(100_000), 20, ["symbol"])
     if "B4" in only and "B1" in results:
@@ -377,12 +384,14 @@ def main():
         sizes = {"none": [n(100_000), n(1_000_000), n(10_000_000)], "symbol": [n(100_000), n(1_000_000)]}
         results["B3"] = bench.table_growth(["none", "symbol"], ["copy_on_write", "deletion_vectors"], 2000, sizes)
     if "B2" in only:
-        results["B2"] = bench.steady(20_000, max(10, int(60 * args.scale)), n(100_000), 2000, "none")
+        results["B2"] = [bench.steady(20_000, max(10, int(60 * args.scale)), n(100_000), 2000, variant)
+                         for variant in ("none", "none/deletion_vectors")]
     if "B6" in only:
         # 28,800 flushes at 50 ms (60x a 3 s window): a simulated hour is 1,200 flushes.
-        results["B6"] = [day.TradingDay(bench, layout, int(28_800 * args.scale), n(100_000), 200, interval_ms=50,
-                                        rate=2000, cap_seconds=int(1800 * args.scale) + 60).run()
-                         for layout in ("none", "symbol")]
+        # Both write modes: at most 15 minutes a layout and mode, so the day stays an hour.
+        results["B6"] = [day.TradingDay(bench, variant, int(28_800 * args.scale), n(100_000), 200, interval_ms=50,
+                                        rate=2000, cap_seconds=int(900 * args.scale) + 60).run()
+                         for variant in ("none", "none/deletion_vectors", "symbol", "symbol/deletion_vectors")]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     with open(args.out.removesuffix(".json") + ".md", "w") as f:
@@ -406,10 +415,9 @@ def markdown(r):
                 f"| {w['peak_rss_mib']:.0f} MiB (peer {p['peak_rss_mib']:.0f}) | {w['flushes']} → {w['delta_commits']} "
                 f"| {w['table']['live_files']} |")
     out = "\n".join(rows) + "\n\n" if len(rows) > 2 else ""
-    if "B2" in r:
-        b2 = r["B2"]
-        out += (f"- B2 steady, {b2['offered_rate']:,} updates/s for {b2['seconds']} s (layout `none`): latency from "
-                f"the Kafka timestamp to the commit that recorded the update p50 {b2['latency_p50_s']:.2f} s, "
+    for b2 in r.get("B2", []):
+        out += (f"- B2 steady, {b2['offered_rate']:,} updates/s for {b2['seconds']} s (`{b2['layout']}`): latency "
+                f"from the Kafka timestamp to the commit that recorded the update p50 {b2['latency_p50_s']:.2f} s, "
                 f"p99 {b2['latency_p99_s']:.2f} s, max {b2['latency_max_s']:.2f} s; flush p50 "
                 f"{b2['flush_ms_p50']:.0f} ms.\n")
     if r.get("B3"):
@@ -484,10 +492,9 @@ def report(r):
                           for x in g["runs"])
         out.append(f"B3 ({g['layout']}, {g['mode']}): 10k-update flush into {cells}; "
                    f"largest / smallest {g['ratio']:.2f}")
-    b = r.get("B2")
-    if b:
+    for b in r.get("B2", []):
         out.append("")
-        out.append(f"B2: {b['offered_rate']} updates/s for {b['seconds']} s: latency p50 {b['latency_p50_s']:.2f} s, "
+        out.append(f"B2 ({b['layout']}): {b['offered_rate']} updates/s for {b['seconds']} s: latency p50 {b['latency_p50_s']:.2f} s, "
                    f"p99 {b['latency_p99_s']:.2f} s, max {b['latency_max_s']:.2f} s; flush p50 {b['flush_ms_p50']:.0f} ms, "
                    f"max {b['flush_ms_max']} ms; {b['cpu_us_per_message']:.1f} us CPU/msg, {b['peak_rss_mib']:.0f} MiB")
     if "B6" in r:

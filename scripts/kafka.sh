@@ -31,6 +31,8 @@ LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
 RUN_DIR="${POSITION_SINK_KAFKA_RUN:-${TMPDIR:-/tmp}/position-sink-kafka}"
 
 log() { echo "kafka.sh: $*" >&2; }
+# shellcheck source=scripts/lib/maven.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/maven.sh"
 
 fetch() {
   # The marker names what the set holds: a set fetched before slf4j 2 was added is fetched again.
@@ -72,13 +74,7 @@ fetch() {
 </project>
 POM
   log "fetching Apache Kafka $KAFKA_VERSION jars from Maven Central"
-  rm -rf "$LIBS"
-  if ! mvn -B -q -f "$work/pom.xml" dependency:copy-dependencies \
-      -DoutputDirectory="$LIBS" -DincludeScope=runtime >"$work/mvn.log" 2>&1; then
-    log "Maven could not fetch org.apache.kafka:kafka_2.13:$KAFKA_VERSION (is Maven Central reachable?); see $work/mvn.log"
-    tail -20 "$work/mvn.log" >&2
-    exit 1
-  fi
+  copy_dependencies "$work" "$LIBS" "org.apache.kafka:kafka_2.13:$KAFKA_VERSION"
   touch "$LIBS/.complete-slf4j2"
 }
 

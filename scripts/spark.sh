@@ -15,6 +15,8 @@ WORK="$CACHE/spark-delta-$DELTA_VERSION"
 JARS="$WORK/jars"
 
 log() { echo "spark.sh: $*" >&2; }
+# shellcheck source=scripts/lib/maven.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/maven.sh"
 
 fetch() {
   if ! "$VENV/bin/python" -c "import pyspark; assert pyspark.__version__ == '$PYSPARK_VERSION'" 2>/dev/null; then
@@ -22,7 +24,6 @@ fetch() {
     "$VENV/bin/pip" install -q --disable-pip-version-check "pyspark==$PYSPARK_VERSION"
   fi
   if [ -f "$JARS/.complete" ]; then return 0; fi
-  command -v mvn >/dev/null || { log "Maven (mvn) is required to fetch Delta's jars"; exit 1; }
   mkdir -p "$WORK"
   cat > "$WORK/pom.xml" <<POM
 <project xmlns="http://maven.apache.org/POM/4.0.0">
@@ -46,13 +47,7 @@ fetch() {
 </project>
 POM
   log "fetching Delta Lake $DELTA_VERSION jars for Spark from Maven Central"
-  rm -rf "$JARS"
-  if ! mvn -B -q -f "$WORK/pom.xml" dependency:copy-dependencies \
-      -DoutputDirectory="$JARS" -DincludeScope=runtime >"$WORK/mvn.log" 2>&1; then
-    log "Maven could not fetch io.delta:delta-spark_2.13:$DELTA_VERSION; see $WORK/mvn.log"
-    tail -20 "$WORK/mvn.log" >&2
-    exit 1
-  fi
+  copy_dependencies "$WORK" "$JARS" "io.delta:delta-spark_2.13:$DELTA_VERSION"
   touch "$JARS/.complete"
 }
 
