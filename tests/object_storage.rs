@@ -1,12 +1,13 @@
 //! The table on S3: a real S3-compatible server (moto, started by the test command on
 //! 127.0.0.1, with conditional writes) under the end-to-end model check, two workers of
 //! one group, a crash between the Delta and the Kafka commit, and independent readers
-//! (Python `deltalake` and `polars` with the same storage options).
+//! (Python `deltalake` and `polars` with the same storage options), and a table in
+//! deletion-vector mode whose vectors live on S3 too.
 
 mod common;
 
 use common::*;
-use position_sink::config::{Config, Settings};
+use position_sink::config::{Config, PartitionBy, Settings, WriteMode};
 
 fn s3_config(topic: &str, group: &str, uri: &str) -> Config {
     let (_dir, unused) = table_dir();
@@ -111,4 +112,35 @@ async fn the_binary_takes_s3_settings_from_aws_variables_and_logs_json_with_secr
     assert!(effective["delta.storage_options"].as_str().is_some_and(|s| s.contains("***")), "{effective}");
     message("flushed batch");
     assert_table_matches(&read_table_at(&uri, &s3_options()).await, &model(&produced));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_vector_table_on_s3_equals_the_model_through_restarts_and_polars_reads_it() {
+    let topic = create_topic("s3-dv", 3).await;
+    let uri = s3_table();
+    let group = unique("g");
+    let mut produced = Vec::new();
+    // Each run updates some keys of the files the runs before wrote, and each restart
+    // reads the vectors back from S3 into its key index.
+    for seed in 0..3 {
+        produced.extend(produce(&topic, &sample(300, 600, 70 + seed), None).await);
+        let mut c = s3_config(&topic, &group, &uri);
+        c.delta.write_mode = WriteMode::DeletionVectors;
+        c.delta.partition_by = PartitionBy::None;
+        run_to_end(c).await.expect("worker on S3");
+    }
+    let url = deltalake::ensure_table_uri(&uri).expect("url");
+    let table = deltalake::open_table_with_storage_options(url, s3_options()).await.expect("open");
+    let with_vector =
+        table.snapshot().expect("snapshot").log_data().iter().filter(|f| f.deletion_vector_descriptor().is_some()).count();
+    assert!(with_vector > 0, "files on S3 carry deletion vectors");
+    let expected = model(&produced);
+    assert_table_matches(&read_table_at(&uri, &s3_options()).await, &expected);
+    let options = serde_json::to_string(&s3_options()).expect("options");
+    let code = "import json, sys, polars as pl\n\
+                frame = pl.read_delta(sys.argv[1], storage_options=json.loads(sys.argv[2]))\n\
+                assert frame['conid'].n_unique() == len(frame), 'one row per conid'\n\
+                print(len(frame))";
+    let rows = run_python(&["-c".as_ref(), code.as_ref(), uri.as_ref(), options.as_ref()]);
+    assert_eq!(rows.trim().parse::<usize>().expect("a count"), expected.len());
 }

@@ -352,6 +352,7 @@ impl super::Worker {
             committed = positions.committed,
             files_removed = positions.files_removed,
             files_added = positions.files_added,
+            files_given_vectors = positions.files_hidden_in,
             rows_rewritten = positions.rows_rewritten,
             bytes_written = positions.bytes_written,
             duration_ms = positions.elapsed.as_millis() as u64,
