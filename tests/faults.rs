@@ -577,8 +577,12 @@ async fn a_corrupt_batch_is_reported_read_again_and_stops_the_worker_at_its_offs
     config.retry.max_retries = 2;
     let w = spawn_worker(config.clone());
     let progress = w.progress.clone();
-    wait_until(Duration::from_secs(60), "the worker to report the batch", async || {
-        Progress::get(&progress.unreadable_batches) > 0 && !w.handle.is_finished()
+    // The counter moves when the fault is seen; readiness names the batch once the
+    // partitions were read one by one to find it (seconds later on a loaded machine).
+    wait_until(Duration::from_secs(90), "the worker to report the batch", async || {
+        Progress::get(&progress.unreadable_batches) > 0
+            && !w.handle.is_finished()
+            && http_get(&progress, "/readyz").1.contains(&format!("offset {corrupt_at}"))
     })
     .await;
     let (status, body) = http_get(&progress, "/readyz");

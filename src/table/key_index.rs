@@ -284,8 +284,8 @@ impl KeyIndex {
     }
 
     /// The groups of `owners`' files worth compacting, with the files to pack: the
-    /// files not full or with at least `hidden_fraction` of their rows hidden by a
-    /// deletion vector, when there are at least `min_files` of them whose live rows fit
+    /// files at most half full or with at least `hidden_fraction` of their rows hidden
+    /// by a deletion vector (fuller files are left as they are), when there are at least `min_files` of them whose live rows fit
     /// in fewer files of `max_rows` rows, or when one of them crosses `hidden_fraction`.
     /// Smallest groups first.
     pub fn groups_to_compact(
@@ -305,7 +305,9 @@ impl KeyIndex {
                 let mut candidates: Vec<FileId> = ids
                     .iter()
                     .copied()
-                    .filter(|id| self.files.get(id).is_some_and(|f| f.live_rows() < max_rows || mostly_hidden(f)))
+                    .filter(|id| {
+                        self.files.get(id).is_some_and(|f| f.live_rows() <= max_rows / 2 || mostly_hidden(f))
+                    })
                     .collect();
                 candidates.sort_unstable();
                 let files = || candidates.iter().filter_map(|id| self.files.get(id));
