@@ -134,6 +134,9 @@ impl PositionTable {
             delta::open_or_create(&config.table_uri, &config.storage_options, &spec(config.partition_by), &properties)
                 .await?;
         check_write_mode(&table, &config.table_uri, config.write_mode)?;
+        if config.write_mode == WriteMode::DeletionVectors && config.partition_by == PartitionBy::Symbol {
+            warn_vectors_per_symbol();
+        }
         Ok(Self {
             table,
             uri: config.table_uri.clone(),
@@ -579,6 +582,20 @@ fn warn_rewrites(rewritten: usize, rows_in: usize) {
              a table created with delta.write_mode = \"deletion_vectors\" writes only the batch, if its readers \
              read deletion vectors (docs/write-path.md)",
             rewritten / rows_in.max(1)
+        );
+    }
+}
+
+/// Says once per process that deletion vectors in the `symbol` layout give a vector to a
+/// file per symbol a flush touches, which readers pay for.
+fn warn_vectors_per_symbol() {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "delta.write_mode = \"deletion_vectors\" with delta.partition_by = \"symbol\": each flush gives a \
+             deletion vector to a file per symbol it touches; with hundreds of symbols or more, readers that load \
+             vectors one file at a time (Python deltalake, polars) slow down. Use delta.partition_by = \"none\" \
+             with deletion vectors (docs/write-path.md)"
         );
     }
 }
