@@ -13,8 +13,10 @@
 //!   ([`crate::update::PositionUpdate::supersedes`]); a key has one row, whatever its
 //!   symbol ([`crate::table::merge`]).
 //! - A flush reads and rewrites only the files that hold its keys (found in the
-//!   [`KeyIndex`]), and its commit declares as read only the files of its own Kafka
-//!   partitions, so workers of one group commit side by side.
+//!   [`KeyIndex`]), or in deletion-vector mode (`delta.write_mode`) writes only its
+//!   batch and hides the rows it replaces ([`deletion`]); its commit declares as read
+//!   only the files of its own Kafka partitions, so workers of one group commit side by
+//!   side.
 
 pub mod commit;
 mod compact;
