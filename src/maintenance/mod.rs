@@ -294,8 +294,16 @@ pub async fn bin_small_files(table: &DeltaTable, uri: &str) -> Result<(), Mainte
 }
 
 /// Whether the newest checkpoint is further back than the table's interval.
+/// Whether the table-wide run writes a checkpoint at the table's version: when the newest
+/// is `checkpointInterval` commits or more back, and never at a version the commit's own
+/// post-commit hook checkpoints (a multiple of the interval). Two writers of one
+/// checkpoint version race: `_last_checkpoint` can name the size of one file while the
+/// other's bytes stand, and readers then fail to read the table.
 fn needs_checkpoint(footprint: &Footprint, settings: &RetentionSettings) -> bool {
-    footprint.version > 0 && footprint.commits_since_checkpoint >= settings.checkpoint_interval
+    let interval = settings.checkpoint_interval.max(1);
+    footprint.version > 0
+        && footprint.commits_since_checkpoint >= interval
+        && !footprint.version.is_multiple_of(interval)
 }
 
 fn now_millis() -> i64 {
@@ -349,6 +357,14 @@ mod tests {
             deleted_file_retention: Duration::from_secs(5),
             log_cleanup: true,
         }
+    }
+
+    #[test]
+    fn the_run_never_checkpoints_a_version_the_commit_hook_checkpoints() {
+        let at = |version, commits_since_checkpoint| Footprint { version, commits_since_checkpoint, ..Footprint::default() };
+        assert!(needs_checkpoint(&at(23, 13), &settings(1)), "13 commits since the last checkpoint");
+        assert!(!needs_checkpoint(&at(30, 12), &settings(1)), "version 30 is the hook's (interval 10)");
+        assert!(!needs_checkpoint(&at(25, 5), &settings(1)), "fewer commits than the interval");
     }
 
     fn log(entries: &[(&str, i64)]) -> HashMap<String, (u64, i64)> {
