@@ -769,7 +769,8 @@ fn is_valid_topic(topic: &str) -> bool {
 }
 
 /// A value as the configuration file spells it (`earliest`, `["conid"]`).
-fn spelled<T: Serialize>(value: &T) -> String {
+/// A config value as it is spelled in the configuration file.
+pub(crate) fn spelled<T: Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(text)) => text,
         Ok(other) => other.to_string(),

@@ -28,6 +28,7 @@ pub mod schema;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use deltalake::kernel::{DeletionVectorDescriptor, Transaction};
@@ -370,14 +371,16 @@ impl PositionTable {
             let all = &file.deleted | &hidden;
             if all.len() >= file.rows as u64 { removed.push(id) } else { vectors.push((id, all)) }
         }
-        let vector_file = if vectors.is_empty() { None } else { Some(deletion::write_vectors(vectors).map_err(write_err)?) };
+        let mut vector_file =
+            if vectors.is_empty() { None } else { Some(deletion::write_vectors(vectors).map_err(write_err)?) };
         let mut revised = Vec::new();
         let mut vector_bytes = 0;
-        if let Some(file) = &vector_file {
-            vector_bytes = file.bytes.len() as u64;
+        if let Some(file) = &mut vector_file {
+            let bytes = std::mem::take(&mut file.bytes);
+            vector_bytes = bytes.len() as u64;
             let location = deltalake::Path::from(file.path.as_str());
             let store = self.table.object_store();
-            object_store::ObjectStoreExt::put(&store, &location, file.bytes.clone().into())
+            object_store::ObjectStoreExt::put(&store, &location, bytes.into())
                 .await
                 .map_err(|e| write_err(e.into()))?;
             revised = file.vectors.iter().map(|(id, dv, _)| (*id, dv.clone())).collect();
@@ -537,10 +540,7 @@ fn check_write_mode(table: &DeltaTable, uri: &str, configured: WriteMode) -> Res
     if found == configured {
         return Ok(());
     }
-    let spelled = |mode: WriteMode| match mode {
-        WriteMode::CopyOnWrite => "copy_on_write",
-        WriteMode::DeletionVectors => "deletion_vectors",
-    };
+    let spelled = |mode: WriteMode| crate::config::spelled(&mode);
     Err(TableError::Incompatible {
         uri: uri.to_string(),
         kind: "positions",
@@ -568,6 +568,11 @@ pub fn table_write_mode(table: &DeltaTable) -> WriteMode {
 /// Files one flush may add in the `symbol` layout before the worker suggests `none`.
 const MANY_FILES_PER_FLUSH: usize = 1000;
 
+/// Whether `flag` is seen for the first time in this process (each warning is said once).
+fn first_time(flag: &AtomicBool) -> bool {
+    !flag.swap(true, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Rows a copy-on-write flush may rewrite per row it brings, and in all, before the
 /// worker suggests deletion vectors.
 const REWRITTEN_PER_ROW_IN: usize = 20;
@@ -575,8 +580,8 @@ const MANY_ROWS_REWRITTEN: usize = 100_000;
 
 /// Says once per process that copy-on-write makes flushes cost the table, not the batch.
 fn warn_rewrites(rewritten: usize, rows_in: usize) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if first_time(&WARNED) {
         tracing::warn!(
             rows_rewritten = rewritten,
             rows_in,
@@ -591,8 +596,8 @@ fn warn_rewrites(rewritten: usize, rows_in: usize) {
 /// Says once per process that deletion vectors in the `symbol` layout give a vector to a
 /// file per symbol a flush touches, which readers pay for.
 fn warn_vectors_per_symbol() {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if first_time(&WARNED) {
         tracing::warn!(
             "delta.write_mode = \"deletion_vectors\" with delta.partition_by = \"symbol\": each flush gives a \
              deletion vector to a file per symbol it touches; with hundreds of symbols or more, readers that load \
@@ -604,8 +609,8 @@ fn warn_vectors_per_symbol() {
 
 /// Says once per process that the table's layout makes flushes slow.
 fn warn_many_symbols(files: usize) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if first_time(&WARNED) {
         tracing::warn!(
             files,
             "a flush wrote a data file per symbol and Kafka partition; with thousands of symbols, a table \
