@@ -38,6 +38,7 @@ class Bench:
         self.work = args.work
         self.python = sys.executable
         self.peer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py")
+        self.symbol_query = os.path.join(os.path.dirname(os.path.abspath(__file__)), "symbol_query.py")
         self.run_id = str(int(time.time()))
         self.flush_entry = flush_entry
         os.makedirs(self.work, exist_ok=True)
@@ -79,12 +80,30 @@ class Bench:
         return env
 
     def raw_consume(self, topic, count):
-        started = time.monotonic()
-        out = subprocess.run([self.args.raw, self.brokers, topic, str(count)], check=True, capture_output=True,
-                             text=True)
+        """`examples/raw_consume.rs`: librdkafka through rdkafka, joining a group, counting
+        messages. `rate` is from its first message; `wall_rate` from process start."""
+        time_path = os.path.join(self.work, f"raw-{topic}.time")
+        out = subprocess.run(["/usr/bin/time", "-v", "-o", time_path, self.args.raw, self.brokers, topic, str(count)],
+                             check=True, capture_output=True, text=True)
         figures = json.loads(out.stdout)
-        figures["wall_seconds"] = time.monotonic() - started
-        figures["wall_rate"] = count / figures["wall_seconds"]
+        figures.update(process_figures(open(time_path).read(), count))
+        return figures
+
+    def ceiling(self, topic, count):
+        """What reading the topic costs without position-sink, counted from process start
+        like the worker: `kcat` (librdkafka in C, no group, output discarded), Kafka's own
+        `ConsumerPerformance` (Java, joins a group) and `raw_consume`."""
+        figures = {"raw_consume": self.raw_consume(topic, count)}
+        kcat = ["kcat", "-C", "-b", self.brokers, "-t", topic, "-e", "-q", "-o", "beginning"]
+        perf = ["java", "-Xmx512m", "-cp", os.path.join(self.args.kafka_libs, "*"),
+                "org.apache.kafka.tools.ConsumerPerformance", "--bootstrap-server", self.brokers, "--topic", topic,
+                "--messages", str(count), "--group", f"perf-{topic}-{self.run_id}", "--timeout", "60000"]
+        for name, cmd in (("kcat", kcat), ("consumer_performance", perf)):
+            time_path = os.path.join(self.work, f"{name}-{topic}.time")
+            with open(os.devnull, "w") as sink:
+                subprocess.run(["/usr/bin/time", "-v", "-o", time_path, *cmd], check=True, stdout=sink,
+                               stderr=subprocess.DEVNULL)
+            figures[name] = process_figures(open(time_path).read(), count)
         return figures
 
     def warm_up(self):
@@ -188,8 +207,9 @@ class Bench:
         log(f"{name}: producing {count} updates over {instruments} conids and {symbols} symbols")
         self.produce(topic, count, instruments, symbols).wait()
         result = {"messages": count, "instruments": instruments, "symbols": symbols, "topic": topic}
-        log(f"{name}: raw consume")
-        result["raw"] = self.raw_consume(topic, count)
+        log(f"{name}: the ceiling: raw_consume, kcat, ConsumerPerformance")
+        result["ceiling"] = self.ceiling(topic, count)
+        result["raw"] = result["ceiling"]["raw_consume"]
         for layout in layouts:
             log(f"{name}: position-sink, layout {layout}")
             slug = layout.replace("/", "_")
@@ -202,6 +222,26 @@ class Bench:
             log(f"{name}: seed-style peer")
             result["peer"] = self.peer_run(topic, count, f"{name}-peer")
         return result
+
+    def symbol_queries(self, backlogs):
+        """bench/symbol_query.py over the tables of `backlogs` (name -> backlog result)."""
+        out = []
+        for name, backlog in backlogs.items():
+            symbols = backlog["symbols"]
+            symbol = symbol_of(symbols // 2)
+            tables = [os.path.join(self.work, f"{name}-{key.removeprefix('position_sink_')}")
+                      for key in sorted(backlog) if key.startswith("position_sink_") and "deletion" not in key]
+            log(f"B7: a reader's query for {symbol} in the {symbols}-symbol tables")
+            env = dict(os.environ, POSITION_SINK_SPARK_JARS=self.args.spark_jars) if self.args.spark_jars else None
+            res = subprocess.run([self.python, self.symbol_query, symbol, *tables], check=True, capture_output=True,
+                                 text=True, timeout=1800, env=env)
+            for line in res.stdout.splitlines():
+                if line.startswith("{"):
+                    figures = json.loads(line)
+                    figures["symbols"] = symbols
+                    figures["layout"] = figures["path"].rsplit("-", 1)[1]
+                    out.append(figures)
+        return out
 
     def scale_out(self, b1, layout):
         topic = b1["topic"]
@@ -308,6 +348,25 @@ def flush_entry(line):
     return entry
 
 
+TICKERS = ["AAPL", "MSFT", "NVDA", "AMZN", "GOOGL", "META", "TSLA", "BRK B", "JPM", "V", "XOM", "UNH", "JNJ", "WMT",
+           "MA", "PG", "HD", "CVX", "KO", "PEP"]
+
+
+def symbol_of(index):
+    """The generator's symbol of its `index`-th instrument (src/sample.rs)."""
+    return TICKERS[index] if index < len(TICKERS) else f"SYM{index:05}"
+
+
+def process_figures(times, messages):
+    """Wall time, rate from process start, CPU per message and peak RSS of a
+    `/usr/bin/time -v` report for a process that read `messages`."""
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", times))
+    wall = wall_seconds(times)
+    return {"wall_seconds": wall, "wall_rate": messages / max(wall, 1e-9), "cpu_seconds": cpu,
+            "cpu_us_per_message": cpu * 1e6 / max(messages, 1),
+            "peak_rss_mib": int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", times).group(1)) / 1024}
+
+
 def wall_seconds(times):
     """The elapsed wall-clock time in a /usr/bin/time -v report."""
     text = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", times).group(1)
@@ -378,11 +437,12 @@ def visibility_latencies(brokers, topic, table):
 
 def main():
     parser = argparse.ArgumentParser()
-    for flag in ("--bin", "--raw", "--flush-cost", "--kafka", "--work", "--out"):
+    for flag in ("--bin", "--raw", "--flush-cost", "--kafka", "--kafka-libs", "--work", "--out"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--only", default="B1,B2,B3,B4,B5,B6",
+    parser.add_argument("--spark-jars", default="", help="Delta's jars for Spark (scripts/spark.sh jars)")
+    parser.add_argument("--only", default="B1,B2,B3,B4,B5,B6,B7",
                         help="comma-separated scenarios; B4 needs B1")
     args = parser.parse_args()
     only = set(args.only.upper().split(","))
@@ -395,7 +455,14 @@ def main():
         # with vectors) is not read by polars within minutes (docs/write-path.md).
         results["B1"] = bench.backlog("b1", n(1_000_000), n(100_000), 2000, ["symbol", "none", "none/deletion_vectors"])
     if "B5" in only:
-        results["B5"] = bench.backlog("b5", n(1_000_000), n(100_000), 20, ["symbol"])
+        results["B5"] = bench.backlog("b5", n(1_000_000), n(100_000), 20, ["symbol", "none"])
+    if "B7" in only:
+        # The layouts at 200 symbols, then a reader's query for one symbol in every
+        # backlog table of this run (20, 200 and 2,000 symbols when B1 and B5 ran too).
+        results["B7"] = {"backlog": bench.backlog("b7", n(1_000_000), n(100_000), 200, ["symbol", "none"])}
+        results["B7"]["queries"] = bench.symbol_queries(
+            {name.lower(): results[name] for name in ("B5", "B7", "B1") if name in results and name != "B7"}
+            | {"b7": results["B7"]["backlog"]})
     if "B4" in only and "B1" in results:
         results["B4"] = bench.scale_out(results["B1"], "none")
     if "B3" in only:
@@ -420,21 +487,39 @@ def main():
 
 
 def markdown(r):
-    """The README's results tables, for the scenarios this run measured."""
-    rows = ["| scenario | raw consume | position-sink | seed-style peer | position-sink / raw | position-sink / peer "
-            "| CPU per message | peak RSS | flushes → commits | live files |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, label in (("B1", "B1 backlog, 2,000 symbols"), ("B5", "B5 backlog, 20 symbols")):
+    """The README's results tables, for the scenarios this run measured. Rates are
+    counted from process start for every system."""
+    rows = ["| scenario | kcat | ConsumerPerformance | raw_consume | position-sink | seed-style peer "
+            "| position-sink / kcat | position-sink / peer | CPU per message: position-sink (kcat, "
+            "ConsumerPerformance, raw_consume, peer) | peak RSS | flushes → commits | live files |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, label in (("B1", "B1 backlog, 2,000 symbols"), ("B7", "B7 backlog, 200 symbols"),
+                        ("B5", "B5 backlog, 20 symbols")):
         b = r.get(name)
+        b = b.get("backlog") if b and name == "B7" else b
         for key in sorted(k for k in b or {} if k.startswith("position_sink_")):
-            w, p, raw = b[key], b["peer"], b["raw"]
+            w, p, c = b[key], b["peer"], b["ceiling"]
+            kcat, perf, raw = c["kcat"], c["consumer_performance"], c["raw_consume"]
             rows.append(
-                f"| {label}, layout `{key.removeprefix('position_sink_')}` | {raw['rate'] / 1000:.0f}k msg/s "
-                f"| {w['rate'] / 1000:.0f}k msg/s | {p['rate'] / 1000:.1f}k msg/s | {w['rate'] / raw['rate']:.0%} "
-                f"| {w['rate'] / p['rate']:.2f}× | {w['cpu_us_per_message']:.1f} µs (peer {p['cpu_us_per_message']:.1f}) "
+                f"| {label}, layout `{key.removeprefix('position_sink_')}` | {kcat['wall_rate'] / 1000:.0f}k msg/s "
+                f"| {perf['wall_rate'] / 1000:.0f}k msg/s | {raw['wall_rate'] / 1000:.0f}k msg/s "
+                f"| {w['wall_rate'] / 1000:.0f}k msg/s | {p['wall_rate'] / 1000:.1f}k msg/s "
+                f"| {w['wall_rate'] / kcat['wall_rate']:.0%} | {w['wall_rate'] / p['wall_rate']:.2f}× "
+                f"| {w['cpu_us_per_message']:.1f} µs ({kcat['cpu_us_per_message']:.1f}, "
+                f"{perf['cpu_us_per_message']:.1f}, {raw['cpu_us_per_message']:.1f}, {p['cpu_us_per_message']:.1f}) "
                 f"| {w['peak_rss_mib']:.0f} MiB (peer {p['peak_rss_mib']:.0f}) | {w['flushes']} → {w['delta_commits']} "
                 f"| {w['table']['live_files']} |")
     out = "\n".join(rows) + "\n\n" if len(rows) > 2 else ""
+    if r.get("B7"):
+        out += ("B7, a reader's query for one symbol (best of 3 after a first read; files and row groups "
+                "to read after pruning by partition values and statistics):\n\n| symbols | layout | live files | "
+                "files to read | row groups to read | rows | polars `scan_delta().filter()` | Spark `WHERE` | "
+                "files Spark read |\n|---|---|---|---|---|---|---|---|---|\n")
+        for q in r["B7"]["queries"]:
+            out += (f"| {q['symbols']:,} | `{q['layout']}` | {q['live_files']:,} | {q['files_to_read']} | "
+                    f"{q['row_groups_to_read']} | {q['rows']} | {q['polars_seconds'] * 1000:.0f} ms | "
+                    f"{q.get('spark_seconds', 0) * 1000:.0f} ms | {q.get('spark_files_read', '–')} |\n")
+        out += "\n"
     for b2 in r.get("B2", []):
         out += (f"- B2 steady, {b2['offered_rate']:,} updates/s for {b2['seconds']} s (`{b2['layout']}`): latency "
                 f"from the Kafka timestamp to the commit that recorded the update p50 {b2['latency_p50_s']:.2f} s, "
@@ -469,12 +554,17 @@ def machine():
 
 def report(r):
     out = [f"position-sink write-path benchmark ({r['machine']}, scale {r['scale']})", ""]
-    for name in (n for n in ("B1", "B5") if n in r):
-        b = r[name]
+    for name in (n for n in ("B1", "B7", "B5") if n in r):
+        b = r[name] if name != "B7" else r[name]["backlog"]
         raw = b["raw"]["rate"]
         out.append(f"{name}: {b['messages']} updates, {b['instruments']} conids, {b['symbols']} symbols")
         raw_wall = b["raw"]["wall_rate"]
         out.append(f"  raw consume          {raw:10.0f} msg/s from the first message; {raw_wall:8.0f} msg/s over the process's life")
+        kcat = b["ceiling"]["kcat"]
+        for label, c in (("kcat", kcat), ("ConsumerPerformance", b["ceiling"]["consumer_performance"]),
+                         ("raw_consume", b["ceiling"]["raw_consume"])):
+            out.append(f"  {label:20} {c['wall_rate']:10.0f} msg/s from process start  "
+                       f"{c['cpu_us_per_message']:5.2f} us CPU/msg  {c['peak_rss_mib']:6.0f} MiB")
         for key in sorted(k for k in b if k.startswith("position_sink_")):
             w = b[key]
             t = w["table"]
@@ -482,7 +572,7 @@ def report(r):
                 f"  {key.replace('position_sink_', 'position-sink/'):20} {w['rate']:10.0f} msg/s  "
                 f"{w['rate'] / raw:6.1%} of raw  {w['rate'] / b['peer']['rate']:5.2f}x peer  "
                 f"(process life: {w['wall_rate']:8.0f} msg/s, {w['wall_rate'] / raw_wall:6.1%} of raw, "
-                f"{w['wall_rate'] / b['peer']['wall_rate']:5.2f}x peer)  "
+                f"{w['wall_rate'] / b['peer']['wall_rate']:5.2f}x peer, {w['wall_rate'] / kcat['wall_rate']:6.1%} of kcat)  "
                 f"{w['cpu_us_per_message']:5.1f} us CPU/msg  {w['peak_rss_mib']:6.0f} MiB  "
                 f"{w['flushes']} flushes / {w['delta_commits']} commits  {t['live_files']} files  "
                 f"bytes/flush <= {w['bytes_per_flush_bound']['max_bytes_over_rows_x_row_size']:.1f} x rows x row size  "
@@ -492,6 +582,11 @@ def report(r):
                    f"(process life: {p['wall_rate']:8.0f} msg/s)  "
                    f"{p['cpu_us_per_message']:5.1f} us CPU/msg  {p['peak_rss_mib']:6.0f} MiB")
         out.append("")
+    for q in r.get("B7", {}).get("queries", []):
+        out.append(f"B7 query {q['symbol']} ({q['symbols']} symbols, {q['layout']}): {q['rows']} rows; "
+                   f"{q['files_to_read']} of {q['live_files']} files, {q['row_groups_to_read']} row groups to read; "
+                   f"polars {q['polars_seconds'] * 1000:.0f} ms, Spark {q.get('spark_seconds', 0) * 1000:.0f} ms "
+                   f"({q.get('spark_files_read')} files read)")
     b = r.get("B4")
     if b:
         out.append(f"B4: from the group's last assignment to the end: 1 worker {b['one_worker_reading_seconds']:.2f} s, "

@@ -1,8 +1,11 @@
 //! Benchmark B3: the time of one flush into tables of growing size, through the
 //! worker's own write path (no Kafka): flushes of 10k random keys, then a sparse stream
-//! of flushes of 100 random keys. Prints one JSON line per table size.
+//! of flushes of 100 random keys; then the memory the key index takes per key, and a
+//! restart: a new handle's first flush of 200 updates, which builds the key index from
+//! the table. Prints one JSON line per table size.
 //!
 //! Usage: flush_cost DIR LAYOUT(symbol|none) MODE(copy_on_write|deletion_vectors) SYMBOLS KEYS...
+//! (DIR may be `s3://bucket/prefix`, with the `AWS_*` variables of the object store.)
 
 use std::time::Instant;
 
@@ -16,6 +19,8 @@ const PARTITIONS: i32 = 6;
 const FLUSH: usize = 10_000;
 const SPARSE_FLUSH: usize = 100;
 const ROUNDS: usize = 3;
+/// Updates in the first flush after a restart.
+const RESTART_FLUSH: usize = 200;
 
 fn row(conid: i64, symbols: i64, timestamp_micros: i64, offset: i64) -> PositionUpdate {
     PositionUpdate {
@@ -86,7 +91,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let row_bytes = live_bytes(&table) as f64 / keys as f64;
         let mut flushes = Vec::new();
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        for (round, size) in std::iter::repeat_n(FLUSH, ROUNDS).chain(std::iter::repeat_n(SPARSE_FLUSH, ROUNDS)).enumerate() {
+        for (round, size) in
+            std::iter::repeat_n(FLUSH, ROUNDS).chain(std::iter::repeat_n(SPARSE_FLUSH, ROUNDS)).enumerate()
+        {
             let mut conids = std::collections::BTreeSet::new();
             while conids.len() < size {
                 state ^= state << 13;
@@ -114,6 +121,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "bytes_over_batch": report.bytes_written as f64 / (report.rows_offered.max(1) as f64 * row_bytes),
             }));
         }
+        let (index_bytes, index_keys) = table.key_index_footprint().await;
+        // A restart: a new handle (an empty key index) and its first flush of 200 updates.
+        drop(table);
+        let restarted = Instant::now();
+        let table = PositionTable::open_or_create(&config, "bench").await?;
+        let rows = (0..RESTART_FLUSH as i64).map(|i| {
+            offset += 1;
+            row((i * 7919) % keys, symbols, 3_000_000, offset)
+        });
+        table.write(&batch(rows.collect())).await?;
+        let restart_first_flush_seconds = restarted.elapsed().as_secs_f64();
+        let live_files = table.delta().snapshot()?.log_data().num_files();
         let median = |sparse: bool| {
             let mut seconds: Vec<f64> = flushes
                 .iter()
@@ -129,6 +148,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "layout": format!("{layout:?}").to_lowercase(), "mode": mode, "symbols": symbols, "keys": keys,
                 "build_seconds": build_seconds, "median_flush_seconds": median(false),
                 "median_sparse_flush_seconds": median(true), "row_bytes": row_bytes,
+                "index_bytes_per_key": index_bytes as f64 / index_keys.max(1) as f64, "index_keys": index_keys,
+                "restart_first_flush_seconds": restart_first_flush_seconds, "live_files": live_files,
                 "flushes": flushes,
             })
         );
@@ -140,9 +161,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// Bytes of the table's live data files.
 fn live_bytes(table: &PositionTable) -> u64 {
-    table
-        .delta()
-        .snapshot()
-        .map(|s| s.log_data().iter().map(|f| f.size().max(0) as u64).sum())
-        .unwrap_or_default()
+    table.delta().snapshot().map(|s| s.log_data().iter().map(|f| f.size().max(0) as u64).sum()).unwrap_or_default()
 }

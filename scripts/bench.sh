@@ -15,7 +15,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/position-sink/target}"
 CACHE="${POSITION_SINK_CACHE:-$HOME/.cache/position-sink}"
 PORT="${POSITION_SINK_BENCH_PORT:-39292}"
 SCALE=1
-ONLY=B1,B2,B3,B4,B5,B6
+ONLY=B1,B2,B3,B4,B5,B6,B7
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) SCALE=0.1 ;;
@@ -26,8 +26,11 @@ while [ $# -gt 0 ]; do
 done
 
 scripts/setup.sh
+scripts/spark.sh fetch
 "$CACHE/venv/bin/pip" install -q --disable-pip-version-check "confluent-kafka==2.16.1"
 command -v /usr/bin/time >/dev/null || { apt-get install -y -qq time >/dev/null; }
+# The ceiling beside raw_consume: kcat (Debian's package) and Kafka's ConsumerPerformance.
+command -v kcat >/dev/null || { apt-get install -y -qq kcat >/dev/null; }
 cargo build --release --locked --bin position-sink --example raw_consume --example flush_cost
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/position-sink-bench.XXXXXX")"
@@ -41,5 +44,5 @@ OUT="bench/results/$(date -u +%Y%m%dT%H%M%SZ).json"
   --bin "$CARGO_TARGET_DIR/release/position-sink" \
   --raw "$CARGO_TARGET_DIR/release/examples/raw_consume" \
   --flush-cost "$CARGO_TARGET_DIR/release/examples/flush_cost" \
-  --kafka scripts/kafka.sh --port "$PORT" --work "$WORK" --out "$OUT" --scale "$SCALE" --only "$ONLY"
+  --kafka scripts/kafka.sh --kafka-libs "$(scripts/kafka.sh libs)" --spark-jars "$(scripts/spark.sh jars)" --port "$PORT" --work "$WORK" --out "$OUT" --scale "$SCALE" --only "$ONLY"
 echo "bench.sh: results in $OUT"

@@ -11,6 +11,7 @@
 #   scripts/kafka.sh crash [PORT]          SIGKILL the broker, keep its data (outage tests)
 #   scripts/kafka.sh resume [PORT]         restart a crashed broker on its data
 #   scripts/kafka.sh topic NAME PARTS [PORT]   create a topic
+#   scripts/kafka.sh libs                  print the directory of the jars (fetching them)
 #
 # Besides its plaintext listener on PORT (and its controller on PORT+1), a broker has
 # the listeners production clusters use, all on 127.0.0.1, with certificates of a
@@ -256,5 +257,6 @@ case "$cmd" in
   crash) crash "$@" ;;
   resume) resume "$@" ;;
   topic) topic "$@" ;;
+  libs) fetch; echo "$LIBS" ;;
   *) echo "usage: $0 fetch | start [PORT] | ensure [PORT] | stop [PORT] | crash [PORT] | resume [PORT] | topic NAME PARTITIONS [PORT]" >&2; exit 2 ;;
 esac

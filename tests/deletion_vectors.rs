@@ -204,7 +204,8 @@ fn age_everything(path: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flushes_hide_replaced_rows_and_every_reader_agrees_with_the_model_through_restart_compaction_and_vacuum() {
     // Both layouts at once: each waits out the vacuum's minute once.
-    let runs = [(7, PartitionBy::None), (8, PartitionBy::Symbol)].map(|(seed, layout)| tokio::spawn(flushes_in(seed, layout)));
+    let runs =
+        [(7, PartitionBy::None), (8, PartitionBy::Symbol)].map(|(seed, layout)| tokio::spawn(flushes_in(seed, layout)));
     for run in runs {
         run.await.expect("a layout's run");
     }
@@ -308,7 +309,9 @@ async fn a_table_in_one_write_mode_refuses_a_worker_configured_for_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_deletion_vector_table_declares_the_feature_readers_need() {
     let (_dir, path) = common::table_dir();
-    PositionTable::open_or_create(&config(&path, PartitionBy::None, WriteMode::DeletionVectors), "g").await.expect("create");
+    PositionTable::open_or_create(&config(&path, PartitionBy::None, WriteMode::DeletionVectors), "g")
+        .await
+        .expect("create");
     let log = std::fs::read_to_string(path.join("_delta_log/00000000000000000000.json")).expect("first commit");
     let protocol = log
         .lines()

@@ -131,8 +131,13 @@ async fn a_deletion_vector_table_on_s3_equals_the_model_through_restarts_and_pol
     }
     let url = deltalake::ensure_table_uri(&uri).expect("url");
     let table = deltalake::open_table_with_storage_options(url, s3_options()).await.expect("open");
-    let with_vector =
-        table.snapshot().expect("snapshot").log_data().iter().filter(|f| f.deletion_vector_descriptor().is_some()).count();
+    let with_vector = table
+        .snapshot()
+        .expect("snapshot")
+        .log_data()
+        .iter()
+        .filter(|f| f.deletion_vector_descriptor().is_some())
+        .count();
     assert!(with_vector > 0, "files on S3 carry deletion vectors");
     let expected = model(&produced);
     assert_table_matches(&read_table_at(&uri, &s3_options()).await, &expected);

@@ -361,7 +361,8 @@ mod tests {
 
     #[test]
     fn the_run_never_checkpoints_a_version_the_commit_hook_checkpoints() {
-        let at = |version, commits_since_checkpoint| Footprint { version, commits_since_checkpoint, ..Footprint::default() };
+        let at =
+            |version, commits_since_checkpoint| Footprint { version, commits_since_checkpoint, ..Footprint::default() };
         assert!(needs_checkpoint(&at(23, 13), &settings(1)), "13 commits since the last checkpoint");
         assert!(!needs_checkpoint(&at(30, 12), &settings(1)), "version 30 is the hook's (interval 10)");
         assert!(!needs_checkpoint(&at(25, 5), &settings(1)), "fewer commits than the interval");

@@ -80,7 +80,10 @@ mod tests {
         let uuid = uuid::Uuid::parse_str("d2c639aa-8816-431a-aaf6-d3fe2512ff61").expect("uuid");
         let encoded = z85::encode(uuid.as_bytes());
         let at_root = serde_json::json!({"storageType": "u", "pathOrInlineDv": encoded});
-        assert_eq!(relative_path(&at_root).as_deref(), Some("deletion_vector_d2c639aa-8816-431a-aaf6-d3fe2512ff61.bin"));
+        assert_eq!(
+            relative_path(&at_root).as_deref(),
+            Some("deletion_vector_d2c639aa-8816-431a-aaf6-d3fe2512ff61.bin")
+        );
         let prefixed = serde_json::json!({"storageType": "u", "pathOrInlineDv": format!("ab{encoded}")});
         assert_eq!(
             relative_path(&prefixed).as_deref(),

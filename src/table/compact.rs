@@ -74,12 +74,9 @@ impl PositionTable {
             None => index.owners(),
         };
         let mut files: std::collections::BTreeMap<TopicPartition, usize> = std::collections::BTreeMap::new();
-        for (group, ids) in index.groups_to_compact(
-            &owners,
-            thresholds.min_files,
-            thresholds.hidden_fraction,
-            fresh.max_rows_per_file,
-        ) {
+        for (group, ids) in
+            index.groups_to_compact(&owners, thresholds.min_files, thresholds.hidden_fraction, fresh.max_rows_per_file)
+        {
             if let Some(owner) = group.owner {
                 *files.entry(owner).or_default() += ids.len();
             }

@@ -41,16 +41,16 @@ pub fn plan<'b>(rows: &[&'b PositionUpdate], index: &KeyIndex, key_columns: &[Ke
     let mut plan = HidePlan::default();
     let mut hidden: BTreeMap<FileId, RoaringTreemap> = BTreeMap::new();
     // A key held twice: the older copy goes, the newer one is the stored row.
-    let mut stored_of: HashMap<&RowKey, Slot> = HashMap::new();
+    let mut stored_of: HashMap<RowKey, Slot> = HashMap::new();
     for (key, copy) in index.duplicates() {
-        let Some(main) = index.slot_of(key) else { continue };
+        let Some(main) = index.slot_of(&key) else { continue };
         let (newer, older) = if index.compare(&copy.stamp, &main.stamp).is_gt() { (copy, main) } else { (main, copy) };
         hidden.entry(older.file).or_default().insert(u64::from(older.row));
         stored_of.insert(key, newer);
     }
     for update in rows {
         let key = update.key(key_columns);
-        match stored_of.get(&&key).copied().or_else(|| index.slot_of(&key)) {
+        match stored_of.get(&key).copied().or_else(|| index.slot_of(&key)) {
             None => {
                 plan.inserted += 1;
                 plan.winners.push(update);
@@ -185,7 +185,11 @@ mod tests {
         let (mut index, _) = index_with(&[]);
         let stored = update(1, "A", 10, 0, 3);
         let source = index.source("positions", 0);
-        let row = Row { row: 0, key: RowKey { conid: 1, ..RowKey::default() }, stamp: Stamp { timestamp: 10, offset: 3, source } };
+        let row = Row {
+            row: 0,
+            key: RowKey { conid: 1, ..RowKey::default() },
+            stamp: Stamp { timestamp: 10, offset: 3, source },
+        };
         let file = LiveFile { path: "b.parquet".into(), deletion_vector: None };
         index.add_file(file, FileGroup { symbol: None, owner: None }, 1, RoaringTreemap::new(), [row]);
         let plan = plan(&[&stored], &index, &[KeyColumn::Conid]);

@@ -74,7 +74,28 @@ where
     T: Send + 'static,
     F: Future<Output = Result<T, DeltaTableError>> + Send + 'static,
 {
-    let width = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    on_threads_by(tasks, std::thread::available_parallelism().map_or(2, |n| n.get()) * 2).await
+}
+
+/// [`on_threads`] for tasks that mostly wait on storage (reading the keys of many
+/// small files from an object store): more of them at a time, so a restart's first
+/// read of thousands of files is not a queue of round trips.
+pub(super) async fn on_threads_io<T, F>(tasks: Vec<F>) -> Result<Vec<T>, DeltaTableError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, DeltaTableError>> + Send + 'static,
+{
+    on_threads_by(tasks, IO_READS_AT_ONCE).await
+}
+
+/// Reads of key columns in flight at once (each holds one file's bytes).
+const IO_READS_AT_ONCE: usize = 32;
+
+async fn on_threads_by<T, F>(tasks: Vec<F>, width: usize) -> Result<Vec<T>, DeltaTableError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, DeltaTableError>> + Send + 'static,
+{
     futures::stream::iter(tasks)
         .map(tokio::spawn)
         .buffered(width)

@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use roaring::RoaringTreemap;
 
+use super::key_store::{Compact, KeyStore};
 use crate::config::PartitionBy;
 use crate::offsets::TopicPartition;
 use crate::update::{KeyColumn, PositionUpdate, RowKey};
@@ -107,14 +108,18 @@ pub struct LiveFile {
     pub deletion_vector: Option<String>,
 }
 
+/// A file to record with [`KeyIndex::add_files`]: the file, its group, its row count
+/// (hidden rows included), the positions its deletion vector hides, and its live rows.
+pub type FileToAdd = (LiveFile, FileGroup, usize, RoaringTreemap, Vec<Row>);
+
 /// Keys → live rows, kept current from the table's log.
 #[derive(Debug, Default)]
 pub struct KeyIndex {
-    keys: HashMap<RowKey, Slot, foldhash::fast::RandomState>,
+    keys: KeyStore,
     files: HashMap<FileId, IndexedFile>,
     by_path: HashMap<String, FileId>,
     by_group: HashMap<FileGroup, HashSet<FileId>>,
-    duplicates: HashMap<RowKey, Slot, foldhash::fast::RandomState>,
+    duplicates: HashMap<Compact, Slot, foldhash::fast::RandomState>,
     sources: Vec<TopicPartition>,
     next_id: FileId,
 }
@@ -130,7 +135,9 @@ impl KeyIndex {
             .by_path
             .iter()
             .filter(|(path, id)| {
-                current.get(path.as_str()).is_none_or(|dv| self.files.get(id).is_some_and(|f| f.deletion_vector != **dv))
+                current
+                    .get(path.as_str())
+                    .is_none_or(|dv| self.files.get(id).is_some_and(|f| f.deletion_vector != **dv))
             })
             .map(|(_, id)| *id)
             .collect();
@@ -139,7 +146,7 @@ impl KeyIndex {
         }
         if !gone.is_empty() {
             let files = &self.files;
-            self.keys.retain(|_, slot| files.contains_key(&slot.file));
+            self.keys.retain_fresh(|file| files.contains_key(&file));
             self.duplicates.retain(|_, slot| files.contains_key(&slot.file));
         }
         live.iter().filter(|f| !self.by_path.contains_key(&f.path)).cloned().collect()
@@ -155,22 +162,63 @@ impl KeyIndex {
         deleted: RoaringTreemap,
         live: impl IntoIterator<Item = Row>,
     ) -> FileId {
-        let id = self.next_id;
-        self.next_id += 1;
-        for Row { row, key, stamp } in live {
-            let slot = Slot { file: id, row, stamp };
-            if let Some(previous) = self.keys.insert(key.clone(), slot)
-                && previous.file != id
-                && self.files.contains_key(&previous.file)
-            {
-                self.duplicates.insert(key, previous);
+        self.add_files(vec![(file, group, rows, deleted, live.into_iter().collect())])[0]
+    }
+
+    /// [`KeyIndex::add_file`] for many files at once, in order (a key in two of them
+    /// keeps the later file's row and the earlier one as a duplicate): a large set of
+    /// keys, such as a whole table's at start-up, is sorted and merged in one pass.
+    pub fn add_files(&mut self, added: Vec<FileToAdd>) -> Vec<FileId> {
+        let total: usize = added.iter().map(|(.., live)| live.len()).sum();
+        let mut ids = Vec::with_capacity(added.len());
+        let mut entries: Vec<(Compact, Slot)> = Vec::with_capacity(total);
+        for (file, group, rows, deleted, live) in added {
+            let id = self.next_id;
+            self.next_id += 1;
+            ids.push(id);
+            for Row { row, key, stamp } in live {
+                entries.push((self.keys.compact(&key), Slot { file: id, row, stamp }));
             }
+            self.by_path.insert(file.path.clone(), id);
+            self.by_group.entry(group.clone()).or_default().insert(id);
+            let LiveFile { path, deletion_vector } = file;
+            self.files.insert(id, IndexedFile { path, group, rows, deletion_vector, deleted });
         }
-        self.by_path.insert(file.path.clone(), id);
-        self.by_group.entry(group.clone()).or_default().insert(id);
-        let LiveFile { path, deletion_vector } = file;
-        self.files.insert(id, IndexedFile { path, group, rows, deletion_vector, deleted });
-        id
+        // A replaced row whose file is still live (and not the replacing row's own) is
+        // the key's second copy.
+        let Self { keys, files, duplicates, .. } = self;
+        let mut note = |key: Compact, previous: Slot, file: FileId| {
+            if previous.file != file && files.contains_key(&previous.file) {
+                duplicates.insert(key, previous);
+            }
+        };
+        if keys.is_bulk(entries.len()) {
+            // The merge tells each key's replaced slots in order; each one's successor is
+            // the next, and the last one's is the key's slot now.
+            let mut replaced = Vec::new();
+            keys.merge(entries, |key, previous| replaced.push((key, previous)), |file| files.contains_key(&file));
+            let mut by_key: HashMap<Compact, Vec<Slot>, foldhash::fast::RandomState> = HashMap::default();
+            for (key, previous) in replaced {
+                by_key.entry(key).or_default().push(previous);
+            }
+            for (key, previous) in by_key {
+                let mut chain = previous;
+                if let Some(last) = keys.get(key) {
+                    chain.push(last);
+                }
+                for pair in chain.windows(2) {
+                    note(key, pair[0], pair[1].file);
+                }
+            }
+        } else {
+            for (key, slot) in entries {
+                if let Some(previous) = keys.insert(key, slot) {
+                    note(key, previous, slot.file);
+                }
+            }
+            keys.settle(|file| files.contains_key(&file));
+        }
+        ids
     }
 
     /// Records that this worker hid `rows` of file `id` with the deletion vector whose
@@ -193,9 +241,9 @@ impl KeyIndex {
             if gone(copy) {
                 return false;
             }
-            match keys.get_mut(key) {
-                Some(indexed) if gone(indexed) => {
-                    *indexed = *copy;
+            match keys.get(*key) {
+                Some(indexed) if gone(&indexed) => {
+                    keys.replace(*key, *copy);
                     false
                 }
                 _ => true,
@@ -247,7 +295,8 @@ impl KeyIndex {
 
     /// The live row that holds `key`.
     pub fn slot_of(&self, key: &RowKey) -> Option<Slot> {
-        self.keys.get(key).copied().filter(|slot| self.files.contains_key(&slot.file))
+        let compact = self.keys.find_compact(key)?;
+        self.keys.get(compact).filter(|slot| self.files.contains_key(&slot.file))
     }
 
     /// The live file that holds `key`.
@@ -274,8 +323,19 @@ impl KeyIndex {
 
     /// Rows holding a second copy of a key, with the key: a flush keeps only the
     /// newest row.
-    pub fn duplicates(&self) -> impl Iterator<Item = (&RowKey, Slot)> {
-        self.duplicates.iter().map(|(key, slot)| (key, *slot))
+    pub fn duplicates(&self) -> impl Iterator<Item = (RowKey, Slot)> + '_ {
+        self.duplicates.iter().map(|(key, slot)| (self.keys.key_of(*key), *slot))
+    }
+
+    /// Bytes of memory the keys take (their slots and second copies; the files' own
+    /// entries are per file, not per key).
+    pub fn key_bytes(&self) -> usize {
+        self.keys.heap_bytes() + self.duplicates.capacity() * (size_of::<(Compact, Slot)>() + 1)
+    }
+
+    /// Keys stored (entries of removed files included until they are dropped).
+    pub fn key_entries(&self) -> usize {
+        self.keys.entries()
     }
 
     /// Live files by number.
@@ -295,8 +355,7 @@ impl KeyIndex {
         hidden_fraction: f64,
         max_rows: usize,
     ) -> Vec<(FileGroup, Vec<FileId>)> {
-        let mostly_hidden =
-            |f: &IndexedFile| f.rows > 0 && f.deleted.len() as f64 >= hidden_fraction * f.rows as f64;
+        let mostly_hidden = |f: &IndexedFile| f.rows > 0 && f.deleted.len() as f64 >= hidden_fraction * f.rows as f64;
         let mut found: Vec<(FileGroup, Vec<FileId>)> = self
             .by_group
             .iter()
@@ -305,9 +364,7 @@ impl KeyIndex {
                 let mut candidates: Vec<FileId> = ids
                     .iter()
                     .copied()
-                    .filter(|id| {
-                        self.files.get(id).is_some_and(|f| f.live_rows() <= max_rows / 2 || mostly_hidden(f))
-                    })
+                    .filter(|id| self.files.get(id).is_some_and(|f| f.live_rows() <= max_rows / 2 || mostly_hidden(f)))
                     .collect();
                 candidates.sort_unstable();
                 let files = || candidates.iter().filter_map(|id| self.files.get(id));
@@ -329,7 +386,7 @@ impl KeyIndex {
     /// Keys indexed.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.keys.len()
+        self.keys.iter().filter(|(_, slot)| self.files.contains_key(&slot.file)).count()
     }
 }
 
@@ -361,7 +418,7 @@ impl KeyIndex {
                 }
             }
         }
-        let duplicated: Vec<(RowKey, Slot)> = self.duplicates().map(|(k, slot)| (k.clone(), slot)).collect();
+        let duplicated: Vec<(RowKey, Slot)> = self.duplicates().collect();
         for (key, slot) in duplicated {
             touched.insert(slot.file);
             touched.extend(self.file_of(&key));
@@ -415,6 +472,43 @@ mod tests {
     }
 
     #[test]
+    fn files_added_at_once_index_like_files_added_one_by_one() {
+        // Enough keys for one sorted merge; keys 0..1000 are in every file, so the
+        // later file's row wins and the one before it is the duplicate.
+        let files: Vec<(String, Vec<RowKey>)> = (0..4)
+            .map(|f| (format!("f{f}"), (0..1000).chain(1000 + f * 20_000..1000 + (f + 1) * 20_000).map(key).collect()))
+            .collect();
+        let mut one_by_one = KeyIndex::default();
+        for (path, keys) in &files {
+            add(&mut one_by_one, path, group(0), keys.iter().cloned());
+        }
+        let mut at_once = KeyIndex::default();
+        let added = files
+            .iter()
+            .map(|(path, keys)| {
+                let rows: Vec<Row> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(row, k)| Row { row: row as u32, key: k.clone(), stamp: stamp(1) })
+                    .collect();
+                (live(path), group(0), rows.len(), RoaringTreemap::new(), rows)
+            })
+            .collect();
+        at_once.add_files(added);
+        for conid in (0..81_000).step_by(7) {
+            assert_eq!(at_once.slot_of(&key(conid)), one_by_one.slot_of(&key(conid)), "key {conid}");
+        }
+        let duplicates = |index: &KeyIndex| {
+            let mut found: Vec<(i64, FileId)> = index.duplicates().map(|(k, slot)| (k.conid, slot.file)).collect();
+            found.sort_unstable();
+            found
+        };
+        assert_eq!(duplicates(&at_once), duplicates(&one_by_one));
+        assert_eq!(duplicates(&at_once).len(), 1000);
+        assert_eq!(at_once.len(), 81_000);
+    }
+
+    #[test]
     fn a_file_whose_deletion_vector_another_writer_changed_is_read_again() {
         let mut index = KeyIndex::default();
         add(&mut index, "a.parquet", group(0), [key(1), key(2)]);
@@ -444,7 +538,7 @@ mod tests {
         let a = add(&mut index, "a", group(0), [key(1)]);
         let b = add(&mut index, "b", group(1), [key(1)]);
         assert_eq!(index.file_of(&key(1)), Some(b));
-        assert_eq!(index.duplicates().map(|(k, slot)| (k.clone(), slot.file)).collect::<Vec<_>>(), vec![(key(1), a)]);
+        assert_eq!(index.duplicates().map(|(k, slot)| (k, slot.file)).collect::<Vec<_>>(), vec![(key(1), a)]);
         index.remove_file(b);
         assert_eq!(index.duplicates().count(), 0);
         assert_eq!(index.file_of(&key(1)), Some(a), "the other copy is the key's row again");

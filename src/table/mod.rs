@@ -23,6 +23,7 @@ mod compact;
 pub mod deletion;
 mod files;
 pub mod key_index;
+mod key_store;
 pub mod merge;
 pub mod schema;
 
@@ -31,8 +32,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use deltalake::kernel::{DeletionVectorDescriptor, Transaction};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{DeletionVectorDescriptor, Transaction};
 use deltalake::protocol::DeltaOperation;
 use deltalake::{DeltaTable, DeltaTableError};
 use tokio::sync::Mutex;
@@ -150,6 +151,13 @@ impl PositionTable {
             max_rows_per_file: config.max_rows_per_file,
             index: Arc::default(),
         })
+    }
+
+    /// The memory the key index's keys take, in bytes, and the keys it holds (the
+    /// index is built by the first write).
+    pub async fn key_index_footprint(&self) -> (usize, usize) {
+        let index = self.index.lock().await;
+        (index.key_bytes(), index.key_entries())
     }
 
     /// The table location as configured.
@@ -360,8 +368,8 @@ impl PositionTable {
         }
         let batch_rows =
             to_record_batch(plan.winners.iter().copied(), chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
-        let laid_out = merge::plan(&[], &batch_rows, self.layout, &self.key_columns, self.max_rows_per_file)
-            .map_err(arrow_err)?;
+        let laid_out =
+            merge::plan(&[], &batch_rows, self.layout, &self.key_columns, self.max_rows_per_file).map_err(arrow_err)?;
         let adds = self.write_files(&laid_out.files).await?;
 
         let mut removed = Vec::new();
@@ -442,7 +450,8 @@ impl PositionTable {
         for view in snapshot.log_data().iter() {
             let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
             let dv = view.deletion_vector_descriptor();
-            let file = LiveFile { path: view.path().into_owned(), deletion_vector: dv.as_ref().map(deletion::unique_id) };
+            let file =
+                LiveFile { path: view.path().into_owned(), deletion_vector: dv.as_ref().map(deletion::unique_id) };
             listed.push((file, symbol, dv));
         }
         let live: Vec<LiveFile> = listed.iter().map(|(file, _, _)| file.clone()).collect();
@@ -470,12 +479,14 @@ impl PositionTable {
                 }
             })
             .collect();
-        for (file, symbol, rows, deleted) in files::on_threads(reads).await.map_err(read_err)? {
+        let mut added = Vec::with_capacity(unknown.len());
+        for (file, symbol, rows, deleted) in files::on_threads_io(reads).await.map_err(read_err)? {
             let (owner, live) =
                 files::file_rows(&rows, &self.key_columns, &deleted, index).map_err(|e| read_err(e.into()))?;
             let group = FileGroup { symbol: symbol.filter(|_| self.layout == PartitionBy::Symbol), owner };
-            index.add_file(file, group, rows.num_rows(), deleted, live);
+            added.push((file, group, rows.num_rows(), deleted, live));
         }
+        index.add_files(added);
         Ok(())
     }
 
@@ -524,12 +535,14 @@ fn index_new_files(
     written: Vec<merge::NewFile>,
 ) -> Result<(), deltalake::arrow::error::ArrowError> {
     let nothing_hidden = roaring::RoaringTreemap::new();
+    let mut added = Vec::with_capacity(adds.len());
     for (add, file) in adds.iter().zip(written) {
         let rows = file.rows.num_rows();
         let live = files::rows_with_keys(&file.rows, file.keys, &nothing_hidden, index)?;
         let path = LiveFile { path: files::decoded_path(&add.path), deletion_vector: None };
-        index.add_file(path, file.group, rows, roaring::RoaringTreemap::new(), live);
+        added.push((path, file.group, rows, roaring::RoaringTreemap::new(), live));
     }
+    index.add_files(added);
     Ok(())
 }
 

@@ -5,7 +5,9 @@
 //! Invariant kept here: a [`Batch`] covers, for each partition it names, every message
 //! consumed from that partition since the previous batch up to its offset — so once the
 //! batch is durable, that offset + 1 may be committed. Memory is bounded by the caller
-//! checking [`Buffer::is_full`] before reading more.
+//! checking [`Buffer::is_full`] before reading more: the limits count what the buffer
+//! holds (one update per key, the dead letters), not the messages read, so a backlog of
+//! updates to the same keys is read on while a flush runs instead of waiting for it.
 
 use std::collections::HashMap;
 
@@ -16,9 +18,9 @@ use crate::update::{KeyColumn, PositionUpdate, RowKey};
 /// When a buffer counts as full.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Messages consumed (before dedup).
+    /// Rows (one per key) and dead letters held.
     pub max_records: usize,
-    /// Bytes of message payload consumed (before dedup).
+    /// Payload bytes of the messages held (the newest per key, and the dead letters).
     pub max_bytes: usize,
 }
 
@@ -34,12 +36,14 @@ impl Limits {
 pub struct Buffer {
     keys: Vec<KeyColumn>,
     limits: Limits,
-    rows: HashMap<RowKey, PositionUpdate, foldhash::fast::RandomState>,
+    /// The newest update per key, with its payload's size.
+    rows: HashMap<RowKey, (PositionUpdate, usize), foldhash::fast::RandomState>,
     dead_letters: Vec<DeadLetter>,
     offsets: OffsetMap,
     messages: usize,
+    /// Payload bytes held: of the updates in `rows` and of the dead letters.
     bytes: usize,
-    kafka_times_ms: Vec<i64>,
+    kafka_times: KafkaTimes,
 }
 
 /// What one flush writes: the winning update per row key and the offsets covered.
@@ -53,8 +57,27 @@ pub struct Batch {
     pub offsets: OffsetMap,
     /// Messages consumed into this batch, before dedup.
     pub messages: usize,
-    /// Kafka timestamps (ms) of the valid messages, for the end-to-end latency metric.
-    pub kafka_times_ms: Vec<i64>,
+    /// Kafka timestamps of the valid messages, for the end-to-end latency metric.
+    pub kafka_times: KafkaTimes,
+}
+
+/// Kafka timestamps of messages, counted per 100 ms: bounded by the time the messages
+/// span, not by how many there are.
+#[derive(Debug, Default)]
+pub struct KafkaTimes(HashMap<i64, u32, foldhash::fast::RandomState>);
+
+impl KafkaTimes {
+    const RESOLUTION_MS: i64 = 100;
+
+    /// Counts a message stamped `millis` (ms since the epoch).
+    pub fn note(&mut self, millis: i64) {
+        *self.0.entry(millis.div_euclid(Self::RESOLUTION_MS)).or_default() += 1;
+    }
+
+    /// Each time noted (to 100 ms) with how many messages carry it.
+    pub fn counts(&self) -> impl Iterator<Item = (i64, u32)> + '_ {
+        self.0.iter().map(|(bucket, count)| (bucket * Self::RESOLUTION_MS, *count))
+    }
 }
 
 impl Batch {
@@ -64,7 +87,7 @@ impl Batch {
         for row in &rows {
             offsets.observe(&row.source.tp, row.source.offset);
         }
-        Self { messages: rows.len(), rows, dead_letters: Vec::new(), offsets, kafka_times_ms: Vec::new() }
+        Self { messages: rows.len(), rows, dead_letters: Vec::new(), offsets, kafka_times: KafkaTimes::default() }
     }
 }
 
@@ -79,14 +102,14 @@ impl Buffer {
             offsets: OffsetMap::default(),
             messages: 0,
             bytes: 0,
-            kafka_times_ms: Vec::new(),
+            kafka_times: KafkaTimes::default(),
         }
     }
 
     /// Notes the Kafka timestamp of a valid message pushed (for the latency metric).
     pub fn note_kafka_time(&mut self, millis: Option<i64>) {
         if let Some(millis) = millis {
-            self.kafka_times_ms.push(millis);
+            self.kafka_times.note(millis);
         }
     }
 
@@ -97,13 +120,17 @@ impl Buffer {
 
     /// Adds a valid update of `size` payload bytes; an older update of the same key is dropped.
     pub fn push(&mut self, update: PositionUpdate, size: usize) {
-        self.note_consumed(&update.source.tp, update.source.offset, size);
+        self.note_consumed(&update.source.tp, update.source.offset, 0);
         let key = update.key(&self.keys);
         match self.rows.get_mut(&key) {
-            Some(current) if update.supersedes(current) => *current = update,
+            Some(current) if update.supersedes(&current.0) => {
+                self.bytes = self.bytes - current.1 + size;
+                *current = (update, size);
+            }
             Some(_) => {}
             None => {
-                self.rows.insert(key, update);
+                self.bytes += size;
+                self.rows.insert(key, (update, size));
             }
         }
     }
@@ -114,19 +141,22 @@ impl Buffer {
         self.dead_letters.push(dead_letter);
     }
 
-    /// Records a consumed message that yields no row, so its offset is still covered.
+    /// Records a consumed message that yields no row, so its offset is still covered;
+    /// `size` is what the buffer keeps of it.
     pub fn note_consumed(&mut self, tp: &TopicPartition, offset: Offset, size: usize) {
         self.offsets.observe(tp, offset);
         self.messages += 1;
         self.bytes += size;
     }
 
-    /// Whether the buffer reached a size limit and must be flushed before reading more.
+    /// Whether the buffer reached a size limit and must be flushed before reading more:
+    /// what it holds, not what was read, so memory is bounded however many messages
+    /// a batch covers.
     pub fn is_full(&self) -> bool {
-        self.messages >= self.limits.max_records || self.bytes >= self.limits.max_bytes
+        self.rows.len() + self.dead_letters.len() >= self.limits.max_records || self.bytes >= self.limits.max_bytes
     }
 
-    /// Bytes of messages consumed since the last flush.
+    /// Payload bytes the buffer holds (the newest update per key, the dead letters).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -141,26 +171,27 @@ impl Buffer {
         if revoked.is_empty() {
             return;
         }
-        self.rows.retain(|_, u| !revoked.contains(&u.source.tp));
+        self.rows.retain(|_, (u, _)| !revoked.contains(&u.source.tp));
         self.dead_letters.retain(|d| !revoked.contains(&d.source.tp));
         for tp in revoked {
             self.offsets.remove(tp);
         }
+        self.bytes = self.rows.values().map(|(_, size)| size).sum::<usize>()
+            + self.dead_letters.iter().map(DeadLetter::size).sum::<usize>();
         if self.offsets.is_empty() {
             self.messages = 0;
-            self.bytes = 0;
-            self.kafka_times_ms.clear();
+            self.kafka_times = KafkaTimes::default();
         }
     }
 
     /// Hands over the buffered batch and starts an empty one.
     pub fn take(&mut self) -> Batch {
         let batch = Batch {
-            rows: self.rows.drain().map(|(_, u)| u).collect(),
+            rows: self.rows.drain().map(|(_, (u, _))| u).collect(),
             dead_letters: std::mem::take(&mut self.dead_letters),
             offsets: std::mem::take(&mut self.offsets),
             messages: self.messages,
-            kafka_times_ms: std::mem::take(&mut self.kafka_times_ms),
+            kafka_times: std::mem::take(&mut self.kafka_times),
         };
         self.messages = 0;
         self.bytes = 0;
@@ -210,16 +241,30 @@ mod tests {
     }
 
     #[test]
-    fn is_full_by_records_or_bytes() {
+    fn is_full_by_rows_held_or_bytes_held() {
         let mut b = buffer();
         b.push(update(1, "A", 1, 0, 1), 10);
-        b.push(update(1, "A", 2, 0, 2), 10);
+        b.push(update(2, "A", 2, 0, 2), 10);
         assert!(!b.is_full());
-        b.push(update(1, "A", 3, 0, 3), 10);
+        b.push(update(3, "A", 3, 0, 3), 10);
         assert!(b.is_full());
         let mut b = buffer();
         b.push(update(1, "A", 1, 0, 1), 1000);
         assert!(b.is_full());
+    }
+
+    #[test]
+    fn updates_to_the_same_keys_do_not_fill_the_buffer() {
+        let mut b = buffer();
+        for offset in 0..100 {
+            b.push(update(1 + offset % 2, "A", offset, 0, offset), 10 + offset as usize % 3);
+        }
+        assert!(!b.is_full(), "two keys held");
+        assert_eq!(b.messages(), 100);
+        assert_eq!(b.bytes(), 12 + 10, "the bytes of the newest update per key: offsets 98 and 99");
+        let batch = b.take();
+        assert_eq!(batch.offsets.get(&TopicPartition::new("positions", 0)), Some(Offset(99)));
+        assert_eq!(b.bytes(), 0);
     }
 
     #[test]

@@ -372,8 +372,11 @@ impl super::Worker {
         for row in &batch.rows {
             metrics.latency_from_event.observe((now_micros - row.timestamp_micros).max(0) as f64 / 1e6);
         }
-        for millis in &batch.kafka_times_ms {
-            metrics.latency_from_kafka.observe((now_micros / 1000 - millis).max(0) as f64 / 1e3);
+        for (millis, count) in batch.kafka_times.counts() {
+            let seconds = (now_micros / 1000 - millis).max(0) as f64 / 1e3;
+            for _ in 0..count {
+                metrics.latency_from_kafka.observe(seconds);
+            }
         }
     }
 
