@@ -16,6 +16,7 @@ import sys
 import time
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
@@ -23,7 +24,7 @@ from deltalake import DeltaTable
 def pruned_files(path, symbol):
     """Live files a reader must open for `symbol`, and their row groups that may hold it."""
     table = DeltaTable(path)
-    adds = table.get_add_actions(flatten=True).to_pydict()
+    adds = pa.table(table.get_add_actions(flatten=True)).to_pydict()
     count = len(adds["path"])
     by_partition = adds.get("partition.symbol")
     low, high = adds.get("min.symbol"), adds.get("max.symbol")
