@@ -70,7 +70,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("a table of {keys} keys cannot take a flush of {FLUSH} distinct keys").into());
         }
         let uri = format!("{dir}/flush-cost-{layout:?}-{mode}-{keys}").to_lowercase();
-        let config = DeltaConfig { table_uri: uri.clone(), partition_by: layout, write_mode, ..DeltaConfig::default() };
+        // An object store's settings come from the AWS_* variables, as a user would give them.
+        let storage_options =
+            position_sink::config::Settings(std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).collect());
+        let config = DeltaConfig {
+            table_uri: uri.clone(),
+            partition_by: layout,
+            write_mode,
+            storage_options,
+            ..DeltaConfig::default()
+        };
         let mut table = PositionTable::open_or_create(&config, "bench").await?;
         let mut offset = 0;
         let built = Instant::now();
