@@ -280,12 +280,13 @@ pub struct FlushConfig {
     /// Longest time an update waits in the buffer (e.g. `"3s"`, `"500ms"`).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Flush early once the buffer holds this many rows (one per key: repeated updates
-    /// of a key count once) and dead letters.
+    /// Flush early once this many messages are read. While a flush runs, reading
+    /// goes on until the next buffer holds this many rows (one per key) and dead letters.
     pub max_records: usize,
-    /// Flush early once the messages the buffer holds (the newest per key, and the
-    /// dead letters) reach this many payload bytes. Memory held by buffers stays
-    /// within about twice this (one batch being written, one filling).
+    /// Flush early once this many bytes of messages are read. While a flush runs,
+    /// reading goes on until the messages the next buffer holds (the newest per key, the
+    /// dead letters) reach this many bytes: memory held by buffers stays within about
+    /// twice this (one batch being written, one filling).
     pub max_bytes: usize,
 }
 

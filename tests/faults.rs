@@ -286,7 +286,9 @@ async fn storage_failures_mid_flush_commit_no_offsets_pause_reading_and_heal() {
     s.table_uri = uri;
     s.produce(sized(8000, 40_000)).await;
     let mut config = s.config();
-    config.flush.max_records = sized(500, 5000);
+    // Fewer than the stream's keys: a buffer holding this many rows is full and reading
+    // stops while the flush before it retries.
+    config.flush.max_records = 100;
     config.retry.max_retries = 1000;
     config.retry.max_delay = Duration::from_millis(300);
     let w = spawn_worker(config);

@@ -5,9 +5,10 @@
 //! Invariant kept here: a [`Batch`] covers, for each partition it names, every message
 //! consumed from that partition since the previous batch up to its offset — so once the
 //! batch is durable, that offset + 1 may be committed. Memory is bounded by the caller
-//! checking [`Buffer::is_full`] before reading more: the limits count what the buffer
-//! holds (one update per key, the dead letters), not the messages read, so a backlog of
-//! updates to the same keys is read on while a flush runs instead of waiting for it.
+//! checking [`Buffer::is_full`] before reading more. The limits are used twice: a flush
+//! is due early once the messages *read* reach them ([`Buffer::is_due`]), and reading
+//! stops once what the buffer *holds* (one update per key, the dead letters) reaches
+//! them, so a backlog of updates to the same keys is read on while a flush runs.
 
 use std::collections::HashMap;
 
@@ -15,12 +16,13 @@ use crate::dead_letter::DeadLetter;
 use crate::offsets::{Offset, OffsetMap, TopicPartition};
 use crate::update::{KeyColumn, PositionUpdate, RowKey};
 
-/// When a buffer counts as full.
+/// When a buffer's flush is due, and when it is full.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Rows (one per key) and dead letters held.
+    /// Messages read (a flush is due), or rows (one per key) and dead letters held (full).
     pub max_records: usize,
-    /// Payload bytes of the messages held (the newest per key, and the dead letters).
+    /// Payload bytes of the messages read (due), or held (full): the newest per key and
+    /// the dead letters.
     pub max_bytes: usize,
 }
 
@@ -41,6 +43,8 @@ pub struct Buffer {
     dead_letters: Vec<DeadLetter>,
     offsets: OffsetMap,
     messages: usize,
+    /// Payload bytes of the messages read.
+    read_bytes: usize,
     /// Payload bytes held: of the updates in `rows` and of the dead letters.
     bytes: usize,
     kafka_times: KafkaTimes,
@@ -101,6 +105,7 @@ impl Buffer {
             dead_letters: Vec::new(),
             offsets: OffsetMap::default(),
             messages: 0,
+            read_bytes: 0,
             bytes: 0,
             kafka_times: KafkaTimes::default(),
         }
@@ -120,7 +125,9 @@ impl Buffer {
 
     /// Adds a valid update of `size` payload bytes; an older update of the same key is dropped.
     pub fn push(&mut self, update: PositionUpdate, size: usize) {
-        self.note_consumed(&update.source.tp, update.source.offset, 0);
+        self.offsets.observe(&update.source.tp, update.source.offset);
+        self.messages += 1;
+        self.read_bytes += size;
         let key = update.key(&self.keys);
         match self.rows.get_mut(&key) {
             Some(current) if update.supersedes(&current.0) => {
@@ -146,12 +153,18 @@ impl Buffer {
     pub fn note_consumed(&mut self, tp: &TopicPartition, offset: Offset, size: usize) {
         self.offsets.observe(tp, offset);
         self.messages += 1;
+        self.read_bytes += size;
         self.bytes += size;
     }
 
-    /// Whether the buffer reached a size limit and must be flushed before reading more:
-    /// what it holds, not what was read, so memory is bounded however many messages
-    /// a batch covers.
+    /// Whether the messages read reached a size limit: the buffer is to be flushed now,
+    /// not at the end of the flush window.
+    pub fn is_due(&self) -> bool {
+        self.messages >= self.limits.max_records || self.read_bytes >= self.limits.max_bytes
+    }
+
+    /// Whether what the buffer holds reached a size limit, so reading must stop until
+    /// it is flushed: memory is bounded however many messages a batch covers.
     pub fn is_full(&self) -> bool {
         self.rows.len() + self.dead_letters.len() >= self.limits.max_records || self.bytes >= self.limits.max_bytes
     }
@@ -180,6 +193,7 @@ impl Buffer {
             + self.dead_letters.iter().map(DeadLetter::size).sum::<usize>();
         if self.offsets.is_empty() {
             self.messages = 0;
+            self.read_bytes = 0;
             self.kafka_times = KafkaTimes::default();
         }
     }
@@ -194,6 +208,7 @@ impl Buffer {
             kafka_times: std::mem::take(&mut self.kafka_times),
         };
         self.messages = 0;
+        self.read_bytes = 0;
         self.bytes = 0;
         batch
     }
@@ -241,24 +256,25 @@ mod tests {
     }
 
     #[test]
-    fn is_full_by_rows_held_or_bytes_held() {
+    fn is_due_by_messages_or_bytes_read_and_full_by_rows_or_bytes_held() {
         let mut b = buffer();
         b.push(update(1, "A", 1, 0, 1), 10);
         b.push(update(2, "A", 2, 0, 2), 10);
-        assert!(!b.is_full());
+        assert!(!b.is_due() && !b.is_full());
         b.push(update(3, "A", 3, 0, 3), 10);
-        assert!(b.is_full());
+        assert!(b.is_due() && b.is_full());
         let mut b = buffer();
         b.push(update(1, "A", 1, 0, 1), 1000);
-        assert!(b.is_full());
+        assert!(b.is_due() && b.is_full());
     }
 
     #[test]
-    fn updates_to_the_same_keys_do_not_fill_the_buffer() {
+    fn updates_to_the_same_keys_make_a_flush_due_without_filling_the_buffer() {
         let mut b = buffer();
         for offset in 0..100 {
             b.push(update(1 + offset % 2, "A", offset, 0, offset), 10 + offset as usize % 3);
         }
+        assert!(b.is_due(), "100 messages read");
         assert!(!b.is_full(), "two keys held");
         assert_eq!(b.messages(), 100);
         assert_eq!(b.bytes(), 12 + 10, "the bytes of the newest update per key: offsets 98 and 99");

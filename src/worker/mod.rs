@@ -3,7 +3,8 @@
 //!
 //! Invariants kept here:
 //! - At most one flush is in flight; while it runs, reading continues into the next
-//!   buffer until that buffer is full, then reading stops (memory stays bounded).
+//!   buffer until that buffer is full, then reading stops (memory stays bounded). A
+//!   buffer whose messages reached the size limits is flushed as soon as none runs.
 //! - Kafka offsets are committed only after the flush that covers them is durable
 //!   ([`crate::worker::flush`] gives the order), only for partitions this worker still owns, and
 //!   again after a failure until they stick ([`crate::worker::partitions`] keeps the books).
@@ -306,7 +307,7 @@ impl Worker {
             }
             // Exiting when caught up, the last batch has nothing more to wait for.
             let last_batch = self.config.worker.exit_when_caught_up && self.read_to_end;
-            if self.buffer.is_full() || (last_batch && self.in_flight.is_none()) {
+            if self.in_flight.is_none() && (self.buffer.is_due() || last_batch) {
                 self.flush_now(shutdown).await;
             }
             self.send_due_commits();
