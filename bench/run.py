@@ -243,6 +243,30 @@ class Bench:
                     out.append(figures)
         return out
 
+    def restart_on_object_storage(self, tables):
+        """examples/flush_cost.rs against the local S3 server (scripts/s3.sh): each
+        table's build, flushes, key index size and restart."""
+        port = self.args.port + 300
+        s3 = os.path.join(os.path.dirname(self.args.kafka), "s3.sh")
+        subprocess.run([s3, "start", str(port)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="test",
+                   AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true")
+        results = []
+        try:
+            for layout, mode, symbols, keys in tables:
+                bucket = f"bench-b8-{layout}-{mode.replace('_', '-')}-{self.run_id}"
+                subprocess.run([s3, "bucket", bucket, str(port)], check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                log(f"B8: {keys} keys, layout {layout}, {mode}, on the S3 server: build, flushes, restart")
+                out = subprocess.run([self.args.flush_cost, f"s3://{bucket}", layout, mode, str(symbols), str(keys)],
+                                     check=True, capture_output=True, text=True, env=env)
+                for line in out.stdout.splitlines():
+                    if line.strip():
+                        results.append(json.loads(line))
+        finally:
+            subprocess.run([s3, "stop", str(port)], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return results
+
     def scale_out(self, b1, layout):
         topic = b1["topic"]
         log("B4: three workers of one group")
@@ -442,7 +466,7 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--spark-jars", default="", help="Delta's jars for Spark (scripts/spark.sh jars)")
-    parser.add_argument("--only", default="B1,B2,B3,B4,B5,B6,B7",
+    parser.add_argument("--only", default="B1,B2,B3,B4,B5,B6,B7,B8",
                         help="comma-separated scenarios; B4 needs B1")
     args = parser.parse_args()
     only = set(args.only.upper().split(","))
@@ -470,6 +494,12 @@ def main():
         # building 10M keys that way takes hours, so it stops at 1M.
         sizes = {"none": [n(100_000), n(1_000_000), n(10_000_000)], "symbol": [n(100_000), n(1_000_000)]}
         results["B3"] = bench.table_growth(["none", "symbol"], ["copy_on_write", "deletion_vectors"], 2000, sizes)
+    if "B8" in only:
+        # A restart's first flush against an object store: the key index is built by
+        # reading every live file's keys. At 2,000 symbols in the `symbol` layout (12,000
+        # files) and at 10M keys in `none` with deletion vectors.
+        results["B8"] = bench.restart_on_object_storage(
+            [("symbol", "copy_on_write", 2000, n(100_000)), ("none", "deletion_vectors", 2000, n(10_000_000))])
     if "B2" in only:
         results["B2"] = [bench.steady(20_000, max(10, int(60 * args.scale)), n(100_000), 2000, variant)
                          for variant in ("none", "none/deletion_vectors")]
@@ -534,6 +564,16 @@ def markdown(r):
                 out += (f"| `{g['layout']}` | `{g['mode']}` | {x['keys']:,} | {x['median_flush_seconds'] * 1000:,.0f} ms | "
                         f"{x['rows_rewritten_per_row_in']:.1f} | {x['bytes_over_batch']:.1f} | "
                         f"{x['median_sparse_flush_seconds'] * 1000:,.0f} ms | {x['sparse_bytes_over_batch']:.1f} |\n")
+        out += "\n"
+    if r.get("B8") or r.get("B3"):
+        out += ("\nThe key index and a restart (examples/flush_cost.rs: a new handle's first flush of 200 updates, "
+                "which reads every live file's keys):\n\n| storage | layout | write mode | keys | live files | "
+                "key index bytes per key | restart's first flush |\n|---|---|---|---|---|---|---|\n")
+        runs = [("local disk", x) for g in r.get("B3", []) for x in g["runs"]] + [("S3 server", x) for x in r.get("B8", [])]
+        for storage, x in runs:
+            if "restart_first_flush_seconds" in x:
+                out += (f"| {storage} | `{x['layout']}` | `{x['mode']}` | {x['keys']:,} | {x['live_files']:,} | "
+                        f"{x['index_bytes_per_key']:.1f} | {x['restart_first_flush_seconds']:.2f} s |\n")
         out += "\n"
     if "B4" in r:
         b4 = r["B4"]
@@ -607,6 +647,15 @@ def report(r):
                           for x in g["runs"])
         out.append(f"B3 ({g['layout']}, {g['mode']}): 10k-update flush into {cells}; "
                    f"largest / smallest {g['ratio']:.2f}")
+    for x in r.get("B8", []):
+        out.append(f"B8 (S3 server, {x['layout']}, {x['mode']}): {x['keys']} keys in {x['live_files']} files: key index "
+                   f"{x['index_bytes_per_key']:.1f} bytes/key; restart's first flush {x['restart_first_flush_seconds']:.2f} s; "
+                   f"10k flush {x['median_flush_seconds'] * 1000:.0f} ms")
+    for g in r.get("B3", []):
+        for x in g["runs"]:
+            out.append(f"B3 restart ({g['layout']}, {g['mode']}, {x['keys']} keys, {x.get('live_files')} files): key index "
+                       f"{x.get('index_bytes_per_key', 0):.1f} bytes/key; restart's first flush "
+                       f"{x.get('restart_first_flush_seconds', 0):.2f} s")
     for b in r.get("B2", []):
         out.append("")
         out.append(f"B2 ({b['layout']}): {b['offered_rate']} updates/s for {b['seconds']} s: latency p50 {b['latency_p50_s']:.2f} s, "

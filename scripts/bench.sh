@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The write-path benchmark: builds the release binary, starts a local broker on
-# 127.0.0.1:39292, and runs B1..B6 (docs/write-path.md, docs/maintenance.md) against the broker's raw consume
-# rate and the seed-style Python peer, all in one run. Prints the report and writes
-# it as JSON to bench/results/<time>.json.
+# 127.0.0.1:39292, and runs B1..B8 (docs/write-path.md, docs/maintenance.md) in one run:
+# the backlogs (B1 at 2,000 symbols, B7 at 200, B5 at 20, both layouts) beside the
+# ceiling of reading the topic (kcat, Kafka's ConsumerPerformance, examples/raw_consume)
+# and the seed-style Python peer, a reader's query for one symbol in polars and Spark
+# (B7), the flush cost as the table grows (B3), steady load (B2), scale-out (B4), the
+# trading day (B6) and a restart against the local S3 server (B8). Prints the report and
+# writes it as JSON to bench/results/<time>.json.
 #
-#   scripts/bench.sh                 every scenario (B1..B5 about 15 minutes on 2 cores,
-#                                    B6, the trading day, up to 31 minutes a layout)
+#   scripts/bench.sh                 every scenario (B6, the trading day, takes up to
+#                                    an hour; the others about 45 minutes on 2 cores)
 #   scripts/bench.sh --quick         a tenth of the data, to check the benchmark itself
-#   scripts/bench.sh --only B6       some scenarios (comma-separated; B4 needs B1)
+#   scripts/bench.sh --only B1,B7    some scenarios (comma-separated; B4 needs B1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +19,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/position-sink/target}"
 CACHE="${POSITION_SINK_CACHE:-$HOME/.cache/position-sink}"
 PORT="${POSITION_SINK_BENCH_PORT:-39292}"
 SCALE=1
-ONLY=B1,B2,B3,B4,B5,B6,B7
+ONLY=B1,B2,B3,B4,B5,B6,B7,B8
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) SCALE=0.1 ;;
