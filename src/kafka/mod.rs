@@ -52,6 +52,64 @@ pub enum Received {
     Error(KafkaError),
 }
 
+/// Messages taken from the consumer's queue at once, at most: what is already there
+/// after the one the loop waited for.
+const READY_AT_ONCE: usize = 1024;
+
+/// Below this many messages a chunk is decoded on the loop's thread: handing it to the
+/// decoding threads costs more than it saves.
+const DECODED_IN_PARALLEL_FROM: usize = 64;
+
+/// `first`, and the messages already waiting in the consumer's queue behind it (up to
+/// [`READY_AT_ONCE`], and while they fit in the buffer's `room`: messages and bytes),
+/// decoded and validated in order: large chunks on the decoding threads (rayon's pool,
+/// one per core), so that the loop's thread is not what bounds how fast a backlog is
+/// read. Nothing is reordered: the loop handles the results one by one, in the order
+/// the consumer returned the messages.
+pub fn receive_ready(
+    consumer: &SinkConsumer,
+    first: Result<BorrowedMessage<'_>, KafkaError>,
+    room: (usize, usize),
+    options: &DecodeOptions,
+) -> Vec<Received> {
+    use futures::FutureExt;
+    let size = |m: &Result<BorrowedMessage<'_>, KafkaError>| {
+        m.as_ref().map_or(0, |m| m.payload_len() + m.key().map_or(0, <[u8]>::len))
+    };
+    let (records, bytes) = room;
+    let mut taken = size(&first);
+    let mut messages = Vec::with_capacity(16);
+    messages.push(first);
+    while messages.len() < READY_AT_ONCE.min(records) && taken < bytes {
+        match consumer.recv().now_or_never() {
+            Some(message) => {
+                taken += size(&message);
+                messages.push(message);
+            }
+            None => break,
+        }
+    }
+    decode_in_order(messages, options)
+}
+
+/// [`receive`] for each of `messages`, split between the decoding threads when there
+/// are enough of them; the results are in the messages' order.
+fn decode_in_order(
+    mut messages: Vec<Result<BorrowedMessage<'_>, KafkaError>>,
+    options: &DecodeOptions,
+) -> Vec<Received> {
+    if messages.len() < DECODED_IN_PARALLEL_FROM {
+        return messages.into_iter().map(|m| receive(m, options)).collect();
+    }
+    let second = messages.split_off(messages.len() / 2);
+    let decode = |part: Vec<Result<BorrowedMessage<'_>, KafkaError>>| -> Vec<Received> {
+        part.into_iter().map(|m| receive(m, options)).collect()
+    };
+    let (mut first, second) = rayon::join(|| decode(messages), || decode(second));
+    first.extend(second);
+    first
+}
+
 /// Decodes and validates what the consumer returned: the one decode step of the worker
 /// and of `replay`.
 pub fn receive(message: Result<BorrowedMessage<'_>, KafkaError>, options: &DecodeOptions) -> Received {

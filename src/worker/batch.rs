@@ -169,6 +169,15 @@ impl Buffer {
         self.rows.len() + self.dead_letters.len() >= self.limits.max_records || self.bytes >= self.limits.max_bytes
     }
 
+    /// What the buffer can still take before it is full: rows and dead letters, and
+    /// bytes (at least one message).
+    pub fn room(&self) -> (usize, usize) {
+        (
+            self.limits.max_records.saturating_sub(self.rows.len() + self.dead_letters.len()).max(1),
+            self.limits.max_bytes.saturating_sub(self.bytes).max(1),
+        )
+    }
+
     /// Payload bytes the buffer holds (the newest update per key, the dead letters).
     pub fn bytes(&self) -> usize {
         self.bytes

@@ -301,8 +301,11 @@ impl Worker {
                 () = sleep_until(commit_retry), if commit_retry.is_some() => {}
                 () = sleep_until(read_resumes), if read_resumes.is_some() => self.resume_reading(),
                 message = self.consumer.recv(), if can_read => {
-                    let received = kafka::receive(message, &self.decode_options);
-                    self.handle(received, shutdown).await?;
+                    // With it, whatever else is already waiting, decoded off this thread.
+                    let room = self.buffer.room();
+                    for received in kafka::receive_ready(&self.consumer, message, room, &self.decode_options) {
+                        self.handle(received, shutdown).await?;
+                    }
                 }
             }
             // Exiting when caught up, the last batch has nothing more to wait for.
