@@ -4,11 +4,13 @@
 //! Invariant kept here: every message either becomes a valid update or gets a reason;
 //! nothing in the bytes can panic the decoder. Pure functions, no I/O.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use chrono::DateTime;
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::offsets::Coordinates;
@@ -177,11 +179,13 @@ pub fn decode(
 
 fn check_key(key: Option<&[u8]>, conid: i64) -> Result<(), Rejection> {
     let Some(key) = key else { return Ok(()) };
-    let text = String::from_utf8_lossy(key);
-    let parsed = if !key.is_empty() && key.iter().all(u8::is_ascii_digit) { text.parse::<i64>().ok() } else { None };
+    let digits = !key.is_empty() && key.iter().all(u8::is_ascii_digit);
+    // Only ASCII digits get here, so the text is the bytes.
+    let parsed = if digits { std::str::from_utf8(key).ok().and_then(|k| k.parse::<i64>().ok()) } else { None };
+    let text = || String::from_utf8_lossy(key).into_owned();
     match parsed {
-        None => Err(Rejection::InvalidKey(text.into_owned())),
-        Some(k) if k != conid => Err(Rejection::KeyMismatch { key: text.into_owned(), conid }),
+        None => Err(Rejection::InvalidKey(text())),
+        Some(k) if k != conid => Err(Rejection::KeyMismatch { key: text(), conid }),
         Some(_) => Ok(()),
     }
 }
@@ -189,14 +193,84 @@ fn check_key(key: Option<&[u8]>, conid: i64) -> Result<(), Rejection> {
 /// The fields the table knows, in slot order.
 const FIELD_NAMES: [&str; 12] = crate::update::FIELDS;
 
-/// The raw JSON values of the known fields, before validation.
+/// The raw JSON values of the known fields, before validation, borrowing from the
+/// message's text.
 #[derive(Default)]
-struct Fields {
-    slots: [Option<Value>; FIELD_NAMES.len()],
+struct Fields<'a> {
+    slots: [Option<Raw<'a>>; FIELD_NAMES.len()],
     duplicate: Option<&'static str>,
 }
 
-fn parse_fields(text: &str) -> Result<Fields, Rejection> {
+/// One field's JSON value as the parser found it. Strings borrow from the message
+/// unless they hold escapes; nothing is allocated for a number. Arrays and objects
+/// are never a valid field: they are kept whole only to say what was found.
+#[derive(Debug, PartialEq)]
+enum Raw<'a> {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    Str(Cow<'a, str>),
+    Nested(Box<Value>),
+}
+
+impl fmt::Display for Raw<'_> {
+    /// As JSON, the way the message wrote it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Raw::Null => f.write_str("null"),
+            Raw::Bool(b) => write!(f, "{b}"),
+            Raw::Number(n) => write!(f, "{n}"),
+            Raw::Str(s) => write!(f, "{}", Value::String(s.to_string())),
+            Raw::Nested(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Raw<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RawVisitor;
+        impl<'de> Visitor<'de> for RawVisitor {
+            type Value = Raw<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Raw<'de>, E> {
+                Ok(Raw::Null)
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Raw<'de>, E> {
+                Ok(Raw::Bool(b))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Raw<'de>, E> {
+                Ok(Raw::Number(n.into()))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Raw<'de>, E> {
+                Ok(Raw::Number(n.into()))
+            }
+            fn visit_f64<E: de::Error>(self, x: f64) -> Result<Raw<'de>, E> {
+                // The parser rejects what overflows a float before it gets here.
+                serde_json::Number::from_f64(x).map(Raw::Number).ok_or_else(|| E::custom("number out of range"))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Raw<'de>, E> {
+                Ok(Raw::Str(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Raw<'de>, E> {
+                Ok(Raw::Str(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Raw<'de>, E> {
+                Ok(Raw::Str(Cow::Owned(s)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Raw<'de>, A::Error> {
+                Value::deserialize(SeqAccessDeserializer::new(seq)).map(|v| Raw::Nested(Box::new(v)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Raw<'de>, A::Error> {
+                Value::deserialize(MapAccessDeserializer::new(map)).map(|v| Raw::Nested(Box::new(v)))
+            }
+        }
+        deserializer.deserialize_any(RawVisitor)
+    }
+}
+
+fn parse_fields(text: &str) -> Result<Fields<'_>, Rejection> {
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<IgnoredAny>(text) {
             Ok(_) => Rejection::NotAnObject,
@@ -267,22 +341,22 @@ impl<'de> Deserialize<'de> for Slot {
     }
 }
 
-impl<'de> Deserialize<'de> for Fields {
+impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct FieldsVisitor;
         impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields;
+            type Value = Fields<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
                 let mut fields = Fields::default();
                 while let Some(Slot(slot)) = map.next_key::<Slot>()? {
                     let Some(index) = slot else {
                         map.next_value::<IgnoredAny>()?;
                         continue;
                     };
-                    let value = map.next_value::<Value>()?;
+                    let value = map.next_value::<Raw<'de>>()?;
                     match &fields.slots[index] {
                         Some(first) if *first != value => {
                             fields.duplicate.get_or_insert(FIELD_NAMES[index]);
@@ -298,7 +372,7 @@ impl<'de> Deserialize<'de> for Fields {
     }
 }
 
-impl Fields {
+impl<'a> Fields<'a> {
     fn validate(mut self, source: Coordinates, options: &DecodeOptions) -> Result<PositionUpdate, Rejection> {
         if let Some(field) = self.duplicate {
             return Err(Rejection::DuplicateField(field));
@@ -339,7 +413,7 @@ impl Fields {
         Ok(update)
     }
 
-    fn take(&mut self, slot: usize) -> (Option<Value>, &'static str) {
+    fn take(&mut self, slot: usize) -> (Option<Raw<'a>>, &'static str) {
         (self.slots[slot].take(), FIELD_NAMES[slot])
     }
 }
@@ -360,27 +434,27 @@ fn check_symbol(symbol: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
-fn required((value, field): (Option<Value>, &'static str)) -> Result<Value, Rejection> {
+fn required<'a>((value, field): (Option<Raw<'a>>, &'static str)) -> Result<Raw<'a>, Rejection> {
     match value {
         None => Err(Rejection::MissingField(field)),
-        Some(Value::Null) => Err(Rejection::NullField(field)),
+        Some(Raw::Null) => Err(Rejection::NullField(field)),
         Some(v) => Ok(v),
     }
 }
 
-fn optional<T>(
-    (value, field): (Option<Value>, &'static str),
-    convert: fn(Value, &'static str) -> Result<T, Rejection>,
+fn optional<'a, T>(
+    (value, field): (Option<Raw<'a>>, &'static str),
+    convert: fn(Raw<'a>, &'static str) -> Result<T, Rejection>,
 ) -> Result<Option<T>, Rejection> {
     match value {
-        None | Some(Value::Null) => Ok(None),
+        None | Some(Raw::Null) => Ok(None),
         Some(v) => convert(v, field).map(Some),
     }
 }
 
-fn required_conid(slot: (Option<Value>, &'static str)) -> Result<i64, Rejection> {
+fn required_conid(slot: (Option<Raw<'_>>, &'static str)) -> Result<i64, Rejection> {
     let value = required(slot)?;
-    let Value::Number(n) = &value else { return Err(wrong_type("conid", "a positive integer", &value)) };
+    let Raw::Number(n) = &value else { return Err(wrong_type("conid", "a positive integer", &value)) };
     match (n.as_i64(), n.as_u64()) {
         (Some(id), _) if id > 0 => Ok(id),
         (Some(id), _) => Err(Rejection::OutOfRange { field: "conid", detail: format!("{id} is not greater than 0") }),
@@ -394,32 +468,32 @@ fn required_conid(slot: (Option<Value>, &'static str)) -> Result<i64, Rejection>
     }
 }
 
-fn string(value: Value, field: &'static str) -> Result<String, Rejection> {
+fn string(value: Raw<'_>, field: &'static str) -> Result<String, Rejection> {
     match value {
-        Value::String(s) => Ok(s),
+        Raw::Str(s) => Ok(s.into_owned()),
         other => Err(wrong_type(field, "a string", &other)),
     }
 }
 
-fn number(value: Value, field: &'static str) -> Result<f64, Rejection> {
+fn number(value: Raw<'_>, field: &'static str) -> Result<f64, Rejection> {
     match &value {
-        Value::Number(n) => match n.as_f64() {
+        Raw::Number(n) => match n.as_f64() {
             Some(x) if x.is_finite() => Ok(x),
             _ => Err(Rejection::NotFinite(field)),
         },
-        Value::String(s) if is_non_finite_word(s) => Err(Rejection::NotFinite(field)),
+        Raw::Str(s) if is_non_finite_word(s) => Err(Rejection::NotFinite(field)),
         _ => Err(wrong_type(field, "a number", &value)),
     }
 }
 
 fn is_non_finite_word(s: &str) -> bool {
-    let word = s.trim().trim_start_matches(['+', '-']).to_ascii_lowercase();
-    ["nan", "inf", "infinity"].contains(&word.as_str())
+    let word = s.trim().trim_start_matches(['+', '-']);
+    ["nan", "inf", "infinity"].iter().any(|w| word.eq_ignore_ascii_case(w))
 }
 
-fn timestamp(value: Value) -> Result<i64, Rejection> {
+fn timestamp(value: Raw<'_>) -> Result<i64, Rejection> {
     let micros = match &value {
-        Value::String(text) => DateTime::parse_from_rfc3339(text)
+        Raw::Str(text) => DateTime::parse_from_rfc3339(text)
             .map_err(|e| {
                 use chrono::format::ParseErrorKind::{Impossible, OutOfRange};
                 Rejection::InvalidTimestamp(match e.kind() {
@@ -428,7 +502,7 @@ fn timestamp(value: Value) -> Result<i64, Rejection> {
                 })
             })?
             .timestamp_micros(),
-        Value::Number(n) => match n.as_i64() {
+        Raw::Number(n) => match n.as_i64() {
             Some(millis) => millis
                 .checked_mul(1000)
                 .ok_or_else(|| Rejection::InvalidTimestamp(format!("{millis} epoch milliseconds is out of range")))?,
@@ -448,14 +522,14 @@ fn timestamp(value: Value) -> Result<i64, Rejection> {
     Ok(micros)
 }
 
-fn wrong_type(field: &'static str, expected: &'static str, found: &Value) -> Rejection {
+fn wrong_type(field: &'static str, expected: &'static str, found: &Raw<'_>) -> Rejection {
     let found = match found {
-        Value::Null => "null".to_string(),
-        Value::Bool(b) => format!("boolean {b}"),
-        Value::Number(n) => format!("number {n}"),
-        Value::String(s) => format!("string {:?}", truncate(s, 40)),
-        Value::Array(_) => "an array".to_string(),
-        Value::Object(_) => "an object".to_string(),
+        Raw::Null => "null".to_string(),
+        Raw::Bool(b) => format!("boolean {b}"),
+        Raw::Number(n) => format!("number {n}"),
+        Raw::Str(s) => format!("string {:?}", truncate(s, 40)),
+        Raw::Nested(v) if v.is_array() => "an array".to_string(),
+        Raw::Nested(_) => "an object".to_string(),
     };
     Rejection::WrongType { field, expected, found }
 }
