@@ -194,6 +194,43 @@ async fn a_worker_running_while_its_table_is_restored_stops_rather_than_write_ov
     assert_table_matches(&read_table(&table).await, &model(&produced));
 }
 
+/// A restarted worker finds a backlog waiting past the group's committed offset and a
+/// table restored behind it: the messages it took from the backlog before moving back
+/// to the table's record are dropped and read again in order, never written ahead of
+/// the ones before them (which the table's record would then count as written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_waiting_when_a_restored_table_is_read_again_is_written_after_what_it_follows() {
+    let topic = create_topic("recovery-restored-backlog", 2).await;
+    let (_dir, table) = table_dir();
+    let group = unique("g");
+    let configured = || {
+        let mut c = config(&topic, &group, &table);
+        // Many flushes, so that one holding only the backlog would be recorded before
+        // the messages read again.
+        c.flush.max_records = 150;
+        c
+    };
+    let mut produced = Vec::new();
+    for seed in 0..3 {
+        produced.extend(produce(&topic, &sample(400, 50, 60 + seed), None).await);
+        run_to_end(configured()).await.expect("run");
+    }
+    python_on(&table, RESTORE_VERSION_1);
+    let committed = committed_offsets(&group, &topic, 2);
+    produced.extend(produce(&topic, &sample(1500, 1000, 70), None).await);
+    let restored_record = recorded_next_offsets_at(&table, 1);
+    for (partition, committed) in &committed {
+        let record = restored_record.get(partition).copied().unwrap_or(0);
+        assert!(committed.unwrap_or(0) > record, "partition {partition}: the restore set the table behind the group");
+    }
+    let end = end_offsets(&produced, 2);
+    let to_read_again: i64 =
+        end.iter().map(|(p, end)| end.unwrap_or(0) - restored_record.get(p).copied().unwrap_or(0)).sum();
+    let summary = run_to_end(configured()).await.expect("rerun");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
+    assert_eq!(summary.messages, to_read_again as u64, "read from the restored record, once each: {summary:?}");
+}
+
 async fn table_version_or_zero(table: &std::path::Path) -> u64 {
     match deltalake::open_table(deltalake::ensure_table_uri(table.display().to_string()).expect("url")).await {
         Ok(t) => t.version().unwrap_or(0),

@@ -52,6 +52,17 @@ pub enum Received {
     Error(KafkaError),
 }
 
+impl Received {
+    /// The partition a message came from (`None` for the end of a partition and errors).
+    pub fn partition(&self) -> Option<&TopicPartition> {
+        match self {
+            Received::Update(update, ..) => Some(&update.source.tp),
+            Received::Invalid(dead_letter) => Some(&dead_letter.source.tp),
+            Received::EndOfPartition | Received::Error(_) => None,
+        }
+    }
+}
+
 /// Messages taken from the consumer's queue at once, at most: what is already there
 /// after the one the loop waited for.
 const READY_AT_ONCE: usize = 1024;
@@ -381,14 +392,6 @@ fn is_group_member(consumer: &SinkConsumer) -> bool {
         rdkafka::bindings::rd_kafka_consumer_group_metadata_destroy(metadata);
         generation >= 0 && has_member_id
     }
-}
-
-/// Moves the fetch position of `tp` forward to `offset`.
-///
-/// # Errors
-/// When the partition is not being fetched yet; skipping then covers it.
-pub fn seek(consumer: &SinkConsumer, tp: &TopicPartition, offset: Offset) -> Result<(), KafkaError> {
-    consumer.seek(&tp.topic, tp.partition.0, rdkafka::Offset::Offset(offset.0), std::time::Duration::ZERO)
 }
 
 fn topic_partitions(list: &TopicPartitionList) -> Vec<TopicPartition> {

@@ -22,6 +22,7 @@ mod resume;
 
 use resume::Unreadable;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -226,6 +227,9 @@ struct Worker {
     starts_tried_at: Option<Instant>,
     /// A batch that could not be read, while it is read again.
     unreadable: Option<Unreadable>,
+    /// Partitions moved (a seek) or revoked since the messages in hand were taken from
+    /// the consumer: the rest of their messages in hand are dropped.
+    moved: BTreeSet<TopicPartition>,
     /// When maintenance is next due.
     schedule: maintain::Schedule,
     /// The table-wide maintenance run in progress, if any.
@@ -256,6 +260,7 @@ impl Worker {
             looked_up_at: None,
             starts_tried_at: None,
             unreadable: None,
+            moved: BTreeSet::new(),
             consumer: Arc::new(consumer),
             committing: None,
             config,
@@ -303,9 +308,8 @@ impl Worker {
                 message = self.consumer.recv(), if can_read => {
                     // With it, whatever else is already waiting, decoded off this thread.
                     let room = self.buffer.room();
-                    for received in kafka::receive_ready(&self.consumer, message, room, &self.decode_options) {
-                        self.handle(received, shutdown).await?;
-                    }
+                    let ready = kafka::receive_ready(&self.consumer, message, room, &self.decode_options);
+                    self.handle_ready(ready, shutdown).await?;
                 }
             }
             // Exiting when caught up, the last batch has nothing more to wait for.
@@ -320,6 +324,25 @@ impl Worker {
             }
         }
         self.drain(shutdown).await
+    }
+
+    /// Handles the messages taken from the consumer at once, in order. Once a partition
+    /// is moved (a seek) or revoked, the rest of its messages in hand are dropped: they
+    /// were read before the move, from where reading no longer is (librdkafka drops
+    /// such messages still in its queue), and are read again if they are still due.
+    async fn handle_ready(
+        &mut self,
+        ready: Vec<kafka::Received>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError> {
+        self.moved.clear();
+        for received in ready {
+            if received.partition().is_some_and(|tp| self.moved.contains(tp)) {
+                continue;
+            }
+            self.handle(received, shutdown).await?;
+        }
+        Ok(())
     }
 
     async fn handle(&mut self, received: kafka::Received, shutdown: &CancellationToken) -> Result<(), WorkerError> {
@@ -389,6 +412,7 @@ impl Worker {
                     }
                     self.buffer.drop_partitions(&partitions);
                     self.partitions.revoked(&partitions);
+                    self.moved.extend(partitions.iter().cloned());
                     for tp in &partitions {
                         self.progress.metrics.forget_lag(tp);
                     }
@@ -420,7 +444,7 @@ impl Worker {
                 Progress::bump(&self.progress.skipped_already_written);
                 if let Some(next) = seek_to {
                     info!(partition = %at.tp, from = at.offset.0, to = next.0, "skipping messages the table already holds");
-                    if let Err(error) = kafka::seek(&self.consumer, &at.tp, next) {
+                    if let Err(error) = self.seek(&at.tp, rdkafka::Offset::Offset(next.0)) {
                         debug!(%error, "seek not possible yet; skipping message by message");
                     }
                 }

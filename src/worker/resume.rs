@@ -172,13 +172,29 @@ impl Worker {
                 }
             }
         };
-        match self.consumer.seek(&tp.topic, tp.partition.0, target, Duration::ZERO) {
+        match self.seek(tp, target) {
             Ok(()) => Ok(true),
             Err(error) => {
                 debug!(%error, partition = %tp, "seek not possible yet");
                 Ok(false)
             }
         }
+    }
+
+    /// Moves reading of `tp` to `target`. The messages of `tp` already taken from the
+    /// consumer were read before the move: the rest of them are dropped
+    /// ([`Worker::handle_ready`]), as librdkafka drops those still in its queue.
+    ///
+    /// # Errors
+    /// When the partition is not being fetched yet.
+    pub(super) fn seek(
+        &mut self,
+        tp: &TopicPartition,
+        target: rdkafka::Offset,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        self.consumer.seek(&tp.topic, tp.partition.0, target, Duration::ZERO)?;
+        self.moved.insert(tp.clone());
+        Ok(())
     }
 
     /// For `exit_when_caught_up` and for moves back to the table's start: the group's
@@ -241,7 +257,7 @@ impl Worker {
                 }
                 None => rdkafka::Offset::End,
             };
-            if let Err(error) = self.consumer.seek(&tp.topic, tp.partition.0, target, Duration::ZERO) {
+            if let Err(error) = self.seek(tp, target) {
                 warn!(%error, partition = %tp, "cannot seek back; the next assignment reads it again");
             }
         }
@@ -315,7 +331,7 @@ impl Worker {
         self.buffer.drop_partitions(&partitions);
         for (tp, target) in self.partitions.rewind(&partitions) {
             info!(partition = %tp, offset = target.0, "reading again from the last committed offset");
-            if let Err(error) = kafka::seek(&self.consumer, &tp, target) {
+            if let Err(error) = self.seek(&tp, rdkafka::Offset::Offset(target.0)) {
                 warn!(%error, partition = %tp, "cannot seek back; the next assignment re-reads it");
             }
         }
