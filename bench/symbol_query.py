@@ -9,7 +9,6 @@ reader must open after pruning by the table's partition values and file statisti
 time (best of three after a first read) and Spark's `WHERE symbol = X` time (the same)
 with the files Spark's scan read (its `numFiles` metric).
 """
-import glob
 import json
 import os
 import sys
@@ -58,26 +57,10 @@ def best_of(read, times=3):
 
 
 def spark_session():
-    from pyspark.sql import SparkSession
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "readers"))
+    from spark_rows import session
 
-    jars = sorted(glob.glob(os.path.join(os.environ["POSITION_SINK_SPARK_JARS"], "*.jar")))
-    spark = (
-        SparkSession.builder.master("local[2]")
-        .appName("position-sink symbol query")
-        .config("spark.jars", ",".join(jars))
-        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.adaptive.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "2")
-        .config("spark.driver.memory", "2g")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    return spark
+    return session("position-sink symbol query", memory="2g", settings={"spark.sql.adaptive.enabled": "false"})
 
 
 def spark_files_read(frame):

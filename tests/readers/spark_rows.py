@@ -13,30 +13,45 @@ import sys
 
 from pyspark.sql import SparkSession
 
-jars = sorted(glob.glob(os.path.join(os.environ["POSITION_SINK_SPARK_JARS"], "*.jar")))
-if not jars:
-    sys.exit("no Delta jars in POSITION_SINK_SPARK_JARS: run scripts/spark.sh fetch")
-spark = (
-    SparkSession.builder.master("local[2]")
-    .appName("position-sink reference reader")
-    .config("spark.jars", ",".join(jars))
-    .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-    .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-    .config("spark.driver.bindAddress", "127.0.0.1")
-    .config("spark.driver.host", "127.0.0.1")
-    .config("spark.ui.enabled", "false")
-    .config("spark.ui.showConsoleProgress", "false")
-    .config("spark.sql.shuffle.partitions", "2")
-    .config("spark.driver.memory", "1g")
-    .getOrCreate()
-)
-spark.sparkContext.setLogLevel("ERROR")
-for path in sys.argv[1:]:
-    rows = (
-        spark.read.format("delta").load(path)
-        .select("conid", "symbol", "kafka_offset")
-        .orderBy("conid")
-        .collect()
+
+def session(app="position-sink reference reader", memory="1g", settings=None):
+    """A local Spark session with Delta Lake, bound to 127.0.0.1, with more Spark
+    `settings` (a dict) if given."""
+    jars = sorted(glob.glob(os.path.join(os.environ["POSITION_SINK_SPARK_JARS"], "*.jar")))
+    if not jars:
+        sys.exit("no Delta jars in POSITION_SINK_SPARK_JARS: run scripts/spark.sh fetch")
+    builder = (
+        SparkSession.builder.master("local[2]")
+        .appName(app)
+        .config("spark.jars", ",".join(jars))
+        .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+        .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.driver.memory", memory)
     )
-    print(json.dumps([[r.conid, r.symbol, r.kafka_offset] for r in rows]), flush=True)
-spark.stop()
+    for key, value in (settings or {}).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def main():
+    spark = session()
+    for path in sys.argv[1:]:
+        rows = (
+            spark.read.format("delta").load(path)
+            .select("conid", "symbol", "kafka_offset")
+            .orderBy("conid")
+            .collect()
+        )
+        print(json.dumps([[r.conid, r.symbol, r.kafka_offset] for r in rows]), flush=True)
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
