@@ -16,6 +16,7 @@ pub use connection::{ClientError, ConnectionFault, ConnectionWatch, Watched, unt
 pub use settings::ClientKind;
 pub use unreadable::{BatchFault, UnreadableBatch, find as find_unreadable};
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -82,7 +83,7 @@ pub fn receive_ready(
     first: Result<BorrowedMessage<'_>, KafkaError>,
     room: (usize, usize),
     options: &DecodeOptions,
-) -> Vec<Received> {
+) -> Vec<(Generation, Received)> {
     use futures::FutureExt;
     let size = |m: &Result<BorrowedMessage<'_>, KafkaError>| {
         m.as_ref().map_or(0, |m| m.payload_len() + m.key().map_or(0, <[u8]>::len))
@@ -90,17 +91,20 @@ pub fn receive_ready(
     let (records, bytes) = room;
     let mut taken = size(&first);
     let mut messages = Vec::with_capacity(16);
+    let mut generations = Vec::with_capacity(16);
     messages.push(first);
+    generations.push(consumer.context().generation());
     while messages.len() < READY_AT_ONCE.min(records) && taken < bytes {
         match consumer.recv().now_or_never() {
             Some(message) => {
                 taken += size(&message);
                 messages.push(message);
+                generations.push(consumer.context().generation());
             }
             None => break,
         }
     }
-    decode_in_order(messages, options)
+    generations.into_iter().zip(decode_in_order(messages, options)).collect()
 }
 
 /// [`receive`] for each of `messages`, split between the decoding threads when there
@@ -147,6 +151,12 @@ pub fn receive(message: Result<BorrowedMessage<'_>, KafkaError>, options: &Decod
 /// The consumer type the worker uses.
 pub type SinkConsumer = StreamConsumer<SinkContext>;
 
+/// The number of assignment changes a consumer had made when a message was taken from
+/// it: a message taken at `g` was fetched after the first `g` changes (librdkafka makes
+/// them, through [`SinkContext`], while the message is taken; those fetched before a
+/// revocation are never returned after it).
+pub type Generation = u64;
+
 /// A change of this worker's assignment, in the order librdkafka made them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rebalanced {
@@ -159,20 +169,28 @@ pub enum Rebalanced {
 /// Receives librdkafka's callbacks: hands assignment changes to the worker, and keeps
 /// the broker reachability in [`Health`](crate::status::Health) current.
 pub struct SinkContext {
-    rebalances: Mutex<Vec<Rebalanced>>,
+    rebalances: Mutex<Vec<(Generation, Rebalanced)>>,
+    generation: AtomicU64,
     progress: Arc<Progress>,
     /// What the consumer's connections did.
     pub watch: Arc<ConnectionWatch>,
 }
 
 impl SinkContext {
-    /// Assignment changes since the last call, oldest first.
-    pub fn take_rebalances(&self) -> Vec<Rebalanced> {
+    /// Assignment changes since the last call, oldest first, each with its number.
+    pub fn take_rebalances(&self) -> Vec<(Generation, Rebalanced)> {
         std::mem::take(&mut *self.rebalances.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// How many assignment changes the consumer has made so far.
+    pub fn generation(&self) -> Generation {
+        self.generation.load(Ordering::Acquire)
+    }
+
     fn push(&self, event: Rebalanced) {
-        self.rebalances.lock().unwrap_or_else(PoisonError::into_inner).push(event);
+        let mut pending = self.rebalances.lock().unwrap_or_else(PoisonError::into_inner);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        pending.push((generation, event));
     }
 }
 
@@ -279,7 +297,8 @@ pub fn subscribe(config: &KafkaConfig, progress: Arc<Progress>) -> KafkaResult<S
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set_log_level(RDKafkaLogLevel::Warning);
-    let context = SinkContext { rebalances: Mutex::default(), progress, watch: Arc::default() };
+    let context =
+        SinkContext { rebalances: Mutex::default(), generation: AtomicU64::new(0), progress, watch: Arc::default() };
     let consumer: SinkConsumer = client.create_with_context(context)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;

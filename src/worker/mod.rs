@@ -22,7 +22,7 @@ mod resume;
 
 use resume::Unreadable;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -227,9 +227,12 @@ struct Worker {
     starts_tried_at: Option<Instant>,
     /// A batch that could not be read, while it is read again.
     unreadable: Option<Unreadable>,
-    /// Partitions moved (a seek) or revoked since the messages in hand were taken from
-    /// the consumer: the rest of their messages in hand are dropped.
+    /// Partitions moved (a seek) since the messages in hand were taken from the
+    /// consumer: the rest of their messages in hand are dropped.
     moved: BTreeSet<TopicPartition>,
+    /// The assignment generation at which each partition was last revoked: its
+    /// messages in hand taken before it are dropped.
+    revoked_at: BTreeMap<TopicPartition, kafka::Generation>,
     /// When maintenance is next due.
     schedule: maintain::Schedule,
     /// The table-wide maintenance run in progress, if any.
@@ -261,6 +264,7 @@ impl Worker {
             starts_tried_at: None,
             unreadable: None,
             moved: BTreeSet::new(),
+            revoked_at: BTreeMap::new(),
             consumer: Arc::new(consumer),
             committing: None,
             config,
@@ -326,21 +330,26 @@ impl Worker {
         self.drain(shutdown).await
     }
 
-    /// Handles the messages taken from the consumer at once, in order. Once a partition
-    /// is moved (a seek) or revoked, the rest of its messages in hand are dropped: they
-    /// were read before the move, from where reading no longer is (librdkafka drops
-    /// such messages still in its queue), and are read again if they are still due.
+    /// Handles the messages taken from the consumer at once, in order, each with the
+    /// assignment generation it was taken at. A message is dropped, not written, when
+    /// it was fetched from where reading no longer is: its partition was moved (a seek)
+    /// after the messages were taken, or revoked after it was fetched. librdkafka drops
+    /// such messages still in its queue, not those already taken out of it; the moves
+    /// read them again where they are still due.
     async fn handle_ready(
         &mut self,
-        ready: Vec<kafka::Received>,
+        ready: Vec<(kafka::Generation, kafka::Received)>,
         shutdown: &CancellationToken,
     ) -> Result<(), WorkerError> {
         self.moved.clear();
-        for received in ready {
-            if received.partition().is_some_and(|tp| self.moved.contains(tp)) {
-                continue;
+        for (generation, received) in ready {
+            self.apply_rebalances();
+            let stale = received.partition().is_some_and(|tp| {
+                self.moved.contains(tp) || self.revoked_at.get(tp).is_some_and(|revoked| generation < *revoked)
+            });
+            if !stale {
+                self.handle(received, shutdown).await?;
             }
-            self.handle(received, shutdown).await?;
         }
         Ok(())
     }
@@ -398,7 +407,7 @@ impl Worker {
     /// Applies assignment changes: revoked partitions' buffers are dropped (their new
     /// owner re-reads them) and their bookkeeping forgotten.
     fn apply_rebalances(&mut self) {
-        for event in self.consumer.context().take_rebalances() {
+        for (generation, event) in self.consumer.context().take_rebalances() {
             match event {
                 Rebalanced::Assigned(partitions) => {
                     self.partitions.assigned(&partitions);
@@ -412,7 +421,7 @@ impl Worker {
                     }
                     self.buffer.drop_partitions(&partitions);
                     self.partitions.revoked(&partitions);
-                    self.moved.extend(partitions.iter().cloned());
+                    self.revoked_at.extend(partitions.iter().map(|tp| (tp.clone(), generation)));
                     for tp in &partitions {
                         self.progress.metrics.forget_lag(tp);
                     }
