@@ -342,8 +342,10 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<(), WorkerError> {
         self.moved.clear();
+        // The consumer reports assignment changes only while messages are taken from
+        // it, so every change these messages may predate is known now: once per chunk.
+        self.apply_rebalances();
         for (generation, received) in ready {
-            self.apply_rebalances();
             let stale = received.partition().is_some_and(|tp| {
                 self.moved.contains(tp) || self.revoked_at.get(tp).is_some_and(|revoked| generation < *revoked)
             });
@@ -357,7 +359,6 @@ impl Worker {
     async fn handle(&mut self, received: kafka::Received, shutdown: &CancellationToken) -> Result<(), WorkerError> {
         // No move to the table's starts with a message in hand: it was read before the
         // move would take effect. `Partitions::seen` asks for the move from it instead.
-        self.apply_rebalances();
         self.load_recorded(shutdown).await?;
         match received {
             kafka::Received::Update(update, size, kafka_time) => {
