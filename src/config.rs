@@ -230,6 +230,23 @@ pub struct MaintenanceConfig {
     /// A file with at least this fraction of its rows hidden by deletion vectors
     /// (`delta.write_mode = "deletion_vectors"`) is rewritten without them.
     pub compaction_hidden_fraction: f64,
+    /// Vacuum never deletes a file no version references (one a flush or compaction
+    /// wrote and has not committed yet, or never will) younger than this, by the object
+    /// store's clock, whatever the table's retention. A flush or compaction commits its
+    /// files only within a third of it from its first file (or writes them again): the
+    /// second third bounds its commit, the last one absorbs clock skew between the
+    /// store and the hosts. The same value must be given to every worker and to
+    /// `position-sink maintain`.
+    #[serde(with = "humantime_serde")]
+    pub unreferenced_file_age: Duration,
+}
+
+impl MaintenanceConfig {
+    /// How long a flush or compaction may take from its first data file to the end of
+    /// its commit: a third of [`MaintenanceConfig::unreferenced_file_age`].
+    pub fn write_deadline(&self) -> Duration {
+        self.unreferenced_file_age / 3
+    }
 }
 
 impl Default for MaintenanceConfig {
@@ -239,6 +256,7 @@ impl Default for MaintenanceConfig {
             interval: Duration::from_secs(300),
             compaction_min_files: 4,
             compaction_hidden_fraction: 0.3,
+            unreferenced_file_age: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -559,6 +577,7 @@ impl Config {
             maintenance.interval = ?self.maintenance.interval,
             maintenance.compaction_min_files = self.maintenance.compaction_min_files,
             maintenance.compaction_hidden_fraction = self.maintenance.compaction_hidden_fraction,
+            maintenance.unreferenced_file_age = ?self.maintenance.unreferenced_file_age,
             http.bind = %self.http.bind,
             log.format = %spelled(&self.log.format),
             "effective configuration"
@@ -670,12 +689,18 @@ impl Config {
                 "set a fraction such as 0.3 (a file with 30% of its rows hidden is rewritten)",
             );
         }
-        if let Some((key, problem)) = invalid_table_property(&self.delta.table_properties) {
+        if self.maintenance.unreferenced_file_age < Duration::from_secs(3) {
+            return invalid(
+                "maintenance.unreferenced_file_age",
+                "is below 3s",
+                "set a duration three times longer than a flush can take to write and commit, e.g. \"30m\"",
+            );
+        }
+        if let Some((key, problem, fix)) = invalid_table_property(&self.delta.table_properties) {
             return Err(ConfigError::Invalid {
                 key: "delta.table_properties",
                 problem: format!("sets `{key}` {problem}"),
-                fix: "use a Delta interval such as \"interval 1 hours\" for durations and a positive count for \
-                      delta.checkpointInterval",
+                fix,
             });
         }
         if self.dead_letter.destination == DeadLetterDestination::Table
@@ -720,7 +745,7 @@ fn unsupported_sasl_mechanism(settings: &Settings) -> Option<(String, &'static s
 }
 
 /// A table property this program would create a table with that Delta cannot use.
-fn invalid_table_property(properties: &Settings) -> Option<(String, String)> {
+fn invalid_table_property(properties: &Settings) -> Option<(String, String, &'static str)> {
     for (key, value) in &properties.0 {
         let problem = match key.as_str() {
             "delta.checkpointInterval" => {
@@ -732,8 +757,26 @@ fn invalid_table_property(properties: &Settings) -> Option<(String, String)> {
             _ => None,
         };
         if let Some(problem) = problem {
-            return Some((key.clone(), problem));
+            let fix = "use a Delta interval such as \"interval 1 hours\" for durations and a positive count for \
+                       delta.checkpointInterval";
+            return Some((key.clone(), problem, fix));
         }
+    }
+    let interval = |key: &str| properties.0.get(key).and_then(|v| parse_delta_interval(v));
+    let (log, files) = (interval("delta.logRetentionDuration"), interval("delta.deletedFileRetentionDuration"));
+    if let (Some(log), Some(files)) = (log, files)
+        && log < files
+    {
+        return Some((
+            "delta.logRetentionDuration".to_string(),
+            format!(
+                "shorter than delta.deletedFileRetentionDuration ({} < {}): versions inside the file retention \
+                 would have no log to be read by, and vacuum finds the removed files to keep in that log",
+                humantime::format_duration(log),
+                humantime::format_duration(files)
+            ),
+            "set delta.logRetentionDuration at least as long as delta.deletedFileRetentionDuration",
+        ));
     }
     None
 }

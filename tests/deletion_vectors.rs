@@ -23,6 +23,10 @@ use position_sink::worker::batch::Batch;
 
 const PARTITIONS: i32 = 3;
 
+/// The tables' file retention (`delta.deletedFileRetentionDuration`), and the age of a
+/// file no commit names before vacuum takes it.
+const WINDOW: Duration = Duration::from_secs(60);
+
 fn update(conid: i64, symbol: &str, millis: i64, partition: i32, offset: i64) -> PositionUpdate {
     let at = Coordinates { tp: TopicPartition::new("t", partition), offset: Offset(offset) };
     let json = format!(r#"{{"conid":{conid},"symbol":"{symbol}","position":{offset},"timestamp":{millis}}}"#);
@@ -37,8 +41,8 @@ fn config(path: &Path, layout: PartitionBy, mode: WriteMode) -> DeltaConfig {
         max_rows_per_file: 40,
         ..DeltaConfig::default()
     };
-    // Removed files and vectors may be vacuumed as soon as they are old enough.
-    config.table_properties.0.insert("delta.deletedFileRetentionDuration".into(), "interval 1 seconds".into());
+    // Removed files and vectors may be vacuumed a minute after their removal.
+    config.table_properties.0.insert("delta.deletedFileRetentionDuration".into(), "interval 60 seconds".into());
     config
 }
 
@@ -262,7 +266,7 @@ async fn flushes_in(seed: u64, layout: PartitionBy) {
         // Vacuum keeps the vectors of files removed within the retention window: the
         // version before the compaction still reads right.
         age_everything(&path);
-        position_sink::maintenance::clean(table.delta(), table.uri(), false).await.expect("vacuum");
+        position_sink::maintenance::clean(table.delta(), table.uri(), false, WINDOW).await.expect("vacuum");
         assert_eq!(vector_files(&path), vector_files_before, "vectors of recently removed files are kept");
         assert_eq!(rows_at(&path, before_compaction), rows_before_compaction, "time travel before the compaction");
 
@@ -273,12 +277,11 @@ async fn flushes_in(seed: u64, layout: PartitionBy) {
             table = next;
         }
         assert_eq!(independent_rows(&path), model.triples(), "{layout:?} after compaction");
-        // Once the removes are older than the window (the vacuum floor of a minute), their
-        // vector files go.
-        let window = position_sink::maintenance::MIN_UNREFERENCED_AGE + Duration::from_secs(2);
+        // Once the removes are older than the window (a minute), their vector files go.
+        let window = WINDOW + Duration::from_secs(2);
         tokio::time::sleep(window.saturating_sub(compacted_at.elapsed())).await;
         age_everything(&path);
-        position_sink::maintenance::clean(table.delta(), table.uri(), false).await.expect("vacuum");
+        position_sink::maintenance::clean(table.delta(), table.uri(), false, WINDOW).await.expect("vacuum");
         let left: Vec<_> = vector_files_before.intersection(&vector_files(&path)).cloned().collect();
         assert!(left.is_empty(), "unreferenced vector files are vacuumed once out of the window: {left:?}");
         common::assert_table_matches(&common::read_table(&path).await, &model.expected());

@@ -32,6 +32,7 @@ fn day_config(topic: &str, group: &str, table: &Path) -> Config {
     c.delta.max_rows_per_file = 10;
     c.maintenance.interval = Duration::from_secs(1);
     c.maintenance.compaction_min_files = 2;
+    c.maintenance.unreferenced_file_age = Duration::from_secs(30);
     let properties = &mut c.delta.table_properties.0;
     properties.insert("delta.checkpointInterval".into(), "20".into());
     properties.insert("delta.logRetentionDuration".into(), "interval 10 seconds".into());
@@ -157,12 +158,12 @@ async fn a_scaled_trading_day_keeps_storage_and_log_bounded_and_readers_never_fa
     assert!(removed > 0, "maintenance removed files");
     assert!(counts[0] >= 50 && counts[1] == 0, "the reader read {} times and failed {} times", counts[0], counts[1]);
 
-    // Storage: no data file outlives the retention window (the 60 s floor, plus the
-    // schedule and a margin for a loaded machine) unless it is live.
+    // Storage: no data file outlives the retention window (or the floor for files no
+    // commit names, plus the schedule and a margin for a loaded machine) unless it is live.
     let now = SystemTime::now();
     let (data, log) = files_on_disk(&table);
     let live = live_files(&table);
-    let window = position_sink::maintenance::MIN_UNREFERENCED_AGE + Duration::from_secs(20);
+    let window = day_config(&topic, &group, &table).maintenance.unreferenced_file_age + Duration::from_secs(20);
     let stale: Vec<&String> = data
         .iter()
         .filter(|(path, modified)| !live.contains(*path) && now.duration_since(**modified).unwrap_or_default() > window)

@@ -61,6 +61,7 @@ pub struct DeadLetterTable {
     table: DeltaTable,
     uri: String,
     group_id: String,
+    write_deadline: std::time::Duration,
 }
 
 impl DeadLetterTable {
@@ -75,7 +76,14 @@ impl DeadLetterTable {
         group_id: &str,
     ) -> Result<Self, TableError> {
         let table = delta::open_or_create(uri, storage_options, &spec(), properties).await?;
-        Ok(Self { table, uri: uri.to_string(), group_id: group_id.to_string() })
+        let write_deadline = crate::config::MaintenanceConfig::default().write_deadline();
+        Ok(Self { table, uri: uri.to_string(), group_id: group_id.to_string(), write_deadline })
+    }
+
+    /// This handle with `deadline` as the longest an append may take from its first data
+    /// file to the end of its commit (as [`crate::table::PositionTable::with_write_deadline`]).
+    pub fn with_write_deadline(self, deadline: std::time::Duration) -> Self {
+        Self { write_deadline: deadline, ..self }
     }
 
     /// The Delta table handle, at the version this handle last saw.
@@ -126,18 +134,24 @@ impl DeadLetterTable {
             |source| TableError::Write { uri: fresh.uri.clone(), rows: new.len(), source: Box::new(source) };
         let batch = to_record_batch(&new)
             .map_err(|e| write_err(DeltaTableError::Generic(format!("building the Arrow batch: {e}"))))?;
-        let table = fresh
-            .table
-            .clone()
-            .write([batch])
-            .with_save_mode(SaveMode::Append)
-            .with_commit_properties(
-                CommitProperties::default()
-                    .with_application_transactions(transactions)
-                    // Log cleanup is maintenance's (one worker, on a schedule), not every commit's.
-                    .with_cleanup_expired_logs(Some(false)),
-            )
+        let append = fresh.table.clone().write([batch]).with_save_mode(SaveMode::Append).with_commit_properties(
+            CommitProperties::default()
+                .with_application_transactions(transactions)
+                // Log cleanup is maintenance's (one worker, on a schedule), not every commit's.
+                .with_cleanup_expired_logs(Some(false)),
+        );
+        // Vacuum takes files no commit names once maintenance.unreferenced_file_age old:
+        // an append that takes longer than its deadline is given up (its outcome is then
+        // decided by the recorded offsets) and made again.
+        let table = tokio::time::timeout(fresh.write_deadline, append)
             .await
+            .map_err(|_| {
+                write_err(DeltaTableError::Generic(format!(
+                    "the append took longer than the {} a write may take (a third of \
+                     maintenance.unreferenced_file_age); it is made again",
+                    humantime::format_duration(fresh.write_deadline)
+                )))
+            })?
             .map_err(write_err)?;
         for d in &new {
             counts.add(&d.category, 1);

@@ -3,13 +3,17 @@
 //!
 //! - **Checkpoints**: written by the commit that reaches the table's
 //!   `delta.checkpointInterval` (delta-rs's post-commit hook); [`clean`] writes one when
-//!   the newest is further back than that (a writer crashed before its hook ran).
+//!   the newest is further back than that (a writer crashed before its hook ran), never
+//!   at a version the hook writes, and only after claiming that version, so no two
+//!   writers ever write one checkpoint.
 //! - **Log cleanup**: commit and checkpoint files older than the table's
-//!   `delta.logRetentionDuration` and older than a checkpoint are removed (delta-rs's
-//!   rule), by [`clean`] on a schedule instead of by every commit.
+//!   `delta.logRetentionDuration` and below the checkpoint that keeps the version
+//!   current at that cutoff readable (the protocol's rule), by [`clean`] on a schedule
+//!   instead of by every commit.
 //! - **Vacuum**: data files no version within `delta.deletedFileRetentionDuration`
 //!   references (removed files, and files a crashed flush or compaction wrote and never
-//!   committed) are deleted, never one younger than [`MIN_UNREFERENCED_AGE`].
+//!   committed) are deleted; a file no commit names, never before
+//!   `maintenance.unreferenced_file_age` ([`vacuum`]).
 //! - **Compaction** of one worker's files: [`crate::table::PositionTable::compact`].
 //!
 //! Invariant kept here: nothing a version inside the table's retention window
@@ -18,7 +22,7 @@
 //! remove nothing twice and nothing more.
 
 pub mod footprint;
-pub mod vectors;
+pub mod vacuum;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -29,11 +33,6 @@ use deltalake::table::config::TablePropertiesExt;
 use deltalake::{DeltaTable, DeltaTableError};
 
 pub use footprint::Footprint;
-
-/// Files vacuum never deletes, whatever the table's retention: a flush or compaction
-/// commits the files it wrote within seconds, and a file younger than this may be one
-/// about to be committed.
-pub const MIN_UNREFERENCED_AGE: Duration = Duration::from_secs(60);
 
 /// A maintenance step that failed, with the table it failed on.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +64,10 @@ pub struct CleanReport {
     pub dry_run: bool,
     /// The table's settings that decided it.
     pub settings: RetentionSettings,
+    /// How old a file no commit names must be before vacuum deletes it
+    /// (`maintenance.unreferenced_file_age`).
+    #[serde(with = "humantime_serde")]
+    pub unreferenced_file_age: Duration,
     /// The footprint before.
     pub before: Footprint,
     /// The checkpoint written, if one was missing.
@@ -117,20 +120,21 @@ impl RetentionSettings {
             log_cleanup: config.enable_expired_log_cleanup(),
         })
     }
-
-    /// How old an unreferenced data file must be before vacuum deletes it.
-    pub fn vacuum_age(&self) -> Duration {
-        self.deleted_file_retention.max(MIN_UNREFERENCED_AGE)
-    }
 }
 
 /// Runs the table-wide steps on `table` (read afresh): a missing checkpoint, log
-/// cleanup, vacuum; with `dry_run`, only finds what they would remove.
+/// cleanup, vacuum, never deleting a file no commit names before it is
+/// `unreferenced_file_age` old; with `dry_run`, only finds what they would remove.
 ///
 /// # Errors
 /// The step that failed; the steps before it stay done (each is idempotent, so the
 /// next run carries on).
-pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<CleanReport, MaintenanceError> {
+pub async fn clean(
+    table: &DeltaTable,
+    uri: &str,
+    dry_run: bool,
+    unreferenced_file_age: Duration,
+) -> Result<CleanReport, MaintenanceError> {
     let started = Instant::now();
     let failed =
         |step: &'static str| move |source| MaintenanceError { uri: uri.to_string(), step, source: Box::new(source) };
@@ -141,22 +145,27 @@ pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<Clean
     let before = footprint::of(&table, &objects).map_err(failed("reading the table"))?;
 
     let mut checkpoint_written = None;
-    if !dry_run && needs_checkpoint(&before, &settings) {
+    if !dry_run
+        && needs_checkpoint(&before, &settings)
+        && claim_checkpoint(&table, before.version).await.map_err(failed("claiming a checkpoint"))?
+    {
         deltalake::checkpoints::create_checkpoint(&table, None).await.map_err(failed("writing a checkpoint"))?;
         checkpoint_written = Some(before.version);
     }
     let log_files = if settings.log_cleanup {
         let checkpoint = checkpoint_written.or(before.checkpoint_version);
-        expired_log_files(&objects, before.version, checkpoint, &settings, now_millis())
+        expired_log_files(&objects, checkpoint, &settings, now_millis())
     } else {
         Vec::new()
     };
     if !dry_run && !log_files.is_empty() {
-        // delta-rs's own cleanup: the same rule, with its own listing.
-        deltalake::checkpoints::cleanup_metadata(&table, None).await.map_err(failed("removing expired log files"))?;
+        delete(&table, &log_files).await.map_err(failed("removing expired log files"))?;
     }
 
-    let vacuum_age = chrono::Duration::from_std(settings.vacuum_age()).unwrap_or(chrono::Duration::MAX);
+    vacuum::check(&settings).map_err(failed("checking the retention settings"))?;
+    let now = now_millis();
+    let window_start = now - millis(settings.deleted_file_retention);
+    let retention = chrono::Duration::from_std(settings.deleted_file_retention).unwrap_or(chrono::Duration::MAX);
     // delta-rs plans the vacuum (which files no version in the window references); the
     // files are deleted here, because delta-rs's own run commits a VACUUM START first,
     // which conflicts with any flush committed meanwhile (it declares the whole table read).
@@ -164,16 +173,30 @@ pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<Clean
         .clone()
         .vacuum()
         .with_mode(VacuumMode::Full)
-        .with_retention_period(vacuum_age)
+        .with_retention_period(retention)
+        .with_enforce_retention_duration(false)
         .with_dry_run(true)
         .await
         .map_err(failed("planning the vacuum"))?;
     let mut planned_files = planned.files_deleted;
-    if planned_files.iter().any(|path| vectors::is_vector_file(path)) {
-        let since = now_millis() - i64::try_from(settings.vacuum_age().as_millis()).unwrap_or(i64::MAX);
-        let kept =
-            vectors::of_recent_removes(&table, &objects, since).await.map_err(failed("reading recent removes"))?;
-        planned_files.retain(|path| !kept.contains(path));
+    planned_files.sort();
+    planned_files.dedup();
+    if !planned_files.is_empty() {
+        let recent =
+            vacuum::recent_removes(&table, &objects, window_start).await.map_err(failed("reading recent removes"))?;
+        let in_window =
+            vacuum::recently_tombstoned(&table, window_start).await.map_err(failed("reading the tombstones"))?;
+        let tombstoned = vacuum::tombstoned(&table).await.map_err(failed("reading the tombstones"))?;
+        let unreferenced_before = now - millis(unreferenced_file_age.max(settings.deleted_file_retention));
+        planned_files.retain(|path| {
+            let read_in_window =
+                in_window.contains(path) || recent.data.contains(path) || recent.vectors.contains(path);
+            // A file no commit names may be one a writer is about to commit: only old
+            // enough by the store's own clock does it go.
+            let committed_once = tombstoned.contains(path);
+            let old_enough = objects.get(path).is_some_and(|(_, modified)| *modified <= unreferenced_before);
+            !read_in_window && (committed_once || old_enough)
+        });
     }
     let data_files: Vec<Removed> = planned_files
         .into_iter()
@@ -191,6 +214,7 @@ pub async fn clean(table: &DeltaTable, uri: &str, dry_run: bool) -> Result<Clean
         uri: uri.to_string(),
         dry_run,
         settings,
+        unreferenced_file_age,
         before,
         checkpoint_written,
         log_files,
@@ -293,29 +317,56 @@ pub async fn bin_small_files(table: &DeltaTable, uri: &str) -> Result<(), Mainte
     Ok(())
 }
 
-/// Whether the newest checkpoint is further back than the table's interval.
 /// Whether the table-wide run writes a checkpoint at the table's version: when the newest
 /// is `checkpointInterval` commits or more back, and never at a version the commit's own
-/// post-commit hook checkpoints (a multiple of the interval). Two writers of one
-/// checkpoint version race: `_last_checkpoint` can name the size of one file while the
-/// other's bytes stand, and readers then fail to read the table.
+/// post-commit hook checkpoints: delta-rs's hook checkpoints version `v` when `v + 1` is a
+/// multiple of the interval (99, 199, … at 100). Two writers of one checkpoint version
+/// race: `_last_checkpoint` can name the size of one file while the other's bytes stand,
+/// and readers then fail to read the table. Two table-wide runs are kept apart by
+/// [`claim_checkpoint`].
 fn needs_checkpoint(footprint: &Footprint, settings: &RetentionSettings) -> bool {
     let interval = settings.checkpoint_interval.max(1);
     footprint.version > 0
         && footprint.commits_since_checkpoint >= interval
-        && !footprint.version.is_multiple_of(interval)
+        && !(footprint.version + 1).is_multiple_of(interval)
+}
+
+/// Where the claims of checkpoint versions are kept, relative to the table root.
+pub const CHECKPOINT_CLAIMS: &str = "_position_sink/checkpoints";
+
+/// Claims the writing of the checkpoint of `version` for this run: the claim is an object
+/// created only if absent, so of two table-wide runs (a worker's and `position-sink
+/// maintain`, or two workers during a hand-over) exactly one writes that checkpoint.
+/// Returns whether this run holds the claim.
+async fn claim_checkpoint(table: &DeltaTable, version: u64) -> Result<bool, DeltaTableError> {
+    use object_store::{PutMode, PutOptions};
+    let claim = deltalake::Path::from(format!("{CHECKPOINT_CLAIMS}/{version:020}.claim"));
+    let body = chrono::Utc::now().to_rfc3339().into_bytes();
+    let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+    match table.object_store().put_opts(&claim, body.into(), options).await {
+        Ok(_) => Ok(true),
+        Err(deltalake::ObjectStoreError::AlreadyExists { .. }) => Ok(false),
+        Err(other) => Err(other.into()),
+    }
 }
 
 fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The log files delta-rs's cleanup removes (`cleanup_expired_logs_for`): those older
-/// than the log retention, below the newest checkpoint at or before the oldest
-/// version still inside the retention window.
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The log files the protocol's metadata cleanup removes: the commit current at the
+/// cutoff instant (`now - delta.logRetentionDuration`: the newest commit written at or
+/// before it) must stay readable, so the newest checkpoint at or below that commit is
+/// kept with every commit after it, and only the files below that checkpoint go.
+/// (delta-rs's `cleanup_metadata` keeps the checkpoint at or below the first commit
+/// *after* the cutoff, one version later, which leaves the commit current at the cutoff
+/// unreadable.) Claims of checkpoint versions below the kept checkpoint go with them.
 fn expired_log_files(
     objects: &HashMap<String, (u64, i64)>,
-    version: u64,
     newest_checkpoint: Option<u64>,
     settings: &RetentionSettings,
     now_millis: i64,
@@ -329,18 +380,26 @@ fn expired_log_files(
             Some((path, v, is_commit, *size, *modified))
         })
         .collect();
-    let oldest_kept = entries.iter().filter(|e| e.4 >= cutoff).map(|e| e.1).min().unwrap_or(version).min(version);
-    let safe_checkpoint = entries
+    let Some(cutoff_commit) = entries.iter().filter(|e| e.2 && e.4 <= cutoff).map(|e| e.1).max() else {
+        return Vec::new();
+    };
+    let kept_checkpoint = entries
         .iter()
-        .filter(|e| !e.2 && e.1 <= oldest_kept)
+        .filter(|e| !e.2 && e.1 <= cutoff_commit)
         .map(|e| e.1)
-        .chain(newest_checkpoint.filter(|c| *c <= oldest_kept))
+        .chain(newest_checkpoint.filter(|c| *c <= cutoff_commit))
         .max();
-    let Some(safe_checkpoint) = safe_checkpoint else { return Vec::new() };
+    let Some(kept_checkpoint) = kept_checkpoint else { return Vec::new() };
+    let claims = objects.iter().filter_map(|(path, (size, _))| {
+        let name = path.strip_prefix(CHECKPOINT_CLAIMS)?.strip_prefix('/')?;
+        let version: u64 = name.strip_suffix(".claim")?.parse().ok()?;
+        (version < kept_checkpoint).then(|| Removed { path: path.clone(), bytes: *size })
+    });
     let mut removed: Vec<Removed> = entries
         .into_iter()
-        .filter(|e| e.1 < safe_checkpoint && e.4 <= cutoff)
+        .filter(|e| e.1 < kept_checkpoint && e.4 <= cutoff)
         .map(|e| Removed { path: e.0.clone(), bytes: e.3 })
+        .chain(claims)
         .collect();
     removed.sort_by(|a, b| a.path.cmp(&b.path));
     removed
@@ -364,7 +423,8 @@ mod tests {
         let at =
             |version, commits_since_checkpoint| Footprint { version, commits_since_checkpoint, ..Footprint::default() };
         assert!(needs_checkpoint(&at(23, 13), &settings(1)), "13 commits since the last checkpoint");
-        assert!(!needs_checkpoint(&at(30, 12), &settings(1)), "version 30 is the hook's (interval 10)");
+        assert!(needs_checkpoint(&at(30, 12), &settings(1)), "version 30 is no hook's (interval 10)");
+        assert!(!needs_checkpoint(&at(29, 11), &settings(1)), "version 29 is the hook's: 29 + 1 is a multiple of 10");
         assert!(!needs_checkpoint(&at(25, 5), &settings(1)), "fewer commits than the interval");
     }
 
@@ -383,15 +443,32 @@ mod tests {
             ("00000000000000000004.json", 95),
         ]);
         let removed: Vec<String> =
-            expired_log_files(&objects, 4, Some(2), &settings(50), 100_000).into_iter().map(|r| r.path).collect();
+            expired_log_files(&objects, Some(2), &settings(50), 100_000).into_iter().map(|r| r.path).collect();
         assert_eq!(removed, ["_delta_log/00000000000000000000.json", "_delta_log/00000000000000000001.json"]);
-        assert!(expired_log_files(&objects, 4, None, &settings(200), 100_000).is_empty(), "all inside retention");
+        assert!(expired_log_files(&objects, None, &settings(200), 100_000).is_empty(), "all inside retention");
     }
 
     #[test]
-    fn vacuum_never_takes_a_file_younger_than_a_minute() {
-        assert_eq!(settings(1).vacuum_age(), MIN_UNREFERENCED_AGE);
-        let day = RetentionSettings { deleted_file_retention: Duration::from_secs(86_400), ..settings(1) };
-        assert_eq!(day.vacuum_age(), Duration::from_secs(86_400));
+    fn the_version_current_at_the_log_cutoff_stays_readable() {
+        // Cutoff at 50 s: version 2 (written at 20 s) is the version a reader saw then;
+        // the checkpoint at 3 was written after the cutoff, so the one at 2 is kept.
+        let objects = log(&[
+            ("00000000000000000000.json", 0),
+            ("00000000000000000001.json", 10),
+            ("00000000000000000002.json", 20),
+            ("00000000000000000002.checkpoint.parquet", 20),
+            ("00000000000000000003.json", 60),
+            ("00000000000000000003.checkpoint.parquet", 60),
+            ("00000000000000000004.json", 95),
+        ]);
+        let removed: Vec<String> =
+            expired_log_files(&objects, Some(3), &settings(50), 100_000).into_iter().map(|r| r.path).collect();
+        assert_eq!(removed, ["_delta_log/00000000000000000000.json", "_delta_log/00000000000000000001.json"]);
+        let mut with_claims = objects.clone();
+        with_claims.insert(format!("{CHECKPOINT_CLAIMS}/{:020}.claim", 1), (10, 0));
+        with_claims.insert(format!("{CHECKPOINT_CLAIMS}/{:020}.claim", 2), (10, 0));
+        let removed = expired_log_files(&with_claims, Some(3), &settings(50), 100_000);
+        assert!(removed.iter().any(|r| r.path.ends_with("00000000000000000001.claim")), "{removed:?}");
+        assert!(!removed.iter().any(|r| r.path.ends_with("00000000000000000002.claim")), "{removed:?}");
     }
 }

@@ -66,7 +66,9 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
     };
     let failed = |e: maintenance::MaintenanceError| OpsError::Input(e.to_string());
     super::open_table(&config.delta).await?;
-    let positions = PositionTable::open_or_create(&config.delta, &config.kafka.group_id).await?;
+    let positions = PositionTable::open_or_create(&config.delta, &config.kafka.group_id)
+        .await?
+        .with_write_deadline(config.maintenance.write_deadline());
     let thresholds = Thresholds::from(&config.maintenance);
 
     step("compacting the positions table");
@@ -89,8 +91,11 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
     }
 
     let mut tables = Vec::new();
+    let unreferenced = config.maintenance.unreferenced_file_age;
     step("cleaning the positions table's log and vacuuming it");
-    tables.push(maintenance::clean(positions.delta(), positions.uri(), options.dry_run).await.map_err(failed)?);
+    tables.push(
+        maintenance::clean(positions.delta(), positions.uri(), options.dry_run, unreferenced).await.map_err(failed)?,
+    );
     if config.dead_letter.destination == DeadLetterDestination::Table {
         let uri = config.dead_letter.resolved_table_uri(&config.delta);
         if super::open_table_at(&uri, &config.delta).await.is_ok() {
@@ -105,7 +110,9 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
             if !options.dry_run {
                 maintenance::bin_small_files(table.delta(), table.uri()).await.map_err(failed)?;
             }
-            tables.push(maintenance::clean(table.delta(), table.uri(), options.dry_run).await.map_err(failed)?);
+            tables.push(
+                maintenance::clean(table.delta(), table.uri(), options.dry_run, unreferenced).await.map_err(failed)?,
+            );
         }
     }
     if let Some(bar) = spinner {
@@ -135,11 +142,11 @@ pub fn print(report: &MaintainReport, format: Format) -> Outcome {
         println!();
         println!("table {}", t.uri);
         println!(
-            "  settings: checkpoint every {} commits, log kept {}, removed files kept {} (vacuum takes files older than {})",
+            "  settings: checkpoint every {} commits, log kept {}, removed files kept {}, files no commit names kept {}",
             s.checkpoint_interval,
             humantime::format_duration(s.log_retention),
             humantime::format_duration(s.deleted_file_retention),
-            humantime::format_duration(s.vacuum_age())
+            humantime::format_duration(t.unreferenced_file_age.max(s.deleted_file_retention))
         );
         let b = &t.before;
         println!(

@@ -187,7 +187,9 @@ pub async fn replay(config: &Config, options: &ReplayOptions) -> Result<ReplayRe
     } else {
         let mut delta = config.delta.clone();
         delta.table_uri = target.clone();
-        let table = PositionTable::open_or_create(&delta, &config.kafka.group_id).await?;
+        let table = PositionTable::open_or_create(&delta, &config.kafka.group_id)
+            .await?
+            .with_write_deadline(config.maintenance.write_deadline());
         let limits = Limits::of(&config.flush);
         Sink::Write {
             table,

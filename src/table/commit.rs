@@ -4,6 +4,7 @@
 //! when another worker committed only other partitions' files meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Instant;
 
 use deltalake::DeltaTableError;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
@@ -23,13 +24,12 @@ pub const COMPACTION_MARK: (&str, &str) = ("positionSink", "compaction");
 pub(super) enum CommitKind {
     /// A flush: rows changed, offsets recorded.
     Flush,
-    /// A compaction: the same rows in fewer files, no offsets (`dataChange: false`,
-    /// so streaming readers skip it).
+    /// A compaction: the rows in fewer files, no offsets.
     Compaction,
 }
 
 /// The data files one commit changes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Changes<'a> {
     /// Files removed.
     pub removed: &'a [FileId],
@@ -38,6 +38,14 @@ pub(super) struct Changes<'a> {
     pub revised: &'a [(FileId, DeletionVectorDescriptor)],
     /// New files.
     pub added: &'a [Add],
+    /// When the writer began writing the new files (and deletion-vector file).
+    pub writing: Instant,
+}
+
+impl Default for Changes<'_> {
+    fn default() -> Self {
+        Self { removed: &[], revised: &[], added: &[], writing: Instant::now() }
+    }
 }
 
 impl PositionTable {
@@ -56,20 +64,24 @@ impl PositionTable {
     ) -> Result<(), DeltaTableError> {
         let path_of = |id: &FileId| index.file(*id).map(|f| f.path.as_str());
         let removed_paths: HashSet<&str> = changes.removed.iter().filter_map(path_of).collect();
-        let revised: HashMap<&str, &DeletionVectorDescriptor> =
-            changes.revised.iter().filter_map(|(id, dv)| Some((path_of(id)?, dv))).collect();
+        let revised: HashMap<&str, (&DeletionVectorDescriptor, usize)> =
+            changes.revised.iter().filter_map(|(id, dv)| Some((path_of(id)?, (dv, index.file(*id)?.rows)))).collect();
         let snapshot = self.table.snapshot()?;
-        let data_change = kind == CommitKind::Flush;
+        // Every commit says `dataChange: true`, compactions too: a compaction drops the
+        // older copy of a key held twice (a reader sees that), and delta-rs's conflict
+        // checker ignores removes that say false, so a flush that revised or removed a
+        // file a compaction removed meanwhile would commit and bring it back.
+        let data_change = true;
         let mut actions: Vec<Action> = Vec::new();
         for view in snapshot.log_data().iter() {
             let path = view.path();
             if removed_paths.contains(path.as_ref()) {
                 actions.push(Action::Remove(deltalake::kernel::Remove { data_change, ..view.remove_action(true) }));
-            } else if let Some(dv) = revised.get(path.as_ref()) {
+            } else if let Some((dv, rows)) = revised.get(path.as_ref()) {
                 actions.push(Action::Remove(deltalake::kernel::Remove { data_change, ..view.remove_action(true) }));
                 #[expect(deprecated, reason = "the file's add action, re-added with its new deletion vector")]
                 let add = view.add_action();
-                let stats = add.stats.as_deref().map(loose_statistics);
+                let stats = Some(loose_statistics(add.stats.as_deref(), *rows));
                 actions.push(Action::Add(Add {
                     data_change,
                     deletion_vector: Some((*dv).clone()),
@@ -106,11 +118,21 @@ impl PositionTable {
             // Log cleanup is maintenance's (one worker, on a schedule), not every commit's;
             // checkpoints stay with the commit that reaches delta.checkpointInterval.
             .with_cleanup_expired_logs(Some(false));
-        CommitBuilder::from(properties)
-            .with_actions(actions)
-            .build(Some(snapshot), self.table.log_store(), operation)
-            .await?;
-        Ok(())
+        // Vacuum takes a file no commit names once it is `unreferenced_file_age` old: a
+        // commit starts only within the deadline of its files' first write and is given
+        // up (its outcome then decided by the table's records) when it takes longer.
+        let deadline = self.write_deadline;
+        let remaining = deadline.checked_sub(changes.writing.elapsed()).filter(|r| !r.is_zero());
+        let Some(remaining) = remaining else { return Err(past_deadline(changes.writing, deadline)) };
+        let commit = CommitBuilder::from(properties).with_actions(actions).build(
+            Some(snapshot),
+            self.table.log_store(),
+            operation,
+        );
+        match tokio::time::timeout(remaining, commit).await {
+            Ok(committed) => committed.map(|_| ()),
+            Err(_) => Err(past_deadline(changes.writing, deadline)),
+        }
     }
 
     /// The commit's operation: a merge whose read set is the files of the partitions it
@@ -142,16 +164,47 @@ impl PositionTable {
 }
 
 /// A data file's statistics once a deletion vector hides some of its rows: the
-/// minimums and maximums may name hidden rows, so they are marked as not tight
-/// (`numRecords` stays the file's physical count, as the protocol asks).
-fn loose_statistics(stats: &str) -> String {
-    match serde_json::from_str::<serde_json::Value>(stats) {
-        Ok(serde_json::Value::Object(mut fields)) => {
-            fields.insert("tightBounds".to_string(), serde_json::Value::Bool(false));
-            serde_json::Value::Object(fields).to_string()
-        }
-        _ => stats.to_string(),
+/// minimums and maximums may name hidden rows, so they are marked as not tight, and
+/// `numRecords`, which the protocol requires of a file with a deletion vector, is the
+/// file's physical count (`rows`, read from the file when another engine committed it
+/// without statistics).
+fn loose_statistics(stats: Option<&str>, rows: usize) -> String {
+    let mut fields = match stats.map(serde_json::from_str::<serde_json::Value>) {
+        Some(Ok(serde_json::Value::Object(fields))) => fields,
+        _ => serde_json::Map::new(),
+    };
+    fields.entry("numRecords").or_insert_with(|| serde_json::json!(rows));
+    fields.insert("tightBounds".to_string(), serde_json::Value::Bool(false));
+    serde_json::Value::Object(fields).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_given_a_vector_always_counts_its_records() {
+        let loose = |stats, rows| serde_json::from_str::<serde_json::Value>(&loose_statistics(stats, rows)).unwrap();
+        let without = loose(None, 7);
+        assert_eq!(without["numRecords"], 7, "{without}");
+        assert_eq!(without["tightBounds"], false, "{without}");
+        let with = loose(Some(r#"{"numRecords":5,"minValues":{"conid":1}}"#), 7);
+        assert_eq!(with["numRecords"], 5, "the file's own count stands: {with}");
+        assert_eq!(with["minValues"]["conid"], 1, "{with}");
+        assert_eq!(loose(Some(r#"{"minValues":{}}"#), 3)["numRecords"], 3);
     }
+}
+
+/// A write that could not commit within its deadline.
+fn past_deadline(writing: Instant, deadline: std::time::Duration) -> DeltaTableError {
+    DeltaTableError::Generic(format!(
+        "the write's files were written {:.1?} ago, longer than the {} a write may take to commit them (a third of \
+         maintenance.unreferenced_file_age, after which vacuum may delete files no commit names); the write is not \
+         committed and is made again. If storage is this slow, raise maintenance.unreferenced_file_age on every \
+         worker and for position-sink maintain",
+        writing.elapsed(),
+        humantime::format_duration(deadline)
+    ))
 }
 
 /// `(kafka_topic = 't' AND kafka_partition IN (0, 1)) OR ...`.

@@ -6,10 +6,12 @@
 //! Invariants kept here:
 //! - Only the files of the Kafka partitions passed in (the worker's own) are touched,
 //!   so the single-writer rule holds: no other worker writes them.
-//! - The commit changes no row (`dataChange: false`) and records no offset; it
-//!   declares the files it removes, so a concurrent commit that removed any of them
-//!   makes it conflict, and the compaction is dropped (its files are orphans vacuum
-//!   takes), never a flush.
+//! - The commit records no offset; it declares the files it removes, so a concurrent
+//!   commit that removed any of them makes it conflict, and the compaction is dropped
+//!   (its files are orphans vacuum takes). Its removes say `dataChange: true` (it drops
+//!   the older copy of a key held twice), so a flush that revised one of its files
+//!   meanwhile conflicts in turn and is made again on the compacted files: a removed
+//!   file never comes back.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -118,12 +120,13 @@ impl PositionTable {
         let plan = merge::pack(&touched, fresh.layout, &fresh.key_columns, fresh.max_rows_per_file)
             .map_err(|e| write_err(e.into()))?;
         drop(touched);
+        let writing = Instant::now();
         let adds = fresh.write_files(&plan.files).await?;
         #[cfg(feature = "fault-injection")]
         crate::faults::maybe_abort_before_compaction_commit();
         let owners: Vec<TopicPartition> =
             groups.iter().filter_map(|(group, _)| group.owner.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-        let changes = Changes { removed: &plan.rewritten, added: &adds, ..Changes::default() };
+        let changes = Changes { removed: &plan.rewritten, added: &adds, writing, ..Changes::default() };
         fresh.commit(CommitKind::Compaction, &owners, changes, Vec::new(), &index).await.map_err(write_err)?;
         for id in &plan.rewritten {
             index.remove_file(*id);

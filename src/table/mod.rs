@@ -122,6 +122,7 @@ pub struct PositionTable {
     layout: PartitionBy,
     write_mode: WriteMode,
     max_rows_per_file: usize,
+    write_deadline: std::time::Duration,
     index: Arc<Mutex<KeyIndex>>,
 }
 
@@ -149,8 +150,17 @@ impl PositionTable {
             layout: config.partition_by,
             write_mode: config.write_mode,
             max_rows_per_file: config.max_rows_per_file,
+            write_deadline: crate::config::MaintenanceConfig::default().write_deadline(),
             index: Arc::default(),
         })
+    }
+
+    /// This handle with `deadline` as the longest a write may take from its first data
+    /// file to the end of its commit ([`crate::config::MaintenanceConfig::write_deadline`]):
+    /// past it, vacuum may have taken its files as never committed, so it does not
+    /// commit them (the write fails, retryable, and writes them again).
+    pub fn with_write_deadline(self, deadline: std::time::Duration) -> Self {
+        Self { write_deadline: deadline, ..self }
     }
 
     /// The memory the key index's keys take, in bytes, and the keys it holds (the
@@ -316,8 +326,9 @@ impl PositionTable {
             return Ok(report);
         }
 
+        let writing = Instant::now();
         let adds = self.write_files(&plan.files).await?;
-        let changes = Changes { removed: &plan.rewritten, added: &adds, ..Changes::default() };
+        let changes = Changes { removed: &plan.rewritten, added: &adds, writing, ..Changes::default() };
         self.commit(CommitKind::Flush, &partitions, changes, transactions, &index).await.map_err(write_err)?;
         let rows_rewritten = plan.files.iter().map(|f| f.rows.num_rows()).sum();
         for id in &plan.rewritten {
@@ -370,6 +381,7 @@ impl PositionTable {
             to_record_batch(plan.winners.iter().copied(), chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
         let laid_out =
             merge::plan(&[], &batch_rows, self.layout, &self.key_columns, self.max_rows_per_file).map_err(arrow_err)?;
+        let writing = Instant::now();
         let adds = self.write_files(&laid_out.files).await?;
 
         let mut removed = Vec::new();
@@ -393,7 +405,7 @@ impl PositionTable {
                 .map_err(|e| write_err(e.into()))?;
             revised = file.vectors.iter().map(|(id, dv, _)| (*id, dv.clone())).collect();
         }
-        let changes = Changes { removed: &removed, revised: &revised, added: &adds };
+        let changes = Changes { removed: &removed, revised: &revised, added: &adds, writing };
         self.commit(CommitKind::Flush, partitions, changes, transactions, index).await.map_err(write_err)?;
 
         for id in &removed {

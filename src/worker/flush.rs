@@ -107,7 +107,10 @@ impl Sinks {
         let positions = retry(
             &config.retry,
             "open the positions table",
-            || PositionTable::open_or_create(&config.delta, group),
+            || async {
+                let table = PositionTable::open_or_create(&config.delta, group).await?;
+                Ok(table.with_write_deadline(config.maintenance.write_deadline()))
+            },
             TableError::is_retryable,
         )
         .await?;
@@ -122,7 +125,8 @@ impl Sinks {
                         || DeadLetterTable::open_or_create(&uri, storage, properties, group),
                         TableError::is_retryable,
                     )
-                    .await?,
+                    .await?
+                    .with_write_deadline(config.maintenance.write_deadline()),
                 )
             }
             DeadLetterDestination::Topic => {

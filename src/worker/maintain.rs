@@ -100,8 +100,10 @@ impl super::Worker {
         let positions = self.reader.clone();
         let dead_letters = self.dead_letter_reader.clone();
         let progress = self.progress.clone();
-        self.cleaning =
-            Some(tokio::spawn(async move { clean_tables(&positions, dead_letters.as_ref(), &progress).await }));
+        let unreferenced = self.config.maintenance.unreferenced_file_age;
+        self.cleaning = Some(tokio::spawn(async move {
+            clean_tables(&positions, dead_letters.as_ref(), &progress, unreferenced).await
+        }));
     }
 
     /// Books a finished table-wide run.
@@ -142,10 +144,11 @@ async fn clean_tables(
     positions: &PositionTable,
     dead_letters: Option<&DeadLetterTable>,
     progress: &Progress,
+    unreferenced_file_age: Duration,
 ) -> Vec<Result<CleanReport, MaintenanceError>> {
     let started = std::time::Instant::now();
     let mut reports = Vec::new();
-    let cleaned = maintenance::clean(positions.delta(), positions.uri(), false).await;
+    let cleaned = maintenance::clean(positions.delta(), positions.uri(), false, unreferenced_file_age).await;
     if let Ok(report) = &cleaned {
         let after = report.after.clone().unwrap_or_else(|| report.before.clone());
         progress.update_maintenance(|m| {
@@ -163,7 +166,7 @@ async fn clean_tables(
         if let Err(error) = maintenance::bin_small_files(table.delta(), table.uri()).await {
             warn!(%error, "binning the dead-letter table's small files failed; it runs again next time");
         }
-        reports.push(maintenance::clean(table.delta(), table.uri(), false).await);
+        reports.push(maintenance::clean(table.delta(), table.uri(), false, unreferenced_file_age).await);
     }
     let removed: usize = reports.iter().flatten().map(|r| r.log_files.len() + r.data_files.len()).sum();
     Progress::add(&progress.files_removed_by_maintenance, removed as u64);

@@ -35,6 +35,20 @@ pub struct StorageFaults {
     pub refused: AtomicU64,
     /// Commits that waited for `commit_delay_ms` so far (counted when the wait starts).
     pub delayed: AtomicU64,
+    /// The next commit waits for this to be notified (the gate is taken by that commit
+    /// alone): a write held between its data files and its commit.
+    pub hold_next_commit: Mutex<Option<Arc<tokio::sync::Notify>>>,
+    /// Commits that waited at a hold so far (counted when the wait starts).
+    pub held: AtomicU64,
+}
+
+impl StorageFaults {
+    /// Holds the next commit until the returned gate is notified.
+    pub fn hold_next_commit(&self) -> Arc<tokio::sync::Notify> {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        *self.hold_next_commit.lock().expect("hold") = Some(gate.clone());
+        gate
+    }
 }
 
 impl StorageFaults {
@@ -113,6 +127,11 @@ impl fmt::Display for FaultyStore {
 impl FaultyStore {
     async fn check_write(&self, location: &Path) -> Result<()> {
         let is_commit = location.as_ref().contains("_delta_log/") && location.as_ref().ends_with(".json");
+        let gate = if is_commit { self.faults.hold_next_commit.lock().expect("hold").take() } else { None };
+        if let Some(gate) = gate {
+            self.faults.held.fetch_add(1, Ordering::SeqCst);
+            gate.notified().await;
+        }
         let delay = self.faults.commit_delay_ms.load(Ordering::SeqCst);
         if is_commit && delay > 0 {
             self.faults.delayed.fetch_add(1, Ordering::SeqCst);
