@@ -8,30 +8,17 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
+use common::stream::{Model, PARTITIONS, Stream};
 use position_sink::config::{DeltaConfig, PartitionBy, WriteMode};
-use position_sink::offsets::{Coordinates, Offset, TopicPartition};
+use position_sink::offsets::TopicPartition;
 use position_sink::table::{PositionTable, TableError, Thresholds};
-use position_sink::update::PositionUpdate;
-use position_sink::worker::batch::Batch;
-
-const PARTITIONS: i32 = 3;
 
 /// The tables' file retention (`delta.deletedFileRetentionDuration`), and the age of a
 /// file no commit names before vacuum takes it.
 const WINDOW: Duration = Duration::from_secs(60);
-
-fn update(conid: i64, symbol: &str, millis: i64, partition: i32, offset: i64) -> PositionUpdate {
-    let at = Coordinates { tp: TopicPartition::new("t", partition), offset: Offset(offset) };
-    let json = format!(r#"{{"conid":{conid},"symbol":"{symbol}","position":{offset},"timestamp":{millis}}}"#);
-    position_sink::decode::decode(None, Some(json.as_bytes()), at, &Default::default()).expect("valid update")
-}
 
 fn config(path: &Path, layout: PartitionBy, mode: WriteMode) -> DeltaConfig {
     let mut config = DeltaConfig {
@@ -44,86 +31,6 @@ fn config(path: &Path, layout: PartitionBy, mode: WriteMode) -> DeltaConfig {
     // Removed files and vectors may be vacuumed a minute after their removal.
     config.table_properties.0.insert("delta.deletedFileRetentionDuration".into(), "interval 60 seconds".into());
     config
-}
-
-/// The newest update per conid, by (timestamp, offset, partition): what the table must hold.
-#[derive(Default)]
-struct Model(BTreeMap<i64, PositionUpdate>);
-
-impl Model {
-    fn apply(&mut self, update: &PositionUpdate) {
-        if self.0.get(&update.conid).is_none_or(|old| update.supersedes(old)) {
-            self.0.insert(update.conid, update.clone());
-        }
-    }
-
-    fn expected(&self) -> BTreeMap<(String, i64), common::Row> {
-        self.0
-            .values()
-            .map(|u| {
-                let row = common::Row {
-                    conid: u.conid,
-                    symbol: u.symbol.clone(),
-                    position: u.position,
-                    timestamp_micros: u.timestamp_micros,
-                    account: None,
-                    market_price: None,
-                    kafka_partition: u.source.tp.partition.0,
-                    kafka_offset: u.source.offset.0,
-                    ingested_at: 0,
-                };
-                ((u.symbol.clone(), u.conid), row)
-            })
-            .collect()
-    }
-
-    /// (conid, symbol, kafka_offset) per row, as the Python readers print it.
-    fn triples(&self) -> Vec<(i64, String, i64)> {
-        self.0.values().map(|u| (u.conid, u.symbol.clone(), u.source.offset.0)).collect()
-    }
-}
-
-/// A stream of flushes over 300 conids and 12 symbols: updates mostly newer, some late
-/// (older than what the table holds), some repeated, and conids that change symbol.
-struct Stream {
-    rng: StdRng,
-    symbols: BTreeMap<i64, String>,
-    offsets: [i64; PARTITIONS as usize],
-    clock: i64,
-}
-
-impl Stream {
-    fn new(seed: u64) -> Self {
-        Self { rng: StdRng::seed_from_u64(seed), symbols: BTreeMap::new(), offsets: [0; 3], clock: 1_000_000 }
-    }
-
-    /// One flush's batch (one row per key, the newest of the flush's updates).
-    fn flush(&mut self, model: &mut Model, updates: usize) -> Batch {
-        let mut newest: BTreeMap<i64, PositionUpdate> = BTreeMap::new();
-        for _ in 0..updates {
-            let conid = self.rng.random_range(1..=300i64);
-            let moves = self.rng.random_bool(0.05);
-            let symbol = if moves || !self.symbols.contains_key(&conid) {
-                let s = format!("S{:02}", self.rng.random_range(0..12));
-                self.symbols.insert(conid, s.clone());
-                s
-            } else {
-                self.symbols[&conid].clone()
-            };
-            self.clock += 1;
-            let late = self.rng.random_bool(0.1);
-            let millis = if late { self.clock - self.rng.random_range(1..500) } else { self.clock };
-            let partition = (conid % i64::from(PARTITIONS)) as i32;
-            let offset = self.offsets[partition as usize];
-            self.offsets[partition as usize] += 1;
-            let u = update(conid, &symbol, millis, partition, offset);
-            model.apply(&u);
-            if newest.get(&conid).is_none_or(|old| u.supersedes(old)) {
-                newest.insert(conid, u);
-            }
-        }
-        Batch::of_rows(newest.into_values().collect())
-    }
 }
 
 /// Live files that carry a deletion vector, and the vector files on disk.
@@ -187,24 +94,6 @@ print(json.dumps(frame.rows()))
     serde_json::from_str(&printed).expect("rows as JSON")
 }
 
-fn age_everything(path: &Path) {
-    let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
-    let mut pending = vec![path.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).expect("dir").filter_map(Result::ok) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.path().is_dir() {
-                if !name.starts_with('_') {
-                    pending.push(entry.path());
-                }
-            } else if name.ends_with(".parquet") || name.ends_with(".bin") {
-                let file = std::fs::File::options().write(true).open(entry.path()).expect("file");
-                file.set_modified(two_hours_ago).expect("age the file");
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn flushes_hide_replaced_rows_and_every_reader_agrees_with_the_model_through_restart_compaction_and_vacuum() {
     // Both layouts at once: each waits out the vacuum's minute once.
@@ -265,7 +154,7 @@ async fn flushes_in(seed: u64, layout: PartitionBy) {
 
         // Vacuum keeps the vectors of files removed within the retention window: the
         // version before the compaction still reads right.
-        age_everything(&path);
+        common::stream::age_everything(&path);
         position_sink::maintenance::clean(table.delta(), table.uri(), false, WINDOW).await.expect("vacuum");
         assert_eq!(vector_files(&path), vector_files_before, "vectors of recently removed files are kept");
         assert_eq!(rows_at(&path, before_compaction), rows_before_compaction, "time travel before the compaction");
@@ -280,7 +169,7 @@ async fn flushes_in(seed: u64, layout: PartitionBy) {
         // Once the removes are older than the window (a minute), their vector files go.
         let window = WINDOW + Duration::from_secs(2);
         tokio::time::sleep(window.saturating_sub(compacted_at.elapsed())).await;
-        age_everything(&path);
+        common::stream::age_everything(&path);
         position_sink::maintenance::clean(table.delta(), table.uri(), false, WINDOW).await.expect("vacuum");
         let left: Vec<_> = vector_files_before.intersection(&vector_files(&path)).cloned().collect();
         assert!(left.is_empty(), "unreferenced vector files are vacuumed once out of the window: {left:?}");

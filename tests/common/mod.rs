@@ -12,6 +12,8 @@ compile_error!(
 
 pub mod faulty_store;
 pub mod scenario;
+pub mod stream;
+pub mod versions;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -553,6 +555,20 @@ pub async fn read_table_at(
 ) -> BTreeMap<(String, i64), Row> {
     let url = deltalake::ensure_table_uri(uri).expect("url");
     let table = deltalake::open_table_with_storage_options(url, options.clone()).await.expect("open table");
+    read_rows(table).await
+}
+
+/// Reads the table at `path` as of `version` (time travel), keyed like [`model`];
+/// asserts on the way that it holds one row per key.
+pub async fn read_version(path: &Path, version: u64) -> BTreeMap<(String, i64), Row> {
+    let url = deltalake::ensure_table_uri(path.display().to_string()).expect("url");
+    let table = deltalake::open_table_with_version(url, version)
+        .await
+        .unwrap_or_else(|e| panic!("open version {version}: {e}"));
+    read_rows(table).await
+}
+
+async fn read_rows(table: deltalake::DeltaTable) -> BTreeMap<(String, i64), Row> {
     let ctx = SessionContext::new();
     ctx.register_table("t", table.table_provider().await.expect("provider")).expect("register");
     let batches = ctx
