@@ -230,6 +230,11 @@ pub struct MaintenanceConfig {
     /// A file with at least this fraction of its rows hidden by deletion vectors
     /// (`delta.write_mode = "deletion_vectors"`) is rewritten without them.
     pub compaction_hidden_fraction: f64,
+    /// A flush that leaves a group (a Kafka partition's files of one symbol, or of the
+    /// whole partition) with more files to compact than this runs the worker's
+    /// compaction right after it, without waiting for `maintenance.interval`: it bounds
+    /// the files, and the files with deletion vectors, every reader opens.
+    pub compaction_max_files: usize,
     /// Vacuum never deletes a file no version references (one a flush or compaction
     /// wrote and has not committed yet, or never will) younger than this, by the object
     /// store's clock, whatever the table's retention. A flush or compaction commits its
@@ -256,6 +261,7 @@ impl Default for MaintenanceConfig {
             interval: Duration::from_secs(300),
             compaction_min_files: 4,
             compaction_hidden_fraction: 0.3,
+            compaction_max_files: 32,
             unreferenced_file_age: Duration::from_secs(30 * 60),
         }
     }
@@ -577,6 +583,7 @@ impl Config {
             maintenance.interval = ?self.maintenance.interval,
             maintenance.compaction_min_files = self.maintenance.compaction_min_files,
             maintenance.compaction_hidden_fraction = self.maintenance.compaction_hidden_fraction,
+            maintenance.compaction_max_files = self.maintenance.compaction_max_files,
             maintenance.unreferenced_file_age = ?self.maintenance.unreferenced_file_age,
             http.bind = %self.http.bind,
             log.format = %spelled(&self.log.format),
@@ -679,6 +686,13 @@ impl Config {
                 "maintenance.compaction_min_files",
                 "is below 2",
                 "set 2 or more (a single file is never compacted)",
+            );
+        }
+        if self.maintenance.compaction_max_files < self.maintenance.compaction_min_files {
+            return invalid(
+                "maintenance.compaction_max_files",
+                "is below maintenance.compaction_min_files",
+                "set it at or above maintenance.compaction_min_files, e.g. 32",
             );
         }
         let hidden = self.maintenance.compaction_hidden_fraction;

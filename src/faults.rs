@@ -5,7 +5,8 @@
 //!
 //! Faults that can be injected from outside the product (storage failures, broker
 //! outages, SIGKILL) are injected there instead; these are only the moments no outside
-//! fault can hit precisely: between two commits of one flush.
+//! fault can hit precisely: between two commits of one flush, and inside maintenance
+//! (a checkpoint half made, deletes half done, a compaction not yet committed).
 
 #[cfg(feature = "fault-injection")]
 use crate::status::Progress;
@@ -77,9 +78,7 @@ impl CrashPoints {
         if self.abort_after_delta_commit <= 0.0 {
             return;
         }
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let draw = f64::from(nanos.wrapping_mul(2_654_435_761) % 1_000_000) / 1_000_000.0;
-        if draw < self.abort_after_delta_commit {
+        if draw() < self.abort_after_delta_commit {
             eprintln!("position-sink: injected abort after a Delta commit, before its Kafka commit");
             std::process::abort();
         }
@@ -110,13 +109,47 @@ impl CrashPoints {
 #[cfg(feature = "fault-injection")]
 pub const ABORT_BEFORE_COMPACTION_COMMIT_ENV: &str = "POSITION_SINK_FAULT_ABORT_BEFORE_COMPACTION_COMMIT";
 
-/// Aborts the process if [`ABORT_BEFORE_COMPACTION_COMMIT_ENV`] asks for it.
+/// Environment variable read by the binary built with `fault-injection`: the
+/// probability (0..1) of aborting (as SIGKILL would) at each point of maintenance that
+/// [`maybe_abort_in_maintenance`] marks: with a checkpoint claimed but not written,
+/// with a checkpoint written, halfway through log cleanup's or vacuum's deletes, and
+/// with a compaction's files written but not committed.
+#[cfg(feature = "fault-injection")]
+pub const ABORT_IN_MAINTENANCE_ENV: &str = "POSITION_SINK_FAULT_ABORT_IN_MAINTENANCE";
+
+/// Aborts the process if [`ABORT_BEFORE_COMPACTION_COMMIT_ENV`] asks for it, or with
+/// the probability [`ABORT_IN_MAINTENANCE_ENV`] gives.
 #[cfg(feature = "fault-injection")]
 pub(crate) fn maybe_abort_before_compaction_commit() {
     if std::env::var(ABORT_BEFORE_COMPACTION_COMMIT_ENV).is_ok_and(|v| v == "1") {
         eprintln!("position-sink: injected abort after a compaction wrote its files, before its commit");
         std::process::abort();
     }
+    maybe_abort_in_maintenance("with a compaction's files written, before its commit");
+}
+
+/// Aborts the process, saying `when`, with the probability [`ABORT_IN_MAINTENANCE_ENV`]
+/// gives (never when it is unset).
+#[cfg(feature = "fault-injection")]
+pub(crate) fn maybe_abort_in_maintenance(when: &str) {
+    if draws_abort(ABORT_IN_MAINTENANCE_ENV) {
+        eprintln!("position-sink: injected abort in maintenance, {when}");
+        std::process::abort();
+    }
+}
+
+/// Whether an abort is drawn with the probability in the variable `name`.
+#[cfg(feature = "fault-injection")]
+fn draws_abort(name: &str) -> bool {
+    let probability: f64 = std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    probability > 0.0 && draw() < probability
+}
+
+/// A number in 0..1 from the clock's nanoseconds.
+#[cfg(feature = "fault-injection")]
+fn draw() -> f64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos.wrapping_mul(2_654_435_761) % 1_000_000) / 1_000_000.0
 }
 
 #[cfg(feature = "fault-injection")]

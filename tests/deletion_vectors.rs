@@ -145,7 +145,7 @@ async fn flushes_in(seed: u64, layout: PartitionBy) {
         let rows_before_compaction = model.triples();
         let vector_files_before = vector_files(&path);
         let partitions: Vec<TopicPartition> = (0..PARTITIONS).map(|p| TopicPartition::new("t", p)).collect();
-        let thresholds = Thresholds { min_files: 2, hidden_fraction: 0.01 };
+        let thresholds = Thresholds { min_files: 2, hidden_fraction: 0.01, max_files: 32 };
         let (table, report) = table.compact(&partitions, thresholds).await.expect("compaction");
         let compacted_at = std::time::Instant::now();
         assert!(report.committed && report.files_removed > 0, "{report:?}");
@@ -215,4 +215,73 @@ async fn a_new_deletion_vector_table_declares_the_feature_readers_need() {
     let features = |kind: &str| protocol[kind].as_array().cloned().unwrap_or_default();
     assert!(features("readerFeatures").contains(&"deletionVectors".into()), "{protocol}");
     assert!(features("writerFeatures").contains(&"deletionVectors".into()), "{protocol}");
+}
+
+/// A worker flushing small batches every 50 ms, with its scheduled maintenance an hour
+/// away: each flush adds a file per Kafka partition and hides rows of older ones. Past
+/// `maintenance.compaction_max_files` files in a group, the flush compacts at once, so
+/// the files (and vectors) a reader loads stay bounded however many flushes ran; every
+/// reader, and a restarted worker's key index, reads the table exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_crowds_a_group_compacts_it_so_readers_load_a_bounded_number_of_files() {
+    const MAX_FILES: usize = 8;
+    let topic = common::create_topic("crowded", 2).await;
+    let (_dir, path) = common::table_dir();
+    let mut config = common::config(&topic, &common::unique("crowded"), &path);
+    config.delta.write_mode = WriteMode::DeletionVectors;
+    config.delta.partition_by = PartitionBy::None;
+    config.flush.interval = Duration::from_millis(50);
+    config.maintenance.interval = Duration::from_secs(3600);
+    config.maintenance.compaction_max_files = MAX_FILES;
+    let mut produced = common::produce(&topic, &common::sample(3000, 3000, 7), None).await;
+    let worker = common::spawn_worker(config.clone());
+    common::wait_until(Duration::from_secs(120), "the first rows", async || {
+        common::is_committed_to(&config.kafka.group_id, &topic, &produced, 2)
+    })
+    .await;
+    // About 150 flushes, each hiding rows of the files before it.
+    for chunk in 0..150 {
+        produced.extend(common::produce(&topic, &common::sample(40, 3000, 100 + chunk), None).await);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    common::wait_until(Duration::from_secs(120), "every update committed", async || {
+        common::is_committed_to(&config.kafka.group_id, &topic, &produced, 2)
+    })
+    .await;
+    let compactions = position_sink::Progress::get(&worker.progress.compactions);
+    let summary = worker.stop().await.expect("worker");
+
+    let (with_vector, _) = vectors_in(&path).await;
+    let url = deltalake::ensure_table_uri(path.display().to_string()).expect("url");
+    let live = deltalake::open_table(url).await.expect("open").snapshot().expect("snapshot").log_data().num_files();
+    eprintln!(
+        "{} flushes, {compactions} compactions: {live} live files, {with_vector} with a vector",
+        summary.delta_commits
+    );
+    assert!(summary.delta_commits >= 60, "many flushes: {summary:?}");
+    assert!(compactions > 0, "crowded groups were compacted before maintenance.interval");
+    assert!(live <= 2 * (MAX_FILES + 1), "{live} live files in 2 groups of at most {MAX_FILES} files to pack");
+    for name in vector_files(&path) {
+        let size = std::fs::metadata(path.join(&name)).expect("vector file").len();
+        assert!(size <= 72 * 1024, "{name}: {size} bytes, more than 64 KiB of vectors and one more");
+    }
+
+    let expected: Vec<(i64, String, i64)> = {
+        let mut rows: Vec<_> =
+            common::model(&produced).values().map(|r| (r.conid, r.symbol.clone(), r.kafka_offset)).collect();
+        rows.sort();
+        rows
+    };
+    let timed = std::time::Instant::now();
+    assert_eq!(independent_rows(&path), expected, "polars and QueryBuilder");
+    let independent = timed.elapsed();
+    let timed = std::time::Instant::now();
+    assert_eq!(common::spark_rows(&[&path]), vec![expected], "Spark");
+    eprintln!("polars + QueryBuilder read it in {independent:?}, Spark in {:?}", timed.elapsed());
+    common::assert_table_matches(&common::read_table(&path).await, &common::model(&produced));
+
+    // A restarted worker builds its key index from the files and their vectors.
+    produced.extend(common::produce(&topic, &common::sample(500, 3000, 999), None).await);
+    common::run_to_end(config).await.expect("the restarted worker");
+    common::assert_table_matches(&common::read_table(&path).await, &common::model(&produced));
 }

@@ -137,8 +137,10 @@ async fn vacuum_keeps_a_file_a_version_in_the_window_reads_though_an_older_tombs
     // compaction reads it.
     let table = PositionTable::open_or_create(&config, "g").await.expect("reopen");
     let partitions = [TopicPartition::new("t", 0)];
-    let (_, report) =
-        table.compact(&partitions, Thresholds { min_files: 2, hidden_fraction: 0.01 }).await.expect("compaction");
+    let (_, report) = table
+        .compact(&partitions, Thresholds { min_files: 2, hidden_fraction: 0.01, max_files: 32 })
+        .await
+        .expect("compaction");
     assert!(report.committed, "{report:?}");
     common::stream::age_everything(&path);
 
@@ -286,12 +288,16 @@ async fn a_flush_never_brings_back_a_file_a_compaction_removed_meanwhile() {
     })
     .await;
     let maintainer = PositionTable::open_or_create(&config, "g").await.expect("open");
-    let thresholds = Thresholds { min_files: 2, hidden_fraction: 0.01 };
+    let thresholds = Thresholds { min_files: 2, hidden_fraction: 0.01, max_files: 32 };
     let (_, compaction) = maintainer.compact(&[TopicPartition::new("t", 0)], thresholds).await.expect("compaction");
     assert!(compaction.committed && compaction.files_removed == 2, "{compaction:?}");
     let compacted = table_version_of(&path);
-    let removed: Vec<String> =
-        actions_of(&path, compacted).iter().filter_map(|a| a["remove"]["path"].as_str().map(String::from)).collect();
+    let actions = actions_of(&path, compacted);
+    let removed: Vec<String> = actions.iter().filter_map(|a| a["remove"]["path"].as_str().map(String::from)).collect();
+    assert!(
+        actions.iter().filter(|a| a.get("remove").is_some()).all(|a| a["remove"]["dataChange"] == true),
+        "a compaction may drop older copies of a key: its removes say dataChange: {actions:?}"
+    );
     gate.notify_one();
 
     // The flush conflicts, and made again it hides the row in the compacted file.

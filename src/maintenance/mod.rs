@@ -149,7 +149,11 @@ pub async fn clean(
         && needs_checkpoint(&before, &settings)
         && claim_checkpoint(&table, before.version).await.map_err(failed("claiming a checkpoint"))?
     {
+        #[cfg(feature = "fault-injection")]
+        crate::faults::maybe_abort_in_maintenance("with a checkpoint claimed, before it is written");
         deltalake::checkpoints::create_checkpoint(&table, None).await.map_err(failed("writing a checkpoint"))?;
+        #[cfg(feature = "fault-injection")]
+        crate::faults::maybe_abort_in_maintenance("with a checkpoint written");
         checkpoint_written = Some(before.version);
     }
     let log_files = if settings.log_cleanup {
@@ -159,7 +163,7 @@ pub async fn clean(
         Vec::new()
     };
     if !dry_run && !log_files.is_empty() {
-        delete(&table, &log_files).await.map_err(failed("removing expired log files"))?;
+        delete(&table, &log_files, "log cleanup").await.map_err(failed("removing expired log files"))?;
     }
 
     vacuum::check(&settings).map_err(failed("checking the retention settings"))?;
@@ -206,7 +210,7 @@ pub async fn clean(
         })
         .collect();
     if !dry_run && !data_files.is_empty() {
-        delete(&table, &data_files).await.map_err(failed("vacuuming"))?;
+        delete(&table, &data_files, "vacuum").await.map_err(failed("vacuuming"))?;
     }
     let vacuumed = table;
     let after = if dry_run { None } else { Some(footprint::measure(&vacuumed).await.map_err(failed("measuring"))?) };
@@ -228,8 +232,18 @@ pub async fn clean(
     Ok(report)
 }
 
-/// Deletes `files` (a file already gone is fine: another run took it).
-async fn delete(table: &DeltaTable, files: &[Removed]) -> Result<(), DeltaTableError> {
+/// Deletes `files` for `step` (a file already gone is fine: another run took it).
+async fn delete(table: &DeltaTable, files: &[Removed], step: &str) -> Result<(), DeltaTableError> {
+    #[cfg(feature = "fault-injection")]
+    if files.len() > 1 {
+        delete_all(table, &files[..files.len() / 2]).await?;
+        crate::faults::maybe_abort_in_maintenance(&format!("halfway through {step}'s deletes"));
+    }
+    let _ = step;
+    delete_all(table, files).await
+}
+
+async fn delete_all(table: &DeltaTable, files: &[Removed]) -> Result<(), DeltaTableError> {
     use futures::{StreamExt, TryStreamExt};
     let store = table.object_store();
     let paths: Vec<deltalake::Path> = files

@@ -178,23 +178,6 @@ fn loose_statistics(stats: Option<&str>, rows: usize) -> String {
     serde_json::Value::Object(fields).to_string()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_file_given_a_vector_always_counts_its_records() {
-        let loose = |stats, rows| serde_json::from_str::<serde_json::Value>(&loose_statistics(stats, rows)).unwrap();
-        let without = loose(None, 7);
-        assert_eq!(without["numRecords"], 7, "{without}");
-        assert_eq!(without["tightBounds"], false, "{without}");
-        let with = loose(Some(r#"{"numRecords":5,"minValues":{"conid":1}}"#), 7);
-        assert_eq!(with["numRecords"], 5, "the file's own count stands: {with}");
-        assert_eq!(with["minValues"]["conid"], 1, "{with}");
-        assert_eq!(loose(Some(r#"{"minValues":{}}"#), 3)["numRecords"], 3);
-    }
-}
-
 /// A write that could not commit within its deadline.
 fn past_deadline(writing: Instant, deadline: std::time::Duration) -> DeltaTableError {
     DeltaTableError::Generic(format!(
@@ -235,4 +218,21 @@ fn partitions_predicate(partitions: &[TopicPartition]) -> Option<String> {
 /// only ASCII letters, digits, `.`, `_` and `-`).
 fn is_plain_name(topic: &str) -> bool {
     topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_given_a_vector_always_counts_its_records() {
+        let loose = |stats, rows| serde_json::from_str::<serde_json::Value>(&loose_statistics(stats, rows)).unwrap();
+        let without = loose(None, 7);
+        assert_eq!(without["numRecords"], 7, "{without}");
+        assert_eq!(without["tightBounds"], false, "{without}");
+        let with = loose(Some(r#"{"numRecords":5,"minValues":{"conid":1}}"#), 7);
+        assert_eq!(with["numRecords"], 5, "the file's own count stands: {with}");
+        assert_eq!(with["minValues"]["conid"], 1, "{with}");
+        assert_eq!(loose(Some(r#"{"minValues":{}}"#), 3)["numRecords"], 3);
+    }
 }

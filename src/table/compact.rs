@@ -29,11 +29,18 @@ pub struct Thresholds {
     pub min_files: usize,
     /// Or a file with at least this fraction of its rows hidden by a deletion vector.
     pub hidden_fraction: f64,
+    /// A flush that leaves a group with more files to pack than this makes compaction
+    /// due at once, not only at the next `maintenance.interval`.
+    pub max_files: usize,
 }
 
 impl From<&crate::config::MaintenanceConfig> for Thresholds {
     fn from(config: &crate::config::MaintenanceConfig) -> Self {
-        Self { min_files: config.compaction_min_files, hidden_fraction: config.compaction_hidden_fraction }
+        Self {
+            min_files: config.compaction_min_files,
+            hidden_fraction: config.compaction_hidden_fraction,
+            max_files: config.compaction_max_files,
+        }
     }
 }
 
@@ -140,7 +147,7 @@ impl PositionTable {
             committed: true,
             elapsed: Duration::ZERO,
         };
-        super::index_new_files(&mut index, &adds, plan.files).map_err(|e| write_err(e.into()))?;
+        let _grown = super::index_new_files(&mut index, &adds, plan.files).map_err(|e| write_err(e.into()))?;
         fresh.table.update_state().await.map_err(write_err)?;
         Ok((fresh.clone(), CompactionReport { elapsed: started.elapsed(), ..report }))
     }

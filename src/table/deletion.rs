@@ -1,5 +1,5 @@
 //! Merge-on-read (`delta.write_mode = "deletion_vectors"`): which stored rows a flush
-//! hides, the one deletion-vector file a flush writes for every file it touches, and
+//! hides, the deletion-vector files a flush writes for the files it touches, and
 //! reading a file's vector back. The format is Delta's ("Deletion Vector Format" in
 //! the protocol), written and read by the Delta kernel delta-rs is built on.
 //!
@@ -67,7 +67,14 @@ pub fn plan<'b>(rows: &[&'b PositionUpdate], index: &KeyIndex, key_columns: &[Ke
     plan
 }
 
-/// The deletion vectors of one flush, all in one file.
+/// The most bytes of vectors one vector file holds before the next vector starts a new
+/// file. Readers (delta-rs's kernel among them) load a vector's whole file to read it,
+/// so a reader of a table with `n` files with vectors loads up to `n` times this: one
+/// file per flush for every touched file would make that grow with the square of the
+/// files a flush touches.
+pub const MAX_VECTOR_FILE_BYTES: usize = 64 * 1024;
+
+/// Some of the deletion vectors of one flush, in one file.
 #[derive(Debug)]
 pub struct VectorFile {
     /// The file's path relative to the table root.
@@ -78,33 +85,43 @@ pub struct VectorFile {
     pub vectors: Vec<(FileId, DeletionVectorDescriptor, RoaringTreemap)>,
 }
 
-/// Writes `vectors` (each file's whole new set of hidden rows) into one deletion-vector
-/// file at the table root, named as the protocol derives it from a random UUID.
+/// Writes `vectors` (each file's whole new set of hidden rows) into deletion-vector
+/// files at the table root, named as the protocol derives them from a random UUID: a
+/// file takes vectors until it holds [`MAX_VECTOR_FILE_BYTES`] (so a file is at most
+/// that plus one vector).
 ///
 /// # Errors
 /// When a vector cannot be serialized (larger than the format allows).
-pub fn write_vectors(vectors: Vec<(FileId, RoaringTreemap)>) -> Result<VectorFile, DeltaTableError> {
-    let uuid = uuid::Uuid::new_v4();
-    let mut bytes = Vec::new();
-    let mut written = Vec::with_capacity(vectors.len());
-    {
-        let mut writer = StreamingDeletionVectorWriter::new(&mut bytes);
-        for (id, rows) in vectors {
-            let mut vector = KernelDeletionVector::new();
-            vector.add_deleted_row_indexes(rows.iter());
-            let result = writer.write_deletion_vector(vector).map_err(kernel_err)?;
-            let descriptor = DeletionVectorDescriptor {
-                storage_type: StorageType::UuidRelativePath,
-                path_or_inline_dv: z85::encode(uuid.as_bytes()),
-                offset: Some(result.offset),
-                size_in_bytes: result.size_in_bytes,
-                cardinality: result.cardinality,
-            };
-            written.push((id, descriptor, rows));
+pub fn write_vectors(vectors: Vec<(FileId, RoaringTreemap)>) -> Result<Vec<VectorFile>, DeltaTableError> {
+    let mut files = Vec::new();
+    let mut vectors = vectors.into_iter().peekable();
+    while vectors.peek().is_some() {
+        let uuid = uuid::Uuid::new_v4();
+        let mut bytes = Vec::new();
+        let mut written = Vec::new();
+        {
+            let mut writer = StreamingDeletionVectorWriter::new(&mut bytes);
+            let mut size = 0;
+            while size < MAX_VECTOR_FILE_BYTES {
+                let Some((id, rows)) = vectors.next() else { break };
+                let mut vector = KernelDeletionVector::new();
+                vector.add_deleted_row_indexes(rows.iter());
+                let result = writer.write_deletion_vector(vector).map_err(kernel_err)?;
+                size = result.offset as usize + result.size_in_bytes as usize;
+                let descriptor = DeletionVectorDescriptor {
+                    storage_type: StorageType::UuidRelativePath,
+                    path_or_inline_dv: z85::encode(uuid.as_bytes()),
+                    offset: Some(result.offset),
+                    size_in_bytes: result.size_in_bytes,
+                    cardinality: result.cardinality,
+                };
+                written.push((id, descriptor, rows));
+            }
+            writer.finalize().map_err(kernel_err)?;
         }
-        writer.finalize().map_err(kernel_err)?;
+        files.push(VectorFile { path: format!("deletion_vector_{uuid}.bin"), bytes, vectors: written });
     }
-    Ok(VectorFile { path: format!("deletion_vector_{uuid}.bin"), bytes, vectors: written })
+    Ok(files)
 }
 
 /// The identity of a deletion vector as the protocol defines it (storage type, path or
@@ -198,10 +215,12 @@ mod tests {
     }
 
     #[test]
-    fn vectors_of_one_flush_share_one_file_and_round_trip() {
+    fn vectors_of_one_flush_share_a_file_up_to_its_limit() {
         let a: RoaringTreemap = [1u64, 5, 9].into_iter().collect();
         let b: RoaringTreemap = [0u64].into_iter().collect();
-        let file = write_vectors(vec![(1, a.clone()), (2, b)]).expect("written");
+        let files = write_vectors(vec![(1, a.clone()), (2, b)]).expect("written");
+        assert_eq!(files.len(), 1, "two small vectors share one file");
+        let file = &files[0];
         assert!(file.path.starts_with("deletion_vector_") && file.path.ends_with(".bin"));
         assert_eq!(file.vectors.len(), 2);
         let (_, first, _) = &file.vectors[0];
@@ -210,5 +229,22 @@ mod tests {
         let (_, second, _) = &file.vectors[1];
         assert!(second.offset > first.offset);
         assert_ne!(unique_id(first), unique_id(second));
+    }
+
+    #[test]
+    fn a_flush_of_many_vectors_writes_several_bounded_files() {
+        // Every other row of 8,000: a vector of about 1 KiB that no run container shrinks.
+        let wide: RoaringTreemap = (0u64..16_000).step_by(2).collect();
+        let vectors: Vec<(FileId, RoaringTreemap)> = (0..200).map(|id| (id, wide.clone())).collect();
+        let files = write_vectors(vectors).expect("written");
+        assert!(files.len() > 1, "200 vectors of about 1 KiB do not fit one file of 64 KiB");
+        let largest_vector = files[0].vectors[0].1.size_in_bytes as usize;
+        for file in &files {
+            assert!(file.bytes.len() <= MAX_VECTOR_FILE_BYTES + largest_vector + 8, "{} bytes", file.bytes.len());
+            let uuid = &file.vectors[0].1.path_or_inline_dv;
+            assert!(file.vectors.iter().all(|(_, dv, _)| &dv.path_or_inline_dv == uuid), "one file, one UUID");
+        }
+        let ids: Vec<FileId> = files.iter().flat_map(|f| f.vectors.iter().map(|(id, _, _)| *id)).collect();
+        assert_eq!(ids, (0..200).collect::<Vec<_>>(), "every vector written once, in order");
     }
 }

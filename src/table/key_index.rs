@@ -345,9 +345,9 @@ impl KeyIndex {
 
     /// The groups of `owners`' files worth compacting, with the files to pack: the
     /// files at most half full or with at least `hidden_fraction` of their rows hidden
-    /// by a deletion vector (fuller files are left as they are), when there are at least `min_files` of them whose live rows fit
-    /// in fewer files of `max_rows` rows, or when one of them crosses `hidden_fraction`.
-    /// Smallest groups first.
+    /// by a deletion vector (fuller files are left as they are), when there are at least
+    /// `min_files` of them whose live rows fit in fewer files of `max_rows` rows, or
+    /// when one of them crosses `hidden_fraction`. Smallest groups first.
     pub fn groups_to_compact(
         &self,
         owners: &[TopicPartition],
@@ -355,26 +355,50 @@ impl KeyIndex {
         hidden_fraction: f64,
         max_rows: usize,
     ) -> Vec<(FileGroup, Vec<FileId>)> {
-        let mostly_hidden = |f: &IndexedFile| f.rows > 0 && f.deleted.len() as f64 >= hidden_fraction * f.rows as f64;
         let mut found: Vec<(FileGroup, Vec<FileId>)> = self
             .by_group
             .iter()
             .filter(|(group, _)| group.owner.as_ref().is_some_and(|owner| owners.contains(owner)))
             .filter_map(|(group, ids)| {
-                let mut candidates: Vec<FileId> = ids
-                    .iter()
-                    .copied()
-                    .filter(|id| self.files.get(id).is_some_and(|f| f.live_rows() <= max_rows / 2 || mostly_hidden(f)))
-                    .collect();
-                candidates.sort_unstable();
+                let candidates = self.candidates(ids, hidden_fraction, max_rows);
                 let files = || candidates.iter().filter_map(|id| self.files.get(id));
                 let rows: usize = files().map(IndexedFile::live_rows).sum();
                 let packs = candidates.len() >= min_files.max(2) && rows.div_ceil(max_rows.max(1)) < candidates.len();
-                (packs || files().any(mostly_hidden)).then(|| (group.clone(), candidates))
+                let hidden = files().any(|f| mostly_hidden(f, hidden_fraction));
+                (packs || hidden).then(|| (group.clone(), candidates))
             })
             .collect();
         found.sort();
         found
+    }
+
+    /// Whether one of `groups` has more than `max_files` files compaction would pack
+    /// (those [`KeyIndex::groups_to_compact`] takes): then a reader of the group opens
+    /// that many small files, or files with vectors, and compaction is due now.
+    pub fn crowded(
+        &self,
+        groups: &BTreeSet<FileGroup>,
+        max_files: usize,
+        hidden_fraction: f64,
+        max_rows: usize,
+    ) -> bool {
+        groups
+            .iter()
+            .filter_map(|group| self.by_group.get(group))
+            .any(|ids| ids.len() > max_files && self.candidates(ids, hidden_fraction, max_rows).len() > max_files)
+    }
+
+    /// Of `ids`, the files at most half full or mostly hidden, in id order.
+    fn candidates(&self, ids: &HashSet<FileId>, hidden_fraction: f64, max_rows: usize) -> Vec<FileId> {
+        let mut candidates: Vec<FileId> = ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.files.get(id).is_some_and(|f| f.live_rows() <= max_rows / 2 || mostly_hidden(f, hidden_fraction))
+            })
+            .collect();
+        candidates.sort_unstable();
+        candidates
     }
 
     /// The Kafka partitions that own files.
@@ -388,6 +412,11 @@ impl KeyIndex {
     fn len(&self) -> usize {
         self.keys.iter().filter(|(_, slot)| self.files.contains_key(&slot.file)).count()
     }
+}
+
+/// Whether at least `fraction` of `file`'s rows are hidden by its deletion vector.
+fn mostly_hidden(file: &IndexedFile, fraction: f64) -> bool {
+    file.rows > 0 && file.deleted.len() as f64 >= fraction * file.rows as f64
 }
 
 impl KeyIndex {
@@ -596,5 +625,17 @@ mod tests {
             vec![(group(0), vec![a])],
             "a file with half its rows hidden is rewritten alone"
         );
+    }
+
+    #[test]
+    fn a_group_is_crowded_past_the_most_files_compaction_would_pack() {
+        let mut index = KeyIndex::default();
+        let small: Vec<FileId> = (0..3).map(|i| add(&mut index, &format!("s{i}"), group(0), [key(i)])).collect();
+        add(&mut index, "full", group(0), (10..20).map(key));
+        let groups: BTreeSet<FileGroup> = [group(0)].into();
+        assert!(index.crowded(&groups, 2, 0.3, 10), "three small files, two allowed");
+        assert!(!index.crowded(&groups, 3, 0.3, 10), "the full file is not packed, so it does not count");
+        assert!(!index.crowded(&[group(1)].into(), 0, 0.3, 10), "a group without files");
+        assert_eq!(small.len(), 3);
     }
 }

@@ -88,6 +88,9 @@ pub struct WriteReport {
     pub bytes_written: u64,
     /// Whether a commit was made.
     pub committed: bool,
+    /// Whether a group the write added files to now has more files to compact than
+    /// [`Thresholds::max_files`]: compaction is due now.
+    pub compaction_due: bool,
     /// Time spent in the merge and commit.
     pub elapsed: std::time::Duration,
 }
@@ -107,6 +110,7 @@ impl WriteReport {
             rows_rewritten: 0,
             bytes_written: 0,
             committed: false,
+            compaction_due: false,
             elapsed: started.elapsed(),
         }
     }
@@ -123,6 +127,7 @@ pub struct PositionTable {
     write_mode: WriteMode,
     max_rows_per_file: usize,
     write_deadline: std::time::Duration,
+    compaction: Thresholds,
     index: Arc<Mutex<KeyIndex>>,
 }
 
@@ -151,6 +156,7 @@ impl PositionTable {
             write_mode: config.write_mode,
             max_rows_per_file: config.max_rows_per_file,
             write_deadline: crate::config::MaintenanceConfig::default().write_deadline(),
+            compaction: Thresholds::from(&crate::config::MaintenanceConfig::default()),
             index: Arc::default(),
         })
     }
@@ -161,6 +167,12 @@ impl PositionTable {
     /// commit them (the write fails, retryable, and writes them again).
     pub fn with_write_deadline(self, deadline: std::time::Duration) -> Self {
         Self { write_deadline: deadline, ..self }
+    }
+
+    /// This handle with `thresholds` deciding when a write reports compaction due
+    /// ([`WriteReport::compaction_due`]).
+    pub fn with_compaction(self, thresholds: Thresholds) -> Self {
+        Self { compaction: thresholds, ..self }
     }
 
     /// The memory the key index's keys take, in bytes, and the keys it holds (the
@@ -334,7 +346,8 @@ impl PositionTable {
         for id in &plan.rewritten {
             index.remove_file(*id);
         }
-        index_new_files(&mut index, &adds, plan.files).map_err(arrow_err)?;
+        let grown = index_new_files(&mut index, &adds, plan.files).map_err(arrow_err)?;
+        let compaction_due = self.crowded(&index, &grown);
         self.table.update_state().await.map_err(write_err)?;
         if self.layout == PartitionBy::Symbol && adds.len() > MANY_FILES_PER_FLUSH {
             warn_many_symbols(adds.len());
@@ -351,14 +364,15 @@ impl PositionTable {
             rows_rewritten,
             bytes_written: adds.iter().map(|a| a.size.max(0) as u64).sum(),
             committed: true,
+            compaction_due,
             elapsed: started.elapsed(),
             ..report
         })
     }
 
     /// A flush in deletion-vector mode: the batch's winners written as new files of
-    /// their groups, the stored rows they replace hidden by deletion vectors (one
-    /// vector file for the flush), all in one commit. A file whose every row is hidden
+    /// their groups, the stored rows they replace hidden by deletion vectors (in
+    /// vector files of at most [`deletion::MAX_VECTOR_FILE_BYTES`] each), all in one commit. A file whose every row is hidden
     /// is removed instead.
     async fn merge_hiding(
         &mut self,
@@ -391,31 +405,31 @@ impl PositionTable {
             let all = &file.deleted | &hidden;
             if all.len() >= file.rows as u64 { removed.push(id) } else { vectors.push((id, all)) }
         }
-        let mut vector_file =
-            if vectors.is_empty() { None } else { Some(deletion::write_vectors(vectors).map_err(write_err)?) };
-        let mut revised = Vec::new();
-        let mut vector_bytes = 0;
-        if let Some(file) = &mut vector_file {
-            let bytes = std::mem::take(&mut file.bytes);
-            vector_bytes = bytes.len() as u64;
+        let mut vector_files = deletion::write_vectors(vectors).map_err(write_err)?;
+        let vector_bytes: u64 = vector_files.iter().map(|f| f.bytes.len() as u64).sum();
+        let store = self.table.object_store();
+        let puts = vector_files.iter_mut().map(|file| {
+            let (store, bytes) = (Arc::clone(&store), std::mem::take(&mut file.bytes));
             let location = deltalake::Path::from(file.path.as_str());
-            let store = self.table.object_store();
-            object_store::ObjectStoreExt::put(&store, &location, bytes.into())
-                .await
-                .map_err(|e| write_err(e.into()))?;
-            revised = file.vectors.iter().map(|(id, dv, _)| (*id, dv.clone())).collect();
-        }
+            async move { object_store::ObjectStoreExt::put(&store, &location, bytes.into()).await }
+        });
+        futures::future::try_join_all(puts).await.map_err(|e| write_err(e.into()))?;
+        let vectors: Vec<_> = vector_files.into_iter().flat_map(|f| f.vectors).collect();
+        let revised: Vec<_> = vectors.iter().map(|(id, dv, _)| (*id, dv.clone())).collect();
         let changes = Changes { removed: &removed, revised: &revised, added: &adds, writing };
         self.commit(CommitKind::Flush, partitions, changes, transactions, index).await.map_err(write_err)?;
 
         for id in &removed {
             index.remove_file(*id);
         }
-        for (id, dv, all) in vector_file.map(|f| f.vectors).unwrap_or_default() {
+        let mut touched: BTreeSet<FileGroup> = BTreeSet::new();
+        for (id, dv, all) in vectors {
+            touched.extend(index.file(id).map(|f| f.group.clone()));
             index.hide_rows(id, deletion::unique_id(&dv), &all);
         }
         let rows_written = laid_out.files.iter().map(|f| f.rows.num_rows()).sum();
-        index_new_files(index, &adds, laid_out.files).map_err(arrow_err)?;
+        touched.extend(index_new_files(index, &adds, laid_out.files).map_err(arrow_err)?);
+        let compaction_due = self.crowded(index, &touched);
         self.table.update_state().await.map_err(write_err)?;
         Ok(WriteReport {
             version: self.version().unwrap_or(TableVersion(0)),
@@ -427,6 +441,7 @@ impl PositionTable {
             rows_rewritten: rows_written,
             bytes_written: adds.iter().map(|a| a.size.max(0) as u64).sum::<u64>() + vector_bytes,
             committed: true,
+            compaction_due,
             elapsed: started.elapsed(),
             ..report
         })
@@ -450,6 +465,12 @@ impl PositionTable {
             .collect();
         let rows = batch.rows.iter().filter(|u| merged == Rows::All || is_new(&u.source.tp, u.source.offset)).collect();
         Ok((transactions, rows))
+    }
+
+    /// Whether one of `groups` has more files to compact than the thresholds allow.
+    fn crowded(&self, index: &KeyIndex, groups: &BTreeSet<FileGroup>) -> bool {
+        let thresholds = &self.compaction;
+        index.crowded(groups, thresholds.max_files, thresholds.hidden_fraction, self.max_rows_per_file)
     }
 
     /// Brings the key index to this handle's version: forgets removed files and reads
@@ -540,12 +561,14 @@ impl PositionTable {
     }
 }
 
-/// Records the files a commit added in `index`: their rows, keys and precedence.
+/// Records the files a commit added in `index` (their rows, keys and precedence);
+/// returns their groups.
 fn index_new_files(
     index: &mut KeyIndex,
     adds: &[deltalake::kernel::Add],
     written: Vec<merge::NewFile>,
-) -> Result<(), deltalake::arrow::error::ArrowError> {
+) -> Result<BTreeSet<FileGroup>, deltalake::arrow::error::ArrowError> {
+    let groups = written.iter().map(|file| file.group.clone()).collect();
     let nothing_hidden = roaring::RoaringTreemap::new();
     let mut added = Vec::with_capacity(adds.len());
     for (add, file) in adds.iter().zip(written) {
@@ -555,7 +578,7 @@ fn index_new_files(
         added.push((path, file.group, rows, roaring::RoaringTreemap::new(), live));
     }
     index.add_files(added);
-    Ok(())
+    Ok(groups)
 }
 
 /// Refuses a table whose write mode is not `configured`: a table is in deletion-vector

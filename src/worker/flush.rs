@@ -29,7 +29,7 @@ use crate::faults::CrashPoints;
 use crate::kafka;
 use crate::retry::retry;
 use crate::status::Progress;
-use crate::table::{PositionTable, WriteReport};
+use crate::table::{PositionTable, Thresholds, WriteReport};
 
 /// Where dead letters go.
 #[derive(Debug, Clone)]
@@ -109,7 +109,9 @@ impl Sinks {
             "open the positions table",
             || async {
                 let table = PositionTable::open_or_create(&config.delta, group).await?;
-                Ok(table.with_write_deadline(config.maintenance.write_deadline()))
+                Ok(table
+                    .with_write_deadline(config.maintenance.write_deadline())
+                    .with_compaction(Thresholds::from(&config.maintenance)))
             },
             TableError::is_retryable,
         )
@@ -266,7 +268,9 @@ impl super::Worker {
     }
 
     /// Starts writing the buffer, followed by a compaction of the worker's files when
-    /// one is due; nothing when both are empty or a flush is already running.
+    /// one is due (or when the flush left a group with more files to compact than
+    /// `maintenance.compaction_max_files`); nothing when both are empty or a flush is
+    /// already running.
     pub(super) fn start_flush(&mut self) {
         self.apply_rebalances();
         self.rejections_logged = 0;
@@ -285,13 +289,19 @@ impl super::Worker {
         let progress = self.progress.clone();
         let crash = self.crash.clone();
         let thresholds = crate::table::Thresholds::from(&self.config.maintenance);
+        let maintained = self.config.maintenance.enabled;
         self.in_flight = Some(tokio::spawn(async move {
             let (mut sinks, result) = if batch.messages == 0 {
                 (sinks, Ok(FlushReport::nothing()))
             } else {
                 sinks.write(&batch, &policy, group, &progress, &crash).await
             };
-            if let (Ok(_), Some(partitions)) = (&result, compaction) {
+            // A flush that crowded a group compacts the partitions it wrote at once.
+            let crowded = |report: &FlushReport| {
+                (maintained && report.positions.compaction_due)
+                    .then(|| batch.offsets.iter().map(|(tp, _)| tp.clone()).collect())
+            };
+            if let Some(partitions) = result.as_ref().ok().and_then(|report| compaction.or_else(|| crowded(report))) {
                 sinks.compact(&partitions, thresholds, &progress).await;
             }
             (sinks, batch, result)
