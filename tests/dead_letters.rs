@@ -327,3 +327,56 @@ async fn read_dead_letter_topic(config: position_sink::Config) -> Vec<position_s
     .expect("join")
     .expect("read dead-letter topic")
 }
+
+/// Two binnings of the dead-letter table at once (a worker's table-wide run and
+/// `position-sink maintain`): the first commits, the second, held at its commit until
+/// then, packs the same files and conflicts; every dead letter is held once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_binnings_of_the_dead_letter_table_at_once_hold_each_dead_letter_once() {
+    use position_sink::config::Settings;
+    use position_sink::dead_letter::{DeadLetter, DeadLetterTable};
+    use position_sink::decode::Rejection;
+    use position_sink::maintenance::binning;
+    use position_sink::offsets::{Coordinates, Offset, OffsetMap, TopicPartition};
+
+    let (_dir, path) = table_dir();
+    let (uri, faults) = common::faulty_store::faulty_table(&path);
+    let mut table =
+        DeadLetterTable::open_or_create(&uri, &Settings::default(), &Settings::default(), "g").await.expect("create");
+    let tp = TopicPartition::new("t", 0);
+    for flush in 0..4 {
+        let letters: Vec<_> = (0..5)
+            .map(|i| {
+                let source = Coordinates { tp: tp.clone(), offset: Offset(flush * 5 + i) };
+                DeadLetter::new(source, None, Some(b"{".as_slice()), None, &Rejection::EmptyValue)
+            })
+            .collect();
+        let mut covered = OffsetMap::default();
+        covered.observe(&tp, Offset(flush * 5 + 4));
+        table = table.write(&letters, &covered).await.expect("dead letters written").0;
+    }
+
+    let gate = faults.hold_next_commit();
+    let held = tokio::spawn({
+        let table = table.delta().clone();
+        async move { binning::bin(&table, Duration::from_secs(60)).await }
+    });
+    wait_until(Duration::from_secs(30), "the first binning's commit is held", async || {
+        faults.held.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    let second = binning::bin(table.delta(), Duration::from_secs(60)).await.expect("the second binning");
+    assert_eq!((second.files, second.conflicted), (4, false), "{second:?}");
+    gate.notify_one();
+    let first = held.await.expect("join").expect("the held binning");
+    assert_eq!(
+        (first.files, first.conflicted),
+        (4, true),
+        "a second copy of the packed files was committed: {first:?}"
+    );
+
+    let read = position_sink::dead_letter::table::read(&uri, &Settings::default(), None, 1000).await.expect("read");
+    let mut offsets: Vec<i64> = read.iter().map(|d| d.source.offset.0).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..20).collect::<Vec<_>>(), "each dead letter once");
+}

@@ -137,6 +137,8 @@ impl DeadLetterTable {
         let append = fresh.table.clone().write([batch]).with_save_mode(SaveMode::Append).with_commit_properties(
             CommitProperties::default()
                 .with_application_transactions(transactions)
+                // It adds files and reads none: binning (maintenance) never conflicts with it.
+                .with_metadata([("isBlindAppend".to_string(), serde_json::json!(true))])
                 // Log cleanup is maintenance's (one worker, on a schedule), not every commit's.
                 .with_cleanup_expired_logs(Some(false)),
         );

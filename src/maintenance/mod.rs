@@ -21,13 +21,13 @@
 //! step is idempotent, so two runs at once (a worker and `position-sink maintain`)
 //! remove nothing twice and nothing more.
 
+pub mod binning;
 pub mod footprint;
 pub mod vacuum;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::table::config::TablePropertiesExt;
 use deltalake::{DeltaTable, DeltaTableError};
@@ -243,6 +243,8 @@ async fn delete(table: &DeltaTable, files: &[Removed], step: &str) -> Result<(),
     delete_all(table, files).await
 }
 
+/// Deletes `files`, retrying a failed request: S3's bulk delete is a `POST` the store
+/// does not retry itself, and deleting a file again is harmless.
 async fn delete_all(table: &DeltaTable, files: &[Removed]) -> Result<(), DeltaTableError> {
     use futures::{StreamExt, TryStreamExt};
     let store = table.object_store();
@@ -250,17 +252,21 @@ async fn delete_all(table: &DeltaTable, files: &[Removed]) -> Result<(), DeltaTa
         .iter()
         .map(|f| deltalake::Path::parse(&f.path).unwrap_or_else(|_| deltalake::Path::from(f.path.as_str())))
         .collect();
-    let locations = futures::stream::iter(paths.into_iter().map(Ok)).boxed();
-    store
-        .delete_stream(locations)
-        .or_else(|error| async move {
-            match error {
-                deltalake::ObjectStoreError::NotFound { path, .. } => Ok(deltalake::Path::from(path)),
-                other => Err(other),
-            }
-        })
-        .try_collect::<Vec<_>>()
-        .await?;
+    let attempt = || async {
+        let locations = futures::stream::iter(paths.clone().into_iter().map(Ok)).boxed();
+        store
+            .delete_stream(locations)
+            .or_else(|error| async move {
+                match error {
+                    deltalake::ObjectStoreError::NotFound { path, .. } => Ok(deltalake::Path::from(path)),
+                    other => Err(other),
+                }
+            })
+            .try_collect::<Vec<_>>()
+            .await
+    };
+    let policy = crate::config::RetryConfig::default();
+    crate::retry::retry(&policy, "delete files", attempt, |_| true).await?;
     Ok(())
 }
 
@@ -305,29 +311,20 @@ pub async fn last_run(table: &DeltaTable) -> Option<LastRun> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// The size the dead-letter table's small files are binned into.
-const BIN_SIZE: std::num::NonZeroU64 = std::num::NonZeroU64::new(32 * 1024 * 1024).expect("not zero");
-
 /// Bins the small files of an append-only table (the dead-letter table) into files of
 /// up to 32 MiB: a dead-letter file per flush would otherwise pile up over a day.
-/// Concurrent appends do not conflict with it.
+/// Concurrent appends do not conflict with it; of two runs at once, one is dropped
+/// ([`binning`]).
 ///
 /// # Errors
-/// When the table cannot be read or the commit fails.
-pub async fn bin_small_files(table: &DeltaTable, uri: &str) -> Result<(), MaintenanceError> {
+/// When the table cannot be read or written, or the commit fails.
+pub async fn bin_small_files(table: &DeltaTable, uri: &str, deadline: Duration) -> Result<(), MaintenanceError> {
     let failed =
         |source| MaintenanceError { uri: uri.to_string(), step: "binning small files", source: Box::new(source) };
-    let mut table = table.clone();
-    table.update_state().await.map_err(failed)?;
-    if table.snapshot().map_err(failed)?.log_data().num_files() < 2 {
-        return Ok(());
+    let binned = binning::bin(table, deadline).await.map_err(failed)?;
+    if binned.conflicted {
+        tracing::info!(uri, files = binned.files, "binning small files met another run's; dropped");
     }
-    table
-        .optimize()
-        .with_target_size(BIN_SIZE)
-        .with_commit_properties(CommitProperties::default().with_cleanup_expired_logs(Some(false)))
-        .await
-        .map_err(failed)?;
     Ok(())
 }
 

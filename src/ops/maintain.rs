@@ -108,7 +108,9 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
             )
             .await?;
             if !options.dry_run {
-                maintenance::bin_small_files(table.delta(), table.uri()).await.map_err(failed)?;
+                maintenance::bin_small_files(table.delta(), table.uri(), config.maintenance.write_deadline())
+                    .await
+                    .map_err(failed)?;
             }
             tables.push(
                 maintenance::clean(table.delta(), table.uri(), options.dry_run, unreferenced).await.map_err(failed)?,

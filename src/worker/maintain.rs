@@ -163,7 +163,7 @@ async fn clean_tables(
     }
     reports.push(cleaned);
     if let Some(table) = dead_letters {
-        if let Err(error) = maintenance::bin_small_files(table.delta(), table.uri()).await {
+        if let Err(error) = maintenance::bin_small_files(table.delta(), table.uri(), unreferenced_file_age / 3).await {
             warn!(%error, "binning the dead-letter table's small files failed; it runs again next time");
         }
         reports.push(maintenance::clean(table.delta(), table.uri(), false, unreferenced_file_age).await);

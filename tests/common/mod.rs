@@ -13,6 +13,7 @@ compile_error!(
 pub mod faulty_store;
 pub mod scenario;
 pub mod stream;
+pub mod toxiproxy;
 pub mod versions;
 
 use std::collections::BTreeMap;
@@ -568,7 +569,7 @@ pub async fn read_version(path: &Path, version: u64) -> BTreeMap<(String, i64), 
     read_rows(table).await
 }
 
-async fn read_rows(table: deltalake::DeltaTable) -> BTreeMap<(String, i64), Row> {
+pub async fn read_rows(table: deltalake::DeltaTable) -> BTreeMap<(String, i64), Row> {
     let ctx = SessionContext::new();
     ctx.register_table("t", table.table_provider().await.expect("provider")).expect("register");
     let batches = ctx

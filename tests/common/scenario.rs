@@ -103,17 +103,19 @@ impl Scenario {
         let pieces: Vec<Vec<Msg>> = (0..chunks).map(|_| self.next_chunk(count / chunks)).collect();
         let (brokers, topic) = (self.brokers.clone(), self.topic.clone());
         let pause = over / chunks as u32;
-        Background(std::thread::spawn(move || {
+        let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let so_far = std::sync::Arc::clone(&acknowledged);
+        let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             runtime.block_on(async {
-                let mut all = Vec::new();
                 for piece in pieces {
-                    all.extend(produce_on(&brokers, &topic, &piece, None).await);
+                    let produced = produce_on(&brokers, &topic, &piece, None).await;
+                    so_far.lock().expect("produced").extend(produced);
                     tokio::time::sleep(pause).await;
                 }
-                all
             })
-        }))
+        });
+        Background { thread, acknowledged }
     }
 
     /// The group's committed offsets now.
@@ -154,11 +156,21 @@ impl Scenario {
 }
 
 /// Messages being produced in the background.
-pub struct Background(std::thread::JoinHandle<Vec<Produced>>);
+pub struct Background {
+    thread: std::thread::JoinHandle<()>,
+    acknowledged: std::sync::Arc<std::sync::Mutex<Vec<Produced>>>,
+}
 
 impl Background {
     /// Waits until all are produced and returns where they landed.
     pub async fn finish(self) -> Vec<Produced> {
-        tokio::task::spawn_blocking(move || self.0.join().expect("producer thread")).await.expect("join")
+        let Self { thread, acknowledged } = self;
+        tokio::task::spawn_blocking(move || thread.join().expect("producer thread")).await.expect("join");
+        std::mem::take(&mut *acknowledged.lock().expect("produced"))
+    }
+
+    /// Those acknowledged so far, whole pieces only.
+    pub fn so_far(&self) -> Vec<Produced> {
+        self.acknowledged.lock().expect("produced").clone()
     }
 }

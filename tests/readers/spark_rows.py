@@ -1,8 +1,8 @@
 """Reads Delta tables with Apache Spark and Delta Lake, the reference implementation.
 
-    python spark_rows.py PATH [PATH ...]
+    python spark_rows.py PATH[@VERSION] [PATH[@VERSION] ...]
 
-Prints, per table, its rows as JSON (conid, symbol, kafka_offset), ordered by conid,
+Prints, per table (at VERSION by time travel, when given), its rows as JSON (conid, symbol, kafka_offset), ordered by conid,
 one line per table. Spark runs in local mode bound to 127.0.0.1, with Delta's jars
 from the directory in POSITION_SINK_SPARK_JARS (scripts/spark.sh fetch).
 """
@@ -42,9 +42,13 @@ def session(app="position-sink reference reader", memory="1g", settings=None):
 
 def main():
     spark = session()
-    for path in sys.argv[1:]:
+    for target in sys.argv[1:]:
+        path, _, version = target.partition("@")
+        reader = spark.read.format("delta")
+        if version:
+            reader = reader.option("versionAsOf", int(version))
         rows = (
-            spark.read.format("delta").load(path)
+            reader.load(path)
             .select("conid", "symbol", "kafka_offset")
             .orderBy("conid")
             .collect()

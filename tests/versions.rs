@@ -1,0 +1,297 @@
+//! The version-exact check against a real broker. Three workers of one group flush
+//! every 200 ms with maintenance every second and retentions of seconds, while
+//! `position-sink maintain` runs in a loop beside them, a reader reads the latest
+//! version without pause, and processes die at random: by SIGKILL, and by aborts
+//! injected inside checkpoint writing, log cleanup, vacuum's deletes and compaction.
+//! Every version inside the file retention window is then read by time travel and
+//! compared with the model of the stream at the offsets it records (this program's
+//! reader and polars at every version, the latest ones also while the workers run;
+//! Apache Spark at a sample), and the table restored to the oldest version of the
+//! window is caught up exactly. Both write modes and layouts, on a local disk and on
+//! the local S3 server behind Toxiproxy, which delays responses and cuts connections.
+//!
+//! `POSITION_SINK_FAULT_SCALE=full` runs each case for half an hour, with delays of
+//! tens of seconds (`scripts/chaos.sh`).
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::scenario::{Scenario, sized};
+use common::toxiproxy::Proxy;
+use common::versions::{
+    LatestReader, Target, check_every_version, check_versions, check_with_spark, versions_in_window,
+};
+use common::*;
+use position_sink::config::{Config, PartitionBy, Settings, WriteMode};
+use rand::{Rng, SeedableRng};
+
+/// `delta.deletedFileRetentionDuration` of these tables: how far back a reader may open.
+const FILE_RETENTION: Duration = Duration::from_secs(20);
+
+/// The abort probability at each marked point of maintenance, in workers and `maintain`.
+const MAINTENANCE_ABORT: &str = "0.05";
+
+/// Where the table lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    LocalDisk,
+    /// The local S3 server behind a Toxiproxy proxy listening on this port.
+    SlowS3(u16),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_version_in_the_window_reads_exactly_through_workers_maintenance_and_kills() {
+    versions_stay_exact("versions", WriteMode::CopyOnWrite, PartitionBy::Symbol, Storage::LocalDisk).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_version_in_the_window_reads_exactly_with_deletion_vectors_unpartitioned() {
+    versions_stay_exact("versionsdv", WriteMode::DeletionVectors, PartitionBy::None, Storage::LocalDisk).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_version_in_the_window_reads_exactly_on_slow_and_failing_object_storage() {
+    versions_stay_exact("versionss3", WriteMode::DeletionVectors, PartitionBy::Symbol, Storage::SlowS3(39602)).await;
+}
+
+/// What the run did, for its report.
+#[derive(Debug, Default)]
+struct Counts {
+    kills: u64,
+    injected_aborts: u64,
+    restarts: u64,
+    maintain_runs: u64,
+    maintain_aborts: u64,
+    failures: Vec<String>,
+}
+
+async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: PartitionBy, storage: Storage) {
+    let mut s = Scenario::new(name, 6).await;
+    s.write_mode = mode;
+    // The workers write through the proxy; the checks read the server directly.
+    let (target, proxy) = match storage {
+        Storage::LocalDisk => (Target::local(&s.table), None),
+        Storage::SlowS3(port) => {
+            s.table_uri = s3_table();
+            (Target { uri: s.table_uri.clone(), options: s3_options() }, Some(Proxy::to_s3(name, port)))
+        }
+    };
+    let mut config = s.config();
+    if let Some(proxy) = &proxy {
+        let mut options = s3_options();
+        options.insert("AWS_ENDPOINT_URL".into(), proxy.endpoint.clone());
+        config.delta.storage_options = Settings(options.into_iter().collect());
+    }
+    configure(&mut config, layout, storage);
+    let config_file = write_config_file(s.dir.path(), &config);
+    let file = config_file.display().to_string();
+
+    s.produce(2000).await;
+    run_to_end(config.clone()).await.expect("the table's first rows");
+    let reader = LatestReader::start(&target, &s.dir.path().join("stop-reader"));
+    let slow_storage = proxy.as_ref().map(slow_down);
+    let run_for = Duration::from_secs(sized(60, 1800) as u64);
+    let producing = s.produce_during(sized(30_000, 600_000), sized(60, 1800), run_for);
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let maintainer = maintain_loop(&file, Arc::clone(&counts), Arc::clone(&stop));
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+    let mut members: Vec<Child> = (0..3).map(|_| start_worker(&file)).collect();
+    let started = Instant::now();
+    let mut checked_while_running = 0;
+    let mut next_check = Instant::now() + Duration::from_secs(15);
+    while started.elapsed() < run_for {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        replace_ended(&mut members, &file, &counts);
+        if rng.random_bool(0.15) {
+            let victim = &mut members[rng.random_range(0..3)];
+            if victim.try_wait().expect("wait").is_none() {
+                victim.kill().expect("SIGKILL");
+                counts.lock().expect("counts").kills += 1;
+            }
+        }
+        // The latest versions, read while maintenance runs beside the reads (read
+        // within seconds, they stay readable for the whole window).
+        if Instant::now() >= next_check {
+            let latest: Vec<u64> =
+                versions_in_window(&target, Duration::from_secs(3)).await.into_iter().rev().take(5).collect();
+            let known: Vec<Produced> = s.produced.iter().cloned().chain(producing.so_far()).collect();
+            checked_while_running +=
+                check_versions(&target, &s.group, &s.topic, 6, &known, &latest).await.versions.len();
+            next_check = Instant::now() + Duration::from_secs(10);
+        }
+    }
+    s.produced.extend(producing.finish().await);
+    if let Some(slow) = slow_storage {
+        slow.store(false, Ordering::SeqCst);
+    }
+    // Until every message is committed, dead members are replaced.
+    wait_until(Duration::from_secs(300), "every message committed", async || {
+        replace_ended(&mut members, &file, &counts);
+        s.is_committed_to_end()
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    maintainer.join().expect("the maintain loop");
+    for member in &mut members {
+        let _ = member.kill();
+        member.wait().expect("reap");
+    }
+    let (reads, failed_reads) = reader.stop();
+
+    let checked = check_every_version(&target, &s.group, &s.topic, 6, &s.produced, FILE_RETENTION).await;
+    if storage == Storage::LocalDisk {
+        let v = &checked.versions;
+        let mut sample = vec![v[0], v[v.len() / 2], v[v.len() - 1]];
+        sample.dedup();
+        check_with_spark(&target, &s.group, &s.topic, 6, &s.produced, &sample).await;
+    }
+    let counts = std::mem::take(&mut *counts.lock().expect("counts"));
+    eprintln!(
+        "{name}: {} versions checked at the end, {checked_while_running} while running; {} SIGKILLs, \
+         {} injected aborts in workers, {} restarts; {} maintain runs ({} aborted); latest-version reader: \
+         {reads} reads, {failed_reads} failed; failures: {:?}",
+        checked.versions.len(),
+        counts.kills,
+        counts.injected_aborts,
+        counts.restarts,
+        counts.maintain_runs,
+        counts.maintain_aborts,
+        counts.failures
+    );
+    assert!(counts.failures.is_empty(), "{:?}", counts.failures);
+    assert_eq!(failed_reads, 0, "the latest version always reads");
+    assert!(reads > 0 && counts.kills > 0 && counts.maintain_runs > 0, "the run ran its faults: {counts:?}");
+    assert!(checked_while_running > 0, "versions were checked while the workers ran");
+    if storage == Storage::LocalDisk {
+        // (On slow storage maintenance runs too seldom in a minute to count on one.)
+        assert!(counts.injected_aborts + counts.maintain_aborts > 0, "no abort inside maintenance landed: {counts:?}");
+    }
+    assert!(checked.versions.len() > 1, "versions inside the window: {:?}", checked.versions);
+    assert_table_matches(&read_table_at(&target.uri, &target.options).await, &model(&s.produced));
+    assert_eq!(s.committed(), end_offsets(&s.produced, 6), "committed offsets");
+
+    // An operator restores the oldest version checked (no maintenance ran since, so it
+    // is whole); a worker catches the table up from the offsets that version records.
+    let oldest = checked.versions[0];
+    let options = serde_json::to_string(&target.options).expect("options");
+    run_python(&[
+        "-c".as_ref(),
+        "import json, sys; from deltalake import DeltaTable; \
+         DeltaTable(sys.argv[1], storage_options=json.loads(sys.argv[2]) or None).restore(int(sys.argv[3]))"
+            .as_ref(),
+        target.uri.as_ref(),
+        options.as_ref(),
+        oldest.to_string().as_ref(),
+    ]);
+    let restored = read_table_at(&target.uri, &target.options).await;
+    assert_ne!(restored.len(), 0, "the restored version holds rows");
+    run_to_end(config).await.expect("the worker after the restore");
+    assert_table_matches(&read_table_at(&target.uri, &target.options).await, &model(&s.produced));
+    if storage == Storage::LocalDisk {
+        s.check().await;
+    }
+}
+
+/// Flushes every 200 ms, maintenance every second, a checkpoint every 10 commits,
+/// retentions of seconds; on slow storage, writes may take minutes.
+fn configure(config: &mut Config, layout: PartitionBy, storage: Storage) {
+    config.delta.partition_by = layout;
+    config.delta.max_rows_per_file = 200;
+    config.flush.interval = Duration::from_millis(200);
+    config.flush.max_records = 2000;
+    config.retry.max_retries = 1000;
+    config.maintenance.interval = Duration::from_secs(1);
+    config.maintenance.compaction_min_files = 2;
+    config.maintenance.compaction_max_files = 6;
+    config.maintenance.unreferenced_file_age = match storage {
+        Storage::LocalDisk => Duration::from_secs(60),
+        Storage::SlowS3(_) => Duration::from_secs(sized(180, 600) as u64),
+    };
+    let properties = &mut config.delta.table_properties.0;
+    properties.insert("delta.checkpointInterval".into(), "10".into());
+    properties.insert("delta.logRetentionDuration".into(), "interval 30 seconds".into());
+    properties
+        .insert("delta.deletedFileRetentionDuration".into(), format!("interval {} seconds", FILE_RETENTION.as_secs()));
+    config.validate().expect("valid");
+}
+
+/// Makes the proxy slow and unreliable, changing its faults every few seconds until
+/// the returned flag is cleared (then it is healthy again): responses delayed on some
+/// connections (up to seconds; tens of seconds at full scale), some connections cut.
+fn slow_down(proxy: &Proxy) -> Arc<AtomicBool> {
+    let on = Arc::new(AtomicBool::new(true));
+    let (name, endpoint) = (proxy.name.clone(), proxy.endpoint.clone());
+    let flag = Arc::clone(&on);
+    std::thread::spawn(move || {
+        let proxy = Proxy::existing(&name, &endpoint);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let most = sized(1_500, 25_000) as u64;
+        while flag.load(Ordering::SeqCst) {
+            let latency = rng.random_range(most / 4..=most);
+            proxy.set_toxic("slow", "latency", 0.3, &format!(r#"{{"latency":{latency},"jitter":{}}}"#, latency / 2));
+            proxy.set_toxic("cut", "reset_peer", 0.05, r#"{"timeout":200}"#);
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        proxy.remove_toxic("slow");
+        proxy.remove_toxic("cut");
+    });
+    on
+}
+
+/// Restarts members that ended; an end other than a SIGKILL or an injected abort is a
+/// failure.
+fn replace_ended(members: &mut [Child], config_file: &str, counts: &Mutex<Counts>) {
+    for member in members {
+        if let Some(status) = member.try_wait().expect("wait") {
+            let mut counts = counts.lock().expect("counts");
+            match status.signal() {
+                Some(6) => counts.injected_aborts += 1,
+                Some(9) => {}
+                _ => counts.failures.push(format!("a worker ended with {status}")),
+            }
+            counts.restarts += 1;
+            *member = start_worker(config_file);
+        }
+    }
+}
+
+/// A worker process with aborts injected inside maintenance.
+fn start_worker(config_file: &str) -> Child {
+    let env = [("POSITION_SINK_FAULT_ABORT_IN_MAINTENANCE", MAINTENANCE_ABORT.to_string())];
+    spawn_binary(&["run", "--config", config_file], &env, "warn,buoyant_kernel=off", "injected abort").0
+}
+
+/// `position-sink maintain` run again and again until `stop`, with aborts injected.
+fn maintain_loop(config_file: &str, counts: Arc<Mutex<Counts>>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let config_file = config_file.to_string();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_position-sink"))
+                .args(["maintain", "--config", &config_file])
+                .env("RUST_LOG", "warn,buoyant_kernel=off")
+                .env("POSITION_SINK_FAULT_ABORT_IN_MAINTENANCE", MAINTENANCE_ABORT)
+                .output()
+                .expect("run maintain");
+            let mut counts = counts.lock().expect("counts");
+            counts.maintain_runs += 1;
+            match (output.status.code(), output.status.signal()) {
+                (Some(0), _) => {}
+                (_, Some(6)) => counts.maintain_aborts += 1,
+                _ => counts.failures.push(format!(
+                    "maintain ended with {}: {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                )),
+            }
+            drop(counts);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })
+}
