@@ -18,8 +18,6 @@ pub struct Proxy {
     pub name: String,
     /// Where clients connect: `http://127.0.0.1:PORT`.
     pub endpoint: String,
-    /// Whether dropping this handle removes the proxy.
-    owned: bool,
 }
 
 impl Proxy {
@@ -31,12 +29,7 @@ impl Proxy {
             format!(r#"{{"name":"{name}","listen":"127.0.0.1:{listen_port}","upstream":"{upstream}","enabled":true}}"#);
         let (status, text) = request("POST", "/proxies", &body);
         assert_eq!(status, 201, "create proxy {name}: {text}");
-        Self { name: name.to_string(), endpoint: format!("http://127.0.0.1:{listen_port}"), owned: true }
-    }
-
-    /// A second handle on the proxy `name`, which leaves it in place when dropped.
-    pub fn existing(name: &str, endpoint: &str) -> Self {
-        Self { name: name.to_string(), endpoint: endpoint.to_string(), owned: false }
+        Self { name: name.to_string(), endpoint: format!("http://127.0.0.1:{listen_port}") }
     }
 
     /// Adds (or replaces) the toxic `toxic` of `kind` with `attributes` (a JSON object)
@@ -58,24 +51,42 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if !self.owned {
-            return;
-        }
-        let _ = request("DELETE", &format!("/proxies/{}", self.name), "");
+        // Best effort: a proxy left behind goes with the server.
+        let _ = try_request("DELETE", &format!("/proxies/{}", self.name), "");
     }
 }
 
-/// One HTTP/1.1 request to the API; its status and body.
+/// One HTTP/1.1 request to the API; its status and body. A request whose connection
+/// fails is sent again (a few times).
 fn request(method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(api()).expect("connect to Toxiproxy's API");
+    let mut last_error = None;
+    for _ in 0..5 {
+        match try_request(method, path, body) {
+            Ok(answer) => return answer,
+            Err(error) => last_error = Some(error),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("Toxiproxy's API at {} did not answer {method} {path}: {last_error:?}", api())
+}
+
+fn try_request(method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(api())?;
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: toxiproxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body.as_bytes())).expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read the response");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    let mut response = Vec::new();
+    // The server may reset the connection right after its answer: what was read counts.
+    if let Err(error) = stream.read_to_end(&mut response)
+        && response.is_empty()
+    {
+        return Err(error);
+    }
+    let response = String::from_utf8_lossy(&response);
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let text = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-    (status, text)
+    Ok((status, text))
 }
