@@ -46,6 +46,17 @@ pub struct MaintenanceError {
     pub source: Box<DeltaTableError>,
 }
 
+impl MaintenanceError {
+    /// Whether running the step again may succeed: not when the table's settings are
+    /// refused (a person must change them).
+    pub fn is_retryable(&self) -> bool {
+        self.step != RETENTION_CHECK
+    }
+}
+
+/// The step that refuses a table whose retention settings would break time travel.
+const RETENTION_CHECK: &str = "checking the retention settings";
+
 /// A file removed (or, in a dry run, to be removed).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Removed {
@@ -166,7 +177,7 @@ pub async fn clean(
         delete(&table, &log_files, "log cleanup").await.map_err(failed("removing expired log files"))?;
     }
 
-    vacuum::check(&settings).map_err(failed("checking the retention settings"))?;
+    vacuum::check(&settings).map_err(failed(RETENTION_CHECK))?;
     let now = now_millis();
     let window_start = now - millis(settings.deleted_file_retention);
     let retention = chrono::Duration::from_std(settings.deleted_file_retention).unwrap_or(chrono::Duration::MAX);

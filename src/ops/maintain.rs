@@ -4,7 +4,8 @@
 //! `--dry-run` it only lists what would be removed, and how many bytes.
 //!
 //! Running it beside the workers is safe: a compaction that meets a worker's flush is
-//! dropped (the flush wins), and the table-wide steps change no live file.
+//! dropped (the flush wins), and the table-wide steps change no live file. A step that
+//! fails (storage that drops a request) is retried as `retry.*` says.
 
 use serde::Serialize;
 
@@ -12,7 +13,9 @@ use super::{Format, OpsError, Outcome};
 use crate::config::{Config, DeadLetterDestination};
 use crate::dead_letter::DeadLetterTable;
 use crate::maintenance::{self, CleanReport};
+use crate::retry::retry;
 use crate::table::{CompactionReport, PositionTable, Thresholds};
+use deltalake::DeltaTable;
 
 /// Options of one run.
 #[derive(Debug, Clone, Default)]
@@ -78,7 +81,13 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
     compaction.files = candidates.iter().map(|(_, files)| files).sum();
     if !options.dry_run && !candidates.is_empty() {
         let owners: Vec<_> = candidates.iter().map(|(owner, _)| owner.clone()).collect();
-        match positions.compact(&owners, thresholds).await {
+        let compacted = retry(
+            &config.retry,
+            "compact the positions table",
+            || positions.compact(&owners, thresholds),
+            |e| e.is_retryable() && !e.is_conflict(),
+        );
+        match compacted.await {
             Ok((_, CompactionReport { files_added, committed, .. })) => {
                 compaction.files_added = files_added;
                 compaction.committed = committed;
@@ -93,9 +102,18 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
     let mut tables = Vec::new();
     let unreferenced = config.maintenance.unreferenced_file_age;
     step("cleaning the positions table's log and vacuuming it");
-    tables.push(
-        maintenance::clean(positions.delta(), positions.uri(), options.dry_run, unreferenced).await.map_err(failed)?,
-    );
+    let clean = |table: DeltaTable, uri: String| {
+        retry(
+            &config.retry,
+            "clean a table",
+            move || {
+                let (table, uri) = (table.clone(), uri.clone());
+                async move { maintenance::clean(&table, &uri, options.dry_run, unreferenced).await }
+            },
+            maintenance::MaintenanceError::is_retryable,
+        )
+    };
+    tables.push(clean(positions.delta().clone(), positions.uri().to_string()).await.map_err(failed)?);
     if config.dead_letter.destination == DeadLetterDestination::Table {
         let uri = config.dead_letter.resolved_table_uri(&config.delta);
         if super::open_table_at(&uri, &config.delta).await.is_ok() {
@@ -108,13 +126,18 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
             )
             .await?;
             if !options.dry_run {
-                maintenance::bin_small_files(table.delta(), table.uri(), config.maintenance.write_deadline())
-                    .await
-                    .map_err(failed)?;
+                let deadline = config.maintenance.write_deadline();
+                let bin = || maintenance::bin_small_files(table.delta(), table.uri(), deadline);
+                retry(
+                    &config.retry,
+                    "bin the dead-letter table's small files",
+                    bin,
+                    maintenance::MaintenanceError::is_retryable,
+                )
+                .await
+                .map_err(failed)?;
             }
-            tables.push(
-                maintenance::clean(table.delta(), table.uri(), options.dry_run, unreferenced).await.map_err(failed)?,
-            );
+            tables.push(clean(table.delta().clone(), table.uri().to_string()).await.map_err(failed)?);
         }
     }
     if let Some(bar) = spinner {

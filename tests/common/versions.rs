@@ -198,8 +198,18 @@ pub async fn check_versions(
 /// own (polars, which reads deletion vectors too) until stopped: every read must
 /// succeed and hold each key once.
 pub struct LatestReader {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     stop: std::path::PathBuf,
+}
+
+impl Drop for LatestReader {
+    /// A reader left running (a test that failed first) is killed.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl LatestReader {
@@ -228,13 +238,13 @@ print(reads, failures)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start the reader");
-        Self { child, stop }
+        Self { child: Some(child), stop }
     }
 
     /// Stops it; returns its reads and failed reads.
-    pub fn stop(self) -> (u64, u64) {
+    pub fn stop(mut self) -> (u64, u64) {
         std::fs::write(&self.stop, b"").expect("stop the reader");
-        let output = self.child.wait_with_output().expect("the reader");
+        let output = self.child.take().expect("running").wait_with_output().expect("the reader");
         let said = String::from_utf8_lossy(&output.stdout);
         let counts: Vec<u64> = said.split_whitespace().filter_map(|w| w.parse().ok()).collect();
         assert_eq!(counts.len(), 2, "the reader reports: {said}");
