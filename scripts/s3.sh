@@ -22,21 +22,8 @@ log() { echo "s3.sh: $*" >&2; }
 source "$(dirname "${BASH_SOURCE[0]}")/lib/local-service.sh"
 
 start() {
-  local port="${1:-9000}" dir="$RUN_DIR/${1:-9000}"
   [ -x "$PYTHON" ] || { log "no Python virtualenv at $CACHE/venv: run scripts/setup.sh"; exit 1; }
-  if [ -f "$dir/pid" ] && alive "$(cat "$dir/pid")"; then
-    log "a server started by this script already runs on port $port"; return 0
-  fi
-  if port_open "$port"; then log "port $port is taken by another process"; exit 1; fi
-  rm -rf "$dir"; mkdir -p "$dir"
-  nohup "$PYTHON" -m moto.server -H 127.0.0.1 -p "$port" >"$dir/server.log" 2>&1 9>&- &
-  echo $! > "$dir/pid"
-  for _ in $(seq 1 100); do
-    if port_open "$port"; then log "S3 server ready on http://127.0.0.1:$port (pid $(cat "$dir/pid"), logs $dir/server.log)"; return 0; fi
-    alive "$(cat "$dir/pid")" || break
-    sleep 0.2
-  done
-  log "the S3 server did not start; its log:"; tail -20 "$dir/server.log" >&2; exit 1
+  start_background "${1:-9000}" "S3 server" "$PYTHON" -m moto.server -H 127.0.0.1 -p "${1:-9000}"
 }
 
 ensure() { ensure_started "${1:-9000}" start; }

@@ -37,21 +37,8 @@ fetch() {
 }
 
 start() {
-  local port="${1:-8474}" dir="$RUN_DIR/${1:-8474}"
   fetch
-  if [ -f "$dir/pid" ] && alive "$(cat "$dir/pid")"; then
-    log "a server started by this script already runs on port $port"; return 0
-  fi
-  if port_open "$port"; then log "port $port is taken by another process"; exit 1; fi
-  rm -rf "$dir"; mkdir -p "$dir"
-  nohup "$BIN" -host 127.0.0.1 -port "$port" >"$dir/server.log" 2>&1 9>&- &
-  echo $! > "$dir/pid"
-  for _ in $(seq 1 100); do
-    if port_open "$port"; then log "Toxiproxy ready, API on 127.0.0.1:$port (pid $(cat "$dir/pid"))"; return 0; fi
-    alive "$(cat "$dir/pid")" || break
-    sleep 0.2
-  done
-  log "Toxiproxy did not start; its log:"; tail -20 "$dir/server.log" >&2; exit 1
+  start_background "${1:-8474}" "Toxiproxy API" "$BIN" -host 127.0.0.1 -port "${1:-8474}"
 }
 
 stop() { stop_started "${1:-8474}" "Toxiproxy"; }

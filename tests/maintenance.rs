@@ -9,6 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use common::versions::{LatestReader, Reader, Target};
 use common::*;
 use position_sink::Progress;
 use position_sink::config::Config;
@@ -71,33 +72,6 @@ fn live_files(table: &Path) -> BTreeSet<String> {
     out.lines().map(String::from).collect()
 }
 
-/// Starts an independent reader (Python `deltalake`) that opens and reads the whole
-/// table again and again until `stop` exists; it prints `reads failures` at the end.
-fn start_reader(table: &Path, stop: &Path) -> std::process::Child {
-    let code = r#"
-import os, sys, time, traceback
-from deltalake import DeltaTable
-table, stop = sys.argv[1], sys.argv[2]
-reads = failures = 0
-while not os.path.exists(stop):
-    try:
-        rows = DeltaTable(table).to_pyarrow_table()
-        conids = rows.column("conid").to_pylist()
-        assert len(conids) == len(set(conids)), "a key twice"
-        reads += 1
-    except Exception:
-        failures += 1
-        traceback.print_exc()
-    time.sleep(0.05)
-print(reads, failures)
-"#;
-    std::process::Command::new(python())
-        .args(["-c".as_ref(), code.as_ref(), table.as_os_str(), stop.as_os_str()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the reader")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scaled_trading_day_keeps_storage_and_log_bounded_and_readers_never_fail() {
     let topic = create_topic("day", 2).await;
@@ -113,7 +87,7 @@ async fn a_scaled_trading_day_keeps_storage_and_log_bounded_and_readers_never_fa
     })
     .await;
     let stop = table.parent().expect("dir").join("stop-reader");
-    let reader = start_reader(&table, &stop);
+    let reader = LatestReader::start(&Target::local(&table), &stop, Reader::Deltalake);
 
     // About 80 s of steady updates, as fast as they are acknowledged: each round moves
     // a fiftieth of the keys to another symbol.
@@ -145,18 +119,14 @@ async fn a_scaled_trading_day_keeps_storage_and_log_bounded_and_readers_never_fa
     let compactions = Progress::get(&worker.progress.compactions);
     let removed = Progress::get(&worker.progress.files_removed_by_maintenance);
     let summary = worker.stop().await.expect("worker");
-    std::fs::write(&stop, b"").expect("stop the reader");
-    let output = reader.wait_with_output().expect("reader");
-    let said = String::from_utf8_lossy(&output.stdout);
-    let counts: Vec<u64> = said.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    assert_eq!(counts.len(), 2, "the reader reports: {said}");
+    let (reads, failed_reads) = reader.stop();
 
     // Everything the stream says, exactly, through every compaction and vacuum.
     assert_table_matches(&read_table(&table).await, &model(&produced));
     assert!(summary.delta_commits >= 100, "a day's flushes, scaled: {summary:?}");
     assert!(compactions > 0, "files emptied by moving keys were compacted");
     assert!(removed > 0, "maintenance removed files");
-    assert!(counts[0] >= 50 && counts[1] == 0, "the reader read {} times and failed {} times", counts[0], counts[1]);
+    assert!(reads >= 50 && failed_reads == 0, "the reader read {reads} times and failed {failed_reads} times");
 
     // Storage: no data file outlives the retention window (or the floor for files no
     // commit names, plus the schedule and a margin for a loaded machine) unless it is live.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use common::scenario::{Scenario, sized};
 use common::toxiproxy::Proxy;
 use common::versions::{
-    LatestReader, Target, check_every_version, check_versions, check_with_spark, versions_in_window,
+    LatestReader, Reader, Target, check_every_version, check_versions, check_with_spark, versions_in_window,
 };
 use common::*;
 use position_sink::config::{Config, PartitionBy, Settings, WriteMode};
@@ -99,7 +99,7 @@ async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: Partit
 
     s.produce(2000).await;
     run_to_end(config.clone()).await.expect("the table's first rows");
-    let reader = LatestReader::start(&target, &s.dir.path().join("stop-reader"));
+    let reader = LatestReader::start(&target, &s.dir.path().join("stop-reader"), Reader::Polars);
     let run_for = Duration::from_secs(sized(60, 1800) as u64);
     let producing = s.produce_during(sized(30_000, 600_000), sized(60, 1800), run_for);
     let counts = Arc::new(Mutex::new(Counts::default()));

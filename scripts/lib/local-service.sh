@@ -32,3 +32,22 @@ stop_started() {
   rm -rf "$dir"
   log "$what on port $port stopped"
 }
+
+# start_background PORT WHAT COMMAND...: starts COMMAND in the background (its log in
+# $RUN_DIR/PORT/server.log, its pid beside it) and waits until it listens on PORT.
+start_background() {
+  local port="$1" what="$2" dir="$RUN_DIR/$1"; shift 2
+  if [ -f "$dir/pid" ] && alive "$(cat "$dir/pid")"; then
+    log "a $what started by this script already runs on port $port"; return 0
+  fi
+  if port_open "$port"; then log "port $port is taken by another process"; exit 1; fi
+  rm -rf "$dir"; mkdir -p "$dir"
+  nohup "$@" >"$dir/server.log" 2>&1 9>&- &
+  echo $! > "$dir/pid"
+  for _ in $(seq 1 100); do
+    if port_open "$port"; then log "$what ready on 127.0.0.1:$port (pid $(cat "$dir/pid"), logs $dir/server.log)"; return 0; fi
+    alive "$(cat "$dir/pid")" || break
+    sleep 0.2
+  done
+  log "the $what did not start; its log:"; tail -20 "$dir/server.log" >&2; exit 1
+}

@@ -57,7 +57,7 @@ pub async fn bin(table: &DeltaTable, deadline: Duration) -> Result<Binned, Delta
         .collect();
     small.sort_by_key(|(_, size)| *size);
     let mut total = 0;
-    let picked: Vec<String> = small
+    let picked: std::collections::BTreeSet<String> = small
         .into_iter()
         .take_while(|(_, size)| {
             total += *size as u64;
@@ -88,7 +88,7 @@ pub async fn bin(table: &DeltaTable, deadline: Duration) -> Result<Binned, Delta
     let mut actions: Vec<Action> = snapshot
         .log_data()
         .iter()
-        .filter(|f| picked.iter().any(|p| p.as_str() == f.path().as_ref()))
+        .filter(|f| picked.contains(f.path().as_ref()))
         .map(|f| Action::Remove(deltalake::kernel::Remove { data_change: true, ..f.remove_action(true) }))
         .collect();
     actions.push(Action::Add(Add { data_change: false, ..add }));

@@ -247,8 +247,10 @@ pub async fn clean(
 async fn delete(table: &DeltaTable, files: &[Removed], step: &str) -> Result<(), DeltaTableError> {
     #[cfg(feature = "fault-injection")]
     if files.len() > 1 {
-        delete_all(table, &files[..files.len() / 2]).await?;
+        let (first, rest) = files.split_at(files.len() / 2);
+        delete_all(table, first).await?;
         crate::faults::maybe_abort_in_maintenance(&format!("halfway through {step}'s deletes"));
+        return delete_all(table, rest).await;
     }
     let _ = step;
     delete_all(table, files).await

@@ -99,6 +99,13 @@ pub fn model_at(produced: &[Produced], recorded: &BTreeMap<i32, i64>) -> BTreeMa
     model(&applied)
 }
 
+/// (conid, symbol, kafka_offset) of each row of `model`, in order: what the readers print.
+pub fn triples(model: &BTreeMap<(String, i64), Row>) -> Vec<(i64, String, i64)> {
+    let mut rows: Vec<_> = model.values().map(|r| (r.conid, r.symbol.clone(), r.kafka_offset)).collect();
+    rows.sort();
+    rows
+}
+
 /// (conid, symbol, kafka_offset) per row of each of `versions`, as polars reads them
 /// by time travel, in one Python process.
 pub fn polars_rows(path: &Path, versions: &[u64]) -> BTreeMap<u64, Vec<(i64, String, i64)>> {
@@ -175,12 +182,7 @@ pub async fn check_versions(
         let context = format!("version {version} (records {recorded:?})");
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| assert_table_matches(&actual, &expected)))
             .unwrap_or_else(|_| panic!("{context} differs from the model (this program's reader)"));
-        let triples: Vec<(i64, String, i64)> = {
-            let mut t: Vec<_> = expected.values().map(|r| (r.conid, r.symbol.clone(), r.kafka_offset)).collect();
-            t.sort();
-            t
-        };
-        assert_eq!(by_polars.get(&version), Some(&triples), "{context}: polars reads it differently");
+        assert_eq!(by_polars.get(&version), Some(&triples(&expected)), "{context}: polars reads it differently");
         checked.with_rows += usize::from(!expected.is_empty());
         checked.versions.push(version);
     }
@@ -194,9 +196,17 @@ pub async fn check_versions(
     checked
 }
 
+/// An independent reader of the latest version.
+#[derive(Debug, Clone, Copy)]
+pub enum Reader {
+    /// polars' `read_delta`, which reads deletion vectors too.
+    Polars,
+    /// Python `deltalake`'s `to_pyarrow_table` (copy-on-write tables only).
+    Deltalake,
+}
+
 /// A reader of the latest version, reading without pause in a Python process of its
-/// own (polars, which reads deletion vectors too) until stopped: every read must
-/// succeed and hold each key once.
+/// own until stopped: every read must succeed and hold each key once.
 pub struct LatestReader {
     child: Option<std::process::Child>,
     stop: std::path::PathBuf,
@@ -213,16 +223,21 @@ impl Drop for LatestReader {
 }
 
 impl LatestReader {
-    /// Starts reading `table`; `stop_file` is created to stop it.
-    pub fn start(table: &Target, stop_file: &Path) -> Self {
+    /// Starts reading `table` with `reader`; `stop_file` is created to stop it.
+    pub fn start(table: &Target, stop_file: &Path, reader: Reader) -> Self {
         let code = r#"
 import json, os, sys, time, traceback
-import polars as pl
-table, stop, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+table, stop, options, reader = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]) or None, sys.argv[4]
+if reader == "polars":
+    import polars as pl
+    read = lambda: pl.read_delta(table, storage_options=options).get_column("conid").to_list()
+else:
+    from deltalake import DeltaTable
+    read = lambda: DeltaTable(table, storage_options=options).to_pyarrow_table().column("conid").to_pylist()
 reads = failures = 0
 while not os.path.exists(stop):
     try:
-        conids = pl.read_delta(table, storage_options=options or None).get_column("conid").to_list()
+        conids = read()
         assert len(conids) == len(set(conids)), "a key twice"
         reads += 1
     except Exception:
@@ -235,6 +250,10 @@ print(reads, failures)
         let options = serde_json::to_string(&table.options).expect("options as JSON");
         let child = std::process::Command::new(super::python())
             .args(["-c", code, &table.uri, &stop.display().to_string(), &options])
+            .arg(match reader {
+                Reader::Polars => "polars",
+                Reader::Deltalake => "deltalake",
+            })
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start the reader");
@@ -267,9 +286,7 @@ pub async fn check_with_spark(
     assert_eq!(read.len(), versions.len(), "Spark read every version");
     for (&version, rows) in versions.iter().zip(read) {
         let recorded = recorded_at(table, group, topic, partitions, version).await;
-        let mut expected: Vec<(i64, String, i64)> =
-            model_at(produced, &recorded).values().map(|r| (r.conid, r.symbol.clone(), r.kafka_offset)).collect();
-        expected.sort();
+        let expected = triples(&model_at(produced, &recorded));
         assert_eq!(rows, expected, "version {version} (records {recorded:?}): Spark reads it differently");
     }
     eprintln!("version-exact check: Spark read versions {versions:?} equal to the model");
