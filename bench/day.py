@@ -1,12 +1,16 @@
 """B6, a trading day (docs/maintenance.md): 28,800 flushes of a steady stream over
-100,000 conids with maintenance on, sampled at every simulated hour.
+100,000 conids with maintenance on, sampled at every simulated hour, then a restart.
 
 Time is compressed by one factor for everything that is a duration: a simulated hour is
 1,200 flushes, so the flush window, the maintenance interval and the table's retention
 properties are all shortened by the same ratio (3 s / flush.interval). A sample at the
 end of each simulated hour reports what an operator watches: files and bytes on disk
 against live, the `_delta_log` a fresh reader must read to open the table, flush p50/p99
-over the hour, and a fresh reader's open + read time (a new Python process each time).
+over the hour, and the open + read time of every reader users read with (bench/readers.py:
+deltalake's QueryBuilder, polars, `position-sink show`, Spark with Delta), each checked
+for one row per conid. After the day a new worker starts on the table (its key index
+is built by reading the table) and its first flush is timed; the readers read once more.
+Every read is checked: one row per conid, the same rows in every reader.
 """
 
 import glob
@@ -21,23 +25,10 @@ import time
 import pyarrow as pa
 from deltalake import DeltaTable
 
+import readers as table_readers
+
 FLUSHES_PER_HOUR = 1200  # 3,600 s / 3 s
 REAL_WINDOW_SECONDS = 3.0
-
-READER = r"""
-import json, os, sys, time
-t0 = time.monotonic()
-from deltalake import DeltaTable, QueryBuilder
-table = DeltaTable(sys.argv[1])
-t1 = time.monotonic()
-# DataFusion's reader (deltalake's QueryBuilder) reads both write modes; to_pyarrow_table
-# refuses deletion vectors.
-rows = sum(b.num_rows for b in QueryBuilder().register("t", table).execute("SELECT * FROM t"))
-t2 = time.monotonic()
-print(json.dumps({"open_s": t1 - t0, "read_s": t2 - t1, "rows": rows, "version": table.version()}), flush=True)
-os._exit(0)  # pyarrow's and deltalake's thread pools can abort the interpreter's exit
-"""
-
 
 def log(message):
     print(f"bench: {message}", flush=True, file=sys.stderr)
@@ -57,6 +48,10 @@ class TradingDay:
         self.maintenance_s = max(1, round(300 / self.speedup))
         self.table = os.path.join(bench.work, f"b6-{self.slug}")
         self.hours, self.flush_lines, self.reader_failures = [], [], []
+        self.readers = table_readers.Readers(
+            bench.python, bench.args.bin, bench.env("unused", "unused", self.table, layout),
+            bench.args.spark_jars, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                "tests", "readers"))
 
     def config(self):
         path = os.path.join(self.bench.work, f"b6-{self.slug}.toml")
@@ -72,6 +67,7 @@ class TradingDay:
         bench = self.bench
         topic = f"bench-b6-{self.slug}-{int(time.time())}"
         bench.topic(topic)
+        self.readers.start()
         # The book exists before the day starts: every conid once, written as a backlog.
         log(f"B6 ({self.layout}): seeding {self.conids} conids over {self.symbols} symbols")
         bench.produce(topic, self.conids * 3, self.conids, self.symbols).wait()
@@ -106,7 +102,7 @@ class TradingDay:
                     log(f"B6 ({self.layout}) hour {hour}: disk {h['disk_bytes'] / 2**20:.1f} MiB / live "
                         f"{h['live_bytes'] / 2**20:.1f} MiB (held {h['held_bytes'] / 2**20:.1f} MiB), log files to open "
                         f"{h['log_files_to_open']}, flush p50 {h['flush_ms_p50']:.0f} ms p99 {h['flush_ms_p99']:.0f} ms, "
-                        f"reader {h['reader_open_s'] + h['reader_read_s']:.2f} s")
+                        f"readers {readers_line(h['readers'])}")
                     hour += 1
                     continue
                 if over:
@@ -123,6 +119,10 @@ class TradingDay:
             worker["process"].wait(timeout=120)
             worker["handle"].close()
         figures = bench.worker_figures(worker)
+        try:
+            restart = self.restart(topic)
+        finally:
+            self.readers.stop()
         return {
             "layout": self.layout, "flushes": done, "planned_flushes": self.flushes,
             "seconds": time.monotonic() - started, "conids": self.conids, "symbols": self.symbols,
@@ -131,8 +131,46 @@ class TradingDay:
             "delta_commits": figures["delta_commits"], "commit_conflicts": figures["commit_conflicts"],
             "peak_rss_mib": figures["peak_rss_mib"], "cpu_us_per_message": figures["cpu_us_per_message"],
             "compactions": count_lines(worker["log"], "compacted"),
-            "hours": self.hours, "targets": self.targets(), "reader_failures": self.reader_failures,
+            "hours": self.hours, "restart": restart, "targets": self.targets(),
+            "reader_failures": self.reader_failures,
         }
+
+    def restart(self, topic):
+        """A new worker of the group on the day's table, after a few more updates: the
+        time from its start to its first committed flush (the key index is built from the
+        table before it), then every reader once more."""
+        bench = self.bench
+        tail = 1000
+        bench.produce(topic, tail, self.conids, self.symbols, seed=12, start="2025-11-25T17:00:00Z").wait()
+        log(f"B6 ({self.layout}): restarting a worker on the table")
+        started = time.monotonic()
+        worker = bench.start_worker(topic, f"sink-b6-{self.slug}", self.table, self.layout,
+                                    exit_when_caught_up=True, name=f"b6-{self.slug}-restart",
+                                    extra=["--config", self.config()])
+        first_flush = None
+        while worker["process"].poll() is None:
+            if first_flush is None and committed_flush(worker["log"], self.bench):
+                first_flush = time.monotonic() - started
+            if time.monotonic() - started > 600:
+                subprocess.run(["pkill", "-TERM", "-P", str(worker["process"].pid)], check=False)
+                break
+            time.sleep(0.1)
+        worker["process"].wait(timeout=120)
+        worker["handle"].close()
+        if first_flush is None and committed_flush(worker["log"], self.bench):
+            first_flush = time.monotonic() - started
+        if first_flush is None:
+            raise RuntimeError(f"B6 ({self.layout}): the restarted worker committed no flush; see {worker['log']}")
+        figures = self.readers.read_all(self.table)
+        self.record_failures("after the restart", figures)
+        log(f"B6 ({self.layout}) restart: first flush {first_flush:.2f} s after start; readers {readers_line(figures)}")
+        return {"first_flush_s": first_flush, "exit_code": worker["process"].returncode, "readers": figures}
+
+    def record_failures(self, when, figures):
+        for name, f in figures.items():
+            if "error" in f:
+                self.reader_failures.append(f"{name} {when}: {f['error']}")
+                log(f"B6 ({self.layout}): {name} failed {when}: {f['error']}")
 
     def follow(self, path):
         """Reads the worker's log as it grows: one entry per committed flush, with the size
@@ -201,7 +239,8 @@ class TradingDay:
         vectors = sum(os.path.getsize(os.path.join(self.table, name)) for name in os.listdir(self.table)
                       if name.startswith("deletion_vector_"))
         held = sum(held_files.values()) + vectors
-        reader = self.read()
+        readers = self.readers.read_all(self.table)
+        self.record_failures(f"at hour {hour}", readers)
         durations = sorted(line["duration_ms"] for line in lines)
         commit_bytes = [line["commit_bytes"] for line in lines if line["commit_bytes"]]
         return {
@@ -216,32 +255,34 @@ class TradingDay:
             "commit_bytes_mean": statistics.mean(commit_bytes) if commit_bytes else 0,
             "rows_in_mean": statistics.mean(line["rows_in"] for line in lines) if lines else 0,
             "files_removed_mean": statistics.mean(line["files_removed"] for line in lines) if lines else 0,
-            "reader_open_s": reader["open_s"], "reader_read_s": reader["read_s"], "reader_rows": reader["rows"],
+            "readers": readers,
         }
-
-    def read(self):
-        """A fresh reader's open + read. A failed read is recorded (a reader must never
-        fail) and the read is tried again for the timing."""
-        for _ in range(3):
-            out = subprocess.run([self.bench.python, "-c", READER, self.table], capture_output=True, text=True)
-            if out.returncode == 0:
-                return json.loads(out.stdout)
-            self.reader_failures.append(out.stderr.strip()[-2000:] or f"exit status {out.returncode}")
-            log(f"B6 ({self.layout}): a fresh reader failed: {self.reader_failures[-1]}")
-        raise RuntimeError(f"B6 ({self.layout}): the reader failed three times")
 
     def targets(self):
         if not self.hours:
             return {}
         first, last = self.hours[0], self.hours[-1]
-        reader = lambda h: h["reader_open_s"] + h["reader_read_s"]
+        slowest = lambda h: max((table_readers.seconds(f) or 0.0) for f in h["readers"].values())
         return {
             "disk_within_live_plus_retention_plus_10pct": all(h["disk_over_bound"] <= 1 for h in self.hours),
             "worst_disk_over_bound": max(h["disk_over_bound"] for h in self.hours),
             "log_files_to_open_max": max(h["log_files_to_open"] for h in self.hours),
-            "reader_last_over_first": reader(last) / max(reader(first), 1e-9),
+            "reader_last_over_first": slowest(last) / max(slowest(first), 1e-9),
+            "slowest_read_s": max(slowest(h) for h in self.hours),
+            "reader_failures": len(self.reader_failures),
             "flush_p99_last_over_first": last["flush_ms_p99"] / max(first["flush_ms_p99"], 1e-9),
         }
+
+
+def committed_flush(path, bench):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return any("flushed batch" in line and bench.flush_entry(line)["committed"] for line in f)
+
+
+def readers_line(figures):
+    """`query_builder 1.20 s, polars 0.80 s, ...` (FAILED for a failed reader)."""
+    return ", ".join(f"{name} " + (f"{table_readers.seconds(f):.2f} s" if "error" not in f else "FAILED")
+                     for name, f in figures.items())
 
 
 def count_lines(path, needle):
@@ -259,27 +300,32 @@ def report(days):
                    f"{day['delta_commits']} commits, {day['commit_conflicts']} conflicts, {day['compactions']} "
                    f"compactions, {day['peak_rss_mib']:.0f} MiB")
         out.append("  hour | disk files (MiB) | live files (MiB) | held MiB | disk/bound | log files (MiB) "
-                   "| to open | flush p50/p99 ms | commit KiB | reader open+read s")
+                   "| to open | flush p50/p99 ms | commit KiB | readers (open + read)")
         for h in day["hours"]:
             out.append(f"  {h['hour']:4} | {h['disk_files']:6} ({h['disk_bytes'] / 2**20:7.1f}) "
                        f"| {h['live_files']:6} ({h['live_bytes'] / 2**20:6.1f}) | {h['held_bytes'] / 2**20:7.1f} "
                        f"| {h['disk_over_bound']:5.2f} | {h['log_files']:5} ({h['log_bytes'] / 2**20:6.1f}) "
                        f"| {h['log_files_to_open']:4} | {h['flush_ms_p50']:5.0f} / {h['flush_ms_p99']:5.0f} "
-                       f"| {h['commit_bytes_mean'] / 1024:7.1f} | {h['reader_open_s']:.2f} + {h['reader_read_s']:.2f}")
+                       f"| {h['commit_bytes_mean'] / 1024:7.1f} | {readers_line(h['readers'])}")
+        restart = day.get("restart")
+        if restart:
+            out.append(f"  restart: first flush {restart['first_flush_s']:.2f} s after the worker started; "
+                       f"readers {readers_line(restart['readers'])}")
         if day["reader_failures"]:
             out.append(f"  a fresh reader FAILED {len(day['reader_failures'])} times: {day['reader_failures'][0][-300:]}")
         t = day["targets"]
         if t:
             out.append(f"  targets: disk <= live + retention + 10% every hour: {t['disk_within_live_plus_retention_plus_10pct']} "
                        f"(worst {t['worst_disk_over_bound']:.2f} of the bound); log files to open <= 1 checkpoint "
-                       f"+ 100: {t['log_files_to_open_max']}; reader last/first hour {t['reader_last_over_first']:.2f}x; "
+                       f"+ 100: {t['log_files_to_open_max']}; slowest reader {t['slowest_read_s']:.2f} s, last/first hour "
+                       f"{t['reader_last_over_first']:.2f}x; reader failures {t['reader_failures']}; "
                        f"flush p99 last/first hour {t['flush_p99_last_over_first']:.2f}x")
     return "\n".join(out)
 
 
 def markdown(days):
     rows = ["| layout | hour | disk files (MiB) | live files (MiB) | disk / (live + retention) | `_delta_log` files "
-            "(MiB) | files to open | flush p50 / p99 | commit size | fresh reader open + read |",
+            "(MiB) | files to open | flush p50 / p99 | commit size | readers: open + read (s) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for day in days:
         for h in day["hours"]:
@@ -287,5 +333,9 @@ def markdown(days):
                         f"| {h['live_files']:,} ({h['live_bytes'] / 2**20:.1f}) | {h['disk_over_bound'] * 1.1:.2f} "
                         f"| {h['log_files']} ({h['log_bytes'] / 2**20:.1f}) | {h['log_files_to_open']} "
                         f"| {h['flush_ms_p50']:.0f} / {h['flush_ms_p99']:.0f} ms | {h['commit_bytes_mean'] / 1024:.1f} KiB "
-                        f"| {h['reader_open_s']:.2f} + {h['reader_read_s']:.2f} s |")
+                        f"| {readers_line(h['readers'])} |")
+        if day.get("restart"):
+            r = day["restart"]
+            rows.append(f"| `{day['layout']}` | restart | first flush {r['first_flush_s']:.2f} s after start "
+                        f"| | | | | | | {readers_line(r['readers'])} |")
     return "\n".join(rows) + "\n"

@@ -468,6 +468,8 @@ def main():
     parser.add_argument("--spark-jars", default="", help="Delta's jars for Spark (scripts/spark.sh jars)")
     parser.add_argument("--only", default="B1,B2,B3,B4,B5,B6,B7,B8",
                         help="comma-separated scenarios; B4 needs B1")
+    parser.add_argument("--b6", default="none,none/deletion_vectors,symbol,symbol/deletion_vectors",
+                        help="B6's layouts (layout or layout/write_mode, comma-separated)")
     args = parser.parse_args()
     only = set(args.only.upper().split(","))
     bench = Bench(args)
@@ -508,7 +510,7 @@ def main():
         # Both write modes: at most 15 minutes a layout and mode, so the day stays an hour.
         results["B6"] = [day.TradingDay(bench, variant, int(28_800 * args.scale), n(100_000), 200, interval_ms=50,
                                         rate=2000, cap_seconds=int(900 * args.scale) + 60).run()
-                         for variant in ("none", "none/deletion_vectors", "symbol", "symbol/deletion_vectors")]
+                         for variant in args.b6.split(",")]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     with open(args.out.removesuffix(".json") + ".md", "w") as f:

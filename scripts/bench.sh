@@ -12,6 +12,8 @@
 #                                    an hour; the others about 45 minutes on 2 cores)
 #   scripts/bench.sh --quick         a tenth of the data, to check the benchmark itself
 #   scripts/bench.sh --only B1,B7    some scenarios (comma-separated; B4 needs B1)
+#   scripts/bench.sh --only B6 --b6 none/deletion_vectors,symbol/deletion_vectors
+#                                    B6 in some layouts and write modes only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,11 +22,13 @@ CACHE="${POSITION_SINK_CACHE:-$HOME/.cache/position-sink}"
 PORT="${POSITION_SINK_BENCH_PORT:-39292}"
 SCALE=1
 ONLY=B1,B2,B3,B4,B5,B6,B7,B8
+B6=none,none/deletion_vectors,symbol,symbol/deletion_vectors
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) SCALE=0.1 ;;
     --only) ONLY="$2"; shift ;;
-    *) echo "bench.sh: unknown argument $1 (use --quick, --only B1,B6)" >&2; exit 2 ;;
+    --b6) B6="$2"; shift ;;
+    *) echo "bench.sh: unknown argument $1 (use --quick, --only B1,B6, --b6 none/deletion_vectors)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -48,5 +52,5 @@ OUT="bench/results/$(date -u +%Y%m%dT%H%M%SZ).json"
   --bin "$CARGO_TARGET_DIR/release/position-sink" \
   --raw "$CARGO_TARGET_DIR/release/examples/raw_consume" \
   --flush-cost "$CARGO_TARGET_DIR/release/examples/flush_cost" \
-  --kafka scripts/kafka.sh --kafka-libs "$(scripts/kafka.sh libs)" --spark-jars "$(scripts/spark.sh jars)" --port "$PORT" --work "$WORK" --out "$OUT" --scale "$SCALE" --only "$ONLY"
+  --kafka scripts/kafka.sh --kafka-libs "$(scripts/kafka.sh libs)" --spark-jars "$(scripts/spark.sh jars)" --port "$PORT" --work "$WORK" --out "$OUT" --scale "$SCALE" --only "$ONLY" --b6 "$B6"
 echo "bench.sh: results in $OUT"

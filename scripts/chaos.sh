@@ -10,6 +10,7 @@
 # checked, kills, aborts, maintain runs, reader failures, failures).
 #
 #   scripts/chaos.sh [TEST_NAME_FILTER]     e.g. scripts/chaos.sh object_storage
+#   POSITION_SINK_CHAOS_SECONDS=600 scripts/chaos.sh     ten minutes a case
 #
 # The test command (scripts/test.sh) runs the same cases for a minute each.
 set -euo pipefail

@@ -11,7 +11,7 @@
 //! the local S3 server behind Toxiproxy, which delays responses and cuts connections.
 //!
 //! `POSITION_SINK_FAULT_SCALE=full` runs each case for half an hour, with delays of
-//! tens of seconds (`scripts/chaos.sh`).
+//! tens of seconds (`scripts/chaos.sh`); `POSITION_SINK_CHAOS_SECONDS` sets how long.
 
 mod common;
 
@@ -35,6 +35,12 @@ const FILE_RETENTION: Duration = Duration::from_secs(20);
 
 /// The abort probability at each marked point of maintenance, in workers and `maintain`.
 const MAINTENANCE_ABORT: &str = "0.05";
+
+/// How long each case runs: a minute, half an hour at full scale, or
+/// `POSITION_SINK_CHAOS_SECONDS`.
+fn run_seconds() -> usize {
+    std::env::var("POSITION_SINK_CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(sized(60, 1800))
+}
 
 /// Where the table lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +106,9 @@ async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: Partit
     s.produce(2000).await;
     run_to_end(config.clone()).await.expect("the table's first rows");
     let reader = LatestReader::start(&target, &s.dir.path().join("stop-reader"), Reader::Polars);
-    let run_for = Duration::from_secs(sized(60, 1800) as u64);
-    let producing = s.produce_during(sized(30_000, 600_000), sized(60, 1800), run_for);
+    let seconds = run_seconds();
+    let run_for = Duration::from_secs(seconds as u64);
+    let producing = s.produce_during(seconds * sized(500, 333), seconds, run_for);
     let counts = Arc::new(Mutex::new(Counts::default()));
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let maintainer = maintain_loop(&file, Arc::clone(&counts), Arc::clone(&stop.0));
