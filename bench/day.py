@@ -10,7 +10,7 @@ over the hour, and the open + read time of every reader users read with (bench/r
 deltalake's QueryBuilder, polars, `position-sink show`, Spark with Delta), each checked
 for one row per conid. After the day a new worker starts on the table (its key index
 is built by reading the table) and its first flush is timed; the readers read once more.
-Every read is checked: one row per conid, the same rows in every reader.
+Every read is checked: one row per conid, the same conids in every reader of a version.
 """
 
 import glob
@@ -161,7 +161,7 @@ class TradingDay:
             first_flush = time.monotonic() - started
         if first_flush is None:
             raise RuntimeError(f"B6 ({self.layout}): the restarted worker committed no flush; see {worker['log']}")
-        figures = self.readers.read_all(self.table)
+        figures = self.readers.read_all(self.table, DeltaTable(self.table).version())
         self.record_failures("after the restart", figures)
         log(f"B6 ({self.layout}) restart: first flush {first_flush:.2f} s after start; readers {readers_line(figures)}")
         return {"first_flush_s": first_flush, "exit_code": worker["process"].returncode, "readers": figures}
@@ -239,7 +239,7 @@ class TradingDay:
         vectors = sum(os.path.getsize(os.path.join(self.table, name)) for name in os.listdir(self.table)
                       if name.startswith("deletion_vector_"))
         held = sum(held_files.values()) + vectors
-        readers = self.readers.read_all(self.table)
+        readers = self.readers.read_all(self.table, table.version())
         self.record_failures(f"at hour {hour}", readers)
         durations = sorted(line["duration_ms"] for line in lines)
         commit_bytes = [line["commit_bytes"] for line in lines if line["commit_bytes"]]

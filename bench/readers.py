@@ -5,8 +5,12 @@ deltalake's QueryBuilder (DataFusion), polars, this program's own reader
 Every read but Spark's is a new process, so it pays a fresh open. Spark runs in one
 JVM for the whole day (its start alone takes longer than a read) and forgets what it
 knows of the table's log before each read, so each read opens the table afresh too.
-A reader that fails, does not answer within `TIMEOUT_S`, returns other than one row
-per conid or other rows than the others is recorded as a failure.
+The table keeps changing while they read, so each sample pins one version (the newest
+when it starts) and deltalake, polars and Spark read that version; `position-sink show`
+reads the newest, which holds at least the pinned version's conids (a conid is never
+removed). A reader that fails, does not answer within `TIMEOUT_S`, returns other than
+one row per conid, or other conids than the pinned version holds is recorded as a
+failure.
 """
 
 import json
@@ -23,7 +27,7 @@ import json, os, sys, time
 t0 = time.monotonic()
 import pyarrow as pa
 from deltalake import DeltaTable, QueryBuilder
-table = DeltaTable(sys.argv[1])
+table = DeltaTable(sys.argv[1], version=int(sys.argv[2]))
 t1 = time.monotonic()
 result = QueryBuilder().register("t", table).execute("SELECT count(*) AS n, count(DISTINCT conid) AS k FROM t")
 row = pa.table(result).to_pylist()[0]
@@ -36,7 +40,7 @@ POLARS = r"""
 import json, os, sys, time
 t0 = time.monotonic()
 import polars as pl
-frame = pl.read_delta(sys.argv[1])
+frame = pl.read_delta(sys.argv[1], version=int(sys.argv[2]))
 t1 = time.monotonic()
 print(json.dumps({"open_s": 0.0, "read_s": t1 - t0, "rows": frame.height, "conids": frame["conid"].n_unique()}), flush=True)
 os._exit(0)
@@ -49,13 +53,13 @@ from spark_rows import session
 spark = session("position-sink bench reader", memory="2g")
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
-    path = line.strip()
+    path, version = line.split()
     try:
         spark._jvm.org.apache.spark.sql.delta.DeltaLog.clearCache()
     except Exception:
         pass
     t0 = time.monotonic()
-    frame = spark.read.format("delta").load(path)
+    frame = spark.read.format("delta").option("versionAsOf", int(version)).load(path)
     t1 = time.monotonic()
     row = frame.selectExpr("count(*) AS n", "count(DISTINCT conid) AS k").collect()[0]
     t2 = time.monotonic()
@@ -88,23 +92,27 @@ class Readers:
             self.spark["process"].kill()
             self.spark = None
 
-    def read_all(self, path):
-        """Every reader's figures: {name: {"open_s", "read_s", "rows", "conids"} or {"error"}}."""
+    def read_all(self, path, version):
+        """Every reader's figures at `version` (`show`: the newest):
+        {name: {"open_s", "read_s", "rows", "conids"} or {"error"}}."""
         out = {
-            "query_builder": self.run([self.python, "-c", QUERY_BUILDER, path]),
-            "polars": self.run([self.python, "-c", POLARS, path]),
-            "show": self.show(),
+            "query_builder": self.run([self.python, "-c", QUERY_BUILDER, path, str(version)]),
+            "polars": self.run([self.python, "-c", POLARS, path, str(version)]),
         }
         if self.spark:
-            out["spark"] = self.spark_read(path)
-        counts = {f["conids"] for f in out.values() if "error" not in f}
-        for figures in out.values():
+            out["spark"] = self.spark_read(path, version)
+        out["show"] = self.show()
+        pinned = {f["conids"] for name, f in out.items() if name != "show" and "error" not in f}
+        for name, figures in out.items():
             if "error" in figures:
                 continue
             if figures["rows"] != figures["conids"]:
                 figures["error"] = f"{figures['rows']} rows over {figures['conids']} conids: not one row per conid"
-            elif len(counts) > 1:
-                figures["error"] = f"{figures['rows']} rows, where the readers read {sorted(counts)}"
+            elif name != "show" and len(pinned) > 1:
+                figures["error"] = f"{figures['conids']} conids at version {version}, where the readers read {sorted(pinned)}"
+            elif name == "show" and pinned and figures["conids"] < max(pinned):
+                figures["error"] = (f"{figures['conids']} conids in the newest version, fewer than the "
+                                    f"{max(pinned)} of version {version}")
         return out
 
     def run(self, cmd, env=None):
@@ -129,7 +137,7 @@ class Readers:
         return {"open_s": 0.0, "read_s": time.monotonic() - started, "rows": len(rows),
                 "conids": len({row["conid"] for row in rows})}
 
-    def spark_read(self, path):
+    def spark_read(self, path, version):
         spark = self.spark
         if not spark["ready"]:
             try:
@@ -138,7 +146,7 @@ class Readers:
             except queue.Empty:
                 self.stop()
                 return {"error": "Spark did not start within 180 s"}
-        spark["process"].stdin.write(path + "\n")
+        spark["process"].stdin.write(f"{path} {version}\n")
         spark["process"].stdin.flush()
         try:
             return json.loads(spark["answers"].get(timeout=TIMEOUT_S))
