@@ -14,6 +14,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::decode::{DecodeOptions, Format as ValueFormat};
 use crate::update::KeyColumn;
 
 /// Environment variable prefix; sections and keys are separated by `__`.
@@ -277,16 +278,6 @@ pub enum PartitionBy {
     None,
 }
 
-impl PartitionBy {
-    /// The partition columns of this layout.
-    pub fn columns(self) -> &'static [&'static str] {
-        match self {
-            PartitionBy::Symbol => &[crate::table::schema::PARTITION_COLUMN],
-            PartitionBy::None => &[],
-        }
-    }
-}
-
 /// How a flush replaces rows in the positions table (`delta.write_mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -320,17 +311,19 @@ impl Default for FlushConfig {
     }
 }
 
-/// `[decode]`: message validation.
+/// `[decode]`: the messages' format and their validation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DecodeConfig {
+    /// The format of message values: `json`.
+    pub format: ValueFormat,
     /// Largest accepted message (key + value) in bytes; larger ones are invalid.
     pub max_message_bytes: usize,
 }
 
 impl Default for DecodeConfig {
     fn default() -> Self {
-        Self { max_message_bytes: 1024 * 1024 }
+        Self { format: ValueFormat::Json, max_message_bytes: 1024 * 1024 }
     }
 }
 
@@ -548,8 +541,16 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks every value a worker relies on.
-    ///
+    /// What the decoder needs from this configuration: the one place it is built
+    /// (worker, `replay`, the dead-letter review).
+    pub fn decode_options(&self) -> DecodeOptions {
+        DecodeOptions {
+            format: self.decode.format,
+            key_columns: self.delta.key_columns.clone(),
+            max_message_bytes: self.decode.max_message_bytes,
+        }
+    }
+
     /// Logs the effective configuration, one field per key, secrets masked (keys of
     /// `kafka.librdkafka` and `delta.storage_options` that look secret).
     pub fn log_effective(&self) {
@@ -572,6 +573,7 @@ impl Config {
             flush.interval = ?self.flush.interval,
             flush.max_records = self.flush.max_records,
             flush.max_bytes = self.flush.max_bytes,
+            decode.format = %spelled(&self.decode.format),
             decode.max_message_bytes = self.decode.max_message_bytes,
             dead_letter = %dead_letters,
             retry.max_retries = self.retry.max_retries,
@@ -591,6 +593,8 @@ impl Config {
         );
     }
 
+    /// Checks every value a worker relies on.
+    ///
     /// # Errors
     /// The first invalid key, with its fix.
     pub fn validate(&self) -> Result<(), ConfigError> {

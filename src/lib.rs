@@ -8,7 +8,7 @@
 //!    │ key + value bytes, topic/partition/offset                kind, connection faults,
 //!    ▼                                                          unreadable batches)
 //!  decode + validate ── invalid ──▶ dead letter (bytes, coordinates, reason)
-//!    │ PositionUpdate                     │                   decode.rs, dead_letter/
+//!    │ PositionUpdate                     │                   decode/, worker/receive.rs
 //!    ▼                                    ▼
 //!  buffer: dedup per key, last write wins, dead letters kept  worker/batch.rs, update.rs
 //!    │ flush every flush.interval, or early on size limits

@@ -8,7 +8,7 @@
 
 // Only part of each module is used here.
 #[allow(dead_code)]
-#[path = "../../src/decode.rs"]
+#[path = "../../src/decode/mod.rs"]
 mod decode;
 #[allow(dead_code)]
 #[path = "../../src/offsets.rs"]
@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let key_len = usize::from(control & 0x3f).min(rest.len());
     let (key, value) = if control & 0x80 != 0 { (Some(&rest[..key_len]), &rest[key_len..]) } else { (None, rest) };
     let options = DecodeOptions {
+        format: decode::Format::Json,
         key_columns: if control & 0x20 != 0 { vec![KeyColumn::Conid, KeyColumn::Account] } else { vec![KeyColumn::Conid] },
         max_message_bytes: if control & 0x40 != 0 { 64 } else { 1024 * 1024 },
     };

@@ -10,11 +10,10 @@ pub mod review;
 pub mod table;
 pub mod topic;
 
-use std::collections::BTreeMap;
-
 use crate::decode::Rejection;
 use crate::offsets::Coordinates;
 
+pub use crate::status::ReasonCounts;
 pub use table::DeadLetterTable;
 pub use topic::DeadLetterTopic;
 
@@ -63,46 +62,6 @@ impl DeadLetter {
     }
 }
 
-/// Dead letters counted by reason category.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReasonCounts(BTreeMap<String, u64>);
-
-impl ReasonCounts {
-    /// Counts one dead letter of `category`.
-    pub fn add(&mut self, category: &str, n: u64) {
-        *self.0.entry(category.to_string()).or_default() += n;
-    }
-
-    /// Adds every count of `other`.
-    pub fn merge(&mut self, other: &ReasonCounts) {
-        for (category, n) in &other.0 {
-            self.add(category, *n);
-        }
-    }
-
-    /// The count of `category`.
-    pub fn get(&self, category: &str) -> u64 {
-        self.0.get(category).copied().unwrap_or(0)
-    }
-
-    /// The total over all categories.
-    pub fn total(&self) -> u64 {
-        self.0.values().sum()
-    }
-
-    /// Categories and counts, in name order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.0.iter().map(|(c, n)| (c.as_str(), *n))
-    }
-}
-
-impl std::fmt::Display for ReasonCounts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(|(c, n)| format!("{c}={n}")).collect();
-        f.write_str(&parts.join(" "))
-    }
-}
-
 /// A readable preview of message bytes: UTF-8 text (lossy) cut at `max_chars`.
 pub fn preview(bytes: Option<&[u8]>, max_chars: usize) -> String {
     match bytes {
@@ -120,18 +79,6 @@ pub fn preview(bytes: Option<&[u8]>, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn counts_by_reason_and_in_total() {
-        let mut a = ReasonCounts::default();
-        a.add("invalid_json", 2);
-        let mut b = ReasonCounts::default();
-        b.add("invalid_json", 1);
-        b.add("missing_field", 4);
-        a.merge(&b);
-        assert_eq!((a.get("invalid_json"), a.get("missing_field"), a.total()), (3, 4, 7));
-        assert_eq!(a.to_string(), "invalid_json=3 missing_field=4");
-    }
 
     #[test]
     fn previews_any_bytes() {

@@ -14,7 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 
 use super::DeadLetter;
 use crate::config::{Config, DeadLetterDestination};
-use crate::decode::{DecodeOptions, Rejection, decode};
+use crate::decode::{Rejection, decode};
 use crate::delta::TableError;
 use crate::kafka::Outgoing;
 use crate::offsets::Coordinates;
@@ -106,7 +106,7 @@ pub async fn republish(
         not_found: selection.at.iter().filter(|c| !all.iter().any(|d| d.source == **c)).cloned().collect(),
         ..RepublishReport::default()
     };
-    let options = DecodeOptions::of(config);
+    let options = config.decode_options();
     let mut to_send = Vec::new();
     for d in selected {
         match decode(d.key.as_deref(), d.value.as_deref(), d.source.clone(), &options) {

@@ -19,6 +19,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::mask_secrets;
 
+/// How long the operator's commands and the sample publisher wait for a first
+/// connection to the cluster.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why no connection to the cluster could be made, and what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectionFault {

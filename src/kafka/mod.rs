@@ -1,5 +1,9 @@
-//! Kafka plumbing: the group consumer, its rebalance notifications, offset commits and
-//! their results.
+//! Kafka plumbing, bytes only: the group consumer, its rebalance notifications, the
+//! messages it has ready ([`take_ready`]), offset commits and their results. What the
+//! bytes mean is the decoder's (`crate::decode`, called by the worker); publishing is
+//! `produce.rs`, the operator's look-ups `lookup.rs`, client settings per kind
+//! `settings.rs`, connection faults `connection.rs`, batches librdkafka cannot read
+//! `unreadable.rs`.
 //!
 //! Invariant kept here: offsets are committed only through [`commit`], which the worker
 //! calls for durable offsets; librdkafka's auto-commit and offset store are off. Every
@@ -9,81 +13,48 @@
 //! synchronous, on a blocking thread.)
 
 mod connection;
+mod lookup;
+mod produce;
 mod settings;
 mod unreadable;
 
-pub use connection::{ClientError, ConnectionFault, ConnectionWatch, Watched, until_connected};
+pub use connection::{CONNECT_TIMEOUT, ClientError, ConnectionFault, ConnectionWatch, Watched, until_connected};
+pub use lookup::{
+    Bystander, PartitionView, bystander, bystander_config, group_members, offsets_for_time, partition_views,
+};
+pub use produce::{Outgoing, Producer, producer, publish, send_all};
 pub use settings::ClientKind;
 pub use unreadable::{BatchFault, UnreadableBatch, find as find_unreadable};
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::producer::Producer as _;
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientContext, Message, TopicPartitionList};
 use tracing::{info, warn};
 
-use crate::config::mask_secrets;
-
-use std::sync::Arc;
-
-use crate::config::KafkaConfig;
-use crate::dead_letter::DeadLetter;
-use crate::decode::{DecodeOptions, decode};
-use crate::offsets::Coordinates;
+use crate::config::{KafkaConfig, mask_secrets};
 use crate::offsets::{Offset, OffsetMap, TopicPartition};
 use crate::status::Progress;
-use crate::update::PositionUpdate;
-use crate::worker::partitions::CommitOutcome;
-use rdkafka::Message;
-use rdkafka::message::BorrowedMessage;
-
-/// What the broker handed over, decoded and detached from the consumer.
-pub enum Received {
-    /// A valid update, its size in bytes and its Kafka timestamp (ms).
-    Update(PositionUpdate, usize, Option<i64>),
-    /// A message that is not a valid update, as its dead letter.
-    Invalid(DeadLetter),
-    /// The end of a partition was reached.
-    EndOfPartition,
-    /// A consumer error.
-    Error(KafkaError),
-}
-
-impl Received {
-    /// The partition a message came from (`None` for the end of a partition and errors).
-    pub fn partition(&self) -> Option<&TopicPartition> {
-        match self {
-            Received::Update(update, ..) => Some(&update.source.tp),
-            Received::Invalid(dead_letter) => Some(&dead_letter.source.tp),
-            Received::EndOfPartition | Received::Error(_) => None,
-        }
-    }
-}
 
 /// Messages taken from the consumer's queue at once, at most: what is already there
 /// after the one the loop waited for.
 const READY_AT_ONCE: usize = 1024;
 
-/// Below this many messages a chunk is decoded on the loop's thread: handing it to the
-/// decoding threads costs more than it saves.
-const DECODED_IN_PARALLEL_FROM: usize = 64;
+/// A message (or the consumer's error) with the assignment generation it was read in.
+pub type Taken<'c> = (Generation, Result<BorrowedMessage<'c>, KafkaError>);
 
 /// `first`, and the messages already waiting in the consumer's queue behind it (up to
-/// [`READY_AT_ONCE`], and while they fit in the buffer's `room`: messages and bytes),
-/// decoded and validated in order: large chunks on the decoding threads (rayon's pool,
-/// one per core), so that the loop's thread is not what bounds how fast a backlog is
-/// read. Nothing is reordered: the loop handles the results one by one, in the order
-/// the consumer returned the messages.
-pub fn receive_ready(
-    consumer: &SinkConsumer,
-    first: Result<BorrowedMessage<'_>, KafkaError>,
+/// [`READY_AT_ONCE`], and while they fit in `room`: messages and bytes), in the order
+/// the consumer returned them, each with its generation.
+pub fn take_ready<'c>(
+    consumer: &'c SinkConsumer,
+    first: Result<BorrowedMessage<'c>, KafkaError>,
     room: (usize, usize),
-    options: &DecodeOptions,
-) -> Vec<(Generation, Received)> {
+) -> Vec<Taken<'c>> {
     use futures::FutureExt;
     let size = |m: &Result<BorrowedMessage<'_>, KafkaError>| {
         m.as_ref().map_or(0, |m| m.payload_len() + m.key().map_or(0, <[u8]>::len))
@@ -91,61 +62,17 @@ pub fn receive_ready(
     let (records, bytes) = room;
     let mut taken = size(&first);
     let mut messages = Vec::with_capacity(16);
-    let mut generations = Vec::with_capacity(16);
-    messages.push(first);
-    generations.push(consumer.context().generation());
+    messages.push((consumer.context().generation(), first));
     while messages.len() < READY_AT_ONCE.min(records) && taken < bytes {
         match consumer.recv().now_or_never() {
             Some(message) => {
                 taken += size(&message);
-                messages.push(message);
-                generations.push(consumer.context().generation());
+                messages.push((consumer.context().generation(), message));
             }
             None => break,
         }
     }
-    generations.into_iter().zip(decode_in_order(messages, options)).collect()
-}
-
-/// [`receive`] for each of `messages`, split between the decoding threads when there
-/// are enough of them; the results are in the messages' order.
-fn decode_in_order(
-    mut messages: Vec<Result<BorrowedMessage<'_>, KafkaError>>,
-    options: &DecodeOptions,
-) -> Vec<Received> {
-    if messages.len() < DECODED_IN_PARALLEL_FROM {
-        return messages.into_iter().map(|m| receive(m, options)).collect();
-    }
-    let second = messages.split_off(messages.len() / 2);
-    let decode = |part: Vec<Result<BorrowedMessage<'_>, KafkaError>>| -> Vec<Received> {
-        part.into_iter().map(|m| receive(m, options)).collect()
-    };
-    let (mut first, second) = rayon::join(|| decode(messages), || decode(second));
-    first.extend(second);
-    first
-}
-
-/// Decodes and validates what the consumer returned: the one decode step of the worker
-/// and of `replay`.
-pub fn receive(message: Result<BorrowedMessage<'_>, KafkaError>, options: &DecodeOptions) -> Received {
-    let message = match message {
-        Ok(m) => m,
-        Err(KafkaError::PartitionEOF(_)) => return Received::EndOfPartition,
-        Err(error) => return Received::Error(error),
-    };
-    let at =
-        Coordinates { tp: TopicPartition::new(message.topic(), message.partition()), offset: Offset(message.offset()) };
-    let size = message.payload_len() + message.key().map_or(0, <[u8]>::len);
-    match decode(message.key(), message.payload(), at.clone(), options) {
-        Ok(update) => Received::Update(update, size, message.timestamp().to_millis()),
-        Err(reason) => Received::Invalid(DeadLetter::new(
-            at,
-            message.key(),
-            message.payload(),
-            message.timestamp().to_millis(),
-            &reason,
-        )),
-    }
+    messages
 }
 
 /// The consumer type the worker uses.
@@ -305,6 +232,9 @@ pub fn subscribe(config: &KafkaConfig, progress: Arc<Progress>) -> KafkaResult<S
     Ok(consumer)
 }
 
+/// The outcome of one offset commit request, per partition: the next offset asked for.
+pub type CommitOutcome = Vec<(TopicPartition, Offset, Result<(), String>)>;
+
 /// Commits `next offset = written + 1` for each partition in `written` that this
 /// consumer still owns, and waits for the group's answer (blocking: call it off the
 /// async threads). A partition no longer owned is reported as not committed.
@@ -419,220 +349,6 @@ fn topic_partitions(list: &TopicPartitionList) -> Vec<TopicPartition> {
 
 fn describe(partitions: &[TopicPartition]) -> String {
     partitions.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
-}
-
-/// One message to publish.
-pub struct Outgoing<'a> {
-    /// Destination topic.
-    pub topic: &'a str,
-    /// Key bytes, if any.
-    pub key: Option<&'a [u8]>,
-    /// Value bytes, if any.
-    pub value: Option<&'a [u8]>,
-    /// Headers, if any.
-    pub headers: Option<rdkafka::message::OwnedHeaders>,
-}
-
-/// Publishes `messages` with an idempotent producer and waits until all are
-/// acknowledged, in order per partition.
-///
-/// # Errors
-/// The first delivery failure.
-pub async fn publish<'a>(
-    config: &KafkaConfig,
-    messages: impl IntoIterator<Item = Outgoing<'a>>,
-) -> Result<usize, ClientError> {
-    let owned = config.clone();
-    let (producer, watch) =
-        tokio::task::spawn_blocking(move || producer(&owned)).await.map_err(|_| KafkaError::Canceled)??;
-    send_all(&producer, messages).await.map_err(|e| watch.explain(e))
-}
-
-/// An idempotent producer for [`send_all`].
-pub type Producer = rdkafka::producer::FutureProducer<Watched>;
-
-/// An idempotent producer of `config`'s brokers, for [`send_all`], and what its
-/// connections do; connected, so that wrong credentials or certificates are reported
-/// before anything is sent. Blocking.
-///
-/// # Errors
-/// When librdkafka rejects the configuration, or no connection can be made.
-pub fn producer(config: &KafkaConfig) -> Result<(Producer, Arc<ConnectionWatch>), ClientError> {
-    let watched = Watched::default();
-    let watch = watched.watch.clone();
-    let producer: Producer =
-        client_config(config, ClientKind::Producer, &[("linger.ms", "5"), ("queue.buffering.max.messages", "1000000")])
-            .set("enable.idempotence", "true")
-            .create_with_context(watched)?;
-    until_connected(&watch, CONNECT_TIMEOUT, |timeout| producer.client().fetch_metadata(None, timeout).map(|_| ()))?;
-    Ok((producer, watch))
-}
-
-/// How long the operator's commands and the sample publisher wait for a first
-/// connection to the cluster.
-pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Sends `messages` through `producer` and waits until each is acknowledged; returns how
-/// many were sent.
-///
-/// # Errors
-/// The first delivery failure.
-pub async fn send_all<'a>(producer: &Producer, messages: impl IntoIterator<Item = Outgoing<'a>>) -> KafkaResult<usize> {
-    use futures::StreamExt;
-    use rdkafka::producer::FutureRecord;
-    let deliveries = futures::stream::iter(messages.into_iter().map(|m| async move {
-        let mut record = FutureRecord::<[u8], [u8]>::to(m.topic);
-        if let Some(key) = m.key {
-            record = record.key(key);
-        }
-        if let Some(value) = m.value {
-            record = record.payload(value);
-        }
-        if let Some(headers) = m.headers {
-            record = record.headers(headers);
-        }
-        producer.send(record, std::time::Duration::from_secs(30)).await.map_err(|(error, _)| error)
-    }))
-    .buffered(10_000);
-    let results: Vec<_> = deliveries.collect().await;
-    let mut sent = 0;
-    for result in results {
-        result?;
-        sent += 1;
-    }
-    Ok(sent)
-}
-
-/// What Kafka holds of one partition, for the operator's commands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionView {
-    /// The partition.
-    pub tp: TopicPartition,
-    /// The oldest offset still in the log.
-    pub log_start: Offset,
-    /// The next offset to be written (high watermark).
-    pub log_end: Offset,
-    /// The group's committed offset (the next to read), if it has one.
-    pub committed: Option<Offset>,
-}
-
-/// A consumer that never joins a group, connected to `config`'s brokers.
-pub type Bystander = BaseConsumer<Watched>;
-
-/// A consumer of `config`'s group that never joins it: for looking up offsets and for
-/// reading assigned partitions without committing. Blocking: it waits for its first
-/// connection, so that wrong credentials or certificates are reported at once.
-///
-/// # Errors
-/// When librdkafka rejects a setting, or no connection can be made.
-pub fn bystander(config: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<Bystander, ClientError> {
-    let consumer: Bystander = bystander_config(config, defaults).create_with_context(Watched::default())?;
-    let watch = consumer.context().watch.clone();
-    until_connected(&watch, CONNECT_TIMEOUT, |timeout| {
-        let fetched = consumer.fetch_metadata(None, timeout).map(|_| ());
-        // librdkafka hands its log lines and errors over on poll: they say why not.
-        let _ = consumer.poll(std::time::Duration::ZERO);
-        fetched
-    })?;
-    Ok(consumer)
-}
-
-/// The configuration of a consumer of `config`'s group that never joins it (nor commits):
-/// `defaults` and the pass-through settings; the one place such consumers are configured.
-pub fn bystander_config(config: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
-    let mut settings = vec![("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
-    settings.extend_from_slice(defaults);
-    let mut client = client_config(config, ClientKind::Consumer, &settings);
-    client.set("group.id", &config.group_id);
-    client
-}
-
-/// `result`, its error explained by `consumer`'s connection fault when there is one.
-fn explained<T>(consumer: &Bystander, result: KafkaResult<T>) -> Result<T, ClientError> {
-    result.map_err(|e| consumer.context().watch.explain(e))
-}
-
-/// Every partition of `config.topics`, with its log start and end and the group's
-/// committed offset. Blocking: call off the async runtime's threads.
-///
-/// # Errors
-/// When a topic does not exist or the broker does not answer within `timeout`.
-pub fn partition_views(config: &KafkaConfig, timeout: std::time::Duration) -> Result<Vec<PartitionView>, ClientError> {
-    let consumer = bystander(config, &[])?;
-    let mut list = TopicPartitionList::new();
-    for topic in &config.topics {
-        let metadata = explained(&consumer, consumer.fetch_metadata(Some(topic), timeout))?;
-        for t in metadata.topics() {
-            if let Some(error) = t.error() {
-                return Err(KafkaError::MetadataFetch(error.into()).into());
-            }
-            for p in t.partitions() {
-                list.add_partition(t.name(), p.id());
-            }
-        }
-    }
-    let committed = explained(&consumer, consumer.committed_offsets(list.clone(), timeout))?;
-    let mut views = Vec::new();
-    for element in list.elements() {
-        let (low, high) =
-            explained(&consumer, consumer.fetch_watermarks(element.topic(), element.partition(), timeout))?;
-        let group = committed.find_partition(element.topic(), element.partition()).and_then(|e| match e.offset() {
-            rdkafka::Offset::Offset(o) => Some(Offset(o)),
-            _ => None,
-        });
-        views.push(PartitionView {
-            tp: TopicPartition::new(element.topic(), element.partition()),
-            log_start: Offset(low),
-            log_end: Offset(high),
-            committed: group,
-        });
-    }
-    Ok(views)
-}
-
-/// The group's state and its members' client ids, as the group coordinator reports
-/// them (no members: no worker runs). Blocking.
-///
-/// # Errors
-/// When the broker does not answer within `timeout`.
-pub fn group_members(config: &KafkaConfig, timeout: std::time::Duration) -> Result<(String, Vec<String>), ClientError> {
-    let consumer = bystander(config, &[])?;
-    let groups = explained(&consumer, consumer.fetch_group_list(Some(&config.group_id), timeout))?;
-    Ok(groups
-        .groups()
-        .iter()
-        .find(|g| g.name() == config.group_id)
-        .map(|g| (g.state().to_string(), g.members().iter().map(|m| m.client_id().to_string()).collect()))
-        .unwrap_or_else(|| ("Dead".to_string(), Vec::new())))
-}
-
-/// For each of `partitions`, the first offset whose message was published at or after
-/// `time_ms` (the log end when there is none). Blocking.
-///
-/// # Errors
-/// When the broker does not answer within `timeout`.
-pub fn offsets_for_time(
-    config: &KafkaConfig,
-    partitions: &[PartitionView],
-    time_ms: i64,
-    timeout: std::time::Duration,
-) -> Result<Vec<(TopicPartition, Offset)>, ClientError> {
-    let consumer = bystander(config, &[])?;
-    let mut list = TopicPartitionList::new();
-    for view in partitions {
-        list.add_partition_offset(&view.tp.topic, view.tp.partition.0, rdkafka::Offset::Offset(time_ms))?;
-    }
-    let found = explained(&consumer, consumer.offsets_for_times(list, timeout))?;
-    Ok(partitions
-        .iter()
-        .map(|view| {
-            let offset = found.find_partition(&view.tp.topic, view.tp.partition.0).and_then(|e| match e.offset() {
-                rdkafka::Offset::Offset(o) => Some(Offset(o)),
-                _ => None,
-            });
-            (view.tp.clone(), offset.unwrap_or(view.log_end))
-        })
-        .collect())
 }
 
 #[cfg(test)]

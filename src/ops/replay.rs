@@ -17,7 +17,6 @@ use serde::Serialize;
 use super::show::{plain_table, row_json};
 use super::{Format, OpsError, Outcome, RowFilter, open_table_at, rows};
 use crate::config::{Config, RetryConfig};
-use crate::decode::DecodeOptions;
 use crate::kafka::{self, PartitionView};
 use crate::offsets::{Coordinates, Offset, TopicPartition};
 use crate::status::Progress;
@@ -26,6 +25,7 @@ use crate::table::schema::TableRow;
 use crate::update::{PositionUpdate, RowKey};
 use crate::worker::batch::{Buffer, Limits};
 use crate::worker::flush::retry_write;
+use crate::worker::receive::{Received, receive};
 
 /// How long to wait for each answer from Kafka.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -431,7 +431,7 @@ async fn read(
         ProgressStyle::with_template("{bar:40} {pos}/{len} messages  {per_sec}  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let decode_options = DecodeOptions::of(config);
+    let decode_options = config.decode_options();
     let index: HashMap<TopicPartition, usize> = report
         .partitions
         .iter()
@@ -454,15 +454,15 @@ async fn read(
                 continue;
             }
         };
-        let (at, size) = match kafka::receive(message, &decode_options) {
-            kafka::Received::Update(update, size, _) => (update.source.clone(), Ok((update, size))),
-            kafka::Received::Invalid(dead_letter) => {
+        let (at, size) = match receive(message, &decode_options) {
+            Received::Update(update, size, _) => (update.source.clone(), Ok((update, size))),
+            Received::Invalid(dead_letter) => {
                 let size =
                     dead_letter.key.as_ref().map_or(0, Vec::len) + dead_letter.value.as_ref().map_or(0, Vec::len);
                 (dead_letter.source.clone(), Err(size))
             }
-            kafka::Received::EndOfPartition => continue,
-            kafka::Received::Error(error) => return Err(kafka_err(error)),
+            Received::EndOfPartition => continue,
+            Received::Error(error) => return Err(kafka_err(error)),
         };
         let Some(end) = pending.get(&at.tp).copied() else { continue };
         if at.offset >= end {

@@ -11,6 +11,7 @@
 pub mod http;
 pub mod metrics;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use prometheus_client::metrics::family::Family;
@@ -21,8 +22,6 @@ use crate::offsets::TopicPartition;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-
-use crate::dead_letter::ReasonCounts;
 
 /// Live counters and health of one worker.
 #[derive(Debug, Default)]
@@ -396,9 +395,61 @@ fn now_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Dead letters counted by reason category.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReasonCounts(BTreeMap<String, u64>);
+
+impl ReasonCounts {
+    /// Counts one dead letter of `category`.
+    pub fn add(&mut self, category: &str, n: u64) {
+        *self.0.entry(category.to_string()).or_default() += n;
+    }
+
+    /// Adds every count of `other`.
+    pub fn merge(&mut self, other: &ReasonCounts) {
+        for (category, n) in &other.0 {
+            self.add(category, *n);
+        }
+    }
+
+    /// The count of `category`.
+    pub fn get(&self, category: &str) -> u64 {
+        self.0.get(category).copied().unwrap_or(0)
+    }
+
+    /// The total over all categories.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// Categories and counts, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.0.iter().map(|(c, n)| (c.as_str(), *n))
+    }
+}
+
+impl std::fmt::Display for ReasonCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(c, n)| format!("{c}={n}")).collect();
+        f.write_str(&parts.join(" "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_by_reason_and_in_total() {
+        let mut a = ReasonCounts::default();
+        a.add("invalid_json", 2);
+        let mut b = ReasonCounts::default();
+        b.add("invalid_json", 1);
+        b.add("missing_field", 4);
+        a.merge(&b);
+        assert_eq!((a.get("invalid_json"), a.get("missing_field"), a.total()), (3, 4, 7));
+        assert_eq!(a.to_string(), "invalid_json=3 missing_field=4");
+    }
 
     fn joined() -> Progress {
         let p = Progress::default();

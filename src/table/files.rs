@@ -17,7 +17,7 @@ use roaring::RoaringTreemap;
 
 use super::key_index::{KeyIndex, Row, SourceId, Stamp};
 use super::merge::{self, NewFile};
-use super::schema::schema;
+use super::schema::{partition_columns, schema};
 use super::{PositionTable, TableError};
 use crate::offsets::TopicPartition;
 use crate::update::{KeyColumn, RowKey};
@@ -37,7 +37,7 @@ impl PositionTable {
         );
         let config = WriterConfig::new(
             schema(),
-            self.layout.columns().iter().map(|c| c.to_string()).collect(),
+            partition_columns(self.layout).iter().map(|c| c.to_string()).collect(),
             None,
             None,
             None,

@@ -15,38 +15,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use roaring::RoaringTreemap;
 
 use super::key_store::{Compact, KeyStore};
+pub use super::key_store::{FileId, Slot, SourceId, Stamp};
 use crate::config::PartitionBy;
 use crate::offsets::TopicPartition;
 use crate::update::{KeyColumn, PositionUpdate, RowKey};
-
-/// A data file's number in the index.
-pub type FileId = u32;
-
-/// A Kafka partition's number in the index (rows name theirs by it).
-pub type SourceId = u32;
-
-/// What decides which of two rows of a key wins: the order of
-/// [`crate::update::PositionUpdate::precedence`] (timestamp, offset, topic, partition).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
-    /// Event time, µs.
-    pub timestamp: i64,
-    /// Kafka offset of the update.
-    pub offset: i64,
-    /// Kafka partition of the update.
-    pub source: SourceId,
-}
-
-/// Where a key's row is: its file, its position in the file, and its precedence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Slot {
-    /// The file.
-    pub file: FileId,
-    /// The row's position in the file (what a deletion vector names).
-    pub row: u32,
-    /// The row's precedence.
-    pub stamp: Stamp,
-}
 
 /// One live row of a file, as fed to [`KeyIndex::add_file`].
 #[derive(Debug, Clone)]

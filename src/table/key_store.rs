@@ -1,4 +1,4 @@
-//! The key index's storage: key → [`Slot`] in about 36 bytes per key (a `conid` key;
+//! The key index's storage: key → [`Slot`] (where its row is, and its precedence) in about 36 bytes per key (a `conid` key;
 //! 40 with other key columns), so that a worker holds ten million keys in a few
 //! hundred megabytes. Pure.
 //!
@@ -15,8 +15,36 @@
 
 use std::collections::HashMap;
 
-use super::key_index::{FileId, Slot, SourceId, Stamp};
 use crate::update::RowKey;
+
+/// A data file's number in the index.
+pub type FileId = u32;
+
+/// A Kafka partition's number in the index (rows name theirs by it).
+pub type SourceId = u32;
+
+/// What decides which of two rows of a key wins: the order of
+/// [`crate::update::PositionUpdate::precedence`] (timestamp, offset, topic, partition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Event time, µs.
+    pub timestamp: i64,
+    /// Kafka offset of the update.
+    pub offset: i64,
+    /// Kafka partition of the update.
+    pub source: SourceId,
+}
+
+/// Where a key's row is: its file, its position in the file, and its precedence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// The file.
+    pub file: FileId,
+    /// The row's position in the file (what a deletion vector names).
+    pub row: u32,
+    /// The row's precedence.
+    pub stamp: Stamp,
+}
 
 /// The smallest number of new keys that triggers a merge into the columns.
 const MERGE_AT_LEAST: usize = 65_536;

@@ -41,18 +41,27 @@ use tokio::sync::Mutex;
 use crate::config::{DeltaConfig, PartitionBy, WriteMode};
 pub use crate::delta::TableError;
 use crate::delta::{self, TableSpec};
-use crate::offsets::{Offset, TopicPartition};
+use crate::offsets::{Offset, OffsetMap, TopicPartition};
 use crate::table::commit::{Changes, CommitKind};
 pub use crate::table::compact::{CompactionReport, Thresholds};
 use crate::table::key_index::{FileGroup, FileId, KeyIndex, LiveFile};
 use crate::table::merge::TouchedFile;
-use crate::table::schema::{PARTITION_COLUMN, schema, to_record_batch};
+use crate::table::schema::{PARTITION_COLUMN, partition_columns, schema, to_record_batch};
 use crate::update::{KeyColumn, PositionUpdate};
-use crate::worker::batch::Batch;
 
 /// A Delta table version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TableVersion(pub u64);
+
+/// What one write brings: one update per row key, and the highest offset read in each
+/// Kafka partition (valid messages or not), which the commit records for them.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteSet<'a> {
+    /// One update per row key.
+    pub rows: &'a [PositionUpdate],
+    /// The highest offset each partition's messages reached.
+    pub offsets: &'a OffsetMap,
+}
 
 /// Which rows of a batch a write merges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,7 +279,8 @@ impl PositionTable {
     /// # Errors
     /// [`TableError::Read`] or [`TableError::Write`]; both are retryable, and a retry
     /// re-reads the recorded offsets, so a write that did commit is not repeated.
-    pub async fn write(&self, batch: &Batch) -> Result<(PositionTable, WriteReport), TableError> {
+    pub async fn write<'a>(&self, batch: impl Into<WriteSet<'a>>) -> Result<(PositionTable, WriteReport), TableError> {
+        let batch = batch.into();
         let started = Instant::now();
         let mut fresh = self.refreshed().await?;
         fresh.refuse_undone_records(self.table.version(), batch).await?;
@@ -285,7 +295,11 @@ impl PositionTable {
     ///
     /// # Errors
     /// As [`PositionTable::write`].
-    pub async fn write_replayed(&self, batch: &Batch) -> Result<(PositionTable, WriteReport), TableError> {
+    pub async fn write_replayed<'a>(
+        &self,
+        batch: impl Into<WriteSet<'a>>,
+    ) -> Result<(PositionTable, WriteReport), TableError> {
+        let batch = batch.into();
         let started = Instant::now();
         let mut fresh = self.refreshed().await?;
         let report = fresh.merge(batch, Rows::All, started).await?;
@@ -295,7 +309,7 @@ impl PositionTable {
     /// Refuses to write over a RESTORE committed since `since` that undid the records
     /// of `batch`'s partitions: this batch was read past the restored content, and a
     /// commit on top would make the table's records claim the undone offsets for good.
-    async fn refuse_undone_records(&self, since: Option<u64>, batch: &Batch) -> Result<(), TableError> {
+    async fn refuse_undone_records(&self, since: Option<u64>, batch: WriteSet<'_>) -> Result<(), TableError> {
         let Some(since) = since else { return Ok(()) };
         let Some(version) = delta::restore_since(&self.table, &self.uri, since).await? else { return Ok(()) };
         let partitions: Vec<TopicPartition> = batch.offsets.iter().map(|(tp, _)| tp.clone()).collect();
@@ -308,7 +322,7 @@ impl PositionTable {
     /// Merges `batch` into the files that hold its keys, in one commit: what is new,
     /// the files it touches, their rows read, the plan, the files written, the commit,
     /// the index updated.
-    async fn merge(&mut self, batch: &Batch, merged: Rows, started: Instant) -> Result<WriteReport, TableError> {
+    async fn merge(&mut self, batch: WriteSet<'_>, merged: Rows, started: Instant) -> Result<WriteReport, TableError> {
         let partitions: Vec<TopicPartition> = batch.offsets.iter().map(|(tp, _)| tp.clone()).collect();
         let (transactions, rows) = self.new_in(batch, merged, &partitions).await?;
         let mut report = WriteReport::nothing(self.version(), rows.len(), started);
@@ -451,7 +465,7 @@ impl PositionTable {
     /// past its recorded one, and the rows to merge (those past it, or all of them).
     async fn new_in<'b>(
         &self,
-        batch: &'b Batch,
+        batch: WriteSet<'b>,
         merged: Rows,
         partitions: &[TopicPartition],
     ) -> Result<(Vec<Transaction>, Vec<&'b PositionUpdate>), TableError> {
@@ -683,7 +697,7 @@ fn creation_properties(config: &DeltaConfig) -> crate::config::Settings {
         .iter()
         .any(|key| properties.0.contains_key(*key));
     if !chooses_statistics {
-        let partitioning = config.partition_by.columns();
+        let partitioning = partition_columns(config.partition_by);
         let columns: Vec<&str> = STATISTICS_COLUMNS.into_iter().filter(|c| !partitioning.contains(c)).collect();
         properties.0.insert("delta.dataSkippingStatsColumns".to_string(), columns.join(","));
     }
@@ -698,7 +712,7 @@ pub fn spec(layout: PartitionBy) -> TableSpec {
         name: "positions",
         comment: "Latest position per instrument, written by position-sink",
         schema: schema(),
-        partition_columns: layout.columns(),
+        partition_columns: partition_columns(layout),
         layout_key: Some("delta.partition_by"),
     }
 }

@@ -12,11 +12,20 @@ use deltalake::arrow::array::{
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 
+use crate::config::PartitionBy;
 use crate::offsets::{Coordinates, Offset, TopicPartition};
 use crate::update::PositionUpdate;
 
 /// The partition column.
 pub const PARTITION_COLUMN: &str = "symbol";
+
+/// The partition columns of a layout.
+pub fn partition_columns(layout: PartitionBy) -> &'static [&'static str] {
+    match layout {
+        PartitionBy::Symbol => &[PARTITION_COLUMN],
+        PartitionBy::None => &[],
+    }
+}
 
 /// Columns set from the message, in table order (`conid` .. `realized_pnl`), then lineage.
 pub const PAYLOAD_COLUMNS: [&str; 12] = crate::update::FIELDS;

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 
 use crate::dead_letter::DeadLetter;
 use crate::offsets::{Offset, OffsetMap, TopicPartition};
+use crate::table::WriteSet;
 use crate::update::{KeyColumn, PositionUpdate, RowKey};
 
 /// When a buffer's flush is due, and when it is full.
@@ -63,6 +64,13 @@ pub struct Batch {
     pub messages: usize,
     /// Kafka timestamps of the valid messages, for the end-to-end latency metric.
     pub kafka_times: KafkaTimes,
+}
+
+impl<'a> From<&'a Batch> for WriteSet<'a> {
+    /// What the positions table is given of a batch: its rows and the offsets it covers.
+    fn from(batch: &'a Batch) -> Self {
+        WriteSet { rows: &batch.rows, offsets: &batch.offsets }
+    }
 }
 
 /// Kafka timestamps of messages, counted per 100 ms: bounded by the time the messages

@@ -5,9 +5,9 @@
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::partitions::{CommitNews, CommitOutcome};
+use super::partitions::CommitNews;
 use super::{Worker, WorkerError, join, sleep_until};
-use crate::kafka;
+use crate::kafka::{self, CommitOutcome};
 use crate::status::Progress;
 
 impl Worker {

@@ -18,8 +18,10 @@ mod commit;
 pub mod flush;
 mod maintain;
 pub mod partitions;
+pub mod receive;
 mod resume;
 
+use receive::Received;
 use resume::Unreadable;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,12 +40,13 @@ use crate::config::Config;
 use crate::dead_letter::DeadLetter;
 use crate::decode::DecodeOptions;
 use crate::faults::CrashPoints;
+use crate::kafka::CommitOutcome;
 use crate::kafka::{self, Rebalanced, SinkConsumer};
 use crate::offsets::{Coordinates, TopicPartition};
 use crate::status::{Progress, RunSummary};
 use crate::table::{PositionTable, TableError};
 use crate::worker::batch::{Batch, Buffer, Limits};
-use crate::worker::partitions::{CommitOutcome, Partitions, Seen};
+use crate::worker::partitions::{Partitions, Seen};
 
 /// Rejected messages logged one by one per flush window; the rest are only counted.
 const REJECTIONS_LOGGED_PER_FLUSH: usize = 20;
@@ -247,7 +250,7 @@ impl Worker {
     fn new(config: Config, consumer: SinkConsumer, sinks: Sinks, progress: Arc<Progress>, crash: CrashPoints) -> Self {
         let limits = Limits::of(&config.flush);
         Self {
-            decode_options: DecodeOptions::of(&config),
+            decode_options: config.decode_options(),
             buffer: Buffer::new(config.delta.key_columns.clone(), limits),
             partitions: Partitions::new(sinks.table_offsets_cover_dead_letters(), &config.retry)
                 .with_unrecorded_from_start(config.kafka.auto_offset_reset == crate::config::OffsetReset::Earliest),
@@ -312,7 +315,7 @@ impl Worker {
                 message = self.consumer.recv(), if can_read => {
                     // With it, whatever else is already waiting, decoded off this thread.
                     let room = self.buffer.room();
-                    let ready = kafka::receive_ready(&self.consumer, message, room, &self.decode_options);
+                    let ready = receive::receive_ready(&self.consumer, message, room, &self.decode_options);
                     self.handle_ready(ready, shutdown).await?;
                 }
             }
@@ -338,7 +341,7 @@ impl Worker {
     /// read them again where they are still due.
     async fn handle_ready(
         &mut self,
-        ready: Vec<(kafka::Generation, kafka::Received)>,
+        ready: Vec<(kafka::Generation, Received)>,
         shutdown: &CancellationToken,
     ) -> Result<(), WorkerError> {
         self.moved.clear();
@@ -356,27 +359,27 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(&mut self, received: kafka::Received, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    async fn handle(&mut self, received: Received, shutdown: &CancellationToken) -> Result<(), WorkerError> {
         // No move to the table's starts with a message in hand: it was read before the
         // move would take effect. `Partitions::seen` asks for the move from it instead.
         self.load_recorded(shutdown).await?;
         match received {
-            kafka::Received::Update(update, size, kafka_time) => {
+            Received::Update(update, size, kafka_time) => {
                 self.note_readable(&update.source);
                 if self.is_to_write(&update.source, shutdown).await? {
                     self.buffer.push(update, size);
                     self.buffer.note_kafka_time(kafka_time);
                 }
             }
-            kafka::Received::Invalid(dead_letter) => {
+            Received::Invalid(dead_letter) => {
                 self.note_readable(&dead_letter.source);
                 if self.is_to_write(&dead_letter.source, shutdown).await? {
                     self.log_rejection(&dead_letter);
                     self.buffer.reject(dead_letter);
                 }
             }
-            kafka::Received::EndOfPartition => self.note_end_of_partition(),
-            kafka::Received::Error(error) => match kafka::BatchFault::of(&error) {
+            Received::EndOfPartition => self.note_end_of_partition(),
+            Received::Error(error) => match kafka::BatchFault::of(&error) {
                 Some(fault) => self.read_again_after_unreadable(fault, shutdown).await?,
                 None => {
                     self.check_connection()?;

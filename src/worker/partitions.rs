@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::RetryConfig;
+use crate::kafka::CommitOutcome;
 use crate::offsets::{Coordinates, Offset, OffsetMap, TopicPartition};
 
 /// What the loop does with a message it read.
@@ -58,9 +59,6 @@ pub enum Start {
     /// At the start of the log: the table has no record of the partition.
     Beginning,
 }
-
-/// The outcome of one offset commit request, per partition.
-pub type CommitOutcome = Vec<(TopicPartition, Offset, Result<(), String>)>;
 
 /// What a commit result changed, for the log: once per failure streak.
 #[derive(Debug, Clone, PartialEq, Eq)]
