@@ -75,6 +75,18 @@ pub enum TableError {
 }
 
 impl TableError {
+    /// A failed read of the table at `uri`, for `map_err`.
+    pub fn on_read(uri: &str) -> impl Fn(DeltaTableError) -> TableError + use<> {
+        let uri = uri.to_string();
+        move |source| TableError::Read { uri: uri.clone(), source: Box::new(source) }
+    }
+
+    /// A failed write of `rows` rows to the table at `uri`, for `map_err`.
+    pub fn on_write(uri: &str, rows: usize) -> impl Fn(DeltaTableError) -> TableError + use<> {
+        let uri = uri.to_string();
+        move |source| TableError::Write { uri: uri.clone(), rows, source: Box::new(source) }
+    }
+
     /// Whether trying again can help: storage and commit-conflict failures can, a
     /// schema mismatch cannot.
     pub fn is_retryable(&self) -> bool {
@@ -198,7 +210,7 @@ fn check_schema(table: &DeltaTable, uri: &str, spec: &TableSpec) -> Result<(), T
 /// [`TableError::Read`] when the log cannot be read.
 pub async fn refreshed(table: &DeltaTable, uri: &str) -> Result<DeltaTable, TableError> {
     let mut fresh = table.clone();
-    fresh.update_state().await.map_err(|source| TableError::Read { uri: uri.to_string(), source: Box::new(source) })?;
+    fresh.update_state().await.map_err(TableError::on_read(uri))?;
     Ok(fresh)
 }
 
@@ -213,13 +225,13 @@ pub async fn recorded_offsets(
     group_id: &str,
     partitions: impl IntoIterator<Item = &TopicPartition>,
 ) -> Result<HashMap<TopicPartition, Offset>, TableError> {
-    let read_err = |source| TableError::Read { uri: uri.to_string(), source: Box::new(source) };
-    let snapshot = table.snapshot().map_err(read_err)?;
+    let read_err = TableError::on_read(uri);
+    let snapshot = table.snapshot().map_err(&read_err)?;
     let log_store = table.log_store();
     let mut recorded = HashMap::new();
     for tp in partitions {
         if let Some(version) =
-            snapshot.transaction_version(log_store.as_ref(), tp.app_id(group_id)).await.map_err(read_err)?
+            snapshot.transaction_version(log_store.as_ref(), tp.app_id(group_id)).await.map_err(&read_err)?
         {
             recorded.insert(tp.clone(), Offset(version));
         }
@@ -311,10 +323,10 @@ impl CommitRecord {
 /// # Errors
 /// [`TableError::Read`] when the log cannot be read.
 pub async fn restore_since(table: &DeltaTable, uri: &str, since: u64) -> Result<Option<i64>, TableError> {
-    let read_err = |source| TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let read_err = TableError::on_read(uri);
     let latest = table.version().unwrap_or(0);
     for version in (since + 1..=latest).rev() {
-        let Some(bytes) = table.log_store().read_commit_entry(version).await.map_err(read_err)? else { break };
+        let Some(bytes) = table.log_store().read_commit_entry(version).await.map_err(&read_err)? else { break };
         if CommitRecord::parse(&bytes).restored_to.is_some() {
             return Ok(Some(i64::try_from(version).unwrap_or(i64::MAX)));
         }
@@ -340,7 +352,7 @@ pub async fn records_undone_by_restore(
     group_id: &str,
     partitions: impl IntoIterator<Item = &TopicPartition>,
 ) -> Result<HashMap<TopicPartition, Option<Offset>>, TableError> {
-    let read_err = |source| TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let read_err = TableError::on_read(uri);
     let mut pending: HashMap<String, TopicPartition> =
         partitions.into_iter().map(|tp| (tp.app_id(group_id), tp.clone())).collect();
     let current = recorded_offsets(table, uri, group_id, pending.values()).await?;
@@ -351,7 +363,7 @@ pub async fn records_undone_by_restore(
     let mut version = table.version().map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
     while !pending.is_empty() && version >= 0 {
         // Logs cleaned up past this point: older restores are no longer known.
-        let Some(bytes) = log_store.read_commit_entry(version.unsigned_abs()).await.map_err(read_err)? else { break };
+        let Some(bytes) = log_store.read_commit_entry(version.unsigned_abs()).await.map_err(&read_err)? else { break };
         let commit = CommitRecord::parse(&bytes);
         if undoing.is_some_and(|restore| restore.undoes(version, commit.timestamp)) {
             version -= 1;

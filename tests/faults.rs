@@ -303,9 +303,16 @@ async fn storage_failures_mid_flush_commit_no_offsets_pause_reading_and_heal() {
             .await;
         assert!(!progress.readiness().ok);
         let (version, committed) = (table_version(&s.table).await, s.committed());
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let consumed = w.messages();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        wait_until(Duration::from_secs(30), "reading paused behind the failing flush", async || {
+            progress.reading_paused.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        // The window: three more failed attempts of the flush that holds the buffer.
+        let (consumed, failures) = (w.messages(), Progress::get(&progress.write_failures));
+        wait_until(Duration::from_secs(30), "three more failed write attempts", async || {
+            Progress::get(&progress.write_failures) >= failures + 3
+        })
+        .await;
         assert_eq!(w.messages(), consumed, "{what}: reading did not pause with a full buffer");
         assert_eq!(table_version(&s.table).await, version, "{what}: a commit landed");
         assert_eq!(s.committed(), committed, "{what}: offsets were committed");
@@ -538,7 +545,12 @@ async fn a_really_full_disk_mid_ingest_is_waited_out_and_nothing_partial_is_visi
     wait_until(Duration::from_secs(60), "writes failing on the full disk", async || !progress.health.is_storage_ok())
         .await;
     let (version, committed) = (table_version(&s.table).await, s.committed());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The window: three more failed attempts to write on the full disk.
+    let failures = Progress::get(&progress.write_failures);
+    wait_until(Duration::from_secs(30), "three more failed write attempts", async || {
+        Progress::get(&progress.write_failures) >= failures + 3
+    })
+    .await;
     assert_eq!(table_version(&s.table).await, version, "a commit landed on a full disk");
     assert_eq!(s.committed(), committed, "offsets were committed while the disk was full");
     assert!(!w.handle.is_finished(), "the worker gave up on a full disk");

@@ -102,8 +102,16 @@ async fn a_scaled_trading_day_keeps_storage_and_log_bounded_and_readers_never_fa
         is_committed_to(&group, &topic, &produced, 2)
     })
     .await;
-    // Two more maintenance runs over the final state.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Two more table-wide maintenance runs over the final state.
+    let mut since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_secs_f64();
+    for _ in 0..2 {
+        let progress = worker.progress.clone();
+        wait_until(Duration::from_secs(60), "a maintenance run over the final state", async || {
+            progress.maintenance().last_clean.is_some_and(|(finished, took)| finished - took > since)
+        })
+        .await;
+        since = worker.progress.maintenance().last_clean.map_or(since, |(finished, _)| finished);
+    }
     let maintenance = worker.progress.maintenance();
     let (status, metrics) = http_get(&worker.progress, "/metrics");
     assert_eq!(status, 200);

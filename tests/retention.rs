@@ -166,7 +166,7 @@ async fn a_write_held_past_its_deadline_never_commits_files_vacuum_may_have_take
     let gate = faults.hold_next_commit();
     let held = tokio::spawn({
         let (table, second) = (table.clone(), second.clone());
-        async move { table.write(&second).await.map(|(_, report)| report) }
+        async move { table.write(&*second).await.map(|(_, report)| report) }
     });
     common::wait_until(Duration::from_secs(30), "the commit is held", async || faults.held.load(Ordering::SeqCst) == 1)
         .await;
@@ -184,7 +184,7 @@ async fn a_write_held_past_its_deadline_never_commits_files_vacuum_may_have_take
     assert!(error.is_retryable(), "{error}");
 
     // Every live file is on disk, and the write made again lands.
-    table.write(&second).await.expect("the write made again");
+    table.write(&*second).await.expect("the write made again");
     common::assert_table_matches(&common::read_table(&path).await, &model.expected());
     assert_eq!(common::versions::polars_rows(&path, &[2])[&2], model.triples(), "polars reads the table");
 }
@@ -281,7 +281,7 @@ async fn a_flush_never_brings_back_a_file_a_compaction_removed_meanwhile() {
     let gate = faults.hold_next_commit();
     let flush = tokio::spawn({
         let (worker, third) = (worker.clone(), third.clone());
-        async move { worker.write(&third).await.map(|(_, report)| report) }
+        async move { worker.write(&*third).await.map(|(_, report)| report) }
     });
     common::wait_until(Duration::from_secs(30), "the flush's commit is held", async || {
         faults.held.load(Ordering::SeqCst) == 1
@@ -303,7 +303,7 @@ async fn a_flush_never_brings_back_a_file_a_compaction_removed_meanwhile() {
     // The flush conflicts, and made again it hides the row in the compacted file.
     let error = flush.await.expect("the flush's task").expect_err("a flush over a removed file committed");
     assert!(error.is_conflict(), "{error}");
-    worker.write(&third).await.expect("the flush made again");
+    worker.write(&*third).await.expect("the flush made again");
     common::assert_table_matches(&common::read_table(&path).await, &model.expected());
     let live: Vec<String> =
         open(&path).await.snapshot().expect("snapshot").log_data().iter().map(|f| f.path().into_owned()).collect();

@@ -130,8 +130,7 @@ impl DeadLetterTable {
                 Transaction::new(tp.app_id(&fresh.group_id), through.0)
             })
             .collect();
-        let write_err =
-            |source| TableError::Write { uri: fresh.uri.clone(), rows: new.len(), source: Box::new(source) };
+        let write_err = TableError::on_write(&fresh.uri, new.len());
         let batch = to_record_batch(&new)
             .map_err(|e| write_err(DeltaTableError::Generic(format!("building the Arrow batch: {e}"))))?;
         let append = fresh.table.clone().write([batch]).with_save_mode(SaveMode::Append).with_commit_properties(
@@ -154,7 +153,7 @@ impl DeadLetterTable {
                     humantime::format_duration(fresh.write_deadline)
                 )))
             })?
-            .map_err(write_err)?;
+            .map_err(&write_err)?;
         for d in &new {
             counts.add(&d.category, 1);
         }
@@ -209,10 +208,10 @@ pub async fn read(
     category: Option<&str>,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, TableError> {
-    let read_err = |source| TableError::Read { uri: uri.to_string(), source: Box::new(source) };
-    let url = deltalake::ensure_table_uri(uri).map_err(read_err)?;
+    let read_err = TableError::on_read(uri);
+    let url = deltalake::ensure_table_uri(uri).map_err(&read_err)?;
     let options = storage_options.0.clone().into_iter().collect();
-    let table = deltalake::open_table_with_storage_options(url, options).await.map_err(read_err)?;
+    let table = deltalake::open_table_with_storage_options(url, options).await.map_err(&read_err)?;
     let query = |e: deltalake::datafusion::error::DataFusionError| read_err(e.into());
     let ctx = SessionContext::new();
     let provider = table.table_provider().await.map_err(query)?;

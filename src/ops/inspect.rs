@@ -207,8 +207,8 @@ fn partition_facts(
 }
 
 async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFacts, OpsError> {
-    let read_err = |source| crate::delta::TableError::Read { uri: uri.to_string(), source: Box::new(source) };
-    let snapshot = table.snapshot().map_err(read_err)?;
+    let read_err = crate::delta::TableError::on_read(uri);
+    let snapshot = table.snapshot().map_err(&read_err)?;
     let (mut rows, mut live_files, mut live_bytes) = (0u64, 0usize, 0u64);
     let (mut hidden_rows, mut files_with_deletion_vectors) = (0u64, 0usize);
     let mut partition_values = std::collections::HashSet::new();
@@ -225,10 +225,10 @@ async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFa
             partition_values.insert(format!("{values:?}"));
         }
     }
-    let objects = crate::maintenance::footprint::list_objects(table).await.map_err(read_err)?;
+    let objects = crate::maintenance::footprint::list_objects(table).await.map_err(&read_err)?;
     let bytes_on_disk = objects.values().map(|(size, _)| size).sum();
-    let storage = crate::maintenance::footprint::of(table, &objects).map_err(read_err)?;
-    let retention = crate::maintenance::RetentionSettings::of(table).map_err(read_err)?;
+    let storage = crate::maintenance::footprint::of(table, &objects).map_err(&read_err)?;
+    let retention = crate::maintenance::RetentionSettings::of(table).map_err(&read_err)?;
     let last_compaction = last_compaction(table, uri).await?;
     let last_clean = crate::maintenance::last_run(table).await;
     Ok(TableFacts {
@@ -256,14 +256,14 @@ const MAINTENANCE_LOOKBACK: u64 = 2000;
 /// When the last compaction was committed, among the last [`MAINTENANCE_LOOKBACK`]
 /// commits (read a few at a time; only their `commitInfo`).
 async fn last_compaction(table: &deltalake::DeltaTable, uri: &str) -> Result<Option<String>, OpsError> {
-    let read_err = |source| crate::delta::TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let read_err = crate::delta::TableError::on_read(uri);
     let latest = table.version().unwrap_or(0);
     let log_store = table.log_store();
     let versions: Vec<u64> = (latest.saturating_sub(MAINTENANCE_LOOKBACK - 1)..=latest).rev().collect();
     let mut compaction = None;
     for chunk in versions.chunks(32) {
         let reads = chunk.iter().map(|v| log_store.read_commit_entry(*v));
-        let commits = futures::future::try_join_all(reads).await.map_err(read_err)?;
+        let commits = futures::future::try_join_all(reads).await.map_err(&read_err)?;
         for bytes in commits.into_iter().flatten() {
             let Some(line) = bytes.split(|b| *b == b'\n').find(|l| l.starts_with(b"{\"commitInfo\"")) else { continue };
             let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
@@ -283,11 +283,11 @@ async fn last_compaction(table: &deltalake::DeltaTable, uri: &str) -> Result<Opt
 }
 
 async fn last_commits(table: &deltalake::DeltaTable, uri: &str) -> Result<Vec<CommitFacts>, OpsError> {
-    let read_err = |source| crate::delta::TableError::Read { uri: uri.to_string(), source: Box::new(source) };
+    let read_err = crate::delta::TableError::on_read(uri);
     let latest = table.version().unwrap_or(0);
     let mut commits = Vec::new();
     for version in (latest.saturating_sub(COMMITS_LISTED - 1)..=latest).rev() {
-        let Some(bytes) = table.log_store().read_commit_entry(version).await.map_err(read_err)? else { break };
+        let Some(bytes) = table.log_store().read_commit_entry(version).await.map_err(&read_err)? else { break };
         let mut commit = CommitFacts {
             version: version as i64,
             time: String::new(),

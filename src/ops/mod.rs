@@ -18,7 +18,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use futures::TryStreamExt;
 
 use crate::config::DeltaConfig;
-use crate::table::schema::{TableRow, from_record_batch};
+use crate::table::schema::{TableRow, columns, from_record_batch};
 
 /// How a report is printed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -107,15 +107,15 @@ pub async fn rows(table: &DeltaTable, filter: &RowFilter) -> Result<Vec<TableRow
     let ctx = SessionContext::new();
     let mut frame = ctx.read_table(table.table_provider().await?)?;
     if let Some(symbol) = &filter.symbol {
-        frame = frame.filter(col("symbol").eq(lit(symbol.as_str())))?;
+        frame = frame.filter(col(columns::SYMBOL).eq(lit(symbol.as_str())))?;
     }
     if let Some(conid) = filter.conid {
-        frame = frame.filter(col("conid").eq(lit(conid)))?;
+        frame = frame.filter(col(columns::CONID).eq(lit(conid)))?;
     }
     if let Some(account) = &filter.account {
         frame = frame.filter(col("account").eq(lit(account.as_str())))?;
     }
-    frame = frame.sort(vec![col("symbol").sort(true, false), col("conid").sort(true, false)])?;
+    frame = frame.sort(vec![col(columns::SYMBOL).sort(true, false), col(columns::CONID).sort(true, false)])?;
     if let Some(limit) = filter.limit {
         frame = frame.limit(0, Some(limit))?;
     }

@@ -123,7 +123,7 @@ impl PositionTable {
         let files: BTreeSet<FileId> = groups.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
         let touched = fresh.read_touched(&index, &files, &BTreeSet::new()).await?;
         let rows: usize = touched.iter().map(|f| f.rows.num_rows()).sum();
-        let write_err = |source| TableError::Write { uri: fresh.uri.clone(), rows, source: Box::new(source) };
+        let write_err = TableError::on_write(&fresh.uri, rows);
         let plan = merge::pack(&touched, fresh.layout, &fresh.key_columns, fresh.max_rows_per_file)
             .map_err(|e| write_err(e.into()))?;
         drop(touched);
@@ -134,7 +134,7 @@ impl PositionTable {
         let owners: Vec<TopicPartition> =
             groups.iter().filter_map(|(group, _)| group.owner.clone()).collect::<BTreeSet<_>>().into_iter().collect();
         let changes = Changes { removed: &plan.rewritten, added: &adds, writing, ..Changes::default() };
-        fresh.commit(CommitKind::Compaction, &owners, changes, Vec::new(), &index).await.map_err(write_err)?;
+        fresh.commit(CommitKind::Compaction, &owners, changes, Vec::new(), &index).await.map_err(&write_err)?;
         for id in &plan.rewritten {
             index.remove_file(*id);
         }
@@ -148,7 +148,7 @@ impl PositionTable {
             elapsed: Duration::ZERO,
         };
         let _grown = super::index_new_files(&mut index, &adds, plan.files).map_err(|e| write_err(e.into()))?;
-        fresh.table.update_state().await.map_err(write_err)?;
+        fresh.table.update_state().await.map_err(&write_err)?;
         Ok((fresh.clone(), CompactionReport { elapsed: started.elapsed(), ..report }))
     }
 }

@@ -17,7 +17,7 @@ use roaring::RoaringTreemap;
 
 use super::key_index::{KeyIndex, Row, SourceId, Stamp};
 use super::merge::{self, NewFile};
-use super::schema::{partition_columns, schema};
+use super::schema::{columns, partition_columns, schema};
 use super::{PositionTable, TableError};
 use crate::offsets::TopicPartition;
 use crate::update::{KeyColumn, RowKey};
@@ -27,8 +27,8 @@ impl PositionTable {
     pub(super) async fn write_files(&self, files: &[NewFile]) -> Result<Vec<Add>, TableError> {
         use deltalake::datafile::writer::{DeltaWriter, WriterConfig};
         let rows = files.iter().map(|f| f.rows.num_rows()).sum();
-        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows, source: Box::new(source) };
-        let snapshot = self.table.snapshot().map_err(write_err)?;
+        let write_err = TableError::on_write(&self.uri, rows);
+        let snapshot = self.table.snapshot().map_err(&write_err)?;
         // The table's own choice of statistics (delta.dataSkippingStatsColumns or
         // delta.dataSkippingNumIndexedCols), whoever set it.
         let (indexed_columns, statistics_columns) = deltalake::operations::get_num_idx_cols_and_stats_columns(
@@ -63,7 +63,7 @@ impl PositionTable {
                 }
             })
             .collect();
-        on_threads(writes).await.map_err(write_err)
+        on_threads(writes).await.map_err(&write_err)
     }
 }
 
@@ -164,8 +164,8 @@ pub(super) fn file_rows(
     deleted: &RoaringTreemap,
     index: &mut KeyIndex,
 ) -> Result<(Option<TopicPartition>, Vec<Row>), deltalake::arrow::error::ArrowError> {
-    let topics = merge::column(rows, "kafka_topic")?.as_string::<i32>();
-    let partitions = merge::column(rows, "kafka_partition")?.as_primitive::<Int32Type>();
+    let topics = merge::column(rows, columns::KAFKA_TOPIC)?.as_string::<i32>();
+    let partitions = merge::column(rows, columns::KAFKA_PARTITION)?.as_primitive::<Int32Type>();
     let mut owner = None;
     let mut mixed = false;
     for row in 0..rows.num_rows() {
@@ -189,10 +189,10 @@ pub(super) fn rows_with_keys(
     deleted: &RoaringTreemap,
     index: &mut KeyIndex,
 ) -> Result<Vec<Row>, deltalake::arrow::error::ArrowError> {
-    let topics = merge::column(rows, "kafka_topic")?.as_string::<i32>();
-    let partitions = merge::column(rows, "kafka_partition")?.as_primitive::<Int32Type>();
-    let offsets = merge::column(rows, "kafka_offset")?.as_primitive::<Int64Type>().values();
-    let timestamps = merge::column(rows, "timestamp")?.as_primitive::<TimestampMicrosecondType>().values();
+    let topics = merge::column(rows, columns::KAFKA_TOPIC)?.as_string::<i32>();
+    let partitions = merge::column(rows, columns::KAFKA_PARTITION)?.as_primitive::<Int32Type>();
+    let offsets = merge::column(rows, columns::KAFKA_OFFSET)?.as_primitive::<Int64Type>().values();
+    let timestamps = merge::column(rows, columns::TIMESTAMP)?.as_primitive::<TimestampMicrosecondType>().values();
     let mut last_source: Option<((&str, i32), SourceId)> = None;
     let mut live = Vec::with_capacity(keys.len().saturating_sub(deleted.len() as usize));
     for (row, key) in keys.into_iter().enumerate() {

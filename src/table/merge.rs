@@ -24,7 +24,7 @@ use deltalake::arrow::error::ArrowError;
 use crate::config::PartitionBy;
 use crate::offsets::TopicPartition;
 use crate::table::key_index::{FileGroup, FileId};
-use crate::table::schema::{PARTITION_COLUMN, schema};
+use crate::table::schema::{PARTITION_COLUMN, columns, schema};
 use crate::update::{KeyColumn, RowKey};
 
 /// The rows of one touched file, in the table's schema (the partition column filled in).
@@ -208,12 +208,12 @@ impl<'a> Columns<'a> {
     fn of(rows: &'a RecordBatch) -> Result<Self, ArrowError> {
         let column = |name: &str| column(rows, name);
         Ok(Self {
-            conid: column("conid")?.as_primitive::<Int64Type>().values(),
-            symbol: column(PARTITION_COLUMN)?.as_string::<i32>(),
-            timestamp: column("timestamp")?.as_primitive(),
-            kafka_topic: column("kafka_topic")?.as_string::<i32>(),
-            kafka_partition: column("kafka_partition")?.as_primitive::<Int32Type>().values(),
-            kafka_offset: column("kafka_offset")?.as_primitive::<Int64Type>().values(),
+            conid: column(columns::CONID)?.as_primitive::<Int64Type>().values(),
+            symbol: column(columns::SYMBOL)?.as_string::<i32>(),
+            timestamp: column(columns::TIMESTAMP)?.as_primitive(),
+            kafka_topic: column(columns::KAFKA_TOPIC)?.as_string::<i32>(),
+            kafka_partition: column(columns::KAFKA_PARTITION)?.as_primitive::<Int32Type>().values(),
+            kafka_offset: column(columns::KAFKA_OFFSET)?.as_primitive::<Int64Type>().values(),
         })
     }
 
@@ -242,7 +242,7 @@ pub(crate) fn column<'a>(rows: &'a RecordBatch, name: &str) -> Result<&'a ArrayR
 /// # Errors
 /// When a key column is missing.
 pub fn keys_of(rows: &RecordBatch, key_columns: &[KeyColumn]) -> Result<Vec<RowKey>, ArrowError> {
-    let conid = column(rows, "conid")?.as_primitive::<Int64Type>().values();
+    let conid = column(rows, columns::CONID)?.as_primitive::<Int64Type>().values();
     let text_column = |wanted: KeyColumn| -> Result<Option<&StringArray>, ArrowError> {
         if key_columns.contains(&wanted) { Ok(Some(column(rows, wanted.name())?.as_string::<i32>())) } else { Ok(None) }
     };

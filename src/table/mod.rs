@@ -251,7 +251,7 @@ impl PositionTable {
         records: &HashMap<TopicPartition, Option<Offset>>,
     ) -> Result<PositionTable, TableError> {
         let mut fresh = self.refreshed().await?;
-        let write_err = |source| TableError::Write { uri: self.uri.clone(), rows: 0, source: Box::new(source) };
+        let write_err = TableError::on_write(&self.uri, 0);
         let transactions = records
             .iter()
             .map(|(tp, record)| Transaction::new(tp.app_id(&self.group_id), record.map_or(-1, |o| o.0)))
@@ -264,10 +264,10 @@ impl PositionTable {
             DeltaOperation::Write { mode: deltalake::protocol::SaveMode::Append, partition_by: None, predicate: None };
         CommitBuilder::from(properties)
             .with_actions(Vec::new())
-            .build(Some(fresh.table.snapshot().map_err(write_err)?), fresh.table.log_store(), operation)
+            .build(Some(fresh.table.snapshot().map_err(&write_err)?), fresh.table.log_store(), operation)
             .await
-            .map_err(write_err)?;
-        fresh.table.update_state().await.map_err(write_err)?;
+            .map_err(&write_err)?;
+        fresh.table.update_state().await.map_err(&write_err)?;
         Ok(fresh)
     }
 
@@ -329,8 +329,7 @@ impl PositionTable {
         if transactions.is_empty() && rows.is_empty() {
             return Ok(report);
         }
-        let write_err =
-            |source| TableError::Write { uri: self.uri.clone(), rows: rows.len(), source: Box::new(source) };
+        let write_err = TableError::on_write(&self.uri, rows.len());
         let arrow_err = |e: deltalake::arrow::error::ArrowError| write_err(DeltaTableError::from(e));
 
         let index = self.index.clone();
@@ -355,14 +354,14 @@ impl PositionTable {
         let writing = Instant::now();
         let adds = self.write_files(&plan.files).await?;
         let changes = Changes { removed: &plan.rewritten, added: &adds, writing, ..Changes::default() };
-        self.commit(CommitKind::Flush, &partitions, changes, transactions, &index).await.map_err(write_err)?;
+        self.commit(CommitKind::Flush, &partitions, changes, transactions, &index).await.map_err(&write_err)?;
         let rows_rewritten = plan.files.iter().map(|f| f.rows.num_rows()).sum();
         for id in &plan.rewritten {
             index.remove_file(*id);
         }
         let grown = index_new_files(&mut index, &adds, plan.files).map_err(arrow_err)?;
         let compaction_due = self.crowded(&index, &grown);
-        self.table.update_state().await.map_err(write_err)?;
+        self.table.update_state().await.map_err(&write_err)?;
         if self.layout == PartitionBy::Symbol && adds.len() > MANY_FILES_PER_FLUSH {
             warn_many_symbols(adds.len());
         }
@@ -397,8 +396,7 @@ impl PositionTable {
         mut report: WriteReport,
     ) -> Result<WriteReport, TableError> {
         let started = Instant::now() - report.elapsed;
-        let write_err =
-            |source| TableError::Write { uri: self.uri.clone(), rows: rows.len(), source: Box::new(source) };
+        let write_err = TableError::on_write(&self.uri, rows.len());
         let arrow_err = |e: deltalake::arrow::error::ArrowError| write_err(DeltaTableError::from(e));
         let plan = deletion::plan(rows, index, &self.key_columns);
         report.unchanged = plan.unchanged;
@@ -419,7 +417,7 @@ impl PositionTable {
             let all = &file.deleted | &hidden;
             if all.len() >= file.rows as u64 { removed.push(id) } else { vectors.push((id, all)) }
         }
-        let mut vector_files = deletion::write_vectors(vectors).map_err(write_err)?;
+        let mut vector_files = deletion::write_vectors(vectors).map_err(&write_err)?;
         let vector_bytes: u64 = vector_files.iter().map(|f| f.bytes.len() as u64).sum();
         let store = self.table.object_store();
         let puts = vector_files.iter_mut().map(|file| {
@@ -431,7 +429,7 @@ impl PositionTable {
         let vectors: Vec<_> = vector_files.into_iter().flat_map(|f| f.vectors).collect();
         let revised: Vec<_> = vectors.iter().map(|(id, dv, _)| (*id, dv.clone())).collect();
         let changes = Changes { removed: &removed, revised: &revised, added: &adds, writing };
-        self.commit(CommitKind::Flush, partitions, changes, transactions, index).await.map_err(write_err)?;
+        self.commit(CommitKind::Flush, partitions, changes, transactions, index).await.map_err(&write_err)?;
 
         for id in &removed {
             index.remove_file(*id);
@@ -444,7 +442,7 @@ impl PositionTable {
         let rows_written = laid_out.files.iter().map(|f| f.rows.num_rows()).sum();
         touched.extend(index_new_files(index, &adds, laid_out.files).map_err(arrow_err)?);
         let compaction_due = self.crowded(index, &touched);
-        self.table.update_state().await.map_err(write_err)?;
+        self.table.update_state().await.map_err(&write_err)?;
         Ok(WriteReport {
             version: self.version().unwrap_or(TableVersion(0)),
             inserted: plan.inserted,
@@ -491,8 +489,8 @@ impl PositionTable {
     /// the keys of files it has not seen (all of them the first time; afterwards only
     /// those other writers added).
     async fn sync_index(&self, index: &mut KeyIndex) -> Result<(), TableError> {
-        let read_err = |source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) };
-        let snapshot = self.table.snapshot().map_err(read_err)?;
+        let read_err = TableError::on_read(&self.uri);
+        let snapshot = self.table.snapshot().map_err(&read_err)?;
         let mut listed: Vec<(LiveFile, Option<String>, Option<DeletionVectorDescriptor>)> = Vec::new();
         for view in snapshot.log_data().iter() {
             let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
@@ -527,7 +525,7 @@ impl PositionTable {
             })
             .collect();
         let mut added = Vec::with_capacity(unknown.len());
-        for (file, symbol, rows, deleted) in files::on_threads_io(reads).await.map_err(read_err)? {
+        for (file, symbol, rows, deleted) in files::on_threads_io(reads).await.map_err(&read_err)? {
             let (owner, live) =
                 files::file_rows(&rows, &self.key_columns, &deleted, index).map_err(|e| read_err(e.into()))?;
             let group = FileGroup { symbol: symbol.filter(|_| self.layout == PartitionBy::Symbol), owner };
@@ -544,8 +542,8 @@ impl PositionTable {
         touched: &BTreeSet<FileId>,
         hosts: &BTreeSet<FileId>,
     ) -> Result<Vec<TouchedFile>, TableError> {
-        let read_err = |source| TableError::Read { uri: self.uri.clone(), source: Box::new(source) };
-        let snapshot = self.table.snapshot().map_err(read_err)?;
+        let read_err = TableError::on_read(&self.uri);
+        let snapshot = self.table.snapshot().map_err(&read_err)?;
         let by_path: HashMap<&str, (FileId, &key_index::IndexedFile)> =
             touched.iter().filter_map(|id| index.file(*id).map(|f| (f.path.as_str(), (*id, f)))).collect();
         let wanted: Vec<(FileId, FileGroup, String, Option<String>, roaring::RoaringTreemap)> = snapshot
@@ -571,7 +569,7 @@ impl PositionTable {
                 }
             })
             .collect();
-        files::on_threads(reads).await.map_err(read_err)
+        files::on_threads(reads).await.map_err(&read_err)
     }
 }
 

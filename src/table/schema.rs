@@ -16,8 +16,46 @@ use crate::config::PartitionBy;
 use crate::offsets::{Coordinates, Offset, TopicPartition};
 use crate::update::PositionUpdate;
 
+/// The table's column names: the one place they are spelled.
+pub mod columns {
+    use crate::update::FIELDS;
+
+    /// The contract id.
+    pub const CONID: &str = FIELDS[0];
+    /// The instrument's symbol (the partition column of the `symbol` layout).
+    pub const SYMBOL: &str = FIELDS[1];
+    /// The position.
+    pub const POSITION: &str = FIELDS[2];
+    /// The update's event time.
+    pub const TIMESTAMP: &str = FIELDS[3];
+    /// The account.
+    pub const ACCOUNT: &str = FIELDS[4];
+    /// The security type.
+    pub const SEC_TYPE: &str = FIELDS[5];
+    /// The currency.
+    pub const CURRENCY: &str = FIELDS[6];
+    /// The average cost.
+    pub const AVG_COST: &str = FIELDS[7];
+    /// The market price.
+    pub const MARKET_PRICE: &str = FIELDS[8];
+    /// The market value.
+    pub const MARKET_VALUE: &str = FIELDS[9];
+    /// The unrealized profit and loss.
+    pub const UNREALIZED_PNL: &str = FIELDS[10];
+    /// The realized profit and loss.
+    pub const REALIZED_PNL: &str = FIELDS[11];
+    /// The Kafka topic the row came from.
+    pub const KAFKA_TOPIC: &str = "kafka_topic";
+    /// The Kafka partition the row came from.
+    pub const KAFKA_PARTITION: &str = "kafka_partition";
+    /// The row's Kafka offset.
+    pub const KAFKA_OFFSET: &str = "kafka_offset";
+    /// When the worker committed the row.
+    pub const INGESTED_AT: &str = "ingested_at";
+}
+
 /// The partition column.
-pub const PARTITION_COLUMN: &str = "symbol";
+pub const PARTITION_COLUMN: &str = columns::SYMBOL;
 
 /// The partition columns of a layout.
 pub fn partition_columns(layout: PartitionBy) -> &'static [&'static str] {
@@ -31,7 +69,8 @@ pub fn partition_columns(layout: PartitionBy) -> &'static [&'static str] {
 pub const PAYLOAD_COLUMNS: [&str; 12] = crate::update::FIELDS;
 
 /// Lineage columns: where and when each row was ingested.
-pub const LINEAGE_COLUMNS: [&str; 4] = ["kafka_topic", "kafka_partition", "kafka_offset", "ingested_at"];
+pub const LINEAGE_COLUMNS: [&str; 4] =
+    [columns::KAFKA_TOPIC, columns::KAFKA_PARTITION, columns::KAFKA_OFFSET, columns::INGESTED_AT];
 
 fn utc_micros() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -40,22 +79,22 @@ fn utc_micros() -> DataType {
 /// The table's Arrow schema.
 pub fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
-        Field::new("conid", DataType::Int64, false),
-        Field::new("symbol", DataType::Utf8, false),
-        Field::new("position", DataType::Float64, false),
-        Field::new("timestamp", utc_micros(), false),
-        Field::new("account", DataType::Utf8, true),
-        Field::new("sec_type", DataType::Utf8, true),
-        Field::new("currency", DataType::Utf8, true),
-        Field::new("avg_cost", DataType::Float64, true),
-        Field::new("market_price", DataType::Float64, true),
-        Field::new("market_value", DataType::Float64, true),
-        Field::new("unrealized_pnl", DataType::Float64, true),
-        Field::new("realized_pnl", DataType::Float64, true),
-        Field::new("kafka_topic", DataType::Utf8, false),
-        Field::new("kafka_partition", DataType::Int32, false),
-        Field::new("kafka_offset", DataType::Int64, false),
-        Field::new("ingested_at", utc_micros(), false),
+        Field::new(columns::CONID, DataType::Int64, false),
+        Field::new(columns::SYMBOL, DataType::Utf8, false),
+        Field::new(columns::POSITION, DataType::Float64, false),
+        Field::new(columns::TIMESTAMP, utc_micros(), false),
+        Field::new(columns::ACCOUNT, DataType::Utf8, true),
+        Field::new(columns::SEC_TYPE, DataType::Utf8, true),
+        Field::new(columns::CURRENCY, DataType::Utf8, true),
+        Field::new(columns::AVG_COST, DataType::Float64, true),
+        Field::new(columns::MARKET_PRICE, DataType::Float64, true),
+        Field::new(columns::MARKET_VALUE, DataType::Float64, true),
+        Field::new(columns::UNREALIZED_PNL, DataType::Float64, true),
+        Field::new(columns::REALIZED_PNL, DataType::Float64, true),
+        Field::new(columns::KAFKA_TOPIC, DataType::Utf8, false),
+        Field::new(columns::KAFKA_PARTITION, DataType::Int32, false),
+        Field::new(columns::KAFKA_OFFSET, DataType::Int64, false),
+        Field::new(columns::INGESTED_AT, utc_micros(), false),
     ]))
 }
 

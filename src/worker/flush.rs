@@ -14,7 +14,6 @@
 
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -254,13 +253,13 @@ pub(crate) async fn retry_write<T, F: Future<Output = Result<T, TableError>>>(
 /// The worker's side of a flush: starting one from the loop, and booking its result.
 impl super::Worker {
     /// Starts a flush from the loop (tick or full buffer); a test may hold the first one.
-    pub(super) async fn flush_now(&mut self, shutdown: &CancellationToken) {
+    pub(super) async fn flush_now(&mut self) {
         if !self.buffer.is_empty()
             && let Some(gate) = self.crash.take_flush_hold()
         {
             info!("holding the first flush until the test releases it");
             tokio::select! {
-                () = shutdown.cancelled() => {}
+                () = self.shutdown.cancelled() => {}
                 () = gate.notified() => {}
             }
         }
@@ -308,11 +307,7 @@ impl super::Worker {
         }));
     }
 
-    pub(super) async fn finish_flush(
-        &mut self,
-        (sinks, batch, result): Flushed,
-        shutdown: &CancellationToken,
-    ) -> Result<(), WorkerError> {
+    pub(super) async fn finish_flush(&mut self, (sinks, batch, result): Flushed) -> Result<(), WorkerError> {
         self.idle_sinks = Some(sinks);
         self.apply_rebalances();
         if batch.messages == 0 && result.is_ok() {
@@ -328,7 +323,7 @@ impl super::Worker {
                 self.rewind(&batch);
                 let pause = self.config.retry.min_delay * self.aborted_in_a_row as u32;
                 tokio::select! {
-                    () = shutdown.cancelled() => {}
+                    () = self.shutdown.cancelled() => {}
                     () = tokio::time::sleep(pause) => {}
                 }
                 return Ok(());
@@ -395,11 +390,11 @@ impl super::Worker {
     }
 
     /// Waits for the running flush, if any, and books it.
-    pub(super) async fn await_in_flight(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    pub(super) async fn await_in_flight(&mut self) -> Result<(), WorkerError> {
         if self.in_flight.is_some() {
             let done = join(&mut self.in_flight).await?;
             self.in_flight = None;
-            self.finish_flush(done, shutdown).await?;
+            self.finish_flush(done).await?;
         }
         Ok(())
     }

@@ -194,8 +194,8 @@ async fn start_and_run(
     info!(table = sinks.positions.uri(), version = ?sinks.positions.version().map(|v| v.0), dead_letters, "opened destinations");
     let consumer = kafka::subscribe(&config.kafka, progress.clone())?;
     info!(brokers = %config.kafka.brokers, group = %config.kafka.group_id, topics = ?config.kafka.topics, "subscribed");
-    let mut worker = Worker::new(config, consumer, sinks, progress.clone(), crash);
-    worker.run(shutdown).await
+    let mut worker = Worker::new(config, consumer, sinks, shutdown.clone(), progress.clone(), crash);
+    worker.run().await
 }
 
 /// A flush running in the background: it hands the sinks back when done.
@@ -242,12 +242,21 @@ struct Worker {
     cleaning: Option<maintain::Cleaning>,
     /// A handle on the dead-letter table for maintenance (when dead letters go to one).
     dead_letter_reader: Option<crate::dead_letter::DeadLetterTable>,
+    /// Cancelled when the worker is to stop: every wait of the worker observes it.
+    shutdown: CancellationToken,
     progress: Arc<Progress>,
     crash: CrashPoints,
 }
 
 impl Worker {
-    fn new(config: Config, consumer: SinkConsumer, sinks: Sinks, progress: Arc<Progress>, crash: CrashPoints) -> Self {
+    fn new(
+        config: Config,
+        consumer: SinkConsumer,
+        sinks: Sinks,
+        shutdown: CancellationToken,
+        progress: Arc<Progress>,
+        crash: CrashPoints,
+    ) -> Self {
         let limits = Limits::of(&config.flush);
         Self {
             decode_options: config.decode_options(),
@@ -271,12 +280,13 @@ impl Worker {
             consumer: Arc::new(consumer),
             committing: None,
             config,
+            shutdown,
             progress,
             crash,
         }
     }
 
-    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    async fn run(&mut self) -> Result<(), WorkerError> {
         let mut tick =
             tokio::time::interval_at(Instant::now() + self.config.flush.interval, self.config.flush.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -293,10 +303,10 @@ impl Worker {
                 // finished flush, so offsets are committed and the next flush can start
                 // before more is read; then commit results, which free offsets to retry.
                 biased;
-                () = shutdown.cancelled() => break,
+                () = self.shutdown.cancelled() => break,
                 done = join(&mut self.in_flight), if flushing => {
                     self.in_flight = None;
-                    self.finish_flush(done?, shutdown).await?;
+                    self.finish_flush(done?).await?;
                 }
                 outcome = join(&mut self.committing), if committing => self.commit_finished(outcome),
                 reports = join(&mut self.cleaning), if cleaning => {
@@ -305,8 +315,8 @@ impl Worker {
                 }
                 _ = tick.tick() => {
                     self.check_connection()?;
-                    self.sync_assignment(shutdown).await?;
-                    self.flush_now(shutdown).await;
+                    self.sync_assignment().await?;
+                    self.flush_now().await;
                     self.schedule_maintenance();
                     self.sample_gauges();
                 }
@@ -316,21 +326,21 @@ impl Worker {
                     // With it, whatever else is already waiting, decoded off this thread.
                     let room = self.buffer.room();
                     let ready = receive::receive_ready(&self.consumer, message, room, &self.decode_options);
-                    self.handle_ready(ready, shutdown).await?;
+                    self.handle_ready(ready).await?;
                 }
             }
             // Exiting when caught up, the last batch has nothing more to wait for.
             let last_batch = self.config.worker.exit_when_caught_up && self.read_to_end;
             if self.in_flight.is_none() && (self.buffer.is_due() || last_batch) {
-                self.flush_now(shutdown).await;
+                self.flush_now().await;
             }
             self.send_due_commits();
-            if self.config.worker.exit_when_caught_up && self.is_caught_up(shutdown).await? {
+            if self.config.worker.exit_when_caught_up && self.is_caught_up().await? {
                 info!("every assigned partition is written to its end; exiting");
                 break;
             }
         }
-        self.drain(shutdown).await
+        self.drain().await
     }
 
     /// Handles the messages taken from the consumer at once, in order, each with the
@@ -339,11 +349,7 @@ impl Worker {
     /// after the messages were taken, or revoked after it was fetched. librdkafka drops
     /// such messages still in its queue, not those already taken out of it; the moves
     /// read them again where they are still due.
-    async fn handle_ready(
-        &mut self,
-        ready: Vec<(kafka::Generation, Received)>,
-        shutdown: &CancellationToken,
-    ) -> Result<(), WorkerError> {
+    async fn handle_ready(&mut self, ready: Vec<(kafka::Generation, Received)>) -> Result<(), WorkerError> {
         self.moved.clear();
         // The consumer reports assignment changes only while messages are taken from
         // it, so every change these messages may predate is known now: once per chunk.
@@ -353,34 +359,34 @@ impl Worker {
                 self.moved.contains(tp) || self.revoked_at.get(tp).is_some_and(|revoked| generation < *revoked)
             });
             if !stale {
-                self.handle(received, shutdown).await?;
+                self.handle(received).await?;
             }
         }
         Ok(())
     }
 
-    async fn handle(&mut self, received: Received, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    async fn handle(&mut self, received: Received) -> Result<(), WorkerError> {
         // No move to the table's starts with a message in hand: it was read before the
         // move would take effect. `Partitions::seen` asks for the move from it instead.
-        self.load_recorded(shutdown).await?;
+        self.load_recorded().await?;
         match received {
             Received::Update(update, size, kafka_time) => {
                 self.note_readable(&update.source);
-                if self.is_to_write(&update.source, shutdown).await? {
+                if self.is_to_write(&update.source).await? {
                     self.buffer.push(update, size);
                     self.buffer.note_kafka_time(kafka_time);
                 }
             }
             Received::Invalid(dead_letter) => {
                 self.note_readable(&dead_letter.source);
-                if self.is_to_write(&dead_letter.source, shutdown).await? {
+                if self.is_to_write(&dead_letter.source).await? {
                     self.log_rejection(&dead_letter);
                     self.buffer.reject(dead_letter);
                 }
             }
             Received::EndOfPartition => self.note_end_of_partition(),
             Received::Error(error) => match kafka::BatchFault::of(&error) {
-                Some(fault) => self.read_again_after_unreadable(fault, shutdown).await?,
+                Some(fault) => self.read_again_after_unreadable(fault).await?,
                 None => {
                     self.check_connection()?;
                     warn!(%error, "Kafka consumer error; librdkafka retries by itself");
@@ -393,10 +399,10 @@ impl Worker {
 
     /// Applies the assignment changes librdkafka reported, then reads the table's
     /// recorded offsets of newly assigned partitions.
-    async fn sync_assignment(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    async fn sync_assignment(&mut self) -> Result<(), WorkerError> {
         self.apply_rebalances();
-        self.load_recorded(shutdown).await?;
-        self.move_to_starts(shutdown).await
+        self.load_recorded().await?;
+        self.move_to_starts().await
     }
 
     /// Stops the worker when no connection to the cluster can be made (credentials,
@@ -436,7 +442,7 @@ impl Worker {
     }
 
     /// Counts a consumed message and tells whether it still has to be written.
-    async fn is_to_write(&mut self, at: &Coordinates, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
+    async fn is_to_write(&mut self, at: &Coordinates) -> Result<bool, WorkerError> {
         self.read_to_end = false;
         let mut seen = self.partitions.seen(at);
         if seen == Seen::Unknown {
@@ -444,7 +450,7 @@ impl Worker {
             if !self.partitions.is_assigned(&at.tp) {
                 self.partitions.assigned(std::slice::from_ref(&at.tp));
             }
-            self.load_recorded(shutdown).await?;
+            self.load_recorded().await?;
             seen = self.partitions.seen(at);
         }
         if !matches!(seen, Seen::Rewind { .. }) {
@@ -466,7 +472,7 @@ impl Worker {
             // Stopping while the table was read: the message is read again next time.
             Seen::Unknown => Ok(false),
             Seen::Rewind { from } => {
-                self.read_again_from(at, from, shutdown).await?;
+                self.read_again_from(at, from).await?;
                 Ok(false)
             }
         }
@@ -506,19 +512,19 @@ impl Worker {
     }
 
     /// Whether every assigned partition is read to its end and written.
-    async fn is_caught_up(&mut self, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
+    async fn is_caught_up(&mut self) -> Result<bool, WorkerError> {
         if !self.buffer.is_empty() || self.in_flight.is_some() {
             return Ok(false);
         }
-        self.sync_assignment(shutdown).await?;
-        self.look_up_unknown_positions(shutdown).await;
+        self.sync_assignment().await?;
+        self.look_up_unknown_positions().await;
         let consumer = &self.consumer;
         Ok(self.partitions.is_read_to_end(|tp| kafka::cached_watermarks(consumer, tp)))
     }
 
     /// Finishes the running flush, writes what is buffered, and commits every durable
     /// offset, all within `worker.shutdown_timeout`.
-    async fn drain(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    async fn drain(&mut self) -> Result<(), WorkerError> {
         // Table-wide maintenance is idempotent: the next run carries on where this stops.
         if let Some(cleaning) = self.cleaning.take() {
             cleaning.abort();
@@ -527,9 +533,9 @@ impl Worker {
         let timeout = self.config.worker.shutdown_timeout;
         let deadline = Instant::now() + timeout;
         let flushed = tokio::time::timeout_at(deadline, async {
-            self.await_in_flight(shutdown).await?;
+            self.await_in_flight().await?;
             self.start_flush();
-            self.await_in_flight(shutdown).await
+            self.await_in_flight().await
         })
         .await;
         match flushed {

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::batch::Batch;
@@ -42,7 +41,7 @@ pub(super) struct Unreadable {
 impl Worker {
     /// Reads the table's recorded offsets of the partitions that need them. A record a
     /// RESTORE undid is first set back to what the restored content goes with.
-    pub(super) async fn load_recorded(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    pub(super) async fn load_recorded(&mut self) -> Result<(), WorkerError> {
         let partitions = self.partitions.to_load();
         if partitions.is_empty() {
             return Ok(());
@@ -77,7 +76,7 @@ impl Worker {
         };
         let recorded;
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = self.shutdown.cancelled() => return Ok(()),
             read = read => (self.reader, recorded) = read?,
         }
         for tp in &partitions {
@@ -87,9 +86,9 @@ impl Worker {
     }
 
     /// Moves reading of the partitions just loaded to where the table says they start.
-    pub(super) async fn move_to_starts(&mut self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    pub(super) async fn move_to_starts(&mut self) -> Result<(), WorkerError> {
         if self.partitions.starts_wait_for_committed() {
-            self.look_up_unknown_positions(shutdown).await;
+            self.look_up_unknown_positions().await;
         }
         let due = self.partitions.starts_due();
         if due.is_empty() || self.starts_tried_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
@@ -97,7 +96,7 @@ impl Worker {
         }
         self.starts_tried_at = None;
         for (tp, start) in due {
-            if self.move_to(&tp, start, None, shutdown).await? {
+            if self.move_to(&tp, start, None).await? {
                 self.partitions.moved_to_start(&tp, start);
             } else {
                 self.starts_tried_at = Some(Instant::now());
@@ -107,13 +106,8 @@ impl Worker {
     }
 
     /// Moves reading of `at`'s partition back to where the table says it starts.
-    pub(super) async fn read_again_from(
-        &mut self,
-        at: &Coordinates,
-        from: Start,
-        shutdown: &CancellationToken,
-    ) -> Result<(), WorkerError> {
-        if !self.move_to(&at.tp, from, Some(at.offset), shutdown).await? {
+    pub(super) async fn read_again_from(&mut self, at: &Coordinates, from: Start) -> Result<(), WorkerError> {
+        if !self.move_to(&at.tp, from, Some(at.offset)).await? {
             self.partitions.rewind_failed(&at.tp, from);
         }
         Ok(())
@@ -126,7 +120,6 @@ impl Worker {
         tp: &TopicPartition,
         start: Start,
         reading_at: Option<Offset>,
-        shutdown: &CancellationToken,
     ) -> Result<bool, WorkerError> {
         let target = match start {
             Start::Beginning => {
@@ -145,7 +138,7 @@ impl Worker {
                     )
                 });
                 let oldest = tokio::select! {
-                    () = shutdown.cancelled() => return Ok(false),
+                    () = self.shutdown.cancelled() => return Ok(false),
                     found = lookup => match found {
                         Ok(Ok((low, _))) => low,
                         Ok(Err(error)) => {
@@ -200,7 +193,7 @@ impl Worker {
     /// For `exit_when_caught_up` and for moves back to the table's start: the group's
     /// committed offsets of assigned partitions whose position is otherwise unknown (a partition already read to its end yields
     /// no message to learn it from). At most once a second, off the runtime's threads.
-    pub(super) async fn look_up_unknown_positions(&mut self, shutdown: &CancellationToken) {
+    pub(super) async fn look_up_unknown_positions(&mut self) {
         let unknown = self.partitions.unknown_positions();
         if unknown.is_empty() || self.looked_up_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
             return;
@@ -210,7 +203,7 @@ impl Worker {
         let lookup =
             tokio::task::spawn_blocking(move || kafka::committed(&consumer, &unknown, COMMITTED_LOOKUP_TIMEOUT));
         tokio::select! {
-            () = shutdown.cancelled() => {}
+            () = self.shutdown.cancelled() => {}
             found = lookup => match found {
                 Ok(Ok(found)) => self.partitions.committed_looked_up(&found),
                 Ok(Err(error)) => debug!(%error, "committed offsets not available yet"),
@@ -225,14 +218,10 @@ impl Worker {
     /// batch is named by reading each partition alone, readiness fails with it, and
     /// reading pauses for the retry policy's next delay. Past `retry.max_retries`
     /// attempts at the same batch, the worker stops.
-    pub(super) async fn read_again_after_unreadable(
-        &mut self,
-        fault: kafka::BatchFault,
-        shutdown: &CancellationToken,
-    ) -> Result<(), WorkerError> {
+    pub(super) async fn read_again_after_unreadable(&mut self, fault: kafka::BatchFault) -> Result<(), WorkerError> {
         Progress::bump(&self.progress.unreadable_batches);
         // The running flush holds only messages read before the error: it may finish.
-        self.await_in_flight(shutdown).await?;
+        self.await_in_flight().await?;
         let assigned = self.partitions.assigned_partitions();
         self.buffer.drop_partitions(&assigned);
         let mut starts = self.partitions.rewind(&assigned);
@@ -264,7 +253,7 @@ impl Worker {
         let kafka_config = self.config.kafka.clone();
         let found = tokio::task::spawn_blocking(move || kafka::find_unreadable(&kafka_config, &starts));
         let found = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = self.shutdown.cancelled() => return Ok(()),
             found = found => found?,
         };
         let at = found.unwrap_or_else(|error| {
