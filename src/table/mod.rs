@@ -27,7 +27,7 @@ mod key_store;
 pub mod merge;
 pub mod schema;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -93,6 +93,9 @@ pub struct WriteReport {
     pub files_hidden_in: usize,
     /// Rows in the data files added (the batch's winners and the rows rewritten with them).
     pub rows_rewritten: usize,
+    /// Of those, rows carried over from files a deletion-vector flush rewrote instead of
+    /// giving them a vector (files in escaped partition directories).
+    pub rows_carried: usize,
     /// Bytes of data files added.
     pub bytes_written: u64,
     /// Whether a commit was made.
@@ -117,6 +120,7 @@ impl WriteReport {
             files_added: 0,
             files_hidden_in: 0,
             rows_rewritten: 0,
+            rows_carried: 0,
             bytes_written: 0,
             committed: false,
             compaction_due: false,
@@ -398,19 +402,36 @@ impl PositionTable {
         let started = Instant::now() - report.elapsed;
         let write_err = TableError::on_write(&self.uri, rows.len());
         let arrow_err = |e: deltalake::arrow::error::ArrowError| write_err(DeltaTableError::from(e));
-        let plan = deletion::plan(rows, index, &self.key_columns);
+        let mut plan = deletion::plan(rows, index, &self.key_columns);
         report.unchanged = plan.unchanged;
         if transactions.is_empty() && plan.winners.is_empty() && plan.hidden.is_empty() {
             return Ok(report);
         }
-        let batch_rows =
+        let mut batch_rows =
             to_record_batch(plan.winners.iter().copied(), chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
+        // A file in an escaped partition directory (a symbol with a space, a slash, ...)
+        // gets no vector: polars ignores the vectors of such files and would read the
+        // rows they hide. It is rewritten without them instead, as copy-on-write does.
+        let (escaped, hidden): (BTreeMap<FileId, roaring::RoaringTreemap>, BTreeMap<_, _>) =
+            std::mem::take(&mut plan.hidden)
+                .into_iter()
+                .partition(|(id, _)| index.file(*id).is_some_and(|f| is_escaped(&f.path)));
+        plan.hidden = hidden;
+        let mut removed: Vec<FileId> = escaped.keys().copied().collect();
+        let mut rows_carried = 0;
+        if !escaped.is_empty() {
+            let ids = escaped.keys().copied().collect();
+            let kept = self.read_touched_without(index, &ids, &BTreeSet::new(), &escaped).await?;
+            rows_carried = kept.iter().map(|file| file.rows.num_rows()).sum();
+            let mut parts = vec![batch_rows];
+            parts.extend(kept.into_iter().map(|file| file.rows));
+            batch_rows = deltalake::arrow::compute::concat_batches(&schema(), &parts).map_err(arrow_err)?;
+        }
         let laid_out =
             merge::plan(&[], &batch_rows, self.layout, &self.key_columns, self.max_rows_per_file).map_err(arrow_err)?;
         let writing = Instant::now();
         let adds = self.write_files(&laid_out.files).await?;
 
-        let mut removed = Vec::new();
         let mut vectors = Vec::new();
         for (id, hidden) in plan.hidden {
             let Some(file) = index.file(id) else { continue };
@@ -451,6 +472,7 @@ impl PositionTable {
             files_added: adds.len(),
             files_hidden_in: revised.len(),
             rows_rewritten: rows_written,
+            rows_carried,
             bytes_written: adds.iter().map(|a| a.size.max(0) as u64).sum::<u64>() + vector_bytes,
             committed: true,
             compaction_due,
@@ -542,6 +564,18 @@ impl PositionTable {
         touched: &BTreeSet<FileId>,
         hosts: &BTreeSet<FileId>,
     ) -> Result<Vec<TouchedFile>, TableError> {
+        self.read_touched_without(index, touched, hosts, &BTreeMap::new()).await
+    }
+
+    /// [`PositionTable::read_touched`], leaving out also the rows `hiding` names (by
+    /// their position in the file) besides those the files' vectors hide.
+    async fn read_touched_without(
+        &self,
+        index: &KeyIndex,
+        touched: &BTreeSet<FileId>,
+        hosts: &BTreeSet<FileId>,
+        hiding: &BTreeMap<FileId, roaring::RoaringTreemap>,
+    ) -> Result<Vec<TouchedFile>, TableError> {
         let read_err = TableError::on_read(&self.uri);
         let snapshot = self.table.snapshot().map_err(&read_err)?;
         let by_path: HashMap<&str, (FileId, &key_index::IndexedFile)> =
@@ -552,7 +586,8 @@ impl PositionTable {
             .filter_map(|view| {
                 let (id, file) = *by_path.get(view.path().as_ref())?;
                 let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
-                Some((id, file.group.clone(), view.path().into_owned(), symbol, file.deleted.clone()))
+                let deleted = hiding.get(&id).map_or_else(|| file.deleted.clone(), |more| &file.deleted | more);
+                Some((id, file.group.clone(), view.path().into_owned(), symbol, deleted))
             })
             .collect();
         let store = self.table.object_store();
@@ -571,6 +606,13 @@ impl PositionTable {
             .collect();
         files::on_threads(reads).await.map_err(&read_err)
     }
+}
+
+/// Whether a data file lies in a partition directory whose name is escaped (its
+/// percent-decoded path still holds a `%`: the partition value had a character a
+/// directory name cannot hold as it is).
+fn is_escaped(path: &str) -> bool {
+    path.contains('%')
 }
 
 /// Records the files a commit added in `index` (their rows, keys and precedence);

@@ -1,5 +1,6 @@
 //! Batches for the table-level tests: a seeded stream of flushes over a few hundred
-//! conids (updates mostly newer, some late, some repeated, conids changing symbol) and
+//! conids (updates mostly newer, some late, some repeated, conids changing symbol,
+//! symbols whose partition directories are escaped) and
 //! the model of what the table must hold after them.
 
 use std::collections::BTreeMap;
@@ -60,6 +61,16 @@ impl Model {
     }
 }
 
+/// The `n`th of the stream's symbols: two of them name partition directories only
+/// escaped (a space, a slash), as real tickers do.
+fn symbol_name(n: u32) -> String {
+    match n {
+        0 => "BRK B".to_string(),
+        1 => "BF/B".to_string(),
+        n => format!("S{n:02}"),
+    }
+}
+
 /// A stream of flushes over 300 conids and 12 symbols: updates mostly newer, some late
 /// (older than what the table holds), some repeated, and conids that change symbol.
 pub struct Stream {
@@ -81,7 +92,7 @@ impl Stream {
             let conid = self.rng.random_range(1..=300i64);
             let moves = self.rng.random_bool(0.05);
             let symbol = if moves || !self.symbols.contains_key(&conid) {
-                let s = format!("S{:02}", self.rng.random_range(0..12));
+                let s = symbol_name(self.rng.random_range(0..12));
                 self.symbols.insert(conid, s.clone());
                 s
             } else {
