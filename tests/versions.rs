@@ -104,7 +104,12 @@ async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: Partit
     let file = config_file.display().to_string();
 
     s.produce(2000).await;
-    run_to_end(config.clone()).await.expect("the table's first rows");
+    // Through the slow store's faults (responses delayed by up to 25 s at full scale).
+    let first_rows = match storage {
+        Storage::LocalDisk => Duration::from_secs(120),
+        Storage::SlowS3(_) => Duration::from_secs(sized(120, 900) as u64),
+    };
+    run_to_end_within(config.clone(), first_rows).await.expect("the table's first rows");
     let reader = LatestReader::start(&target, &s.dir.path().join("stop-reader"), Reader::Polars);
     let seconds = run_seconds();
     let run_for = Duration::from_secs(seconds as u64);

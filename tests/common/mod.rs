@@ -436,11 +436,16 @@ pub async fn run_crashing(config: Config, crash: CrashPoints) -> Result<RunSumma
 }
 
 /// Runs a worker until it has written every partition to its end, and returns its summary.
-pub async fn run_to_end(mut config: Config) -> Result<RunSummary, WorkerError> {
+pub async fn run_to_end(config: Config) -> Result<RunSummary, WorkerError> {
+    run_to_end_within(config, Duration::from_secs(120)).await
+}
+
+/// [`run_to_end`], given `limit` to catch up (slow storage).
+pub async fn run_to_end_within(mut config: Config, limit: Duration) -> Result<RunSummary, WorkerError> {
     config.worker.exit_when_caught_up = true;
-    tokio::time::timeout(Duration::from_secs(120), position_sink::run(config, CancellationToken::new()))
+    tokio::time::timeout(limit, position_sink::run(config, CancellationToken::new()))
         .await
-        .expect("worker caught up within 120 s")
+        .unwrap_or_else(|_| panic!("worker caught up within {limit:?}"))
 }
 
 /// Polls `check` until it returns true or `limit` passes.
