@@ -100,8 +100,7 @@ class TradingDay:
                     h = self.sample(hour, lines, time.monotonic() - started)
                     self.hours.append(h)
                     log(f"B6 ({self.layout}) hour {hour}: disk {h['disk_bytes'] / 2**20:.1f} MiB / live "
-                        f"{h['live_bytes'] / 2**20:.1f} MiB in {h['live_files']} files, {h['live_files_with_vector']} with a "
-                        f"vector (held {h['held_bytes'] / 2**20:.1f} MiB), log files to open "
+                        f"{h['live_bytes'] / 2**20:.1f} MiB (held {h['held_bytes'] / 2**20:.1f} MiB), log files to open "
                         f"{h['log_files_to_open']}, flush p50 {h['flush_ms_p50']:.0f} ms p99 {h['flush_ms_p99']:.0f} ms, "
                         f"readers {readers_line(h['readers'])}")
                     hour += 1
@@ -210,8 +209,6 @@ class TradingDay:
         table = DeltaTable(self.table)
         adds = pa.table(table.get_add_actions(flatten=True)).to_pydict()
         live_bytes, live_files = sum(adds["size_bytes"]), len(adds["path"])
-        # Live files with a deletion vector: what a reader must load a vector for.
-        with_vector = pa.table(table.deletion_vectors()).num_rows if self.layout.endswith("deletion_vectors") else 0
         log_dir = os.path.join(self.table, "_delta_log")
         entries = os.listdir(log_dir)
         log_bytes = sum(os.path.getsize(os.path.join(log_dir, e)) for e in entries
@@ -249,7 +246,6 @@ class TradingDay:
         return {
             "hour": hour, "elapsed_s": elapsed, "flushes": len(lines),
             "disk_files": disk_files, "disk_bytes": disk_bytes, "live_files": live_files, "live_bytes": live_bytes,
-            "live_files_with_vector": with_vector,
             "held_bytes": held, "disk_over_bound": disk_bytes / max((live_bytes + held) * 1.1, 1),
             "log_files": len(entries), "log_bytes": log_bytes, "checkpoint_version": checkpoint,
             "commits_since_checkpoint": len(commits_after),
