@@ -115,27 +115,30 @@ class Readers:
                                     f"{max(pinned)} of version {version}")
         return out
 
-    def run(self, cmd, env=None):
+    def run(self, cmd):
+        """A reader script's figures (its last line of output)."""
+        out = self.output(cmd, None)
+        return out if isinstance(out, dict) else json.loads(out.strip().splitlines()[-1])
+
+    def show(self):
+        started = time.monotonic()
+        out = self.output([self.binary, "show", "--format", "json", "--limit", "100000000"], self.show_env)
+        if isinstance(out, dict):
+            return out
+        rows = json.loads(out)
+        return {"open_s": 0.0, "read_s": time.monotonic() - started, "rows": len(rows),
+                "conids": len({row["conid"] for row in rows})}
+
+    @staticmethod
+    def output(cmd, env):
+        """What `cmd` printed, or {"error"} when it failed or did not answer in time."""
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
         except subprocess.TimeoutExpired:
             return {"error": f"no answer within {TIMEOUT_S} s"}
         if out.returncode != 0:
             return {"error": out.stderr.strip()[-1000:] or f"exit status {out.returncode}"}
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    def show(self):
-        started = time.monotonic()
-        try:
-            out = subprocess.run([self.binary, "show", "--format", "json", "--limit", "100000000"],
-                                 capture_output=True, text=True, timeout=TIMEOUT_S, env=self.show_env)
-        except subprocess.TimeoutExpired:
-            return {"error": f"no answer within {TIMEOUT_S} s"}
-        if out.returncode != 0:
-            return {"error": out.stderr.strip()[-1000:] or f"exit status {out.returncode}"}
-        rows = json.loads(out.stdout)
-        return {"open_s": 0.0, "read_s": time.monotonic() - started, "rows": len(rows),
-                "conids": len({row["conid"] for row in rows})}
+        return out.stdout
 
     def spark_read(self, path, version):
         spark = self.spark
