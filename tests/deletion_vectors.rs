@@ -26,6 +26,8 @@ fn config(path: &Path, layout: PartitionBy, mode: WriteMode) -> DeltaConfig {
         partition_by: layout,
         write_mode: mode,
         max_rows_per_file: 40,
+        // Files this small would be rewritten, not given vectors, by default.
+        vector_min_rows: 0,
         ..DeltaConfig::default()
     };
     // Removed files and vectors may be vacuumed a minute after their removal.
@@ -161,7 +163,7 @@ async fn flushes_in(seed: u64, layout: PartitionBy) {
         let rows_before_compaction = model.triples();
         let vector_files_before = vector_files(&path);
         let partitions: Vec<TopicPartition> = (0..PARTITIONS).map(|p| TopicPartition::new("t", p)).collect();
-        let thresholds = Thresholds { min_files: 2, hidden_fraction: 0.01, max_files: 32 };
+        let thresholds = Thresholds { min_files: 2, hidden_fraction: 0.01, max_files: 32, max_vectors: 128 };
         let (table, report) = table.compact(&partitions, thresholds).await.expect("compaction");
         let compacted_at = std::time::Instant::now();
         assert!(report.committed && report.files_removed > 0, "{report:?}");
@@ -245,6 +247,7 @@ async fn a_flush_that_crowds_a_group_compacts_it_so_readers_load_a_bounded_numbe
     let (_dir, path) = common::table_dir();
     let mut config = common::config(&topic, &common::unique("crowded"), &path);
     config.delta.write_mode = WriteMode::DeletionVectors;
+    config.delta.vector_min_rows = 0;
     config.delta.partition_by = PartitionBy::None;
     config.flush.interval = Duration::from_millis(50);
     config.maintenance.interval = Duration::from_secs(3600);
@@ -300,4 +303,75 @@ async fn a_flush_that_crowds_a_group_compacts_it_so_readers_load_a_bounded_numbe
     produced.extend(common::produce(&topic, &common::sample(500, 3000, 999), None).await);
     common::run_to_end(config).await.expect("the restarted worker");
     common::assert_table_matches(&common::read_table(&path).await, &common::model(&produced));
+}
+
+/// Live files with a deletion vector holding fewer than `rows` rows.
+async fn vectors_on_files_below(path: &Path, rows: usize) -> usize {
+    let url = deltalake::ensure_table_uri(path.display().to_string()).expect("url");
+    let table = deltalake::open_table(url).await.expect("open");
+    let snapshot = table.snapshot().expect("snapshot");
+    snapshot
+        .log_data()
+        .iter()
+        .filter(|f| f.deletion_vector_descriptor().is_some())
+        .filter(|f| f.num_records().is_some_and(|n| (n as usize) < rows))
+        .count()
+}
+
+/// A file of fewer than `delta.vector_min_rows` live rows gets no vector: the flush
+/// rewrites it without the rows it replaces (a reader loads no vector for it); larger
+/// files get vectors; every reader agrees with the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_are_rewritten_and_only_files_of_vector_min_rows_get_vectors() {
+    const MIN_ROWS: usize = 25;
+    let (_dir, path) = common::table_dir();
+    let config = DeltaConfig { vector_min_rows: MIN_ROWS, ..config(&path, PartitionBy::None, WriteMode::DeletionVectors) };
+    let mut table = PositionTable::open_or_create(&config, "g").await.expect("open");
+    let (mut model, mut stream) = (Model::default(), Stream::new(21));
+    let (mut hidden_in, mut carried) = (0, 0);
+    for flush in 0..30 {
+        let (next, report) = table.write(&stream.flush(&mut model, 60)).await.expect("flush");
+        table = next;
+        hidden_in += report.files_hidden_in;
+        carried += report.rows_carried;
+        let small = vectors_on_files_below(&path, MIN_ROWS).await;
+        assert_eq!(small, 0, "flush {flush}: {small} files of fewer than {MIN_ROWS} rows got a vector");
+    }
+    assert!(hidden_in > 0, "files of {MIN_ROWS} rows or more got vectors");
+    assert!(carried > 0, "smaller files were rewritten without the rows replaced");
+    common::assert_table_matches(&common::read_table(&path).await, &model.expected());
+    assert_eq!(independent_rows(&path), model.triples());
+}
+
+/// A flush that leaves the table with more files with a vector than
+/// `maintenance.compaction_max_vectors` makes compaction due, and that compaction
+/// rewrites the files with vectors without their hidden rows: a reader never loads
+/// more than the bound after the compaction a flush asks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_compaction_max_vectors_a_flush_makes_compaction_purge_the_vectors() {
+    const MAX_VECTORS: usize = 3;
+    let (_dir, path) = common::table_dir();
+    let config = config(&path, PartitionBy::Symbol, WriteMode::DeletionVectors);
+    let thresholds = Thresholds { min_files: 4, hidden_fraction: 0.3, max_files: 32, max_vectors: MAX_VECTORS };
+    let mut table = PositionTable::open_or_create(&config, "g").await.expect("open").with_compaction(thresholds);
+    let partitions: Vec<TopicPartition> = (0..PARTITIONS).map(|p| TopicPartition::new("t", p)).collect();
+    let (mut model, mut stream) = (Model::default(), Stream::new(22));
+    let (mut purges, mut most_after_flush) = (0, 0);
+    for flush in 0..20 {
+        let (next, report) = table.write(&stream.flush(&mut model, 60)).await.expect("flush");
+        table = next;
+        let after_flush = vectors_in(&path).await.0;
+        most_after_flush = most_after_flush.max(after_flush);
+        assert_eq!(report.compaction_due, after_flush > MAX_VECTORS, "flush {flush}: {after_flush} files with vectors");
+        if report.compaction_due {
+            let (next, compaction) = table.compact(&partitions, thresholds).await.expect("compaction");
+            table = next;
+            purges += usize::from(compaction.committed);
+        }
+        let with_vector = vectors_in(&path).await.0;
+        assert!(with_vector <= MAX_VECTORS, "flush {flush}: {with_vector} files with vectors after compaction");
+    }
+    assert!(most_after_flush > MAX_VECTORS && purges > 0, "the bound was crossed ({most_after_flush}) and purged");
+    common::assert_table_matches(&common::read_table(&path).await, &model.expected());
+    assert_eq!(independent_rows(&path), model.triples());
 }

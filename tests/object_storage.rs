@@ -126,6 +126,7 @@ async fn a_deletion_vector_table_on_s3_equals_the_model_through_restarts_and_pol
         produced.extend(produce(&topic, &sample(300, 600, 70 + seed), None).await);
         let mut c = s3_config(&topic, &group, &uri);
         c.delta.write_mode = WriteMode::DeletionVectors;
+        c.delta.vector_min_rows = 0;
         c.delta.partition_by = PartitionBy::None;
         run_to_end(c).await.expect("worker on S3");
     }

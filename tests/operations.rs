@@ -48,6 +48,7 @@ async fn dry_run_finds_exactly_the_damage(name: &str, mode: WriteMode) {
     let (dir, table) = table_dir();
     let mut config = config(&topic, &unique("g"), &table);
     config.delta.write_mode = mode;
+    config.delta.vector_min_rows = 0;
     run_to_end(config.clone()).await.expect("worker");
     let expected = model(&produced);
 

@@ -27,6 +27,7 @@ async fn deleted_table_is_rebuilt(name: &str, mode: WriteMode) {
     let configured = || {
         let mut c = config(&topic, &group, &table);
         c.delta.write_mode = mode;
+        c.delta.vector_min_rows = 0;
         c
     };
     run_to_end(configured()).await.expect("first run");
@@ -69,6 +70,7 @@ async fn restored_table_is_caught_up(name: &str, dead_letter_topic: Option<&str>
     let configured = || {
         let mut c = config(&topic, &group, &table);
         c.delta.write_mode = mode;
+        c.delta.vector_min_rows = 0;
         c.delta.partition_by = layout;
         match dead_letter_topic {
             Some(dlt) => with_dead_letter_topic(c, dlt),

@@ -33,6 +33,8 @@ fn table_config(uri: &str, mode: WriteMode) -> DeltaConfig {
         partition_by: PartitionBy::None,
         write_mode: mode,
         max_rows_per_file: 40,
+        // Files this small would be rewritten, not given vectors, by default.
+        vector_min_rows: 0,
         ..DeltaConfig::default()
     }
 }
@@ -138,7 +140,7 @@ async fn vacuum_keeps_a_file_a_version_in_the_window_reads_though_an_older_tombs
     let table = PositionTable::open_or_create(&config, "g").await.expect("reopen");
     let partitions = [TopicPartition::new("t", 0)];
     let (_, report) = table
-        .compact(&partitions, Thresholds { min_files: 2, hidden_fraction: 0.01, max_files: 32 })
+        .compact(&partitions, Thresholds { min_files: 2, hidden_fraction: 0.01, max_files: 32, max_vectors: 128 })
         .await
         .expect("compaction");
     assert!(report.committed, "{report:?}");
@@ -288,7 +290,7 @@ async fn a_flush_never_brings_back_a_file_a_compaction_removed_meanwhile() {
     })
     .await;
     let maintainer = PositionTable::open_or_create(&config, "g").await.expect("open");
-    let thresholds = Thresholds { min_files: 2, hidden_fraction: 0.01, max_files: 32 };
+    let thresholds = Thresholds { min_files: 2, hidden_fraction: 0.01, max_files: 32, max_vectors: 128 };
     let (_, compaction) = maintainer.compact(&[TopicPartition::new("t", 0)], thresholds).await.expect("compaction");
     assert!(compaction.committed && compaction.files_removed == 2, "{compaction:?}");
     let compacted = table_version_of(&path);

@@ -178,6 +178,13 @@ pub struct DeltaConfig {
     pub write_mode: WriteMode,
     /// Most rows in one data file; a flush rewrites only the files that hold its keys.
     pub max_rows_per_file: usize,
+    /// In `deletion_vectors` mode, a file with fewer live rows than this gets no
+    /// deletion vector: a flush rewrites it without the rows it replaces, as
+    /// copy-on-write does. Rewriting a small file costs less than the vector every
+    /// reader must load for it (one read per file with a vector, and readers built on
+    /// delta-rs hang once a version holds several hundred of them: delta-rs #4657).
+    /// `0` gives every file a vector.
+    pub vector_min_rows: usize,
     /// Options for the object store (credentials, endpoint), passed to delta-rs.
     pub storage_options: Settings,
     /// Delta table properties given to a table this program creates (both tables):
@@ -197,6 +204,7 @@ impl Default for DeltaConfig {
             partition_by: PartitionBy::Symbol,
             write_mode: WriteMode::CopyOnWrite,
             max_rows_per_file: 100_000,
+            vector_min_rows: 1_000,
             storage_options: Settings::default(),
             table_properties: Settings(
                 DEFAULT_TABLE_PROPERTIES.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -240,6 +248,12 @@ pub struct MaintenanceConfig {
     /// compaction right after it, without waiting for `maintenance.interval`: it bounds
     /// the files, and the files with deletion vectors, every reader opens.
     pub compaction_max_files: usize,
+    /// In `deletion_vectors` mode, the most live files with a deletion vector the
+    /// table may hold: a flush that leaves more runs the worker's compaction right
+    /// after it, which rewrites its partitions' files with vectors without the rows
+    /// they hide. Every reader loads one vector per such file, and readers built on
+    /// delta-rs hang on a version with several hundred of them (delta-rs #4657).
+    pub compaction_max_vectors: usize,
     /// Vacuum never deletes a file no version references (one a flush or compaction
     /// wrote and has not committed yet, or never will) younger than this, by the object
     /// store's clock, whatever the table's retention. A flush or compaction commits its
@@ -267,6 +281,7 @@ impl Default for MaintenanceConfig {
             compaction_min_files: 4,
             compaction_hidden_fraction: 0.3,
             compaction_max_files: 32,
+            compaction_max_vectors: 128,
             unreferenced_file_age: Duration::from_secs(30 * 60),
         }
     }
@@ -499,6 +514,7 @@ impl Config {
             delta.write_mode = %spelled(&self.delta.write_mode),
             delta.key_columns = %spelled(&self.delta.key_columns),
             delta.max_rows_per_file = self.delta.max_rows_per_file,
+            delta.vector_min_rows = self.delta.vector_min_rows,
             delta.storage_options = ?self.delta.storage_options,
             flush.interval = ?self.flush.interval,
             flush.max_records = self.flush.max_records,
@@ -516,6 +532,7 @@ impl Config {
             maintenance.compaction_min_files = self.maintenance.compaction_min_files,
             maintenance.compaction_hidden_fraction = self.maintenance.compaction_hidden_fraction,
             maintenance.compaction_max_files = self.maintenance.compaction_max_files,
+            maintenance.compaction_max_vectors = self.maintenance.compaction_max_vectors,
             maintenance.unreferenced_file_age = ?self.maintenance.unreferenced_file_age,
             http.bind = %self.http.bind,
             log.format = %spelled(&self.log.format),

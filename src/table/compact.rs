@@ -32,6 +32,10 @@ pub struct Thresholds {
     /// A flush that leaves a group with more files to pack than this makes compaction
     /// due at once, not only at the next `maintenance.interval`.
     pub max_files: usize,
+    /// A flush that leaves the table with more files with a deletion vector than this
+    /// makes compaction due at once, and compaction then rewrites every file of the
+    /// worker's with a vector without the rows it hides.
+    pub max_vectors: usize,
 }
 
 impl From<&crate::config::MaintenanceConfig> for Thresholds {
@@ -40,6 +44,7 @@ impl From<&crate::config::MaintenanceConfig> for Thresholds {
             min_files: config.compaction_min_files,
             hidden_fraction: config.compaction_hidden_fraction,
             max_files: config.compaction_max_files,
+            max_vectors: config.compaction_max_vectors,
         }
     }
 }
@@ -83,9 +88,14 @@ impl PositionTable {
             None => index.owners(),
         };
         let mut files: std::collections::BTreeMap<TopicPartition, usize> = std::collections::BTreeMap::new();
-        for (group, ids) in
-            index.groups_to_compact(&owners, thresholds.min_files, thresholds.hidden_fraction, fresh.max_rows_per_file)
-        {
+        let purge = index.purge(thresholds.max_vectors);
+        for (group, ids) in index.groups_to_compact(
+            &owners,
+            thresholds.min_files,
+            thresholds.hidden_fraction,
+            fresh.max_rows_per_file,
+            purge,
+        ) {
             if let Some(owner) = group.owner {
                 *files.entry(owner).or_default() += ids.len();
             }
@@ -116,6 +126,7 @@ impl PositionTable {
             thresholds.min_files,
             thresholds.hidden_fraction,
             fresh.max_rows_per_file,
+            index.purge(thresholds.max_vectors),
         );
         if groups.is_empty() {
             return Ok((fresh, CompactionReport { elapsed: started.elapsed(), ..CompactionReport::default() }));

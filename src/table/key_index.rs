@@ -326,18 +326,20 @@ impl KeyIndex {
         min_files: usize,
         hidden_fraction: f64,
         max_rows: usize,
+        purge: Purge,
     ) -> Vec<(FileGroup, Vec<FileId>)> {
         let mut found: Vec<(FileGroup, Vec<FileId>)> = self
             .by_group
             .iter()
             .filter(|(group, _)| group.owner.as_ref().is_some_and(|owner| owners.contains(owner)))
             .filter_map(|(group, ids)| {
-                let candidates = self.candidates(ids, hidden_fraction, max_rows);
+                let candidates = self.candidates(ids, hidden_fraction, max_rows, purge);
                 let files = || candidates.iter().filter_map(|id| self.files.get(id));
                 let rows: usize = files().map(IndexedFile::live_rows).sum();
                 let packs = candidates.len() >= min_files.max(2) && rows.div_ceil(max_rows.max(1)) < candidates.len();
                 let hidden = files().any(|f| mostly_hidden(f, hidden_fraction));
-                (packs || hidden).then(|| (group.clone(), candidates))
+                let purged = purge == Purge::Vectors && files().any(|f| !f.deleted.is_empty());
+                (packs || hidden || purged).then(|| (group.clone(), candidates))
             })
             .collect();
         found.sort();
@@ -357,16 +359,43 @@ impl KeyIndex {
         groups
             .iter()
             .filter_map(|group| self.by_group.get(group))
-            .any(|ids| ids.len() > max_files && self.candidates(ids, hidden_fraction, max_rows).len() > max_files)
+            .any(|ids| {
+                ids.len() > max_files && self.candidates(ids, hidden_fraction, max_rows, Purge::No).len() > max_files
+            })
     }
 
-    /// Of `ids`, the files at most half full or mostly hidden, in id order.
-    fn candidates(&self, ids: &HashSet<FileId>, hidden_fraction: f64, max_rows: usize) -> Vec<FileId> {
+    /// Live files with a deletion vector, table-wide: each is one more vector every
+    /// reader of the table loads.
+    pub fn files_with_vectors(&self) -> usize {
+        self.files.values().filter(|f| !f.deleted.is_empty()).count()
+    }
+
+    /// Whether the table holds more than `max_vectors` files with a deletion vector and
+    /// one of `groups` holds some of them: compacting those groups' files purges them.
+    pub fn over_vectors(&self, groups: &BTreeSet<FileGroup>, max_vectors: usize) -> bool {
+        let has_vector = |id: &FileId| self.files.get(id).is_some_and(|f| !f.deleted.is_empty());
+        self.files_with_vectors() > max_vectors
+            && groups.iter().filter_map(|group| self.by_group.get(group)).any(|ids| ids.iter().any(has_vector))
+    }
+
+    /// What a compaction of this index's groups purges: every file with a vector once
+    /// the table holds more than `max_vectors` of them.
+    pub fn purge(&self, max_vectors: usize) -> Purge {
+        if self.files_with_vectors() > max_vectors { Purge::Vectors } else { Purge::No }
+    }
+
+    /// Of `ids`, the files at most half full or mostly hidden (or with any vector, when
+    /// `purge` says so), in id order.
+    fn candidates(&self, ids: &HashSet<FileId>, hidden_fraction: f64, max_rows: usize, purge: Purge) -> Vec<FileId> {
         let mut candidates: Vec<FileId> = ids
             .iter()
             .copied()
             .filter(|id| {
-                self.files.get(id).is_some_and(|f| f.live_rows() <= max_rows / 2 || mostly_hidden(f, hidden_fraction))
+                self.files.get(id).is_some_and(|f| {
+                    f.live_rows() <= max_rows / 2
+                        || mostly_hidden(f, hidden_fraction)
+                        || (purge == Purge::Vectors && !f.deleted.is_empty())
+                })
             })
             .collect();
         candidates.sort_unstable();
@@ -384,6 +413,16 @@ impl KeyIndex {
     fn len(&self) -> usize {
         self.keys.iter().filter(|(_, slot)| self.files.contains_key(&slot.file)).count()
     }
+}
+
+/// Whether a compaction also rewrites every file with a deletion vector without the
+/// rows it hides (the table holds more files with vectors than readers should load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purge {
+    /// Only files that fit in fewer, or mostly hidden.
+    No,
+    /// Also every file with a vector.
+    Vectors,
 }
 
 /// Whether at least `fraction` of `file`'s rows are hidden by its deletion vector.
@@ -588,12 +627,12 @@ mod tests {
         add(&mut index, "c", group(1), [key(10)]);
         add(&mut index, "d", group(1), [key(11)]);
         let owned = [TopicPartition::new("positions", 0)];
-        assert_eq!(index.groups_to_compact(&owned, 2, 0.3, 100), vec![(group(0), vec![a, b])]);
-        assert!(index.groups_to_compact(&owned, 3, 0.3, 100).is_empty(), "fewer files than the threshold");
-        assert!(index.groups_to_compact(&owned, 2, 0.3, 2).is_empty(), "two full files cannot be fewer");
+        assert_eq!(index.groups_to_compact(&owned, 2, 0.3, 100, Purge::No), vec![(group(0), vec![a, b])]);
+        assert!(index.groups_to_compact(&owned, 3, 0.3, 100, Purge::No).is_empty(), "fewer files than the threshold");
+        assert!(index.groups_to_compact(&owned, 2, 0.3, 2, Purge::No).is_empty(), "two full files cannot be fewer");
         index.hide_rows(a, "u1".into(), &[0u64].into_iter().collect());
         assert_eq!(
-            index.groups_to_compact(&owned, 3, 0.5, 2),
+            index.groups_to_compact(&owned, 3, 0.5, 2, Purge::No),
             vec![(group(0), vec![a])],
             "a file with half its rows hidden is rewritten alone"
         );

@@ -139,6 +139,7 @@ pub struct PositionTable {
     layout: PartitionBy,
     write_mode: WriteMode,
     max_rows_per_file: usize,
+    vector_min_rows: usize,
     write_deadline: std::time::Duration,
     compaction: Thresholds,
     index: Arc<Mutex<KeyIndex>>,
@@ -168,6 +169,7 @@ impl PositionTable {
             layout: config.partition_by,
             write_mode: config.write_mode,
             max_rows_per_file: config.max_rows_per_file,
+            vector_min_rows: config.vector_min_rows,
             write_deadline: crate::config::MaintenanceConfig::default().write_deadline(),
             compaction: Thresholds::from(&crate::config::MaintenanceConfig::default()),
             index: Arc::default(),
@@ -409,19 +411,22 @@ impl PositionTable {
         }
         let mut batch_rows =
             to_record_batch(plan.winners.iter().copied(), chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
-        // A file in an escaped partition directory (a symbol with a space, a slash, ...)
-        // gets no vector: polars ignores the vectors of such files and would read the
-        // rows they hide. It is rewritten without them instead, as copy-on-write does.
-        let (escaped, hidden): (BTreeMap<FileId, roaring::RoaringTreemap>, BTreeMap<_, _>) =
+        // A file gets no vector, and is rewritten without the rows it replaces as
+        // copy-on-write does, when it holds fewer than `delta.vector_min_rows` live rows
+        // (rewriting it costs less than the vector every reader would load), or when it
+        // lies in an escaped partition directory (a symbol with a space, a slash, ...):
+        // polars ignores the vectors of such files and would read the rows they hide.
+        let min_rows = self.vector_min_rows;
+        let (rewrite, hidden): (BTreeMap<FileId, roaring::RoaringTreemap>, BTreeMap<_, _>) =
             std::mem::take(&mut plan.hidden)
                 .into_iter()
-                .partition(|(id, _)| index.file(*id).is_some_and(|f| is_escaped(&f.path)));
+                .partition(|(id, _)| index.file(*id).is_some_and(|f| f.live_rows() < min_rows || is_escaped(&f.path)));
         plan.hidden = hidden;
-        let mut removed: Vec<FileId> = escaped.keys().copied().collect();
+        let mut removed: Vec<FileId> = rewrite.keys().copied().collect();
         let mut rows_carried = 0;
-        if !escaped.is_empty() {
-            let ids = escaped.keys().copied().collect();
-            let kept = self.read_touched_without(index, &ids, &BTreeSet::new(), &escaped).await?;
+        if !rewrite.is_empty() {
+            let ids = rewrite.keys().copied().collect();
+            let kept = self.read_touched_without(index, &ids, &BTreeSet::new(), &rewrite).await?;
             rows_carried = kept.iter().map(|file| file.rows.num_rows()).sum();
             let mut parts = vec![batch_rows];
             parts.extend(kept.into_iter().map(|file| file.rows));
@@ -501,10 +506,12 @@ impl PositionTable {
         Ok((transactions, rows))
     }
 
-    /// Whether one of `groups` has more files to compact than the thresholds allow.
+    /// Whether one of `groups` has more files to compact than the thresholds allow, or
+    /// the table more files with a vector and one of `groups` some of them.
     fn crowded(&self, index: &KeyIndex, groups: &BTreeSet<FileGroup>) -> bool {
         let thresholds = &self.compaction;
         index.crowded(groups, thresholds.max_files, thresholds.hidden_fraction, self.max_rows_per_file)
+            || index.over_vectors(groups, thresholds.max_vectors)
     }
 
     /// Brings the key index to this handle's version: forgets removed files and reads

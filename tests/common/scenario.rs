@@ -80,6 +80,8 @@ impl Scenario {
         c.delta.table_uri = self.table_uri.clone();
         c.dead_letter.table_uri = format!("{}_dead_letters", self.table_uri);
         c.delta.write_mode = self.write_mode;
+        // Some files get vectors, the smallest are rewritten: both paths of a flush.
+        c.delta.vector_min_rows = 20;
         c
     }
 
