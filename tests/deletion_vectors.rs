@@ -325,7 +325,8 @@ async fn vectors_on_files_below(path: &Path, rows: usize) -> usize {
 async fn small_files_are_rewritten_and_only_files_of_vector_min_rows_get_vectors() {
     const MIN_ROWS: usize = 25;
     let (_dir, path) = common::table_dir();
-    let config = DeltaConfig { vector_min_rows: MIN_ROWS, ..config(&path, PartitionBy::None, WriteMode::DeletionVectors) };
+    let config =
+        DeltaConfig { vector_min_rows: MIN_ROWS, ..config(&path, PartitionBy::None, WriteMode::DeletionVectors) };
     let mut table = PositionTable::open_or_create(&config, "g").await.expect("open");
     let (mut model, mut stream) = (Model::default(), Stream::new(21));
     let (mut hidden_in, mut carried) = (0, 0);

@@ -356,12 +356,9 @@ impl KeyIndex {
         hidden_fraction: f64,
         max_rows: usize,
     ) -> bool {
-        groups
-            .iter()
-            .filter_map(|group| self.by_group.get(group))
-            .any(|ids| {
-                ids.len() > max_files && self.candidates(ids, hidden_fraction, max_rows, Purge::No).len() > max_files
-            })
+        groups.iter().filter_map(|group| self.by_group.get(group)).any(|ids| {
+            ids.len() > max_files && self.candidates(ids, hidden_fraction, max_rows, Purge::No).len() > max_files
+        })
     }
 
     /// Live files with a deletion vector, table-wide: each is one more vector every
