@@ -314,7 +314,7 @@ async fn vectors_on_files_below(path: &Path, rows: usize) -> usize {
         .log_data()
         .iter()
         .filter(|f| f.deletion_vector_descriptor().is_some())
-        .filter(|f| f.num_records().is_some_and(|n| (n as usize) < rows))
+        .filter(|f| f.num_records().is_some_and(|n| n < rows))
         .count()
 }
 

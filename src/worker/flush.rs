@@ -1,16 +1,6 @@
-//! One flush, written in the order that keeps committed offsets honest.
-//!
-//! - Dead letters to a Delta table: dead letters (append + `txn`) → positions (merge +
-//!   `txn`) → the worker commits the Kafka offsets. A message at or below the positions
-//!   table's recorded offset therefore has its dead letter durable too, so the worker
-//!   may skip it on replay whatever it was.
-//! - Dead letters to a Kafka topic: positions (merge + `txn`) → one Kafka transaction
-//!   with the dead letters and the consumer offsets. The group's committed offset is the
-//!   only record of which dead letters are durable, so the worker re-reads from it and
-//!   lets the positions table drop the rows it already holds.
-//!
-//! Each step is retried on its own (bounded, with backoff) and each is idempotent, so a
-//! retry, a crash or a replay at any point neither loses nor doubles anything.
+//! One flush: the outputs written in their declared order (`outputs`, where the rule
+//! that keeps committed offsets honest is stated), then the Kafka offsets committed by
+//! the worker unless an output committed them with its data.
 
 use std::sync::Arc;
 
@@ -19,34 +9,17 @@ use tracing::{info, warn};
 use rdkafka::consumer::ConsumerGroupMetadata;
 
 use super::batch::Batch;
+use super::outputs::{FlushContext, Outputs, Place};
 use super::{Flushed, WorkerError, join};
-use crate::config::{Config, DeadLetterDestination, RetryConfig};
+use crate::config::RetryConfig;
+use crate::dead_letter::ReasonCounts;
 use crate::dead_letter::topic::TopicError;
-use crate::dead_letter::{DeadLetterTable, DeadLetterTopic, ReasonCounts};
 use crate::delta::TableError;
 use crate::faults::CrashPoints;
 use crate::kafka;
 use crate::retry::retry;
 use crate::status::Progress;
-use crate::table::{PositionTable, Thresholds, WriteReport};
-
-/// Where dead letters go.
-#[derive(Debug, Clone)]
-pub enum DeadLetterSink {
-    /// A Delta table.
-    Table(DeadLetterTable),
-    /// A Kafka topic, through a transactional producer.
-    Topic(Arc<DeadLetterTopic>),
-}
-
-/// Both destinations of a flush.
-#[derive(Debug, Clone)]
-pub struct Sinks {
-    /// The positions table.
-    pub positions: PositionTable,
-    /// The dead-letter destination.
-    pub dead_letters: DeadLetterSink,
-}
+use crate::table::WriteReport;
 
 /// What one flush wrote.
 #[derive(Debug, Clone)]
@@ -96,55 +69,10 @@ impl FlushError {
     }
 }
 
-impl Sinks {
-    /// Opens the positions table and the dead-letter destination of `config`.
-    ///
-    /// # Errors
-    /// When either cannot be opened (after retries, for the tables).
-    pub async fn open(config: &Config) -> Result<Self, FlushError> {
-        let group = &config.kafka.group_id;
-        let positions = retry(
-            &config.retry,
-            "open the positions table",
-            || async {
-                let table = PositionTable::open_or_create(&config.delta, group).await?;
-                Ok(table
-                    .with_write_deadline(config.maintenance.write_deadline())
-                    .with_compaction(Thresholds::from(&config.maintenance)))
-            },
-            TableError::is_retryable,
-        )
-        .await?;
-        let dead_letters = match config.dead_letter.destination {
-            DeadLetterDestination::Table => {
-                let uri = config.dead_letter.resolved_table_uri(&config.delta);
-                let (storage, properties) = (&config.delta.storage_options, &config.delta.table_properties);
-                DeadLetterSink::Table(
-                    retry(
-                        &config.retry,
-                        "open the dead-letter table",
-                        || DeadLetterTable::open_or_create(&uri, storage, properties, group),
-                        TableError::is_retryable,
-                    )
-                    .await?
-                    .with_write_deadline(config.maintenance.write_deadline()),
-                )
-            }
-            DeadLetterDestination::Topic => {
-                DeadLetterSink::Topic(DeadLetterTopic::connect(&config.kafka, &config.dead_letter).await?)
-            }
-        };
-        Ok(Self { positions, dead_letters })
-    }
-
-    /// Whether the positions table's recorded offsets also vouch for dead letters
-    /// (the table destination), so messages below them may be skipped unread.
-    pub fn table_offsets_cover_dead_letters(&self) -> bool {
-        matches!(self.dead_letters, DeadLetterSink::Table(_))
-    }
-
-    /// Writes `batch` in the order described in the module docs, keeping `progress`
-    /// current. Hands the sinks back (at their new versions when the writes succeeded).
+impl Outputs {
+    /// Writes `batch` to every output in their declared order (module `outputs`),
+    /// keeping `progress` current. Hands the outputs back (at their new versions when
+    /// the writes succeeded).
     pub async fn write(
         mut self,
         batch: &Batch,
@@ -159,38 +87,19 @@ impl Sinks {
             dead_letters = batch.dead_letters.len(),
             "writing batch"
         );
-        let result = self.write_in_order(batch, policy, group, progress, crash).await;
+        let context = FlushContext { retry: policy, group, progress, crash };
+        let result = self.write_in_order(batch, &context).await;
         (self, result)
     }
 
-    #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
-    async fn write_in_order(
-        &mut self,
-        batch: &Batch,
-        policy: &RetryConfig,
-        group: Option<Arc<ConsumerGroupMetadata>>,
-        progress: &Progress,
-        crash: &CrashPoints,
-    ) -> Result<FlushReport, FlushError> {
+    async fn write_in_order(&mut self, batch: &Batch, context: &FlushContext<'_>) -> Result<FlushReport, FlushError> {
         let mut dead_letters = ReasonCounts::default();
         let mut offsets_committed = false;
-        if let DeadLetterSink::Table(table) = &self.dead_letters
-            && !batch.dead_letters.is_empty()
-        {
-            let (written_table, written) = retry_write(policy, "write dead letters to Delta", progress, || {
-                table.write(&batch.dead_letters, &batch.offsets)
-            })
-            .await?;
-            self.dead_letters = DeadLetterSink::Table(written_table);
-            if written.total() > 0 {
-                dead_letters = written;
-                Progress::bump(&progress.dead_letter_commits);
-                #[cfg(feature = "fault-injection")]
-                if let Some(crash) = crash.after_dead_letter_commit(progress) {
-                    return Err(FlushError::InjectedCrash(crash));
-                }
-            }
+        for output in self.at(Place::BeforePositions) {
+            let report = output.write(batch, context).await?;
+            dead_letters.merge(&report.dead_letters);
         }
+        let (policy, progress) = (context.retry, context.progress);
         let positions = &self.positions;
         let (written_positions, report) =
             retry_write(policy, "write batch to Delta", progress, || positions.write(batch)).await?;
@@ -198,23 +107,14 @@ impl Sinks {
         if report.committed {
             Progress::bump(&progress.delta_commits);
             #[cfg(feature = "fault-injection")]
-            if let Some(crash) = crash.after_positions_commit(progress) {
+            if let Some(crash) = context.crash.after_positions_commit(progress) {
                 return Err(FlushError::InjectedCrash(crash));
             }
         }
-        if let DeadLetterSink::Topic(topic) = &self.dead_letters {
-            let group = group.ok_or(FlushError::NotInGroup)?;
-            Progress::bump(&progress.dead_letter_commits);
-            #[cfg(feature = "fault-injection")]
-            if crash.leaves_transaction_open(progress) {
-                topic.publish_without_commit(&batch.dead_letters, &batch.offsets, group).await?;
-                return Err(FlushError::InjectedCrash("with the dead-letter transaction sent but not committed"));
-            }
-            topic.publish(&batch.dead_letters, &batch.offsets, group).await?;
-            for d in &batch.dead_letters {
-                dead_letters.add(&d.category, 1);
-            }
-            offsets_committed = true;
+        for output in self.at(Place::CommitsOffsets) {
+            let written = output.write(batch, context).await?;
+            dead_letters.merge(&written.dead_letters);
+            offsets_committed |= written.offsets_committed;
         }
         Ok(FlushReport { positions: report, dead_letters, offsets_committed })
     }
@@ -280,7 +180,7 @@ impl super::Worker {
         if self.buffer.is_empty() && compaction.is_none() {
             return;
         }
-        let Some(sinks) = self.idle_sinks.take() else { return };
+        let Some(outputs) = self.idle_outputs.take() else { return };
         let batch = self.buffer.take();
         self.progress.set_buffered(0, 0, false);
         let policy = self.config.retry.clone();
@@ -290,10 +190,10 @@ impl super::Worker {
         let thresholds = crate::table::Thresholds::from(&self.config.maintenance);
         let maintained = self.config.maintenance.enabled;
         self.in_flight = Some(tokio::spawn(async move {
-            let (mut sinks, result) = if batch.messages == 0 {
-                (sinks, Ok(FlushReport::nothing()))
+            let (mut outputs, result) = if batch.messages == 0 {
+                (outputs, Ok(FlushReport::nothing()))
             } else {
-                sinks.write(&batch, &policy, group, &progress, &crash).await
+                outputs.write(&batch, &policy, group, &progress, &crash).await
             };
             // A flush that crowded a group compacts the partitions it wrote at once.
             let crowded = |report: &FlushReport| {
@@ -301,14 +201,14 @@ impl super::Worker {
                     .then(|| batch.offsets.iter().map(|(tp, _)| tp.clone()).collect())
             };
             if let Some(partitions) = result.as_ref().ok().and_then(|report| compaction.or_else(|| crowded(report))) {
-                sinks.compact(&partitions, thresholds, &progress).await;
+                outputs.compact(&partitions, thresholds, &progress).await;
             }
-            (sinks, batch, result)
+            (outputs, batch, result)
         }));
     }
 
-    pub(super) async fn finish_flush(&mut self, (sinks, batch, result): Flushed) -> Result<(), WorkerError> {
-        self.idle_sinks = Some(sinks);
+    pub(super) async fn finish_flush(&mut self, (outputs, batch, result): Flushed) -> Result<(), WorkerError> {
+        self.idle_outputs = Some(outputs);
         self.apply_rebalances();
         if batch.messages == 0 && result.is_ok() {
             // A compaction alone: no batch to book.

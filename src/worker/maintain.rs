@@ -15,8 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::flush::{DeadLetterSink, Sinks};
-use crate::dead_letter::DeadLetterTable;
+use super::outputs::{AppendedTable, Outputs};
 use crate::maintenance::{self, CleanReport, MaintenanceError};
 use crate::offsets::TopicPartition;
 use crate::status::Progress;
@@ -98,12 +97,11 @@ impl super::Worker {
     /// Starts the table-wide run beside the loop.
     fn start_clean(&mut self) {
         let positions = self.reader.clone();
-        let dead_letters = self.dead_letter_reader.clone();
+        let appended = self.appended_tables.clone();
         let progress = self.progress.clone();
         let unreferenced = self.config.maintenance.unreferenced_file_age;
-        self.cleaning = Some(tokio::spawn(async move {
-            clean_tables(&positions, dead_letters.as_ref(), &progress, unreferenced).await
-        }));
+        self.cleaning =
+            Some(tokio::spawn(async move { clean_tables(&positions, &appended, &progress, unreferenced).await }));
     }
 
     /// Books a finished table-wide run.
@@ -138,11 +136,11 @@ impl super::Worker {
     }
 }
 
-/// Cleans the positions table and the dead-letter table (and bins the dead-letter
-/// table's small files), keeping `progress` current.
+/// Cleans the positions table and the tables the outputs append to (and bins their
+/// small files), keeping `progress` current.
 async fn clean_tables(
     positions: &PositionTable,
-    dead_letters: Option<&DeadLetterTable>,
+    appended: &[AppendedTable],
     progress: &Progress,
     unreferenced_file_age: Duration,
 ) -> Vec<Result<CleanReport, MaintenanceError>> {
@@ -162,11 +160,11 @@ async fn clean_tables(
         });
     }
     reports.push(cleaned);
-    if let Some(table) = dead_letters {
-        if let Err(error) = maintenance::bin_small_files(table.delta(), table.uri(), unreferenced_file_age / 3).await {
-            warn!(%error, "binning the dead-letter table's small files failed; it runs again next time");
+    for table in appended {
+        if let Err(error) = maintenance::bin_small_files(&table.delta, &table.uri, unreferenced_file_age / 3).await {
+            warn!(%error, table = %table.uri, "binning an appended table's small files failed; it runs again next time");
         }
-        reports.push(maintenance::clean(table.delta(), table.uri(), false, unreferenced_file_age).await);
+        reports.push(maintenance::clean(&table.delta, &table.uri, false, unreferenced_file_age).await);
     }
     let removed: usize = reports.iter().flatten().map(|r| r.log_files.len() + r.data_files.len()).sum();
     Progress::add(&progress.files_removed_by_maintenance, removed as u64);
@@ -174,7 +172,7 @@ async fn clean_tables(
     reports
 }
 
-impl Sinks {
+impl Outputs {
     /// Compacts the files of `partitions` (the worker's own) in the positions table;
     /// a compaction that fails or conflicts is dropped and tried again next interval.
     pub(super) async fn compact(&mut self, partitions: &[TopicPartition], thresholds: Thresholds, progress: &Progress) {
@@ -200,14 +198,6 @@ impl Sinks {
             Err(error) => warn!(%error, "compaction failed; it is tried again at the next maintenance.interval"),
         }
         progress.update_maintenance(|m| m.last_compaction = Some((unix_now(), started.elapsed().as_secs_f64())));
-    }
-}
-
-/// The dead-letter table of `sinks`, if dead letters go to one.
-pub(super) fn dead_letter_table(sinks: &Sinks) -> Option<DeadLetterTable> {
-    match &sinks.dead_letters {
-        DeadLetterSink::Table(table) => Some(table.clone()),
-        DeadLetterSink::Topic(_) => None,
     }
 }
 

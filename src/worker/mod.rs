@@ -17,6 +17,7 @@ pub mod batch;
 mod commit;
 pub mod flush;
 mod maintain;
+pub mod outputs;
 pub mod partitions;
 pub mod receive;
 mod resume;
@@ -35,7 +36,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::flush::{DeadLetterSink, FlushError, FlushReport, Sinks};
+use self::flush::{FlushError, FlushReport};
+use self::outputs::Outputs;
 use crate::config::Config;
 use crate::dead_letter::DeadLetter;
 use crate::decode::DecodeOptions;
@@ -186,21 +188,22 @@ async fn start_and_run(
     progress: &Arc<Progress>,
     crash: CrashPoints,
 ) -> Result<(), WorkerError> {
-    let sinks = Sinks::open(&config).await?;
-    let dead_letters = match &sinks.dead_letters {
-        DeadLetterSink::Table(t) => format!("table {}", t.uri()),
-        DeadLetterSink::Topic(t) => format!("topic {}", t.topic()),
-    };
-    info!(table = sinks.positions.uri(), version = ?sinks.positions.version().map(|v| v.0), dead_letters, "opened destinations");
+    let outputs = Outputs::open(&config).await?;
+    info!(
+        table = outputs.positions.uri(),
+        version = ?outputs.positions.version().map(|v| v.0),
+        outputs = outputs.describe(),
+        "opened destinations"
+    );
     let consumer = kafka::subscribe(&config.kafka, progress.clone())?;
     info!(brokers = %config.kafka.brokers, group = %config.kafka.group_id, topics = ?config.kafka.topics, "subscribed");
-    let mut worker = Worker::new(config, consumer, sinks, shutdown.clone(), progress.clone(), crash);
+    let mut worker = Worker::new(config, consumer, outputs, shutdown.clone(), progress.clone(), crash);
     worker.run().await
 }
 
-/// A flush running in the background: it hands the sinks back when done.
+/// A flush running in the background: it hands the outputs back when done.
 type InFlight = JoinHandle<Flushed>;
-pub(crate) type Flushed = (Sinks, Batch, Result<FlushReport, FlushError>);
+pub(crate) type Flushed = (Outputs, Batch, Result<FlushReport, FlushError>);
 
 /// An offset commit waiting for the group's answer, on a blocking thread.
 type Committing = JoinHandle<CommitOutcome>;
@@ -214,7 +217,7 @@ struct Worker {
     buffer: Buffer,
     partitions: Partitions,
     /// The destinations when no flush is running.
-    idle_sinks: Option<Sinks>,
+    idle_outputs: Option<Outputs>,
     /// A separate handle for reading recorded offsets while a flush runs.
     reader: PositionTable,
     in_flight: Option<InFlight>,
@@ -240,8 +243,8 @@ struct Worker {
     schedule: maintain::Schedule,
     /// The table-wide maintenance run in progress, if any.
     cleaning: Option<maintain::Cleaning>,
-    /// A handle on the dead-letter table for maintenance (when dead letters go to one).
-    dead_letter_reader: Option<crate::dead_letter::DeadLetterTable>,
+    /// The Delta tables the outputs append to (the dead-letter table), for maintenance.
+    appended_tables: Vec<outputs::AppendedTable>,
     /// Cancelled when the worker is to stop: every wait of the worker observes it.
     shutdown: CancellationToken,
     progress: Arc<Progress>,
@@ -252,7 +255,7 @@ impl Worker {
     fn new(
         config: Config,
         consumer: SinkConsumer,
-        sinks: Sinks,
+        outputs: Outputs,
         shutdown: CancellationToken,
         progress: Arc<Progress>,
         crash: CrashPoints,
@@ -261,13 +264,13 @@ impl Worker {
         Self {
             decode_options: config.decode_options(),
             buffer: Buffer::new(config.delta.key_columns.clone(), limits),
-            partitions: Partitions::new(sinks.table_offsets_cover_dead_letters(), &config.retry)
+            partitions: Partitions::new(outputs.positions_vouch_for_all(), &config.retry)
                 .with_unrecorded_from_start(config.kafka.auto_offset_reset == crate::config::OffsetReset::Earliest),
-            reader: sinks.positions.clone(),
+            reader: outputs.positions.clone(),
             schedule: maintain::Schedule::new(config.maintenance.interval),
             cleaning: None,
-            dead_letter_reader: maintain::dead_letter_table(&sinks),
-            idle_sinks: Some(sinks),
+            appended_tables: outputs.appended_tables(),
+            idle_outputs: Some(outputs),
             in_flight: None,
             rejections_logged: 0,
             aborted_in_a_row: 0,
