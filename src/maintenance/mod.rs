@@ -14,7 +14,8 @@
 //!   references (removed files, and files a crashed flush or compaction wrote and never
 //!   committed) are deleted; a file no commit names, never before
 //!   `maintenance.unreferenced_file_age` ([`vacuum`]).
-//! - **Compaction** of one worker's files: [`crate::table::PositionTable::compact`].
+//! - **Compaction** of one worker's files: when and which by [`compaction`] (the policy),
+//!   carried out by [`crate::table::PositionTable::compact`].
 //!
 //! Invariant kept here: nothing a version inside the table's retention window
 //! references is deleted, so a reader that reads through a vacuum never fails; every
@@ -22,6 +23,7 @@
 //! remove nothing twice and nothing more.
 
 pub mod binning;
+pub mod compaction;
 pub mod footprint;
 pub mod vacuum;
 

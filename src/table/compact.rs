@@ -1,7 +1,7 @@
-//! Compaction of one worker's files: the files of a group (a symbol's rows of one Kafka
-//! partition, or the partition's rows in the `none` layout) that fit in fewer files are
-//! rewritten into as few as hold them, and files whose rows are mostly hidden by
-//! deletion vectors are rewritten without them, in a commit of their own.
+//! Compaction of one worker's files, carried out: the files the policy chooses
+//! ([`crate::maintenance::compaction`]: a group's small files that fit in fewer, files
+//! mostly hidden by deletion vectors, every file with a vector when the table holds too
+//! many) are read, written packed without their hidden rows, and committed on their own.
 //!
 //! Invariants kept here:
 //! - Only the files of the Kafka partitions passed in (the worker's own) are touched,
@@ -20,34 +20,8 @@ use super::commit::{Changes, CommitKind};
 use super::key_index::FileId;
 use super::merge;
 use super::{PositionTable, TableError};
+use crate::maintenance::compaction::Thresholds;
 use crate::offsets::TopicPartition;
-
-/// When a Kafka partition's files are compacted (`maintenance.*`).
-#[derive(Debug, Clone, Copy)]
-pub struct Thresholds {
-    /// At least this many files of a group that fit in fewer.
-    pub min_files: usize,
-    /// Or a file with at least this fraction of its rows hidden by a deletion vector.
-    pub hidden_fraction: f64,
-    /// A flush that leaves a group with more files to pack than this makes compaction
-    /// due at once, not only at the next `maintenance.interval`.
-    pub max_files: usize,
-    /// A flush that leaves the table with more files with a deletion vector than this
-    /// makes compaction due at once, and compaction then rewrites every file of the
-    /// worker's with a vector without the rows it hides.
-    pub max_vectors: usize,
-}
-
-impl From<&crate::config::MaintenanceConfig> for Thresholds {
-    fn from(config: &crate::config::MaintenanceConfig) -> Self {
-        Self {
-            min_files: config.compaction_min_files,
-            hidden_fraction: config.compaction_hidden_fraction,
-            max_files: config.compaction_max_files,
-            max_vectors: config.compaction_max_vectors,
-        }
-    }
-}
 
 /// What one compaction did.
 #[derive(Debug, Clone, Default)]
@@ -88,14 +62,8 @@ impl PositionTable {
             None => index.owners(),
         };
         let mut files: std::collections::BTreeMap<TopicPartition, usize> = std::collections::BTreeMap::new();
-        let purge = index.purge(thresholds.max_vectors);
-        for (group, ids) in index.groups_to_compact(
-            &owners,
-            thresholds.min_files,
-            thresholds.hidden_fraction,
-            fresh.max_rows_per_file,
-            purge,
-        ) {
+        let purge = thresholds.purge(index.files_with_vectors());
+        for (group, ids) in index.groups_to_compact(&owners, &thresholds, fresh.max_rows_per_file, purge) {
             if let Some(owner) = group.owner {
                 *files.entry(owner).or_default() += ids.len();
             }
@@ -121,13 +89,8 @@ impl PositionTable {
         let index = fresh.index.clone();
         let mut index = index.lock().await;
         fresh.sync_index(&mut index).await?;
-        let groups = index.groups_to_compact(
-            partitions,
-            thresholds.min_files,
-            thresholds.hidden_fraction,
-            fresh.max_rows_per_file,
-            index.purge(thresholds.max_vectors),
-        );
+        let purge = thresholds.purge(index.files_with_vectors());
+        let groups = index.groups_to_compact(partitions, &thresholds, fresh.max_rows_per_file, purge);
         if groups.is_empty() {
             return Ok((fresh, CompactionReport { elapsed: started.elapsed(), ..CompactionReport::default() }));
         }

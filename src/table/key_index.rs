@@ -17,6 +17,7 @@ use roaring::RoaringTreemap;
 use super::key_store::{Compact, KeyStore};
 pub use super::key_store::{FileId, Slot, SourceId, Stamp};
 use crate::config::PartitionBy;
+use crate::maintenance::compaction::{FileShape, Purge, Thresholds};
 use crate::offsets::TopicPartition;
 use crate::update::{KeyColumn, PositionUpdate, RowKey};
 
@@ -315,16 +316,13 @@ impl KeyIndex {
         self.files.iter().map(|(id, f)| (*id, f))
     }
 
-    /// The groups of `owners`' files worth compacting, with the files to pack: the
-    /// files at most half full or with at least `hidden_fraction` of their rows hidden
-    /// by a deletion vector (fuller files are left as they are), when there are at least
-    /// `min_files` of them whose live rows fit in fewer files of `max_rows` rows, or
-    /// when one of them crosses `hidden_fraction`. Smallest groups first.
+    /// The groups of `owners`' files worth compacting, with the files to pack, by
+    /// `thresholds` (the policy: [`crate::maintenance::compaction`]). Smallest groups
+    /// first.
     pub fn groups_to_compact(
         &self,
         owners: &[TopicPartition],
-        min_files: usize,
-        hidden_fraction: f64,
+        thresholds: &Thresholds,
         max_rows: usize,
         purge: Purge,
     ) -> Vec<(FileGroup, Vec<FileId>)> {
@@ -333,32 +331,23 @@ impl KeyIndex {
             .iter()
             .filter(|(group, _)| group.owner.as_ref().is_some_and(|owner| owners.contains(owner)))
             .filter_map(|(group, ids)| {
-                let candidates = self.candidates(ids, hidden_fraction, max_rows, purge);
-                let files = || candidates.iter().filter_map(|id| self.files.get(id));
-                let rows: usize = files().map(IndexedFile::live_rows).sum();
-                let packs = candidates.len() >= min_files.max(2) && rows.div_ceil(max_rows.max(1)) < candidates.len();
-                let hidden = files().any(|f| mostly_hidden(f, hidden_fraction));
-                let purged = purge == Purge::Vectors && files().any(|f| !f.deleted.is_empty());
-                (packs || hidden || purged).then(|| (group.clone(), candidates))
+                let taken = self.taken(ids, thresholds, max_rows, purge);
+                let shapes: Vec<FileShape> = taken.iter().filter_map(|id| self.shape(*id)).collect();
+                thresholds.worth_compacting(&shapes, max_rows, purge).then(|| (group.clone(), taken))
             })
             .collect();
         found.sort();
         found
     }
 
-    /// Whether one of `groups` has more than `max_files` files compaction would pack
-    /// (those [`KeyIndex::groups_to_compact`] takes): then a reader of the group opens
-    /// that many small files, or files with vectors, and compaction is due now.
-    pub fn crowded(
-        &self,
-        groups: &BTreeSet<FileGroup>,
-        max_files: usize,
-        hidden_fraction: f64,
-        max_rows: usize,
-    ) -> bool {
-        groups.iter().filter_map(|group| self.by_group.get(group)).any(|ids| {
-            ids.len() > max_files && self.candidates(ids, hidden_fraction, max_rows, Purge::No).len() > max_files
-        })
+    /// Whether a flush that touched `groups` makes compaction due now by `thresholds`:
+    /// one of them is crowded, or the table holds more files with a vector than
+    /// allowed and one of them holds some.
+    pub fn crowded(&self, groups: &BTreeSet<FileGroup>, thresholds: &Thresholds, max_rows: usize) -> bool {
+        let touched = || groups.iter().filter_map(|group| self.by_group.get(group));
+        let has_vector = |id: &FileId| self.shape(*id).is_some_and(|f| f.has_vector());
+        touched().any(|ids| thresholds.crowded(ids.len(), self.taken(ids, thresholds, max_rows, Purge::No).len()))
+            || thresholds.over_vectors(self.files_with_vectors(), touched().any(|ids| ids.iter().any(has_vector)))
     }
 
     /// Live files with a deletion vector, table-wide: each is one more vector every
@@ -367,36 +356,20 @@ impl KeyIndex {
         self.files.values().filter(|f| !f.deleted.is_empty()).count()
     }
 
-    /// Whether the table holds more than `max_vectors` files with a deletion vector and
-    /// one of `groups` holds some of them: compacting those groups' files purges them.
-    pub fn over_vectors(&self, groups: &BTreeSet<FileGroup>, max_vectors: usize) -> bool {
-        let has_vector = |id: &FileId| self.files.get(id).is_some_and(|f| !f.deleted.is_empty());
-        self.files_with_vectors() > max_vectors
-            && groups.iter().filter_map(|group| self.by_group.get(group)).any(|ids| ids.iter().any(has_vector))
-    }
-
-    /// What a compaction of this index's groups purges: every file with a vector once
-    /// the table holds more than `max_vectors` of them.
-    pub fn purge(&self, max_vectors: usize) -> Purge {
-        if self.files_with_vectors() > max_vectors { Purge::Vectors } else { Purge::No }
-    }
-
-    /// Of `ids`, the files at most half full or mostly hidden (or with any vector, when
-    /// `purge` says so), in id order.
-    fn candidates(&self, ids: &HashSet<FileId>, hidden_fraction: f64, max_rows: usize, purge: Purge) -> Vec<FileId> {
-        let mut candidates: Vec<FileId> = ids
+    /// Of `ids`, the files compaction would rewrite, in id order.
+    fn taken(&self, ids: &HashSet<FileId>, thresholds: &Thresholds, max_rows: usize, purge: Purge) -> Vec<FileId> {
+        let mut taken: Vec<FileId> = ids
             .iter()
             .copied()
-            .filter(|id| {
-                self.files.get(id).is_some_and(|f| {
-                    f.live_rows() <= max_rows / 2
-                        || mostly_hidden(f, hidden_fraction)
-                        || (purge == Purge::Vectors && !f.deleted.is_empty())
-                })
-            })
+            .filter(|id| self.shape(*id).is_some_and(|f| thresholds.takes(f, max_rows, purge)))
             .collect();
-        candidates.sort_unstable();
-        candidates
+        taken.sort_unstable();
+        taken
+    }
+
+    /// A live file's shape, as the compaction policy sees it.
+    fn shape(&self, id: FileId) -> Option<FileShape> {
+        self.files.get(&id).map(|f| FileShape { rows: f.rows, hidden: f.deleted.len() as usize })
     }
 
     /// The Kafka partitions that own files.
@@ -410,21 +383,6 @@ impl KeyIndex {
     fn len(&self) -> usize {
         self.keys.iter().filter(|(_, slot)| self.files.contains_key(&slot.file)).count()
     }
-}
-
-/// Whether a compaction also rewrites every file with a deletion vector without the
-/// rows it hides (the table holds more files with vectors than readers should load).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purge {
-    /// Only files that fit in fewer, or mostly hidden.
-    No,
-    /// Also every file with a vector.
-    Vectors,
-}
-
-/// Whether at least `fraction` of `file`'s rows are hidden by its deletion vector.
-fn mostly_hidden(file: &IndexedFile, fraction: f64) -> bool {
-    file.rows > 0 && file.deleted.len() as f64 >= fraction * file.rows as f64
 }
 
 impl KeyIndex {
@@ -616,6 +574,10 @@ mod tests {
         assert_eq!(index.smallest_in(&group(2), 100), None);
     }
 
+    fn policy(min_files: usize, hidden_fraction: f64) -> Thresholds {
+        Thresholds { min_files, hidden_fraction, max_files: 32, max_vectors: 128 }
+    }
+
     #[test]
     fn only_an_owned_group_of_enough_files_that_fit_in_fewer_is_compacted() {
         let mut index = KeyIndex::default();
@@ -624,12 +586,18 @@ mod tests {
         add(&mut index, "c", group(1), [key(10)]);
         add(&mut index, "d", group(1), [key(11)]);
         let owned = [TopicPartition::new("positions", 0)];
-        assert_eq!(index.groups_to_compact(&owned, 2, 0.3, 100, Purge::No), vec![(group(0), vec![a, b])]);
-        assert!(index.groups_to_compact(&owned, 3, 0.3, 100, Purge::No).is_empty(), "fewer files than the threshold");
-        assert!(index.groups_to_compact(&owned, 2, 0.3, 2, Purge::No).is_empty(), "two full files cannot be fewer");
+        assert_eq!(index.groups_to_compact(&owned, &policy(2, 0.3), 100, Purge::No), vec![(group(0), vec![a, b])]);
+        assert!(
+            index.groups_to_compact(&owned, &policy(3, 0.3), 100, Purge::No).is_empty(),
+            "fewer files than the threshold"
+        );
+        assert!(
+            index.groups_to_compact(&owned, &policy(2, 0.3), 2, Purge::No).is_empty(),
+            "two full files cannot be fewer"
+        );
         index.hide_rows(a, "u1".into(), &[0u64].into_iter().collect());
         assert_eq!(
-            index.groups_to_compact(&owned, 3, 0.5, 2, Purge::No),
+            index.groups_to_compact(&owned, &policy(3, 0.5), 2, Purge::No),
             vec![(group(0), vec![a])],
             "a file with half its rows hidden is rewritten alone"
         );
@@ -641,9 +609,18 @@ mod tests {
         let small: Vec<FileId> = (0..3).map(|i| add(&mut index, &format!("s{i}"), group(0), [key(i)])).collect();
         add(&mut index, "full", group(0), (10..20).map(key));
         let groups: BTreeSet<FileGroup> = [group(0)].into();
-        assert!(index.crowded(&groups, 2, 0.3, 10), "three small files, two allowed");
-        assert!(!index.crowded(&groups, 3, 0.3, 10), "the full file is not packed, so it does not count");
-        assert!(!index.crowded(&[group(1)].into(), 0, 0.3, 10), "a group without files");
+        assert!(
+            index.crowded(&groups, &Thresholds { max_files: 2, ..policy(4, 0.3) }, 10),
+            "three small files, two allowed"
+        );
+        assert!(
+            !index.crowded(&groups, &Thresholds { max_files: 3, ..policy(4, 0.3) }, 10),
+            "the full file is not packed, so it does not count"
+        );
+        assert!(
+            !index.crowded(&[group(1)].into(), &Thresholds { max_files: 0, ..policy(4, 0.3) }, 10),
+            "a group without files"
+        );
         assert_eq!(small.len(), 3);
     }
 }

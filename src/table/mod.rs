@@ -41,9 +41,10 @@ use tokio::sync::Mutex;
 use crate::config::{DeltaConfig, PartitionBy, WriteMode};
 pub use crate::delta::TableError;
 use crate::delta::{self, TableSpec};
+pub use crate::maintenance::compaction::Thresholds;
 use crate::offsets::{Offset, OffsetMap, TopicPartition};
 use crate::table::commit::{Changes, CommitKind};
-pub use crate::table::compact::{CompactionReport, Thresholds};
+pub use crate::table::compact::CompactionReport;
 use crate::table::key_index::{FileGroup, FileId, KeyIndex, LiveFile};
 use crate::table::merge::TouchedFile;
 use crate::table::schema::{PARTITION_COLUMN, partition_columns, schema, to_record_batch};
@@ -506,12 +507,9 @@ impl PositionTable {
         Ok((transactions, rows))
     }
 
-    /// Whether one of `groups` has more files to compact than the thresholds allow, or
-    /// the table more files with a vector and one of `groups` some of them.
+    /// Whether a flush that touched `groups` makes compaction due now.
     fn crowded(&self, index: &KeyIndex, groups: &BTreeSet<FileGroup>) -> bool {
-        let thresholds = &self.compaction;
-        index.crowded(groups, thresholds.max_files, thresholds.hidden_fraction, self.max_rows_per_file)
-            || index.over_vectors(groups, thresholds.max_vectors)
+        index.crowded(groups, &self.compaction, self.max_rows_per_file)
     }
 
     /// Brings the key index to this handle's version: forgets removed files and reads
