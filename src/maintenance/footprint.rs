@@ -69,7 +69,7 @@ pub async fn measure(table: &DeltaTable) -> Result<Footprint, DeltaTableError> {
 /// The footprint of `table` (at the version it is loaded at) given its directory's `objects`.
 pub(crate) fn of(table: &DeltaTable, objects: &HashMap<String, (u64, i64)>) -> Result<Footprint, DeltaTableError> {
     let snapshot = table.snapshot()?;
-    let version = u64::try_from(snapshot.version()).unwrap_or(0);
+    let version = snapshot.version();
     let mut footprint = Footprint { version, ..Footprint::default() };
     for view in snapshot.log_data().iter() {
         footprint.live_files += 1;

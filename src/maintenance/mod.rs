@@ -25,6 +25,7 @@
 pub mod binning;
 pub mod compaction;
 pub mod footprint;
+pub mod run;
 pub mod vacuum;
 
 use std::collections::HashMap;

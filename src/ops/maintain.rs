@@ -12,10 +12,10 @@ use serde::Serialize;
 use super::{Format, OpsError, Outcome};
 use crate::config::{Config, DeadLetterDestination};
 use crate::dead_letter::DeadLetterTable;
+use crate::maintenance::run::Target;
 use crate::maintenance::{self, CleanReport};
 use crate::retry::retry;
 use crate::table::{CompactionReport, PositionTable, Thresholds};
-use deltalake::DeltaTable;
 
 /// Options of one run.
 #[derive(Debug, Clone, Default)]
@@ -99,47 +99,20 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
         }
     }
 
-    let mut tables = Vec::new();
-    let unreferenced = config.maintenance.unreferenced_file_age;
-    step("cleaning the positions table's log and vacuuming it");
-    let clean = |table: DeltaTable, uri: String| {
-        retry(
-            &config.retry,
-            "clean a table",
-            move || {
-                let (table, uri) = (table.clone(), uri.clone());
-                async move { maintenance::clean(&table, &uri, options.dry_run, unreferenced).await }
-            },
-            maintenance::MaintenanceError::is_retryable,
-        )
-    };
-    tables.push(clean(positions.delta().clone(), positions.uri().to_string()).await.map_err(failed)?);
+    let mut targets =
+        vec![Target { delta: positions.delta().clone(), uri: positions.uri().to_string(), appended: false }];
     if config.dead_letter.destination == DeadLetterDestination::Table {
         let uri = config.dead_letter.resolved_table_uri(&config.delta);
         if super::open_table_at(&uri, &config.delta).await.is_ok() {
-            step("maintaining the dead-letter table");
-            let table = DeadLetterTable::open_or_create(
-                &uri,
-                &config.delta.storage_options,
-                &config.delta.table_properties,
-                &config.kafka.group_id,
-            )
-            .await?;
-            if !options.dry_run {
-                let deadline = config.maintenance.write_deadline();
-                let bin = || maintenance::bin_small_files(table.delta(), table.uri(), deadline);
-                retry(
-                    &config.retry,
-                    "bin the dead-letter table's small files",
-                    bin,
-                    maintenance::MaintenanceError::is_retryable,
-                )
-                .await
-                .map_err(failed)?;
-            }
-            tables.push(clean(table.delta().clone(), table.uri().to_string()).await.map_err(failed)?);
+            let (storage, properties) = (&config.delta.storage_options, &config.delta.table_properties);
+            let table = DeadLetterTable::open_or_create(&uri, storage, properties, &config.kafka.group_id).await?;
+            targets.push(Target { delta: table.delta().clone(), uri: table.uri().to_string(), appended: true });
         }
     }
+    step("cleaning the logs and vacuuming the tables");
+    let unreferenced = config.maintenance.unreferenced_file_age;
+    let reports = maintenance::run::table_wide(&targets, options.dry_run, unreferenced, &config.retry).await;
+    let tables = reports.into_iter().collect::<Result<Vec<_>, _>>().map_err(failed)?;
     if let Some(bar) = spinner {
         bar.finish_and_clear();
     }

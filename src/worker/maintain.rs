@@ -15,11 +15,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::outputs::{AppendedTable, Outputs};
+use super::outputs::Outputs;
+use crate::maintenance::run::Target;
 use crate::maintenance::{self, CleanReport, MaintenanceError};
 use crate::offsets::TopicPartition;
 use crate::status::Progress;
-use crate::table::{PositionTable, Thresholds};
+use crate::table::Thresholds;
 
 /// The table-wide run in progress, if any.
 pub(super) type Cleaning = JoinHandle<Vec<Result<CleanReport, MaintenanceError>>>;
@@ -96,12 +97,18 @@ impl super::Worker {
 
     /// Starts the table-wide run beside the loop.
     fn start_clean(&mut self) {
-        let positions = self.reader.clone();
-        let appended = self.appended_tables.clone();
+        let mut targets =
+            vec![Target { delta: self.reader.delta().clone(), uri: self.reader.uri().to_string(), appended: false }];
+        targets.extend(self.appended_tables.iter().map(|table| Target {
+            delta: table.delta.clone(),
+            uri: table.uri.clone(),
+            appended: true,
+        }));
         let progress = self.progress.clone();
         let unreferenced = self.config.maintenance.unreferenced_file_age;
+        let policy = self.config.retry.clone();
         self.cleaning =
-            Some(tokio::spawn(async move { clean_tables(&positions, &appended, &progress, unreferenced).await }));
+            Some(tokio::spawn(async move { clean_tables(&targets, &progress, unreferenced, &policy).await }));
     }
 
     /// Books a finished table-wide run.
@@ -136,18 +143,17 @@ impl super::Worker {
     }
 }
 
-/// Cleans the positions table and the tables the outputs append to (and bins their
-/// small files), keeping `progress` current.
+/// The table-wide run on `targets` (the positions table first), keeping `progress`
+/// current with the positions table's footprint.
 async fn clean_tables(
-    positions: &PositionTable,
-    appended: &[AppendedTable],
+    targets: &[Target],
     progress: &Progress,
     unreferenced_file_age: Duration,
+    policy: &crate::config::RetryConfig,
 ) -> Vec<Result<CleanReport, MaintenanceError>> {
     let started = std::time::Instant::now();
-    let mut reports = Vec::new();
-    let cleaned = maintenance::clean(positions.delta(), positions.uri(), false, unreferenced_file_age).await;
-    if let Ok(report) = &cleaned {
+    let reports = maintenance::run::table_wide(targets, false, unreferenced_file_age, policy).await;
+    if let Some(Ok(report)) = reports.first() {
         let after = report.after.clone().unwrap_or_else(|| report.before.clone());
         progress.update_maintenance(|m| {
             m.files_on_disk = Some(after.files_on_disk);
@@ -158,13 +164,6 @@ async fn clean_tables(
             m.log_bytes = Some(after.log_bytes);
             m.commits_since_checkpoint = Some(after.commits_since_checkpoint);
         });
-    }
-    reports.push(cleaned);
-    for table in appended {
-        if let Err(error) = maintenance::bin_small_files(&table.delta, &table.uri, unreferenced_file_age / 3).await {
-            warn!(%error, table = %table.uri, "binning an appended table's small files failed; it runs again next time");
-        }
-        reports.push(maintenance::clean(&table.delta, &table.uri, false, unreferenced_file_age).await);
     }
     let removed: usize = reports.iter().flatten().map(|r| r.log_files.len() + r.data_files.len()).sum();
     Progress::add(&progress.files_removed_by_maintenance, removed as u64);
