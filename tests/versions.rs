@@ -31,7 +31,14 @@ use position_sink::config::{Config, PartitionBy, Settings, WriteMode};
 use rand::{Rng, SeedableRng};
 
 /// `delta.deletedFileRetentionDuration` of these tables: how far back a reader may open.
-const FILE_RETENTION: Duration = Duration::from_secs(20);
+/// On the slow store at full scale, where one commit may take tens of seconds, two
+/// minutes, so the window read at the end holds several commits.
+fn file_retention(storage: Storage) -> Duration {
+    match storage {
+        Storage::LocalDisk => Duration::from_secs(20),
+        Storage::SlowS3(_) => Duration::from_secs(sized(20, 120) as u64),
+    }
+}
 
 /// The abort probability at each marked point of maintenance, in workers and `maintain`.
 const MAINTENANCE_ABORT: &str = "0.05";
@@ -119,8 +126,14 @@ async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: Partit
     let maintainer = maintain_loop(&file, Arc::clone(&counts), Arc::clone(&stop.0));
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
-    // A kill every few seconds; on slow storage, where a restart takes longer, fewer.
-    let kill_chance = if storage == Storage::LocalDisk { 0.15 } else { 0.05 };
+    // A kill every few seconds; on slow storage, where a restart takes longer, fewer:
+    // with responses delayed by up to 25 s (full scale) a worker needs tens of seconds
+    // to open the table and build its key index, so kills a minute apart let flushes
+    // commit between them.
+    let kill_chance = match storage {
+        Storage::LocalDisk => 0.15,
+        Storage::SlowS3(_) => 1.0 / sized(20, 120) as f64,
+    };
     let mut members = Members((0..3).map(|_| start_worker(&file)).collect());
     let started = Instant::now();
     let mut checked_while_running = 0;
@@ -130,7 +143,7 @@ async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: Partit
         replace_ended(&mut members.0, &file, &counts);
         // No SIGKILL in the last stretch, so the group settles and the window read at
         // the end holds many commits (the latest ones are read after kills meanwhile).
-        let settling = started.elapsed() + FILE_RETENTION + Duration::from_secs(5) > run_for;
+        let settling = started.elapsed() + file_retention(storage) + Duration::from_secs(5) > run_for;
         if !settling && rng.random_bool(kill_chance) {
             let victim = &mut members.0[rng.random_range(0..3)];
             if victim.try_wait().expect("wait").is_none() {
@@ -159,7 +172,7 @@ async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: Partit
         replace_ended(&mut members.0, &file, &counts);
         s.produce(50).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        versions_in_window(&target, FILE_RETENTION).await.len() >= 5
+        versions_in_window(&target, file_retention(storage)).await.len() >= 5
     })
     .await;
     drop(stop);
@@ -167,7 +180,7 @@ async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: Partit
     replace_ended(&mut members.0, &file, &counts);
     drop(members);
 
-    let checked = check_every_version(&target, &s.group, &s.topic, 6, &s.produced, FILE_RETENTION).await;
+    let checked = check_every_version(&target, &s.group, &s.topic, 6, &s.produced, file_retention(storage)).await;
     assert!(checked.versions.len() > 1, "versions inside the window: {:?}", checked.versions);
     if storage == Storage::LocalDisk {
         let v = &checked.versions;
@@ -243,9 +256,9 @@ fn configure(config: &mut Config, layout: PartitionBy, storage: Storage) {
     };
     let properties = &mut config.delta.table_properties.0;
     properties.insert("delta.checkpointInterval".into(), "10".into());
-    properties.insert("delta.logRetentionDuration".into(), "interval 30 seconds".into());
-    properties
-        .insert("delta.deletedFileRetentionDuration".into(), format!("interval {} seconds", FILE_RETENTION.as_secs()));
+    let files = file_retention(storage).as_secs();
+    properties.insert("delta.logRetentionDuration".into(), format!("interval {} seconds", files + 10));
+    properties.insert("delta.deletedFileRetentionDuration".into(), format!("interval {files} seconds"));
     config.validate().expect("valid");
 }
 
