@@ -69,7 +69,13 @@ async fn every_version_in_the_window_reads_exactly_with_deletion_vectors_unparti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_version_in_the_window_reads_exactly_on_slow_and_failing_object_storage() {
-    versions_stay_exact("versionss3", WriteMode::CopyOnWrite, PartitionBy::None, Storage::SlowS3(39602)).await;
+    versions_stay_exact(
+        "versionss3",
+        WriteMode::CopyOnWrite,
+        PartitionBy::None,
+        Storage::SlowS3(common::toxiproxy::proxy_port(1)),
+    )
+    .await;
 }
 
 /// What the run did, for its report.

@@ -13,6 +13,15 @@ pub fn api() -> String {
     })
 }
 
+/// The `n`th port above the API's, where proxies listen (the test command reserves
+/// them with the S3 server's ports, so two runs on other ports never collide).
+pub fn proxy_port(n: u16) -> u16 {
+    let api = api();
+    let port: u16 =
+        api.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("bad Toxiproxy API {api}"));
+    port + n
+}
+
 /// One proxy in front of the test S3 server.
 pub struct Proxy {
     pub name: String,
