@@ -271,11 +271,15 @@ fn configure(config: &mut Config, layout: PartitionBy, storage: Storage) {
 /// Makes the proxy slow and unreliable for good, before any connection goes through
 /// it (Toxiproxy changes a toxic only once every connection's data is through, which a
 /// client that keeps connections open may never let happen): responses on a fifth of
-/// the connections delayed by up to seconds (tens of seconds at full scale), one
-/// connection in twenty cut.
+/// the connections delayed by up to 1.5 s (at full scale: on one in twenty, by up to
+/// 25 s), one connection in twenty cut.
 fn slow_down(proxy: &Proxy) {
+    // A latency toxic delays every response of the connection it lands on, and clients
+    // keep connections open: at full scale (up to 25 s a response) one connection in
+    // twenty, so a flush meets a slow connection often but not on every request.
     let most = sized(1_500, 25_000);
-    proxy.set_toxic("slow", "latency", 0.2, &format!(r#"{{"latency":{},"jitter":{}}}"#, most / 2, most / 2));
+    let slow_share = if most > 1_500 { 0.05 } else { 0.2 };
+    proxy.set_toxic("slow", "latency", slow_share, &format!(r#"{{"latency":{},"jitter":{}}}"#, most / 2, most / 2));
     proxy.set_toxic("cut", "reset_peer", 0.05, r#"{"timeout":200}"#);
 }
 
