@@ -31,12 +31,13 @@ use position_sink::config::{Config, PartitionBy, Settings, WriteMode};
 use rand::{Rng, SeedableRng};
 
 /// `delta.deletedFileRetentionDuration` of these tables: how far back a reader may open.
-/// On the slow store at full scale, where one commit may take tens of seconds, two
-/// minutes, so the window read at the end holds several commits.
+/// On the slow store, where one commit may take seconds (tens of them at full scale),
+/// half a minute (two minutes at full scale), so the window read at the end holds
+/// several commits.
 fn file_retention(storage: Storage) -> Duration {
     match storage {
         Storage::LocalDisk => Duration::from_secs(20),
-        Storage::SlowS3(_) => Duration::from_secs(sized(20, 120) as u64),
+        Storage::SlowS3(_) => Duration::from_secs(sized(30, 120) as u64),
     }
 }
 
@@ -150,7 +151,9 @@ async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: Partit
         // No SIGKILL in the last stretch, so the group settles and the window read at
         // the end holds many commits (the latest ones are read after kills meanwhile).
         let settling = started.elapsed() + file_retention(storage) + Duration::from_secs(5) > run_for;
-        if !settling && rng.random_bool(kill_chance) {
+        // At random, and once for certain a quarter into the run if none landed yet.
+        let none_yet = counts.lock().expect("counts").kills == 0;
+        if !settling && (rng.random_bool(kill_chance) || (none_yet && started.elapsed() >= run_for / 4)) {
             let victim = &mut members.0[rng.random_range(0..3)];
             if victim.try_wait().expect("wait").is_none() {
                 victim.kill().expect("SIGKILL");
@@ -174,19 +177,24 @@ async fn versions_stay_exact(name: &'static str, mode: WriteMode, layout: Partit
     s.produced.extend(producing.finish().await);
     // A trickle until the window holds commits made under maintenance (a slow store
     // or a loaded machine may have had the group rebalancing for a while).
+    // Five commits in the newer half of the window, so they are still inside it once
+    // everything has stopped (stopping takes seconds on a slow store).
     wait_until(Duration::from_secs(240), "five commits inside the window", async || {
         replace_ended(&mut members.0, &file, &counts);
         s.produce(50).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        versions_in_window(&target, file_retention(storage)).await.len() >= 5
+        versions_in_window(&target, file_retention(storage) / 2).await.len() >= 5
     })
     .await;
     drop(stop);
     maintainer.join().expect("the maintain loop");
     replace_ended(&mut members.0, &file, &counts);
     drop(members);
+    // Nothing deletes from here on: the window is the one of this instant.
+    let stopped = Instant::now();
 
-    let checked = check_every_version(&target, &s.group, &s.topic, 6, &s.produced, file_retention(storage)).await;
+    let window = file_retention(storage) + stopped.elapsed();
+    let checked = check_every_version(&target, &s.group, &s.topic, 6, &s.produced, window).await;
     assert!(checked.versions.len() > 1, "versions inside the window: {:?}", checked.versions);
     if storage == Storage::LocalDisk {
         let v = &checked.versions;
