@@ -6,14 +6,18 @@
 //! under [`TopicPartition::app_id`]; it is written only in the same commit as the data
 //! it covers, so "recorded" means "durable in this table".
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use deltalake::arrow::array::RecordBatch;
 use deltalake::arrow::datatypes::{DataType as ArrowType, SchemaRef, TimeUnit};
-use deltalake::kernel::{DataType, PrimitiveType, StructField};
+use deltalake::arrow::error::ArrowError;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::{DataType, PrimitiveType, StructField, Transaction};
+use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 
 use crate::config::Settings;
-use crate::offsets::{Offset, TopicPartition};
+use crate::offsets::{Coordinates, Offset, OffsetMap, TopicPartition};
 
 /// Failures of a Delta table, with its location.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +243,79 @@ pub async fn recorded_offsets(
     Ok(recorded)
 }
 
+/// An append to a table that holds each Kafka message at most once (the dead-letter
+/// and history tables): who appends, and how long the append may take.
+#[derive(Debug, Clone, Copy)]
+pub struct OnceAppend<'a> {
+    /// The table location.
+    pub uri: &'a str,
+    /// The consumer group whose offsets the table records.
+    pub group_id: &'a str,
+    /// The longest the append may take from its first data file to its commit.
+    pub deadline: std::time::Duration,
+}
+
+impl OnceAppend<'_> {
+    /// Appends the records of `items` (at Kafka coordinates `at`) that `table` does not
+    /// hold yet, in one commit that also records, per partition appended to, the
+    /// highest of `covered` and the records' offsets: a retry after an error or a crash
+    /// (whether or not its commit landed) drops what is already in. Returns the handle
+    /// at the version written and the records appended (none: no commit was made).
+    ///
+    /// # Errors
+    /// [`TableError::Read`] or [`TableError::Write`], both retryable.
+    pub async fn append<'i, T>(
+        &self,
+        table: &DeltaTable,
+        items: &'i [T],
+        at: impl Fn(&T) -> &Coordinates,
+        covered: &OffsetMap,
+        to_batch: impl FnOnce(&[&'i T]) -> Result<RecordBatch, ArrowError>,
+    ) -> Result<(DeltaTable, Vec<&'i T>), TableError> {
+        let fresh = refreshed(table, self.uri).await?;
+        let partitions: BTreeSet<&TopicPartition> = items.iter().map(|i| &at(i).tp).collect();
+        let recorded = recorded_offsets(&fresh, self.uri, self.group_id, partitions).await?;
+        let new: Vec<&T> =
+            items.iter().filter(|i| recorded.get(&at(i).tp).is_none_or(|done| at(i).offset > *done)).collect();
+        if new.is_empty() {
+            return Ok((fresh, new));
+        }
+        let mut through: BTreeMap<&TopicPartition, Offset> = BTreeMap::new();
+        for item in &new {
+            let Coordinates { tp, offset } = at(item);
+            let highest = through.entry(tp).or_insert_with(|| covered.get(tp).unwrap_or(*offset));
+            *highest = (*highest).max(*offset);
+        }
+        let transactions: Vec<Transaction> =
+            through.iter().map(|(tp, offset)| Transaction::new(tp.app_id(self.group_id), offset.0)).collect();
+        let write_err = TableError::on_write(self.uri, new.len());
+        let batch = to_batch(&new)
+            .map_err(|e| write_err(DeltaTableError::Generic(format!("building the Arrow batch: {e}"))))?;
+        let append = fresh.clone().write([batch]).with_save_mode(SaveMode::Append).with_commit_properties(
+            CommitProperties::default()
+                .with_application_transactions(transactions)
+                // It adds files and reads none: binning (maintenance) never conflicts with it.
+                .with_metadata([("isBlindAppend".to_string(), serde_json::json!(true))])
+                // Log cleanup is maintenance's (one worker, on a schedule), not every commit's.
+                .with_cleanup_expired_logs(Some(false)),
+        );
+        // Vacuum takes files no commit names once maintenance.unreferenced_file_age old:
+        // an append that takes longer than its deadline is given up (its outcome is then
+        // decided by the recorded offsets) and made again.
+        let table = tokio::time::timeout(self.deadline, append)
+            .await
+            .map_err(|_| {
+                write_err(DeltaTableError::Generic(format!(
+                    "the append took longer than the {} a write may take (a third of \
+                     maintenance.unreferenced_file_age); it is made again",
+                    humantime::format_duration(self.deadline)
+                )))
+            })?
+            .map_err(&write_err)?;
+        Ok((table, new))
+    }
+}
+
 /// The Delta columns of an Arrow schema.
 fn delta_columns(schema: &SchemaRef) -> Vec<StructField> {
     schema
@@ -252,6 +329,7 @@ fn delta_columns(schema: &SchemaRef) -> Vec<StructField> {
                 ArrowType::Utf8 => PrimitiveType::String,
                 ArrowType::Binary => PrimitiveType::Binary,
                 ArrowType::Timestamp(TimeUnit::Microsecond, Some(_)) => PrimitiveType::Timestamp,
+                ArrowType::Date32 => PrimitiveType::Date,
                 other => unreachable!("no table of this program has a column of type {other}"),
             };
             StructField::new(f.name().clone(), DataType::Primitive(primitive), f.is_nullable())
@@ -285,6 +363,8 @@ struct CommitRecord {
     transactions: Vec<(String, i64)>,
     timestamp: Option<i64>,
     restored_to: Option<RestoredTo>,
+    /// The flush's `ingested_at` stamp ([`INGESTED_AT_KEY`]), µs.
+    ingested_at: Option<i64>,
 }
 
 impl CommitRecord {
@@ -303,6 +383,7 @@ impl CommitRecord {
                 }
             } else if let Some(info) = value.get("commitInfo") {
                 record.timestamp = info["timestamp"].as_i64();
+                record.ingested_at = info[INGESTED_AT_KEY].as_i64();
                 if info["operation"].as_str() == Some("RESTORE") {
                     let parameter = |name: &str| {
                         let value = &info["operationParameters"][name];
@@ -316,6 +397,66 @@ impl CommitRecord {
         }
         record
     }
+}
+
+/// The `commitInfo` key of a positions-table flush's `ingested_at` stamp (µs since the
+/// epoch): the history table stamps the updates a commit first recorded with it, also
+/// when it appends them after a crash ([`record_stamps`]).
+pub const INGESTED_AT_KEY: &str = "positionSinkIngestedAt";
+
+/// One commit's record of a partition: the offset it recorded and its `ingested_at`
+/// stamp (µs; the commit's time when it has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordStamp {
+    /// The offset recorded.
+    pub through: Offset,
+    /// When the commit's rows were stamped, µs since the epoch.
+    pub stamp_micros: Option<i64>,
+}
+
+/// For each partition of `lowest`, the commits that recorded it, oldest first, from the
+/// last one that recorded less than its `lowest` offset (excluded) to the newest: the
+/// stamp of an update is that of the first of them whose record reaches its offset.
+/// The walk reads the log back from the handle's version and stops where the log was
+/// cleaned up.
+///
+/// # Errors
+/// [`TableError::Read`] when the log cannot be read.
+pub async fn record_stamps(
+    table: &DeltaTable,
+    uri: &str,
+    group_id: &str,
+    lowest: &HashMap<TopicPartition, Offset>,
+) -> Result<HashMap<TopicPartition, Vec<RecordStamp>>, TableError> {
+    let read_err = TableError::on_read(uri);
+    let mut pending: HashMap<String, (&TopicPartition, Offset)> =
+        lowest.iter().map(|(tp, offset)| (tp.app_id(group_id), (tp, *offset))).collect();
+    let mut found: HashMap<TopicPartition, Vec<RecordStamp>> = HashMap::new();
+    let mut version = table.version();
+    while let Some(at) = version.filter(|_| !pending.is_empty()) {
+        let Some(bytes) = table.log_store().read_commit_entry(at).await.map_err(&read_err)? else { break };
+        let commit = CommitRecord::parse(&bytes);
+        let stamp_micros = commit.ingested_at.or(commit.timestamp.and_then(|ms| ms.checked_mul(1000)));
+        for (app_id, offset) in &commit.transactions {
+            let Some((tp, lowest)) = pending.get(app_id).copied() else { continue };
+            if Offset(*offset) < lowest {
+                pending.remove(app_id);
+            } else {
+                found.entry(tp.clone()).or_default().push(RecordStamp { through: Offset(*offset), stamp_micros });
+            }
+        }
+        version = at.checked_sub(1);
+    }
+    for stamps in found.values_mut() {
+        stamps.reverse();
+    }
+    Ok(found)
+}
+
+/// The stamp of the update at `offset`: that of the oldest of `stamps` (oldest first,
+/// from [`record_stamps`]) whose record reaches it.
+pub fn stamp_of(stamps: &[RecordStamp], offset: Offset) -> Option<i64> {
+    stamps.iter().find(|s| s.through >= offset).and_then(|s| s.stamp_micros)
 }
 
 /// The newest RESTORE among the commits after `since` up to `table`'s version.

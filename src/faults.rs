@@ -23,6 +23,10 @@ pub struct CrashPoints {
     /// dead-letter topic, with the transaction sent but left uncommitted.
     #[cfg(feature = "fault-injection")]
     pub crash_after_dead_letter_commits: Option<usize>,
+    /// Stop with an error right after this many history-table commits, before the
+    /// Kafka offsets of the same flush are committed.
+    #[cfg(feature = "fault-injection")]
+    pub crash_after_history_commits: Option<usize>,
     /// Abort the whole process (as SIGKILL would) right after a positions commit and
     /// before its Kafka commit, with this probability per commit (0 = never). For
     /// crash tests of the binary: [`ABORT_AFTER_DELTA_COMMIT_ENV`].
@@ -56,6 +60,12 @@ impl CrashPoints {
     pub(crate) fn after_dead_letter_commit(&self, progress: &Progress) -> Option<&'static str> {
         is_due(self.crash_after_dead_letter_commits, Progress::get(&progress.dead_letter_commits))
             .then_some("after the dead-letter commit, before the positions commit")
+    }
+
+    /// After a history table commit: the crash to report, if one is due.
+    pub(crate) fn after_history_commit(&self, progress: &Progress) -> Option<&'static str> {
+        is_due(self.crash_after_history_commits, Progress::get(&progress.history_commits))
+            .then_some("after the history commit, before the Kafka commit")
     }
 
     /// After a positions-table commit: the crash to report, if one is due; may abort

@@ -36,6 +36,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod delta;
 pub mod faults;
+pub mod history;
 pub mod kafka;
 pub mod maintenance;
 pub mod offsets;

@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use figment::Figment;
 use figment::providers::Serialized;
 use position_sink::config::{Config, LogFormat};
-use position_sink::ops::{self, Format, Outcome};
+use position_sink::history::AsOf;
+use position_sink::ops::{self, Format, Outcome, RowFormat};
 use position_sink::sample::SampleSpec;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -104,9 +105,17 @@ enum Command {
         /// At most this many rows, in symbol, conid order.
         #[arg(long, default_value_t = 20)]
         limit: usize,
-        /// `table` for people, `json` for scripts.
+        /// The book as of this event time (RFC 3339), from the history table: per key,
+        /// the latest update with timestamp <= TIME.
+        #[arg(long, conflicts_with = "as_known_at")]
+        as_of: Option<chrono::DateTime<chrono::FixedOffset>>,
+        /// The book as the positions table showed it at this wall-clock time (RFC
+        /// 3339), from the history table: updates ingested by then, last write wins.
+        #[arg(long)]
+        as_known_at: Option<chrono::DateTime<chrono::FixedOffset>>,
+        /// `table` for people, `json` for scripts, `csv` for spreadsheets.
         #[arg(long, value_enum, default_value_t)]
-        format: Format,
+        format: RowFormat,
     },
     /// Where the table, the consumer group and the log stand, per partition.
     Inspect {
@@ -149,7 +158,9 @@ enum Command {
         /// account, avg_cost, market_value, as_of.
         #[arg(long)]
         snapshot: PathBuf,
-        /// The snapshot's time, RFC 3339 (default: its `as_of` field, else now).
+        /// The snapshot's time, RFC 3339 (default: its `as_of` field, else now). With
+        /// history.enabled, the snapshot is compared with the book as of this time from
+        /// the history table, not with the positions table now.
         #[arg(long)]
         as_of: Option<String>,
         /// Largest position difference that still matches.
@@ -335,10 +346,16 @@ async fn dispatch(cli: Cli, log_format: LogFormat) -> anyhow::Result<Outcome> {
             info!(sent, topic, "published sample updates");
             Ok(Outcome::Clean)
         }
-        Command::Show { common, symbol, conid, account, limit, format } => {
+        Command::Show { common, symbol, conid, account, limit, as_of, as_known_at, format } => {
             let config = common.load(Figment::new())?;
             let filter = ops::RowFilter { symbol, conid, account, limit: Some(limit) };
-            ops::show::show(&config, &filter, format).await?;
+            let when = match (as_of, as_known_at) {
+                (Some(t), _) => Some(AsOf::Event(t.timestamp_micros())),
+                (None, Some(t)) => Some(AsOf::Known(t.timestamp_micros())),
+                (None, None) => None,
+            };
+            let progress_bar = format == RowFormat::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            ops::show::show(&config, &filter, format, when, progress_bar).await?;
             Ok(Outcome::Clean)
         }
         Command::Inspect { common, format } => {

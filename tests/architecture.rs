@@ -18,6 +18,7 @@ const TIERS: &[(&str, u8)] = &[
     ("kafka", 1),
     ("table", 1),
     ("dead_letter", 1),
+    ("history", 1),
     ("maintenance", 1),
     ("sample", 1),
     // Pure stages and shared vocabulary.

@@ -360,13 +360,13 @@ async fn two_binnings_of_the_dead_letter_table_at_once_hold_each_dead_letter_onc
     let gate = faults.hold_next_commit();
     let held = tokio::spawn({
         let table = table.delta().clone();
-        async move { binning::bin(&table, Duration::from_secs(60)).await }
+        async move { binning::bin(&table, Duration::from_secs(60), &[]).await }
     });
     wait_until(Duration::from_secs(30), "the first binning's commit is held", async || {
         faults.held.load(std::sync::atomic::Ordering::SeqCst) == 1
     })
     .await;
-    let second = binning::bin(table.delta(), Duration::from_secs(60)).await.expect("the second binning");
+    let second = binning::bin(table.delta(), Duration::from_secs(60), &[]).await.expect("the second binning");
     assert_eq!((second.files, second.conflicted), (4, false), "{second:?}");
     gate.notify_one();
     let first = held.await.expect("join").expect("the held binning");

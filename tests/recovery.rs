@@ -145,12 +145,12 @@ async fn write_directly(config: &position_sink::config::Config, topic: &str, mes
     use position_sink::offsets::{Coordinates, Offset, TopicPartition};
     use position_sink::worker::batch::{Buffer, Limits};
     let mut buffer =
-        Buffer::new(config.delta.key_columns.clone(), Limits { max_records: usize::MAX, max_bytes: usize::MAX });
+        Buffer::new(config.delta.key_columns.clone(), Limits { max_records: usize::MAX, max_bytes: usize::MAX }, false);
     for m in messages {
         let at = Coordinates { tp: TopicPartition::new(topic, m.partition), offset: Offset(m.offset) };
         let update = position_sink::decode::decode(m.key.as_deref(), m.value.as_deref(), at, &Default::default())
             .expect("a valid message");
-        buffer.push(update, 1);
+        buffer.push(update, 1, None);
     }
     let table =
         position_sink::table::PositionTable::open_or_create(&config.delta, &config.kafka.group_id).await.expect("open");

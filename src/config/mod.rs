@@ -38,6 +38,8 @@ pub struct Config {
     pub decode: DecodeConfig,
     /// Where invalid messages go.
     pub dead_letter: DeadLetterConfig,
+    /// The history table of every accepted update.
+    pub history: HistoryConfig,
     /// How failed writes are retried.
     pub retry: RetryConfig,
     /// Process lifecycle.
@@ -399,6 +401,31 @@ impl DeadLetterConfig {
     }
 }
 
+/// `[history]`: an append-only Delta table of every accepted update (docs/history.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Keep the history (off by default).
+    pub enabled: bool,
+    /// Location of the history table; empty means beside the positions table:
+    /// `<delta.table_uri>_history`.
+    pub table_uri: String,
+    /// Days of history kept, counted back from today (UTC) by event date; older days
+    /// are removed by maintenance. 0 keeps every day.
+    pub keep_days: u32,
+}
+
+impl HistoryConfig {
+    /// The history table's location: `table_uri`, or `<positions table>_history`.
+    pub fn resolved_table_uri(&self, delta: &DeltaConfig) -> String {
+        if self.table_uri.trim().is_empty() {
+            format!("{}_history", delta.table_uri.trim_end_matches('/'))
+        } else {
+            self.table_uri.clone()
+        }
+    }
+}
+
 /// `[retry]`: bounded exponential backoff with jitter around storage and broker I/O.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -503,6 +530,11 @@ impl Config {
             DeadLetterDestination::Table => format!("table {}", self.dead_letter.resolved_table_uri(&self.delta)),
             DeadLetterDestination::Topic => format!("topic {}", self.dead_letter.topic),
         };
+        let history = if self.history.enabled {
+            format!("table {} (keep_days {})", self.history.resolved_table_uri(&self.delta), self.history.keep_days)
+        } else {
+            "off".to_string()
+        };
         tracing::info!(
             kafka.brokers = %self.kafka.brokers,
             kafka.group_id = %self.kafka.group_id,
@@ -522,6 +554,7 @@ impl Config {
             decode.format = %spelled(&self.decode.format),
             decode.max_message_bytes = self.decode.max_message_bytes,
             dead_letter = %dead_letters,
+            history = %history,
             retry.max_retries = self.retry.max_retries,
             worker.shutdown_timeout = ?self.worker.shutdown_timeout,
             worker.exit_when_caught_up = self.worker.exit_when_caught_up,
@@ -599,6 +632,18 @@ mod tests {
         let err = load_toml("[dead_letter]\ndestination = \"topic\"\ntopic = \"positions\"\n").unwrap_err().to_string();
         assert!(err.contains("kafka.topics"), "{err}");
         assert!(load_toml("[dead_letter]\ndestination = \"topic\"\ntopic = \"dlq\"\n").is_ok());
+    }
+
+    #[test]
+    fn history_is_off_by_default_and_its_table_lies_beside_the_positions_table() {
+        let c = load_toml("[delta]\ntable_uri = \"s3://bucket/positions/\"\n").unwrap();
+        assert!(!c.history.enabled);
+        assert_eq!(c.history.resolved_table_uri(&c.delta), "s3://bucket/positions_history");
+        let inside = "[delta]\ntable_uri = \"/t/p\"\n[history]\nenabled = true\ntable_uri = \"/t/p/h\"\n";
+        assert!(load_toml(inside).unwrap_err().to_string().contains("history.table_uri"));
+        let same = "[delta]\ntable_uri = \"/t/p\"\n[history]\nenabled = true\ntable_uri = \"/t/p_dead_letters\"\n";
+        assert!(load_toml(same).unwrap_err().to_string().contains("history.table_uri"));
+        assert!(load_toml("[history]\nenabled = true\nkeep_days = 30\n").is_ok());
     }
 
     #[test]

@@ -106,6 +106,29 @@ impl Config {
                 "leave it empty (a table beside the positions table) or name another location",
             );
         }
+        if self.history.enabled {
+            let history = self.history.resolved_table_uri(&self.delta);
+            let history = history.trim_end_matches('/');
+            let positions = self.delta.table_uri.trim_end_matches('/');
+            let dead_letters = self.dead_letter.resolved_table_uri(&self.delta);
+            if history == positions
+                || (self.dead_letter.destination == DeadLetterDestination::Table
+                    && history == dead_letters.trim_end_matches('/'))
+            {
+                return invalid(
+                    "history.table_uri",
+                    "is the positions table or the dead-letter table",
+                    "leave it empty (a table beside the positions table) or name another location",
+                );
+            }
+            if history.starts_with(&format!("{positions}/")) {
+                return invalid(
+                    "history.table_uri",
+                    "is inside the positions table's directory, where vacuum would delete its files",
+                    "put it beside the positions table (leave it empty for <delta.table_uri>_history)",
+                );
+            }
+        }
         if self.maintenance.interval.is_zero() {
             return invalid("maintenance.interval", "is zero", "set a positive duration, e.g. \"5m\"");
         }

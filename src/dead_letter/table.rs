@@ -6,9 +6,9 @@
 //! append re-reads those offsets first and drops dead letters at or below them, so a
 //! flush retried after a crash or a conflict never writes a dead letter twice.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use deltalake::DeltaTable;
 use deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BinaryBuilder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
     TimestampMicrosecondBuilder,
@@ -17,14 +17,11 @@ use deltalake::arrow::datatypes::{
     DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
 };
 use deltalake::datafusion::prelude::SessionContext;
-use deltalake::kernel::Transaction;
-use deltalake::kernel::transaction::CommitProperties;
-use deltalake::protocol::SaveMode;
-use deltalake::{DeltaTable, DeltaTableError};
 
 use super::{DeadLetter, ReasonCounts};
 use crate::config::Settings;
-use crate::delta::{self, TableError, TableSpec};
+use crate::delta::{self, OnceAppend, TableError, TableSpec};
+use crate::maintenance::run::{Appending, Target};
 use crate::offsets::{Coordinates, Offset, OffsetMap, TopicPartition};
 
 /// The dead-letter table's columns.
@@ -96,6 +93,11 @@ impl DeadLetterTable {
         &self.uri
     }
 
+    /// The table as the table-wide maintenance run keeps it: small files binned.
+    pub fn maintenance_target(&self) -> Target {
+        Target::appended(&self.table, &self.uri, Appending::default())
+    }
+
     /// Appends the dead letters not yet in the table, in one commit that also records
     /// `covered` offsets of their partitions. Returns the handle at the version written
     /// and the dead letters appended, by reason (none: no commit was needed).
@@ -108,56 +110,13 @@ impl DeadLetterTable {
         dead_letters: &[DeadLetter],
         covered: &OffsetMap,
     ) -> Result<(Self, ReasonCounts), TableError> {
-        let fresh = Self { table: delta::refreshed(&self.table, &self.uri).await?, ..self.clone() };
-        let partitions: BTreeSet<&TopicPartition> = dead_letters.iter().map(|d| &d.source.tp).collect();
-        let recorded = delta::recorded_offsets(&fresh.table, &fresh.uri, &fresh.group_id, partitions).await?;
-        let new: Vec<&DeadLetter> = dead_letters
-            .iter()
-            .filter(|d| recorded.get(&d.source.tp).is_none_or(|done| d.source.offset > *done))
-            .collect();
+        let append = OnceAppend { uri: &self.uri, group_id: &self.group_id, deadline: self.write_deadline };
+        let (table, new) = append.append(&self.table, dead_letters, |d| &d.source, covered, to_record_batch).await?;
         let mut counts = ReasonCounts::default();
-        if new.is_empty() {
-            return Ok((fresh, counts));
-        }
-        let transactions: Vec<Transaction> = new
-            .iter()
-            .map(|d| &d.source.tp)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .map(|tp| {
-                let last_rejected = new.iter().filter(|d| d.source.tp == *tp).map(|d| d.source.offset).max();
-                let through = covered.get(tp).max(last_rejected).unwrap_or(Offset(0));
-                Transaction::new(tp.app_id(&fresh.group_id), through.0)
-            })
-            .collect();
-        let write_err = TableError::on_write(&fresh.uri, new.len());
-        let batch = to_record_batch(&new)
-            .map_err(|e| write_err(DeltaTableError::Generic(format!("building the Arrow batch: {e}"))))?;
-        let append = fresh.table.clone().write([batch]).with_save_mode(SaveMode::Append).with_commit_properties(
-            CommitProperties::default()
-                .with_application_transactions(transactions)
-                // It adds files and reads none: binning (maintenance) never conflicts with it.
-                .with_metadata([("isBlindAppend".to_string(), serde_json::json!(true))])
-                // Log cleanup is maintenance's (one worker, on a schedule), not every commit's.
-                .with_cleanup_expired_logs(Some(false)),
-        );
-        // Vacuum takes files no commit names once maintenance.unreferenced_file_age old:
-        // an append that takes longer than its deadline is given up (its outcome is then
-        // decided by the recorded offsets) and made again.
-        let table = tokio::time::timeout(fresh.write_deadline, append)
-            .await
-            .map_err(|_| {
-                write_err(DeltaTableError::Generic(format!(
-                    "the append took longer than the {} a write may take (a third of \
-                     maintenance.unreferenced_file_age); it is made again",
-                    humantime::format_duration(fresh.write_deadline)
-                )))
-            })?
-            .map_err(&write_err)?;
         for d in &new {
             counts.add(&d.category, 1);
         }
-        Ok((Self { table, ..fresh }, counts))
+        Ok((Self { table, ..self.clone() }, counts))
     }
 }
 

@@ -24,6 +24,7 @@
 
 pub mod binning;
 pub mod compaction;
+pub mod expiry;
 pub mod footprint;
 pub mod run;
 pub mod vacuum;
@@ -327,19 +328,48 @@ pub async fn last_run(table: &DeltaTable) -> Option<LastRun> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Bins the small files of an append-only table (the dead-letter table) into files of
-/// up to 32 MiB: a dead-letter file per flush would otherwise pile up over a day.
-/// Concurrent appends do not conflict with it; of two runs at once, one is dropped
-/// ([`binning`]).
+/// Bins the small files of an append-only table (the dead-letter and history tables)
+/// into files of up to 32 MiB per partition, rows sorted by `sort_by`: a file per flush
+/// would otherwise pile up over a day. Concurrent appends do not conflict with it; of
+/// two runs at once, one is dropped ([`binning`]).
 ///
 /// # Errors
 /// When the table cannot be read or written, or the commit fails.
-pub async fn bin_small_files(table: &DeltaTable, uri: &str, deadline: Duration) -> Result<(), MaintenanceError> {
+pub async fn bin_small_files(
+    table: &DeltaTable,
+    uri: &str,
+    deadline: Duration,
+    sort_by: &[&str],
+) -> Result<(), MaintenanceError> {
     let failed =
         |source| MaintenanceError { uri: uri.to_string(), step: "binning small files", source: Box::new(source) };
-    let binned = binning::bin(table, deadline).await.map_err(failed)?;
+    let binned = binning::bin(table, deadline, sort_by).await.map_err(failed)?;
     if binned.conflicted {
         tracing::info!(uri, files = binned.files, "binning small files met another run's; dropped");
+    }
+    Ok(())
+}
+
+/// Removes the days an append-only table no longer keeps: one commit removing every
+/// file of a day before the first kept (vacuum deletes them once they are past the
+/// table's retention).
+///
+/// # Errors
+/// When the table cannot be read or the commit fails.
+pub async fn expire_days(
+    table: &DeltaTable,
+    uri: &str,
+    keep: run::KeepDays,
+    deadline: Duration,
+) -> Result<(), MaintenanceError> {
+    let failed =
+        |source| MaintenanceError { uri: uri.to_string(), step: "removing old days", source: Box::new(source) };
+    let first_kept = chrono::Utc::now().date_naive() - chrono::Days::new(u64::from(keep.days.saturating_sub(1)));
+    let removed = expiry::expire(table, keep.column, &first_kept.format("%Y-%m-%d").to_string(), deadline)
+        .await
+        .map_err(failed)?;
+    if removed > 0 {
+        tracing::info!(uri, files = removed, keep_days = keep.days, before = %first_kept, "removed days no longer kept");
     }
     Ok(())
 }

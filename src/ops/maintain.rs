@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::{Format, OpsError, Outcome};
 use crate::config::{Config, DeadLetterDestination};
 use crate::dead_letter::DeadLetterTable;
+use crate::history::HistoryTable;
 use crate::maintenance::run::Target;
 use crate::maintenance::{self, CleanReport};
 use crate::retry::retry;
@@ -99,14 +100,21 @@ pub async fn maintain(config: &Config, options: &MaintainOptions) -> Result<Main
         }
     }
 
-    let mut targets =
-        vec![Target { delta: positions.delta().clone(), uri: positions.uri().to_string(), appended: false }];
+    let mut targets = vec![Target::merged(positions.delta(), positions.uri())];
+    let (storage, properties) = (&config.delta.storage_options, &config.delta.table_properties);
+    let group = &config.kafka.group_id;
     if config.dead_letter.destination == DeadLetterDestination::Table {
         let uri = config.dead_letter.resolved_table_uri(&config.delta);
         if super::open_table_at(&uri, &config.delta).await.is_ok() {
-            let (storage, properties) = (&config.delta.storage_options, &config.delta.table_properties);
-            let table = DeadLetterTable::open_or_create(&uri, storage, properties, &config.kafka.group_id).await?;
-            targets.push(Target { delta: table.delta().clone(), uri: table.uri().to_string(), appended: true });
+            let table = DeadLetterTable::open_or_create(&uri, storage, properties, group).await?;
+            targets.push(table.maintenance_target());
+        }
+    }
+    if config.history.enabled {
+        let uri = config.history.resolved_table_uri(&config.delta);
+        if super::open_table_at(&uri, &config.delta).await.is_ok() {
+            let table = HistoryTable::open_or_create(&uri, storage, properties, group).await?;
+            targets.push(table.maintenance_target(config.history.keep_days));
         }
     }
     step("cleaning the logs and vacuuming the tables");

@@ -30,6 +30,18 @@ pub enum Format {
     Json,
 }
 
+/// How rows are printed (`show`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RowFormat {
+    /// An aligned table for people.
+    #[default]
+    Table,
+    /// One JSON array, for scripts.
+    Json,
+    /// CSV with a header line, for spreadsheets.
+    Csv,
+}
+
 /// What a command found, for its exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -65,6 +77,9 @@ pub enum OpsError {
     /// Writing the table failed.
     #[error(transparent)]
     Table(#[from] crate::delta::TableError),
+    /// Writing the table or the outputs written before it failed.
+    #[error(transparent)]
+    Write(#[from] crate::worker::flush::FlushError),
 }
 
 /// Which rows of the table to read.

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::show::plain_table;
 use super::{Format, OpsError, Outcome, RowFilter, open_table, rfc3339, rows};
 use crate::config::Config;
+use crate::history::AsOf;
 use crate::table::schema::TableRow;
 use crate::update::KeyColumn;
 
@@ -204,16 +205,21 @@ pub async fn reconcile(
 ) -> Result<Reconciliation, OpsError> {
     let snapshot_rows = read_snapshot(snapshot)?;
     let as_of_text = as_of.map(str::to_string).or_else(|| snapshot_rows.iter().find_map(|r| r.as_of.clone()));
-    let as_of_micros = match as_of_text {
-        Some(text) => chrono::DateTime::parse_from_rfc3339(&text)
+    let as_of_micros = match &as_of_text {
+        Some(text) => chrono::DateTime::parse_from_rfc3339(text)
             .map_err(|e| {
                 OpsError::Input(format!("as-of time {text:?} is not RFC 3339 ({e}); e.g. 2026-11-29T16:00:00Z"))
             })?
             .timestamp_micros(),
         None => chrono::Utc::now().timestamp_micros(),
     };
-    let table = open_table(&config.delta).await?;
-    let held = rows(&table, &RowFilter::default()).await?;
+    // With the history kept, a snapshot of a given time is compared with the book of
+    // that time; otherwise with the table now (older rows then show as stale).
+    let held = if config.history.enabled && as_of_text.is_some() {
+        super::show::book(config, &RowFilter::default(), AsOf::Event(as_of_micros), false).await?
+    } else {
+        rows(&open_table(&config.delta).await?, &RowFilter::default()).await?
+    };
     let by_account = config.delta.key_columns.contains(&KeyColumn::Account);
     Ok(compare(&snapshot_rows, &held, by_account, as_of_micros, tolerances))
 }

@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::show::{plain_table, row_json};
 use super::{Format, OpsError, Outcome, RowFilter, open_table_at, rows};
 use crate::config::{Config, RetryConfig};
+use crate::dead_letter::DeadLetter;
 use crate::kafka::{self, PartitionView};
 use crate::offsets::{Coordinates, Offset, TopicPartition};
 use crate::status::Progress;
@@ -24,7 +25,7 @@ use crate::table::PositionTable;
 use crate::table::schema::TableRow;
 use crate::update::{PositionUpdate, RowKey};
 use crate::worker::batch::{Buffer, Limits};
-use crate::worker::flush::retry_write;
+use crate::worker::outputs::Outputs;
 use crate::worker::receive::{Received, receive};
 
 /// How long to wait for each answer from Kafka.
@@ -185,15 +186,23 @@ pub async fn replay(config: &Config, options: &ReplayOptions) -> Result<ReplayRe
             winners: HashMap::new(),
         }
     } else {
-        let mut delta = config.delta.clone();
-        delta.table_uri = target.clone();
-        let table = PositionTable::open_or_create(&delta, &config.kafka.group_id)
-            .await?
-            .with_write_deadline(config.maintenance.write_deadline());
+        // Into the group's table, every output written before it is written too, in a
+        // flush's order (history, dead-letter table): the replay moves the table's
+        // recorded offsets, which then vouch for them. Into another table, that table only.
+        let outputs = if target == config.delta.table_uri {
+            Outputs::open(config).await?
+        } else {
+            let mut delta = config.delta.clone();
+            delta.table_uri = target.clone();
+            let table = PositionTable::open_or_create(&delta, &config.kafka.group_id)
+                .await?
+                .with_write_deadline(config.maintenance.write_deadline());
+            Outputs::new(table, Vec::new())
+        };
         let limits = Limits::of(&config.flush);
         Sink::Write {
-            table,
-            buffer: Buffer::new(config.delta.key_columns.clone(), limits),
+            buffer: Buffer::new(config.delta.key_columns.clone(), limits, outputs.want_every_update()),
+            outputs,
             retry: config.retry.clone(),
             progress: Progress::default(),
         }
@@ -215,8 +224,8 @@ enum Sink {
     },
     /// Buffered and merged into the table.
     Write {
-        /// The target.
-        table: PositionTable,
+        /// The target, and the group's other outputs when the target is the group's table.
+        outputs: Outputs,
         /// The updates not yet written.
         buffer: Buffer,
         /// How failed and conflicting commits are retried (`retry`), as the worker's are.
@@ -232,6 +241,7 @@ impl Sink {
         config: &Config,
         update: PositionUpdate,
         size: usize,
+        kafka_time: Option<i64>,
         report: &mut ReplayReport,
     ) -> Result<(), OpsError> {
         match self {
@@ -246,17 +256,21 @@ impl Sink {
                 }
             }
             Sink::Write { buffer, .. } => {
-                buffer.push(update, size);
+                buffer.push(update, size, kafka_time);
                 self.write_if_full(report).await?;
             }
         }
         Ok(())
     }
 
-    fn note_rejected(&mut self, at: &Coordinates, size: usize) {
+    /// Keeps a rejected message's dead letter for the dead-letter output, if the
+    /// target has one (its offset is covered either way).
+    async fn reject(&mut self, dead_letter: DeadLetter, report: &mut ReplayReport) -> Result<(), OpsError> {
         if let Sink::Write { buffer, .. } = self {
-            buffer.note_consumed(&at.tp, at.offset, size);
+            buffer.reject(dead_letter);
+            self.write_if_full(report).await?;
         }
+        Ok(())
     }
 
     async fn write_if_full(&mut self, report: &mut ReplayReport) -> Result<(), OpsError> {
@@ -269,16 +283,13 @@ impl Sink {
     }
 
     async fn write(&mut self, report: &mut ReplayReport) -> Result<(), OpsError> {
-        let Sink::Write { table, buffer, retry, progress } = self else { return Ok(()) };
+        let Sink::Write { outputs, buffer, retry, progress } = self else { return Ok(()) };
         if buffer.is_empty() {
             return Ok(());
         }
         let batch = buffer.take();
-        let current = &*table;
-        let (fresh, written) =
-            retry_write(retry, "write replayed messages to Delta", progress, || current.write_replayed(&batch)).await?;
+        let written = outputs.write_replayed(&batch, retry, progress).await?;
         report.conflicts_retried = Progress::get(&progress.commit_conflicts);
-        *table = fresh;
         report.inserted += written.inserted;
         report.updated += written.updated;
         report.unchanged += written.unchanged;
@@ -455,12 +466,8 @@ async fn read(
             }
         };
         let (at, size) = match receive(message, &decode_options) {
-            Received::Update(update, size, _) => (update.source.clone(), Ok((update, size))),
-            Received::Invalid(dead_letter) => {
-                let size =
-                    dead_letter.key.as_ref().map_or(0, Vec::len) + dead_letter.value.as_ref().map_or(0, Vec::len);
-                (dead_letter.source.clone(), Err(size))
-            }
+            Received::Update(update, size, kafka_time) => (update.source.clone(), Ok((update, size, kafka_time))),
+            Received::Invalid(dead_letter) => (dead_letter.source.clone(), Err(dead_letter)),
             Received::EndOfPartition => continue,
             Received::Error(error) => return Err(kafka_err(error)),
         };
@@ -475,19 +482,19 @@ async fn read(
         bar.inc(1);
         let counts = index.get(&at.tp).map(|i| &mut report.partitions[*i]);
         match size {
-            Ok((update, size)) => {
+            Ok((update, size, kafka_time)) => {
                 if let Some(counts) = counts {
                     counts.messages += 1;
                 }
-                sink.take(config, update, size, report).await?;
+                sink.take(config, update, size, kafka_time, report).await?;
             }
-            Err(size) => {
+            Err(dead_letter) => {
                 if let Some(counts) = counts {
                     counts.messages += 1;
                     counts.rejected += 1;
                 }
                 report.rejected += 1;
-                sink.note_rejected(&at, size);
+                sink.reject(dead_letter, report).await?;
             }
         }
     }

@@ -1,37 +1,130 @@
 //! `position-sink show`: the table's rows, filtered, and without filters a summary of
-//! the table and its dead letters first.
+//! the table and its dead letters first; with `--as-of` or `--as-known-at`, the book of
+//! a past time from the history table (docs/history.md).
 
 use comfy_table::Table;
 use deltalake::datafusion::prelude::SessionContext;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::{Format, OpsError, RowFilter, open_table, open_table_at, rfc3339, rows};
+use super::{OpsError, RowFilter, RowFormat, open_table, open_table_at, rfc3339, rows};
 use crate::config::{Config, DeadLetterDestination};
-use crate::table::schema::TableRow;
+use crate::history::{self, AsOf, BookFilter};
+use crate::table::schema::{LINEAGE_COLUMNS, PAYLOAD_COLUMNS, TableRow};
 
-/// Prints the rows `filter` selects; with no filter, a summary of the table and of the
-/// dead letters by reason before them.
+/// Prints the rows `filter` selects: of the positions table now, or of the book at
+/// `when` from the history table. With no filter and the table format, a summary of
+/// the positions table and of the dead letters by reason comes first.
 ///
 /// # Errors
 /// See [`OpsError`].
-pub async fn show(config: &Config, filter: &RowFilter, format: Format) -> Result<(), OpsError> {
-    let table = open_table(&config.delta).await?;
-    let found = rows(&table, filter).await?;
-    let unfiltered = filter.symbol.is_none() && filter.conid.is_none() && filter.account.is_none();
+pub async fn show(
+    config: &Config,
+    filter: &RowFilter,
+    format: RowFormat,
+    when: Option<AsOf>,
+    progress_bar: bool,
+) -> Result<(), OpsError> {
+    let found = match when {
+        None => {
+            let table = open_table(&config.delta).await?;
+            let unfiltered = filter.symbol.is_none() && filter.conid.is_none() && filter.account.is_none();
+            if unfiltered && format == RowFormat::Table {
+                print_summary(config, &table).await?;
+            }
+            rows(&table, filter).await?
+        }
+        Some(as_of) => {
+            let found = book(config, filter, as_of, progress_bar).await?;
+            if format == RowFormat::Table {
+                let uri = config.history.resolved_table_uri(&config.delta);
+                match as_of {
+                    AsOf::Event(t) => println!("book as of {} (event time), from the history at {uri}", rfc3339(t)),
+                    AsOf::Known(t) => println!("book as known at {}, from the history at {uri}", rfc3339(t)),
+                }
+            }
+            found
+        }
+    };
     match format {
-        Format::Json => {
+        RowFormat::Json => {
             let rows: Vec<serde_json::Value> = found.iter().map(row_json).collect();
             println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
         }
-        Format::Table => {
-            if unfiltered {
-                print_summary(config, &table).await?;
-            }
+        RowFormat::Csv => print_csv(&found)?,
+        RowFormat::Table => {
             println!("{}", rows_table(&found));
             println!("{} rows shown", found.len());
         }
     }
     Ok(())
+}
+
+/// The book at `as_of` from the history table, filtered.
+///
+/// # Errors
+/// [`OpsError::Open`] when there is no history table, [`OpsError::Query`] when it
+/// cannot be read.
+pub async fn book(
+    config: &Config,
+    filter: &RowFilter,
+    as_of: AsOf,
+    progress_bar: bool,
+) -> Result<Vec<TableRow>, OpsError> {
+    let uri = config.history.resolved_table_uri(&config.delta);
+    let table = open_table_at(&uri, &config.delta).await.map_err(|error| match error {
+        OpsError::Open { uri, source } => OpsError::Input(format!(
+            "there is no history table at {uri} ({source}): a book of a past time is read from the history, \
+             which workers keep with history.enabled = true (history.table_uri names where)"
+        )),
+        other => other,
+    })?;
+    let bar = if progress_bar { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} of history  {bytes_per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let wanted = BookFilter {
+        symbol: filter.symbol.clone(),
+        conid: filter.conid,
+        account: filter.account.clone(),
+        limit: filter.limit,
+    };
+    let found = history::book(&table, as_of, &config.delta.key_columns, &wanted, &Bar(bar.clone())).await?;
+    bar.finish_and_clear();
+    Ok(found)
+}
+
+/// A progress bar over the bytes of history scanned.
+struct Bar(ProgressBar);
+
+impl history::query::ScanProgress for Bar {
+    fn start(&self, total_bytes: u64) {
+        self.0.set_length(total_bytes);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+/// Rows as CSV with a header, the columns and values of [`row_json`].
+fn print_csv(rows: &[TableRow]) -> Result<(), OpsError> {
+    let csv_err = |e: csv::Error| OpsError::Input(format!("writing CSV to standard output failed: {e}"));
+    let mut writer = csv::Writer::from_writer(std::io::stdout().lock());
+    let columns: Vec<&str> = PAYLOAD_COLUMNS.iter().chain(LINEAGE_COLUMNS.iter()).copied().collect();
+    writer.write_record(&columns).map_err(csv_err)?;
+    for row in rows {
+        let value = row_json(row);
+        writer
+            .write_record(columns.iter().map(|column| match &value[*column] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            }))
+            .map_err(csv_err)?;
+    }
+    writer.flush().map_err(|e| csv_err(e.into()))
 }
 
 /// One row as JSON, with times in RFC 3339.

@@ -63,7 +63,7 @@ struct Counters(std::sync::Arc<Progress>);
 impl Collector for Counters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let p = &self.0;
-        let counters: [(&str, &str, u64); 14] = [
+        let counters: [(&str, &str, u64); 17] = [
             (
                 "position_sink_compactions",
                 "Compactions of this worker's files committed",
@@ -91,6 +91,13 @@ impl Collector for Counters {
                 "position_sink_dead_letter_commits",
                 "Dead-letter table commits or topic transactions",
                 Progress::get(&p.dead_letter_commits),
+            ),
+            ("position_sink_history_commits", "Commits to the history table", Progress::get(&p.history_commits)),
+            ("position_sink_history_rows", "Updates appended to the history table", Progress::get(&p.history_rows)),
+            (
+                "position_sink_history_appended_bytes",
+                "Bytes of the data files appended to the history table",
+                Progress::get(&p.history_bytes),
             ),
             (
                 "position_sink_delta_write_failures",

@@ -38,6 +38,12 @@ pub struct Progress {
     pub delta_commits: AtomicU64,
     /// Dead-letter writes so far (table commits, or topic transactions).
     pub dead_letter_commits: AtomicU64,
+    /// History table commits so far.
+    pub history_commits: AtomicU64,
+    /// Updates appended to the history table.
+    pub history_rows: AtomicU64,
+    /// Bytes of the files appended to the history table.
+    pub history_bytes: AtomicU64,
     /// Flushes whose dead-letter transaction was aborted, so their messages were read again.
     pub rewinds: AtomicU64,
     /// Delta write attempts that failed (storage errors and conflicts; each is retried

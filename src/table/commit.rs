@@ -22,8 +22,8 @@ pub const COMPACTION_MARK: (&str, &str) = ("positionSink", "compaction");
 /// What a commit of the positions table does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum CommitKind {
-    /// A flush: rows changed, offsets recorded.
-    Flush,
+    /// A flush: rows changed, offsets recorded, its rows stamped `ingested_at` (µs).
+    Flush { ingested_at_micros: i64 },
     /// A compaction: the rows in fewer files, no offsets.
     Compaction,
 }
@@ -96,7 +96,7 @@ impl PositionTable {
             changes.removed.iter().copied().chain(changes.revised.iter().map(|(id, _)| *id)).collect();
         let rewritten = rewritten.as_slice();
         let operation = match kind {
-            CommitKind::Flush => self.operation(partitions, rewritten, index),
+            CommitKind::Flush { .. } => self.operation(partitions, rewritten, index),
             // delta-rs takes the read set from a MERGE's predicate (an OPTIMIZE would
             // declare the whole table read, and conflict with every other worker's flush).
             CommitKind::Compaction => DeltaOperation::Merge {
@@ -109,8 +109,13 @@ impl PositionTable {
         };
         let read_version = serde_json::json!(snapshot.version());
         let mut metadata = vec![("readVersion".to_string(), read_version)];
-        if kind == CommitKind::Compaction {
-            metadata.push((COMPACTION_MARK.0.to_string(), serde_json::json!(COMPACTION_MARK.1)));
+        match kind {
+            CommitKind::Compaction => {
+                metadata.push((COMPACTION_MARK.0.to_string(), serde_json::json!(COMPACTION_MARK.1)));
+            }
+            CommitKind::Flush { ingested_at_micros } => {
+                metadata.push((crate::delta::INGESTED_AT_KEY.to_string(), serde_json::json!(ingested_at_micros)));
+            }
         }
         let properties = CommitProperties::default()
             .with_metadata(metadata)

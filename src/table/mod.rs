@@ -62,6 +62,9 @@ pub struct WriteSet<'a> {
     pub rows: &'a [PositionUpdate],
     /// The highest offset each partition's messages reached.
     pub offsets: &'a OffsetMap,
+    /// The `ingested_at` written into the rows (µs since the epoch): one stamp for
+    /// every output of a flush, so the history and the positions table agree on it.
+    pub ingested_at_micros: i64,
 }
 
 /// Which rows of a batch a write merges.
@@ -101,6 +104,9 @@ pub struct WriteReport {
     pub bytes_written: u64,
     /// Whether a commit was made.
     pub committed: bool,
+    /// The offsets the table recorded for the batch's partitions before this write (a
+    /// partition absent: none): a message above them was first recorded by this write.
+    pub recorded_before: HashMap<TopicPartition, Offset>,
     /// Whether a group the write added files to now has more files to compact than
     /// [`Thresholds::max_files`]: compaction is due now.
     pub compaction_due: bool,
@@ -124,6 +130,7 @@ impl WriteReport {
             rows_carried: 0,
             bytes_written: 0,
             committed: false,
+            recorded_before: HashMap::new(),
             compaction_due: false,
             elapsed: started.elapsed(),
         }
@@ -233,6 +240,18 @@ impl PositionTable {
         delta::recorded_offsets(&self.table, &self.uri, &self.group_id, partitions).await
     }
 
+    /// The commits that recorded each partition of `lowest`, from the first that reached
+    /// its offset, with their `ingested_at` stamps ([`delta::record_stamps`]).
+    ///
+    /// # Errors
+    /// [`TableError::Read`] when the log cannot be read.
+    pub async fn record_stamps(
+        &self,
+        lowest: &HashMap<TopicPartition, Offset>,
+    ) -> Result<HashMap<TopicPartition, Vec<delta::RecordStamp>>, TableError> {
+        delta::record_stamps(&self.table, &self.uri, &self.group_id, lowest).await
+    }
+
     /// The records of `partitions` that a RESTORE undid, with the record the restored
     /// content goes with (see [`delta::records_undone_by_restore`]).
     ///
@@ -331,8 +350,8 @@ impl PositionTable {
     /// the index updated.
     async fn merge(&mut self, batch: WriteSet<'_>, merged: Rows, started: Instant) -> Result<WriteReport, TableError> {
         let partitions: Vec<TopicPartition> = batch.offsets.iter().map(|(tp, _)| tp.clone()).collect();
-        let (transactions, rows) = self.new_in(batch, merged, &partitions).await?;
-        let mut report = WriteReport::nothing(self.version(), rows.len(), started);
+        let (transactions, rows, recorded_before) = self.new_in(batch, merged, &partitions).await?;
+        let mut report = WriteReport { recorded_before, ..WriteReport::nothing(self.version(), rows.len(), started) };
         if transactions.is_empty() && rows.is_empty() {
             return Ok(report);
         }
@@ -343,12 +362,13 @@ impl PositionTable {
         let mut index = index.lock().await;
         self.sync_index(&mut index).await?;
         if self.write_mode == WriteMode::DeletionVectors {
-            return self.merge_hiding(&rows, transactions, &partitions, &mut index, report).await;
+            return self
+                .merge_hiding(&rows, batch.ingested_at_micros, transactions, &partitions, &mut index, report)
+                .await;
         }
         let (touched, hosts) = index.files_for(&rows, self.layout, &self.key_columns, self.max_rows_per_file);
         let files = self.read_touched(&index, &touched, &hosts).await?;
-        let batch_rows =
-            to_record_batch(rows.iter().copied(), chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
+        let batch_rows = to_record_batch(rows.iter().copied(), batch.ingested_at_micros).map_err(arrow_err)?;
         let plan = merge::plan(&files, &batch_rows, self.layout, &self.key_columns, self.max_rows_per_file)
             .map_err(arrow_err)?;
         drop(files);
@@ -361,7 +381,15 @@ impl PositionTable {
         let writing = Instant::now();
         let adds = self.write_files(&plan.files).await?;
         let changes = Changes { removed: &plan.rewritten, added: &adds, writing, ..Changes::default() };
-        self.commit(CommitKind::Flush, &partitions, changes, transactions, &index).await.map_err(&write_err)?;
+        self.commit(
+            CommitKind::Flush { ingested_at_micros: batch.ingested_at_micros },
+            &partitions,
+            changes,
+            transactions,
+            &index,
+        )
+        .await
+        .map_err(&write_err)?;
         let rows_rewritten = plan.files.iter().map(|f| f.rows.num_rows()).sum();
         for id in &plan.rewritten {
             index.remove_file(*id);
@@ -397,6 +425,7 @@ impl PositionTable {
     async fn merge_hiding(
         &mut self,
         rows: &[&PositionUpdate],
+        ingested_at_micros: i64,
         transactions: Vec<Transaction>,
         partitions: &[TopicPartition],
         index: &mut KeyIndex,
@@ -410,8 +439,7 @@ impl PositionTable {
         if transactions.is_empty() && plan.winners.is_empty() && plan.hidden.is_empty() {
             return Ok(report);
         }
-        let mut batch_rows =
-            to_record_batch(plan.winners.iter().copied(), chrono::Utc::now().timestamp_micros()).map_err(arrow_err)?;
+        let mut batch_rows = to_record_batch(plan.winners.iter().copied(), ingested_at_micros).map_err(arrow_err)?;
         // A file gets no vector, and is rewritten without the rows it replaces as
         // copy-on-write does, when it holds fewer than `delta.vector_min_rows` live rows
         // (rewriting it costs less than the vector every reader would load), or when it
@@ -456,7 +484,9 @@ impl PositionTable {
         let vectors: Vec<_> = vector_files.into_iter().flat_map(|f| f.vectors).collect();
         let revised: Vec<_> = vectors.iter().map(|(id, dv, _)| (*id, dv.clone())).collect();
         let changes = Changes { removed: &removed, revised: &revised, added: &adds, writing };
-        self.commit(CommitKind::Flush, partitions, changes, transactions, index).await.map_err(&write_err)?;
+        self.commit(CommitKind::Flush { ingested_at_micros }, partitions, changes, transactions, index)
+            .await
+            .map_err(&write_err)?;
 
         for id in &removed {
             index.remove_file(*id);
@@ -494,7 +524,7 @@ impl PositionTable {
         batch: WriteSet<'b>,
         merged: Rows,
         partitions: &[TopicPartition],
-    ) -> Result<(Vec<Transaction>, Vec<&'b PositionUpdate>), TableError> {
+    ) -> Result<(Vec<Transaction>, Vec<&'b PositionUpdate>, HashMap<TopicPartition, Offset>), TableError> {
         let recorded = self.recorded_offsets(partitions).await?;
         let is_new = |tp: &TopicPartition, offset: Offset| recorded.get(tp).is_none_or(|done| offset > *done);
         let transactions = batch
@@ -504,7 +534,7 @@ impl PositionTable {
             .map(|(tp, offset)| Transaction::new(tp.app_id(&self.group_id), offset.0))
             .collect();
         let rows = batch.rows.iter().filter(|u| merged == Rows::All || is_new(&u.source.tp, u.source.offset)).collect();
-        Ok((transactions, rows))
+        Ok((transactions, rows, recorded))
     }
 
     /// Whether a flush that touched `groups` makes compaction due now.

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use crate::dead_letter::DeadLetter;
+use crate::history::Entry;
 use crate::offsets::{Offset, OffsetMap, TopicPartition};
 use crate::table::WriteSet;
 use crate::update::{KeyColumn, PositionUpdate, RowKey};
@@ -41,6 +42,9 @@ pub struct Buffer {
     limits: Limits,
     /// The newest update per key, with its payload's size.
     rows: HashMap<RowKey, (PositionUpdate, usize), foldhash::fast::RandomState>,
+    /// Every accepted update, in consumption order, with its payload's size: kept only
+    /// when the history is written.
+    every: Option<Vec<(Entry, usize)>>,
     dead_letters: Vec<DeadLetter>,
     offsets: OffsetMap,
     messages: usize,
@@ -64,12 +68,17 @@ pub struct Batch {
     pub messages: usize,
     /// Kafka timestamps of the valid messages, for the end-to-end latency metric.
     pub kafka_times: KafkaTimes,
+    /// Every accepted update in consumption order, for the history (empty when it is off).
+    pub history: Vec<Entry>,
+    /// The time written as `ingested_at` into every output of this batch (µs since the
+    /// epoch): when the batch was taken for its flush.
+    pub ingested_at_micros: i64,
 }
 
 impl<'a> From<&'a Batch> for WriteSet<'a> {
     /// What the positions table is given of a batch: its rows and the offsets it covers.
     fn from(batch: &'a Batch) -> Self {
-        WriteSet { rows: &batch.rows, offsets: &batch.offsets }
+        WriteSet { rows: &batch.rows, offsets: &batch.offsets, ingested_at_micros: batch.ingested_at_micros }
     }
 }
 
@@ -99,17 +108,27 @@ impl Batch {
         for row in &rows {
             offsets.observe(&row.source.tp, row.source.offset);
         }
-        Self { messages: rows.len(), rows, dead_letters: Vec::new(), offsets, kafka_times: KafkaTimes::default() }
+        Self {
+            messages: rows.len(),
+            rows,
+            dead_letters: Vec::new(),
+            offsets,
+            kafka_times: KafkaTimes::default(),
+            history: Vec::new(),
+            ingested_at_micros: chrono::Utc::now().timestamp_micros(),
+        }
     }
 }
 
 impl Buffer {
-    /// An empty buffer deduplicating on `keys`.
-    pub fn new(keys: Vec<KeyColumn>, limits: Limits) -> Self {
+    /// An empty buffer deduplicating on `keys`; with `keep_every`, it also keeps every
+    /// accepted update (for the history) and counts them against its limits.
+    pub fn new(keys: Vec<KeyColumn>, limits: Limits, keep_every: bool) -> Self {
         Self {
             keys,
             limits,
             rows: HashMap::default(),
+            every: keep_every.then(Vec::new),
             dead_letters: Vec::new(),
             offsets: OffsetMap::default(),
             messages: 0,
@@ -119,23 +138,24 @@ impl Buffer {
         }
     }
 
-    /// Notes the Kafka timestamp of a valid message pushed (for the latency metric).
-    pub fn note_kafka_time(&mut self, millis: Option<i64>) {
-        if let Some(millis) = millis {
-            self.kafka_times.note(millis);
-        }
-    }
-
     /// Messages consumed since the last flush.
     pub fn messages(&self) -> usize {
         self.messages
     }
 
-    /// Adds a valid update of `size` payload bytes; an older update of the same key is dropped.
-    pub fn push(&mut self, update: PositionUpdate, size: usize) {
+    /// Adds a valid update of `size` payload bytes, stamped `kafka_time` (ms) by Kafka;
+    /// an older update of the same key is dropped (the history keeps it).
+    pub fn push(&mut self, update: PositionUpdate, size: usize, kafka_time: Option<i64>) {
         self.offsets.observe(&update.source.tp, update.source.offset);
         self.messages += 1;
         self.read_bytes += size;
+        if let Some(millis) = kafka_time {
+            self.kafka_times.note(millis);
+        }
+        if let Some(every) = &mut self.every {
+            every.push((Entry { update: update.clone(), kafka_timestamp_millis: kafka_time }, size));
+            self.bytes += size;
+        }
         let key = update.key(&self.keys);
         match self.rows.get_mut(&key) {
             Some(current) if update.supersedes(&current.0) => {
@@ -174,14 +194,20 @@ impl Buffer {
     /// Whether what the buffer holds reached a size limit, so reading must stop until
     /// it is flushed: memory is bounded however many messages a batch covers.
     pub fn is_full(&self) -> bool {
-        self.rows.len() + self.dead_letters.len() >= self.limits.max_records || self.bytes >= self.limits.max_bytes
+        self.records_held() >= self.limits.max_records || self.bytes >= self.limits.max_bytes
+    }
+
+    /// Records held: one per key (or every accepted update, for the history) and the
+    /// dead letters.
+    fn records_held(&self) -> usize {
+        self.every.as_ref().map_or(self.rows.len(), Vec::len) + self.dead_letters.len()
     }
 
     /// What the buffer can still take before it is full: rows and dead letters, and
     /// bytes (at least one message).
     pub fn room(&self) -> (usize, usize) {
         (
-            self.limits.max_records.saturating_sub(self.rows.len() + self.dead_letters.len()).max(1),
+            self.limits.max_records.saturating_sub(self.records_held()).max(1),
             self.limits.max_bytes.saturating_sub(self.bytes).max(1),
         )
     }
@@ -203,11 +229,15 @@ impl Buffer {
         }
         self.rows.retain(|_, (u, _)| !revoked.contains(&u.source.tp));
         self.dead_letters.retain(|d| !revoked.contains(&d.source.tp));
+        if let Some(every) = &mut self.every {
+            every.retain(|(e, _)| !revoked.contains(&e.update.source.tp));
+        }
         for tp in revoked {
             self.offsets.remove(tp);
         }
         self.bytes = self.rows.values().map(|(_, size)| size).sum::<usize>()
-            + self.dead_letters.iter().map(DeadLetter::size).sum::<usize>();
+            + self.dead_letters.iter().map(DeadLetter::size).sum::<usize>()
+            + self.every.iter().flatten().map(|(_, size)| size).sum::<usize>();
         if self.offsets.is_empty() {
             self.messages = 0;
             self.read_bytes = 0;
@@ -223,6 +253,8 @@ impl Buffer {
             offsets: std::mem::take(&mut self.offsets),
             messages: self.messages,
             kafka_times: std::mem::take(&mut self.kafka_times),
+            history: self.every.as_mut().map(|every| every.drain(..).map(|(e, _)| e).collect()).unwrap_or_default(),
+            ingested_at_micros: chrono::Utc::now().timestamp_micros(),
         };
         self.messages = 0;
         self.read_bytes = 0;
@@ -237,15 +269,15 @@ mod tests {
     use crate::update::tests::update;
 
     fn buffer() -> Buffer {
-        Buffer::new(vec![KeyColumn::Conid], Limits { max_records: 3, max_bytes: 1000 })
+        Buffer::new(vec![KeyColumn::Conid], Limits { max_records: 3, max_bytes: 1000 }, false)
     }
 
     #[test]
     fn keeps_the_latest_update_per_key_in_any_arrival_order() {
         let mut b = buffer();
-        b.push(update(1, "A", 300, 0, 1), 10);
-        b.push(update(1, "A", 100, 0, 2), 10);
-        b.push(update(1, "A", 200, 0, 3), 10);
+        b.push(update(1, "A", 300, 0, 1), 10, None);
+        b.push(update(1, "A", 100, 0, 2), 10, None);
+        b.push(update(1, "A", 200, 0, 3), 10, None);
         let batch = b.take();
         assert_eq!(batch.rows.len(), 1);
         assert_eq!(batch.rows[0].timestamp_micros, 300);
@@ -257,16 +289,16 @@ mod tests {
     #[test]
     fn equal_timestamps_keep_the_later_offset() {
         let mut b = buffer();
-        b.push(update(1, "A", 100, 0, 9), 10);
-        b.push(update(1, "A", 100, 0, 4), 10);
+        b.push(update(1, "A", 100, 0, 9), 10, None);
+        b.push(update(1, "A", 100, 0, 4), 10, None);
         assert_eq!(b.take().rows[0].source.offset, Offset(9));
     }
 
     #[test]
     fn a_conid_whose_symbol_changes_is_one_row_with_the_newest_symbol() {
         let mut b = buffer();
-        b.push(update(1, "A", 100, 0, 1), 10);
-        b.push(update(1, "B", 100, 0, 2), 10);
+        b.push(update(1, "A", 100, 0, 1), 10, None);
+        b.push(update(1, "B", 100, 0, 2), 10, None);
         let rows = b.take().rows;
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].symbol, "B");
@@ -275,13 +307,13 @@ mod tests {
     #[test]
     fn is_due_by_messages_or_bytes_read_and_full_by_rows_or_bytes_held() {
         let mut b = buffer();
-        b.push(update(1, "A", 1, 0, 1), 10);
-        b.push(update(2, "A", 2, 0, 2), 10);
+        b.push(update(1, "A", 1, 0, 1), 10, None);
+        b.push(update(2, "A", 2, 0, 2), 10, None);
         assert!(!b.is_due() && !b.is_full());
-        b.push(update(3, "A", 3, 0, 3), 10);
+        b.push(update(3, "A", 3, 0, 3), 10, None);
         assert!(b.is_due() && b.is_full());
         let mut b = buffer();
-        b.push(update(1, "A", 1, 0, 1), 1000);
+        b.push(update(1, "A", 1, 0, 1), 1000, None);
         assert!(b.is_due() && b.is_full());
     }
 
@@ -289,7 +321,7 @@ mod tests {
     fn updates_to_the_same_keys_make_a_flush_due_without_filling_the_buffer() {
         let mut b = buffer();
         for offset in 0..100 {
-            b.push(update(1 + offset % 2, "A", offset, 0, offset), 10 + offset as usize % 3);
+            b.push(update(1 + offset % 2, "A", offset, 0, offset), 10 + offset as usize % 3, None);
         }
         assert!(b.is_due(), "100 messages read");
         assert!(!b.is_full(), "two keys held");
@@ -305,7 +337,7 @@ mod tests {
         use crate::decode::Rejection;
         use crate::offsets::Coordinates;
         let mut b = buffer();
-        b.push(update(1, "A", 1, 0, 1), 10);
+        b.push(update(1, "A", 1, 0, 1), 10, None);
         let at = Coordinates { tp: TopicPartition::new("positions", 0), offset: Offset(2) };
         b.reject(DeadLetter::new(at, Some(b"1"), Some(b"{"), Some(5), &Rejection::EmptyValue));
         let at = Coordinates { tp: TopicPartition::new("positions", 1), offset: Offset(7) };
@@ -320,10 +352,31 @@ mod tests {
     }
 
     #[test]
+    fn with_the_history_every_update_is_kept_in_order_and_counted_against_the_limits() {
+        let mut b = Buffer::new(vec![KeyColumn::Conid], Limits { max_records: 3, max_bytes: 1000 }, true);
+        b.push(update(1, "A", 300, 0, 1), 10, Some(7));
+        b.push(update(1, "A", 100, 0, 2), 10, None);
+        assert!(!b.is_full(), "two updates held");
+        b.push(update(2, "A", 100, 1, 5), 10, None);
+        assert!(b.is_full(), "three updates held, though only two keys");
+        assert_eq!(b.bytes(), 10 + 10 + 30, "the newest per key and every update");
+        b.drop_partitions(&[TopicPartition::new("positions", 1)]);
+        assert_eq!(b.bytes(), 10 + 20);
+        let batch = b.take();
+        assert_eq!(batch.rows.len(), 1);
+        let kept: Vec<(i64, Option<i64>)> =
+            batch.history.iter().map(|e| (e.update.source.offset.0, e.kafka_timestamp_millis)).collect();
+        assert_eq!(kept, [(1, Some(7)), (2, None)]);
+        let mut off = buffer();
+        off.push(update(1, "A", 1, 0, 1), 10, None);
+        assert!(off.take().history.is_empty(), "no history kept when it is off");
+    }
+
+    #[test]
     fn dropping_a_revoked_partition_keeps_the_others() {
         let mut b = buffer();
-        b.push(update(1, "A", 1, 0, 1), 10);
-        b.push(update(2, "A", 1, 1, 1), 10);
+        b.push(update(1, "A", 1, 0, 1), 10, None);
+        b.push(update(2, "A", 1, 1, 1), 10, None);
         b.drop_partitions(&[TopicPartition::new("positions", 0)]);
         let batch = b.take();
         assert_eq!(batch.rows.len(), 1);

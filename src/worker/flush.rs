@@ -87,7 +87,7 @@ impl Outputs {
             dead_letters = batch.dead_letters.len(),
             "writing batch"
         );
-        let context = FlushContext { retry: policy, group, progress, crash };
+        let context = FlushContext { retry: policy, group, progress, crash, positions: None };
         let result = self.write_in_order(batch, &context).await;
         (self, result)
     }
@@ -111,12 +111,52 @@ impl Outputs {
                 return Err(FlushError::InjectedCrash(crash));
             }
         }
+        let positions = self.positions.clone();
+        let after = FlushContext { positions: Some((&positions, &report)), ..context.clone() };
+        for output in self.at(Place::AfterPositions) {
+            output.write(batch, &after).await?;
+        }
         for output in self.at(Place::CommitsOffsets) {
             let written = output.write(batch, context).await?;
             dead_letters.merge(&written.dead_letters);
             offsets_committed |= written.offsets_committed;
         }
         Ok(FlushReport { positions: report, dead_letters, offsets_committed })
+    }
+}
+
+impl Outputs {
+    /// Writes a replayed `batch` (`position-sink replay`): the outputs written before the
+    /// positions table, the positions table merging every row
+    /// ([`crate::table::PositionTable::write_replayed`]), then the outputs written after
+    /// it, each recording the batch's offsets. An output that commits the
+    /// consumer's offsets is not written: its record is the group's committed offsets,
+    /// which a replay does not move, so the workers read those messages again.
+    ///
+    /// # Errors
+    /// As a flush's.
+    pub async fn write_replayed(
+        &mut self,
+        batch: &Batch,
+        policy: &RetryConfig,
+        progress: &Progress,
+    ) -> Result<WriteReport, FlushError> {
+        let crash = CrashPoints::default();
+        let context = FlushContext { retry: policy, group: None, progress, crash: &crash, positions: None };
+        for output in self.at(Place::BeforePositions) {
+            output.write(batch, &context).await?;
+        }
+        let positions = &self.positions;
+        let (written, report) =
+            retry_write(policy, "write replayed messages to Delta", progress, || positions.write_replayed(batch))
+                .await?;
+        self.positions = written;
+        let positions = self.positions.clone();
+        let after = FlushContext { positions: Some((&positions, &report)), ..context };
+        for output in self.at(Place::AfterPositions) {
+            output.write(batch, &after).await?;
+        }
+        Ok(report)
     }
 }
 

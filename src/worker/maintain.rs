@@ -97,13 +97,8 @@ impl super::Worker {
 
     /// Starts the table-wide run beside the loop.
     fn start_clean(&mut self) {
-        let mut targets =
-            vec![Target { delta: self.reader.delta().clone(), uri: self.reader.uri().to_string(), appended: false }];
-        targets.extend(self.appended_tables.iter().map(|table| Target {
-            delta: table.delta.clone(),
-            uri: table.uri.clone(),
-            appended: true,
-        }));
+        let mut targets = vec![Target::merged(self.reader.delta(), self.reader.uri())];
+        targets.extend(self.appended_tables.iter().cloned());
         let progress = self.progress.clone();
         let unreferenced = self.config.maintenance.unreferenced_file_age;
         let policy = self.config.retry.clone();

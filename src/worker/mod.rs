@@ -244,7 +244,7 @@ struct Worker {
     /// The table-wide maintenance run in progress, if any.
     cleaning: Option<maintain::Cleaning>,
     /// The Delta tables the outputs append to (the dead-letter table), for maintenance.
-    appended_tables: Vec<outputs::AppendedTable>,
+    appended_tables: Vec<crate::maintenance::run::Target>,
     /// Cancelled when the worker is to stop: every wait of the worker observes it.
     shutdown: CancellationToken,
     progress: Arc<Progress>,
@@ -263,7 +263,7 @@ impl Worker {
         let limits = Limits::of(&config.flush);
         Self {
             decode_options: config.decode_options(),
-            buffer: Buffer::new(config.delta.key_columns.clone(), limits),
+            buffer: Buffer::new(config.delta.key_columns.clone(), limits, outputs.want_every_update()),
             partitions: Partitions::new(outputs.positions_vouch_for_all(), &config.retry)
                 .with_unrecorded_from_start(config.kafka.auto_offset_reset == crate::config::OffsetReset::Earliest),
             reader: outputs.positions.clone(),
@@ -376,8 +376,7 @@ impl Worker {
             Received::Update(update, size, kafka_time) => {
                 self.note_readable(&update.source);
                 if self.is_to_write(&update.source).await? {
-                    self.buffer.push(update, size);
-                    self.buffer.note_kafka_time(kafka_time);
+                    self.buffer.push(update, size, kafka_time);
                 }
             }
             Received::Invalid(dead_letter) => {

@@ -3,10 +3,11 @@
 
 use futures::future::BoxFuture;
 
-use super::{AppendedTable, FlushContext, Output, OutputReport, Place};
+use super::{FlushContext, Output, OutputReport, Place};
 use crate::config::Config;
 use crate::dead_letter::DeadLetterTable;
 use crate::delta::TableError;
+use crate::maintenance::run::Target;
 use crate::retry::retry;
 use crate::status::Progress;
 use crate::worker::batch::Batch;
@@ -76,7 +77,7 @@ impl Output for DeadLetterTableOutput {
         })
     }
 
-    fn appended_table(&self) -> Option<AppendedTable> {
-        Some(AppendedTable { delta: self.table.delta().clone(), uri: self.table.uri().to_string() })
+    fn appended_table(&self) -> Option<Target> {
+        Some(self.table.maintenance_target())
     }
 }

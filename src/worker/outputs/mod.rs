@@ -7,6 +7,12 @@
 //!   same commit as its data the offsets that data covers (so writing it again is a
 //!   no-op). The positions table's recorded offsets then vouch for it: a message at or
 //!   below them is durable in this output too.
+//! - [`Place::AfterPositions`]: written after the positions table, recording in the
+//!   same commit as its data the offsets that data covers. Its record vouches for the
+//!   positions table, not the other way round: the worker re-reads from the group's
+//!   committed offsets. It is told what the positions table's write recorded
+//!   ([`FlushContext::positions`]), so it can date each update by the positions commit
+//!   that first showed it.
 //! - [`Place::CommitsOffsets`]: written after the positions table, committing the
 //!   consumer's offsets with its data (a Kafka transaction). At most one output has
 //!   this place, and then the group's committed offset is the only record of what it
@@ -24,6 +30,7 @@
 
 mod dead_letter_table;
 mod dead_letter_topic;
+mod history_table;
 
 use std::sync::Arc;
 
@@ -35,23 +42,28 @@ use super::flush::FlushError;
 use crate::config::{Config, DeadLetterDestination, RetryConfig};
 use crate::delta::TableError;
 use crate::faults::CrashPoints;
+use crate::maintenance::run::Target;
 use crate::retry::retry;
 use crate::status::{Progress, ReasonCounts};
-use crate::table::{PositionTable, Thresholds};
+use crate::table::{PositionTable, Thresholds, WriteReport};
 
 pub use dead_letter_table::DeadLetterTableOutput;
 pub use dead_letter_topic::DeadLetterTopicOutput;
+pub use history_table::HistoryTableOutput;
 
-/// Where an output is written relative to the positions table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an output is written relative to the positions table, in the order of a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Place {
     /// Before it: the positions table's recorded offsets vouch for this output.
     BeforePositions,
+    /// After it, with offsets of its own: they vouch for the positions table.
+    AfterPositions,
     /// After it, committing the consumer offsets with its data.
     CommitsOffsets,
 }
 
 /// What a flush hands every output besides the batch.
+#[derive(Clone)]
 pub struct FlushContext<'a> {
     /// Retries of one write.
     pub retry: &'a RetryConfig,
@@ -61,6 +73,8 @@ pub struct FlushContext<'a> {
     pub progress: &'a Progress,
     /// Crash points of fault-injection tests.
     pub crash: &'a CrashPoints,
+    /// The positions table and its write of this batch, for the outputs written after it.
+    pub positions: Option<(&'a PositionTable, &'a WriteReport)>,
 }
 
 /// What one output wrote in one flush.
@@ -87,20 +101,17 @@ pub trait Output: std::fmt::Debug + Send + Sync {
         context: &'a FlushContext<'a>,
     ) -> BoxFuture<'a, Result<OutputReport, FlushError>>;
 
-    /// The Delta table it appends to, if any: the table-wide maintenance run bins its
-    /// small files and cleans its log and removed files.
-    fn appended_table(&self) -> Option<AppendedTable> {
+    /// Whether it is given every accepted update of a batch ([`Batch::history`]), not
+    /// only the newest per key: the buffer then keeps them all.
+    fn wants_every_update(&self) -> bool {
+        false
+    }
+
+    /// The Delta table it appends to, if any, as the table-wide maintenance run keeps
+    /// it: old days removed, small files binned, log and removed files cleaned.
+    fn appended_table(&self) -> Option<Target> {
         None
     }
-}
-
-/// A Delta table an output appends to, as maintenance needs it.
-#[derive(Debug, Clone)]
-pub struct AppendedTable {
-    /// The table, at the version the output last wrote (maintenance reads it afresh).
-    pub delta: deltalake::DeltaTable,
-    /// Its location, for logs.
-    pub uri: String,
 }
 
 /// The positions table and the other outputs, in the order a flush writes them.
@@ -115,8 +126,8 @@ pub struct Outputs {
 
 impl Outputs {
     /// The outputs of a flush: `positions` and `others` in `others`' order, which must
-    /// put the outputs written before the positions table first and at most one output
-    /// that commits offsets last.
+    /// put the outputs written before the positions table first, then those written
+    /// after it, and at most one output that commits offsets last.
     ///
     /// # Panics
     /// When `others` breaks that order: a programming error, not a configuration one.
@@ -124,11 +135,8 @@ impl Outputs {
         let committing = others.iter().filter(|o| o.place() == Place::CommitsOffsets).count();
         assert!(committing <= 1, "at most one output commits the consumer offsets");
         assert!(
-            others
-                .iter()
-                .skip_while(|o| o.place() == Place::BeforePositions)
-                .all(|o| o.place() == Place::CommitsOffsets),
-            "the outputs written before the positions table come first"
+            others.windows(2).all(|pair| pair[0].place() <= pair[1].place()),
+            "the outputs come in their places' order: before the positions table, after it, committing offsets"
         );
         Self { positions, others }
     }
@@ -155,7 +163,17 @@ impl Outputs {
             DeadLetterDestination::Table => Box::new(DeadLetterTableOutput::open(config).await?),
             DeadLetterDestination::Topic => Box::new(DeadLetterTopicOutput::open(config).await?),
         };
-        Ok(Self::new(positions, vec![dead_letters]))
+        let mut others = vec![dead_letters];
+        if config.history.enabled {
+            others.push(Box::new(HistoryTableOutput::open(config).await?));
+        }
+        others.sort_by_key(|o| o.place());
+        Ok(Self::new(positions, others))
+    }
+
+    /// Whether an output is given every accepted update ([`Output::wants_every_update`]).
+    pub fn want_every_update(&self) -> bool {
+        self.others.iter().any(|o| o.wants_every_update())
     }
 
     /// Whether the positions table's recorded offsets vouch for every output (none
@@ -170,7 +188,7 @@ impl Outputs {
     }
 
     /// The Delta tables the outputs append to.
-    pub fn appended_tables(&self) -> Vec<AppendedTable> {
+    pub fn appended_tables(&self) -> Vec<Target> {
         self.others.iter().filter_map(|o| o.appended_table()).collect()
     }
 
