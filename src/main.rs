@@ -41,6 +41,7 @@ impl Cli {
             | Command::Inspect { common, .. }
             | Command::Replay { common, .. }
             | Command::Reconcile { common, .. }
+            | Command::Rebuild { common, .. }
             | Command::Maintain { common, .. } => common,
             Command::DeadLetters { action: DeadLetterAction::List { common, .. } }
             | Command::DeadLetters { action: DeadLetterAction::Republish { common, .. } } => common,
@@ -172,6 +173,25 @@ enum Command {
         /// Differences listed in the table format.
         #[arg(long, default_value_t = 50)]
         details: usize,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Recreate the positions table from the history table (history.enabled), when
+    /// Kafka no longer holds the messages; a worker then resumes where the history ends.
+    Rebuild {
+        #[command(flatten)]
+        common: Common,
+        /// Read the history table (the one source a rebuild has).
+        #[arg(long, required = true)]
+        from_history: bool,
+        /// Only the book as of this event time (RFC 3339); it records no offsets, so it
+        /// needs --into.
+        #[arg(long)]
+        as_of: Option<chrono::DateTime<chrono::FixedOffset>>,
+        /// The table to write (default: delta.table_uri, which must hold no rows).
+        #[arg(long)]
+        into: Option<String>,
         /// `table` for people, `json` for scripts.
         #[arg(long, value_enum, default_value_t)]
         format: Format,
@@ -377,6 +397,13 @@ async fn dispatch(cli: Cli, log_format: LogFormat) -> anyhow::Result<Outcome> {
             let tolerances = ops::reconcile::Tolerances { position: tolerance, stale_after };
             let report = ops::reconcile::reconcile(&config, &snapshot, as_of.as_deref(), tolerances).await?;
             Ok(ops::reconcile::print(&report, format, details))
+        }
+        Command::Rebuild { common, from_history: _, as_of, into, format } => {
+            let config = common.load(Figment::new())?;
+            let progress_bar = format == Format::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let options =
+                ops::rebuild::RebuildOptions { as_of: as_of.map(|t| t.timestamp_micros()), into, progress_bar };
+            Ok(ops::rebuild::print(&ops::rebuild::rebuild(&config, &options).await?, format))
         }
         Command::Maintain { common, dry_run, format } => {
             let config = common.load(Figment::new())?;

@@ -93,6 +93,31 @@ async fn history_coordinates(uri: &str) -> Vec<(i32, i64)> {
     found
 }
 
+/// The data files of the history's latest version, relative to the table.
+async fn history_files(uri: &str) -> Vec<String> {
+    let table = open(uri).await;
+    let snapshot = table.snapshot().expect("snapshot");
+    snapshot.log_data().iter().map(|f| f.path().to_string()).collect()
+}
+
+/// Whether the parquet file at `path` holds its rows in `conid, timestamp` order.
+fn sorted_by_conid_and_time(path: &str) -> bool {
+    use deltalake::arrow::datatypes::TimestampMicrosecondType;
+    use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    // Day directories (`event_date=2025-11-25`) need no escaping.
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).expect("parquet").build().expect("reader");
+    let mut keys = Vec::new();
+    for batch in reader {
+        let batch = batch.expect("batch");
+        let conid = batch.column_by_name("conid").expect("conid").as_primitive::<Int64Type>().clone();
+        let ts =
+            batch.column_by_name("timestamp").expect("timestamp").as_primitive::<TimestampMicrosecondType>().clone();
+        keys.extend((0..batch.num_rows()).map(|r| (conid.value(r), ts.value(r))));
+    }
+    keys.len() > 1 && keys.windows(2).all(|w| w[0] <= w[1])
+}
+
 /// The commit time (ms since the epoch) the log records for `version` of the table at `path`.
 fn commit_millis(path: &std::path::Path, version: u64) -> i64 {
     let file = path.join("_delta_log").join(format!("{version:020}.json"));
@@ -116,6 +141,38 @@ fn other_days(conids: &[i64]) -> Vec<Msg> {
         }
     }
     messages
+}
+
+/// The books the README's Spark SQL and polars queries give for 2025-11-25 at `at`
+/// (`HH:MM:SS`, UTC) on the history table at `path`.
+fn readme_books(path: &str, at: &str) -> Vec<(String, Book)> {
+    let cache = std::env::var("POSITION_SINK_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/position-sink", std::env::var("HOME").unwrap_or_default()));
+    let jars = std::env::var("POSITION_SINK_SPARK_JARS").unwrap_or_else(|_| format!("{cache}/spark-delta-4.0.1/jars"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/readers/history_book.py");
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let output = std::process::Command::new(python())
+        .args([script, readme, path, at])
+        .env("POSITION_SINK_SPARK_JARS", jars)
+        .env("SPARK_LOCAL_IP", "127.0.0.1")
+        .env("PYSPARK_PYTHON", python())
+        .output()
+        .expect("run Spark and polars");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the README's queries failed on {path}: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr).lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+    stdout
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(reader, _)| ["spark", "polars"].contains(reader))
+        .map(|(reader, rows)| {
+            let rows: Vec<(i64, i32, i64)> = serde_json::from_str(rows).expect("rows as JSON");
+            (reader.to_string(), rows.into_iter().map(|(c, p, o)| (c, (p, o))).collect())
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,7 +205,12 @@ async fn the_history_holds_every_valid_update_once_and_answers_the_book_of_any_p
     );
 
     // 2. SIGKILLs at random moments and inside flushes, and aborts between the Delta
-    // and Kafka commits, while messages keep coming.
+    // and Kafka commits, while messages keep coming; a second worker in the group
+    // takes the partitions over at each kill and gives half back at each start.
+    let companion = spawn_worker(config.clone());
+    // Messages keep coming in the background, so a process that joins after the
+    // second worker drained a round's messages still has a flush to make.
+    let producing = s.produce_during(sized(1200, 6000), 60, Duration::from_secs(sized(60, 240) as u64));
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let rounds = sized(6, 18);
     let mut landed = 0;
@@ -189,6 +251,8 @@ async fn the_history_holds_every_valid_update_once_and_answers_the_book_of_any_p
         landed += usize::from(hit);
     }
     assert_eq!(landed, rounds, "every kill hit a running worker at its moment");
+    companion.stop().await.expect("the second worker stops cleanly");
+    s.produced.extend(producing.finish().await);
 
     // 3. A forced replay of everything, over messages no worker has read yet.
     s.produce(sized(500, 2000)).await;
@@ -235,6 +299,7 @@ async fn the_history_holds_every_valid_update_once_and_answers_the_book_of_any_p
 
     // The commands: show --as-of (JSON and CSV), show --as-known-at, reconcile --as-of.
     let t = picks[3];
+    let t_as_of = t;
     let when = chrono::DateTime::from_timestamp_micros(t).expect("time").to_rfc3339();
     let (code, out, err) =
         run_cli(&["show", "--as-of", &when, "--limit", "1000000", "--format", "json", "--config", &file]);
@@ -272,6 +337,98 @@ async fn the_history_holds_every_valid_update_once_and_answers_the_book_of_any_p
     let args = ["reconcile", "--snapshot", &snapshot, "--as-of", &when, "--stale-after", "30d", "--config", &file];
     let (code, out, err) = run_cli(&args);
     assert_eq!(code, 0, "the broker's snapshot of {when} matches the book of then: {out}{err}");
+    // Spark and polars run the README's as-of queries: the same book.
+    let at = "08:00:03";
+    let t = chrono::DateTime::parse_from_rfc3339(&format!("2025-11-25T{at}Z")).expect("time").timestamp_micros();
+    let expected = model_as_of(&s.produced, t);
+    assert!(expected.len() > 50, "the book of {at} holds most keys: {}", expected.len());
+    let books = readme_books(&history_uri(&s), at);
+    assert_eq!(books.len(), 2, "Spark and polars both answered");
+    for (reader, book) in books {
+        assert!(book == expected, "{reader} running the README's query gives another book than the model");
+    }
+    // Kafka lost, the positions table lost: rebuilt from the history, in the other write
+    // mode and layout beside it, and in place, where a worker then resumes exactly.
+    let beside = s.dir.path().join("rebuilt").display().to_string();
+    let mut other = config.clone();
+    other.delta.write_mode = position_sink::config::WriteMode::DeletionVectors;
+    other.delta.partition_by = position_sink::config::PartitionBy::None;
+    other.flush.max_records = 37;
+    let other_file = s.dir.path().join("other");
+    std::fs::create_dir_all(&other_file).expect("dir");
+    let other_file = write_config_file(&other_file, &other).display().to_string();
+    let (code, out, err) = run_cli(&["rebuild", "--from-history", "--into", &beside, "--config", &other_file]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("recorded"), "{out}");
+    let rebuilt: Book = read_table(std::path::Path::new(&beside))
+        .await
+        .into_values()
+        .map(|r| (r.conid, (r.kafka_partition, r.kafka_offset)))
+        .collect();
+    let everything = model_as_of(&s.produced, i64::MAX);
+    assert!(rebuilt == everything, "the rebuilt table (deletion vectors, no partitions, 37 rows a commit)");
+    let (code, out, err) = run_cli(&["rebuild", "--from-history", "--into", &beside, "--config", &other_file]);
+    assert_eq!(code, 2, "a second rebuild over rows is refused: {out}{err}");
+    assert!(err.contains("holds rows"), "{err}");
+    let past = s.dir.path().join("past").display().to_string();
+    let (code, out, err) =
+        run_cli(&["rebuild", "--from-history", "--as-of", &when, "--into", &past, "--config", &file]);
+    assert_eq!(code, 0, "{out}{err}");
+    let past_book: Book = read_table(std::path::Path::new(&past))
+        .await
+        .into_values()
+        .map(|r| (r.conid, (r.kafka_partition, r.kafka_offset)))
+        .collect();
+    assert!(past_book == model_as_of(&s.produced, t_as_of), "the table rebuilt as of {when}");
+
+    std::fs::remove_dir_all(&s.table).expect("the positions table is lost");
+    let (code, out, err) = run_cli(&["rebuild", "--from-history", "--config", &file]);
+    assert_eq!(code, 0, "{out}{err}");
+    s.produce(sized(300, 1000)).await;
+    run_to_end(config.clone()).await.expect("a worker resumes on the rebuilt table");
+    s.check().await;
+    let mut expected: Vec<(i32, i64)> =
+        s.produced.iter().filter(|m| m.rejection.is_none()).map(|m| (m.partition, m.offset)).collect();
+    expected.sort_unstable();
+    assert!(history_coordinates(&history_uri(&s)).await == expected, "the history after the rebuild, once each");
+    let (code, out, err) = run_cli(&["inspect", "--format", "json", "--config", &file]);
+    assert_eq!(code, 0, "{err}");
+    let inspection: serde_json::Value = serde_json::from_str(&out).expect("inspect JSON");
+    assert_eq!(inspection["history"]["rows"].as_u64(), Some(expected.len() as u64), "inspect counts the history");
+    assert_eq!(inspection["history"]["days"].as_u64(), Some(3), "three event days");
+
+    // Maintenance: each day's files binned into one sorted by conid, timestamp; then
+    // the days before the last `keep_days` removed.
+    let (code, out, err) = run_cli(&["maintain", "--config", &file]);
+    assert_eq!(code, 0, "{out}{err}");
+    let files = history_files(&history_uri(&s)).await;
+    assert_eq!(files.len(), 3, "one file per event day after binning: {files:?}");
+    assert!(history_coordinates(&history_uri(&s)).await == expected, "binning keeps every update once");
+    for path in &files {
+        let sorted = sorted_by_conid_and_time(&format!("{}/{path}", history_uri(&s)));
+        assert!(sorted, "{path} is sorted by conid, timestamp");
+    }
+    let today = chrono::Utc::now().date_naive();
+    let first_kept = chrono::NaiveDate::from_ymd_opt(2025, 11, 25).expect("date");
+    let mut keeping = config.clone();
+    keeping.history.keep_days = u32::try_from((today - first_kept).num_days() + 1).expect("days");
+    let keeping_dir = s.dir.path().join("keeping");
+    std::fs::create_dir_all(&keeping_dir).expect("dir");
+    let keeping_file = write_config_file(&keeping_dir, &keeping).display().to_string();
+    let (code, out, err) = run_cli(&["maintain", "--config", &keeping_file]);
+    assert_eq!(code, 0, "{out}{err}");
+    let day_before = chrono::DateTime::parse_from_rfc3339("2025-11-25T00:00:00Z").expect("time").timestamp_micros();
+    let kept: Vec<(i32, i64)> = expected
+        .iter()
+        .copied()
+        .filter(|(p, o)| {
+            let m = s.produced.iter().find(|m| m.partition == *p && m.offset == *o).expect("produced");
+            event_micros(m) >= day_before
+        })
+        .collect();
+    assert!(kept.len() < expected.len(), "the stream has updates of 2025-11-24");
+    assert!(history_coordinates(&history_uri(&s)).await == kept, "keep_days removed the day before, only it");
+
     eprintln!(
         "history: {} updates held once over {} commits of the positions table; 20 books by event time and 20 as known \
          at a commit equal the model",

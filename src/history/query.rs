@@ -17,6 +17,7 @@ use deltalake::datafusion::prelude::{Expr, SessionContext, col, lit};
 use futures::TryStreamExt;
 
 use super::schema::{EVENT_DATE, event_date};
+use crate::offsets::TopicPartition;
 use crate::table::schema::{LINEAGE_COLUMNS, PAYLOAD_COLUMNS, TableRow, columns, from_record_batch};
 use crate::update::{KeyColumn, RowKey};
 
@@ -110,6 +111,28 @@ pub async fn book(
         rows.truncate(limit);
     }
     Ok(rows)
+}
+
+/// The Kafka partitions the history holds updates of.
+///
+/// # Errors
+/// When the table cannot be read.
+pub async fn partitions(table: &DeltaTable) -> Result<Vec<TopicPartition>, DataFusionError> {
+    use deltalake::arrow::array::AsArray;
+    use deltalake::arrow::datatypes::{DataType, Int32Type};
+    let ctx = SessionContext::new();
+    let frame = ctx
+        .read_table(table.table_provider().await?)?
+        .select_columns(&[columns::KAFKA_TOPIC, columns::KAFKA_PARTITION])?
+        .distinct()?;
+    let mut found = Vec::new();
+    for batch in frame.collect().await? {
+        let topics = deltalake::arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
+        let (topics, partitions) = (topics.as_string::<i32>(), batch.column(1).as_primitive::<Int32Type>());
+        found.extend((0..batch.num_rows()).map(|r| TopicPartition::new(topics.value(r), partitions.value(r))));
+    }
+    found.sort();
+    Ok(found)
 }
 
 /// The event days a book at `as_of` reads, oldest first, with the bytes of their

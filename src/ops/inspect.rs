@@ -27,6 +27,29 @@ pub struct Inspection {
     pub group: GroupFacts,
     /// Each partition of the configured topics.
     pub partitions: Vec<PartitionFacts>,
+    /// The history table, when `history.enabled`.
+    pub history: Option<HistoryFacts>,
+}
+
+/// The history table.
+#[derive(Debug, Serialize)]
+pub struct HistoryFacts {
+    /// Location.
+    pub uri: String,
+    /// Latest version (none: not created yet).
+    pub version: Option<i64>,
+    /// Updates held.
+    pub rows: u64,
+    /// Live data files.
+    pub live_files: usize,
+    /// Their bytes.
+    pub live_bytes: u64,
+    /// Event days held.
+    pub days: usize,
+    /// The oldest and the newest event day, `YYYY-MM-DD`.
+    pub first_day: Option<String>,
+    /// The newest event day.
+    pub last_day: Option<String>,
 }
 
 /// The table's size and layout.
@@ -102,6 +125,8 @@ pub struct PartitionFacts {
     pub partition: i32,
     /// The last offset the table records for the group (none: no record).
     pub table_offset: Option<i64>,
+    /// The last offset the history records (none: no record, or no history).
+    pub history_offset: Option<i64>,
     /// The group's committed offset (the next to read).
     pub group_committed: Option<i64>,
     /// The oldest offset in the log.
@@ -138,16 +163,43 @@ pub async fn inspect(config: &Config) -> Result<Inspection, OpsError> {
     let recorded = delta::recorded_offsets(&table, uri, &config.kafka.group_id, &tps).await?;
     let undone = delta::records_undone_by_restore(&table, uri, &config.kafka.group_id, &tps).await?;
     let from_start = config.kafka.auto_offset_reset == OffsetReset::Earliest;
+    let history_uri = config.history.resolved_table_uri(&config.delta);
+    let history_table = match config.history.enabled {
+        true => super::open_table_at(&history_uri, &config.delta).await.ok(),
+        false => None,
+    };
+    let held = match &history_table {
+        Some(h) => delta::recorded_offsets(h, &history_uri, &config.kafka.group_id, &tps).await?,
+        None => Default::default(),
+    };
     let partitions = views
         .iter()
-        .map(|view| partition_facts(view, recorded.get(&view.tp).copied(), undone.get(&view.tp), from_start))
+        .map(|view| {
+            let mut facts = partition_facts(view, recorded.get(&view.tp).copied(), undone.get(&view.tp), from_start);
+            facts.history_offset = held.get(&view.tp).map(|o| o.0);
+            if let (Some(history), Some(table)) = (facts.history_offset, facts.table_offset)
+                && history < table
+            {
+                facts.note = Some(format!(
+                    "the history is {} messages behind the table (a crash between their commits): the next worker \
+                     appends them, stamped as the table's commit",
+                    table - history
+                ));
+            }
+            facts
+        })
         .collect();
+    let history = match config.history.enabled {
+        true => Some(history_facts(history_table.as_ref(), &history_uri)?),
+        false => None,
+    };
 
     Ok(Inspection {
         table: table_facts(&table, uri).await?,
         commits: last_commits(&table, uri).await?,
         group: GroupFacts { id: config.kafka.group_id.clone(), state, members },
         partitions,
+        history,
     })
 }
 
@@ -197,6 +249,7 @@ fn partition_facts(
         topic: view.tp.topic.clone(),
         partition: view.tp.partition.0,
         table_offset: recorded.map(|o| o.0),
+        history_offset: None,
         group_committed: group,
         log_start: low,
         log_end: high,
@@ -204,6 +257,35 @@ fn partition_facts(
         next_read,
         note,
     }
+}
+
+fn history_facts(table: Option<&deltalake::DeltaTable>, uri: &str) -> Result<HistoryFacts, OpsError> {
+    let mut facts = HistoryFacts {
+        uri: uri.to_string(),
+        version: None,
+        rows: 0,
+        live_files: 0,
+        live_bytes: 0,
+        days: 0,
+        first_day: None,
+        last_day: None,
+    };
+    let Some(table) = table else { return Ok(facts) };
+    let snapshot = table.snapshot().map_err(crate::delta::TableError::on_read(uri))?;
+    facts.version = table.version().map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+    let mut days = std::collections::BTreeSet::new();
+    for file in snapshot.log_data().iter() {
+        facts.live_files += 1;
+        facts.live_bytes += file.size().max(0) as u64;
+        facts.rows += file.num_records().unwrap_or(0) as u64;
+        if let Some(day) = file.partition_values_map().remove(crate::history::schema::EVENT_DATE).flatten() {
+            days.insert(day);
+        }
+    }
+    facts.days = days.len();
+    facts.first_day = days.first().cloned();
+    facts.last_day = days.last().cloned();
+    Ok(facts)
 }
 
 async fn table_facts(table: &deltalake::DeltaTable, uri: &str) -> Result<TableFacts, OpsError> {
@@ -372,12 +454,29 @@ pub fn print(report: &Inspection, format: Format) {
         ]);
     }
     println!("last commits\n{commits}\n");
+    if let Some(h) = &report.history {
+        match h.version {
+            None => println!("history        {} (not created yet)", h.uri),
+            Some(version) => println!(
+                "history        {} at version {version}: {} updates in {} files ({} bytes), {} days ({} to {})",
+                h.uri,
+                h.rows,
+                h.live_files,
+                h.live_bytes,
+                h.days,
+                h.first_day.as_deref().unwrap_or("-"),
+                h.last_day.as_deref().unwrap_or("-")
+            ),
+        }
+        println!();
+    }
     let g = &report.group;
     println!("group {} ({}, {} members)", g.id, g.state, g.members.len());
     let mut partitions = plain_table([
         "topic",
         "partition",
         "table offset",
+        "history offset",
         "group committed",
         "log start",
         "log end",
@@ -391,6 +490,7 @@ pub fn print(report: &Inspection, format: Format) {
             p.topic.clone(),
             p.partition.to_string(),
             shown(p.table_offset),
+            shown(p.history_offset),
             shown(p.group_committed),
             p.log_start.to_string(),
             p.log_end.to_string(),

@@ -1,4 +1,4 @@
-//! The operator's commands: `show`, `inspect`, `replay`, `reconcile` and `maintain`. Each reads the
+//! The operator's commands: `show`, `inspect`, `replay`, `reconcile`, `rebuild` and `maintain`. Each reads the
 //! table (and Kafka) and prints a report, as an aligned table for people or as JSON
 //! for scripts; none of them runs inside the worker.
 //!
@@ -9,6 +9,7 @@
 pub mod dead_letters;
 pub mod inspect;
 pub mod maintain;
+pub mod rebuild;
 pub mod reconcile;
 pub mod replay;
 pub mod show;

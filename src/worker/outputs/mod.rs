@@ -21,8 +21,9 @@
 //!
 //! The rule, stated once: **an output's recorded offsets vouch for every output
 //! written before it.** So the worker may skip a message at or below the positions
-//! table's record only when no output commits offsets
-//! ([`Outputs::positions_vouch_for_all`]). A new output is one file implementing
+//! table's record only when every other output is written before it
+//! ([`Outputs::positions_vouch_for_all`]); otherwise it reads each partition from the
+//! group's committed offset, which the worker commits after every output. A new output is one file implementing
 //! [`Output`] and one line in [`Outputs::open`] choosing it from the configuration.
 //!
 //! Each write is retried on its own (bounded, with backoff) and each is idempotent, so
