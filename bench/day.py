@@ -46,6 +46,10 @@ class TradingDay:
         self.speedup = REAL_WINDOW_SECONDS * 1000 / interval_ms
         self.retention_s = max(1, round(3600 / self.speedup))
         self.maintenance_s = max(1, round(300 / self.speedup))
+        # maintenance.unreferenced_file_age (30 min by default) is a duration of the day
+        # too: unscaled, vacuum keeps every file whose commit log cleanup removed for
+        # half an hour of real time, and the compressed day's disk grows without bound.
+        self.unreferenced_s = max(3, round(1800 / self.speedup))
         self.table = os.path.join(bench.work, f"b6-{self.slug}")
         self.hours, self.flush_lines, self.reader_failures = [], [], []
         self.readers = table_readers.Readers(
@@ -57,7 +61,8 @@ class TradingDay:
         path = os.path.join(self.bench.work, f"b6-{self.slug}.toml")
         with open(path, "w") as f:
             f.write(f'[flush]\ninterval = "{self.interval_ms}ms"\n\n'
-                    f'[maintenance]\nenabled = true\ninterval = "{self.maintenance_s}s"\n\n'
+                    f'[maintenance]\nenabled = true\ninterval = "{self.maintenance_s}s"\n'
+                    f'unreferenced_file_age = "{self.unreferenced_s}s"\n\n'
                     '[delta.table_properties]\n"delta.checkpointInterval" = "100"\n'
                     f'"delta.logRetentionDuration" = "interval {self.retention_s} seconds"\n'
                     f'"delta.deletedFileRetentionDuration" = "interval {self.retention_s} seconds"\n')
@@ -86,7 +91,7 @@ class TradingDay:
             first = len(self.flush_lines)
             log(f"B6 ({self.layout}): the day starts: {self.rate} updates/s, a flush every {self.interval_ms} ms "
                 f"({self.speedup:.0f}x a 3 s window), retention {self.retention_s} s, maintenance every "
-                f"{self.maintenance_s} s, {self.flushes} flushes")
+                f"{self.maintenance_s} s, unreferenced files kept {self.unreferenced_s} s, {self.flushes} flushes")
             producer = bench.produce(topic, self.rate * self.cap_seconds, self.conids, self.symbols,
                                      rate=self.rate, seed=11, start="2025-11-25T09:00:00Z")
             started = time.monotonic()
