@@ -83,18 +83,8 @@ pub enum OpsError {
     Write(#[from] crate::worker::flush::FlushError),
 }
 
-/// Which rows of the table to read.
-#[derive(Debug, Clone, Default)]
-pub struct RowFilter {
-    /// Only this symbol.
-    pub symbol: Option<String>,
-    /// Only this contract id.
-    pub conid: Option<i64>,
-    /// Only this account.
-    pub account: Option<String>,
-    /// At most this many rows (in `symbol, conid` order).
-    pub limit: Option<usize>,
-}
+/// Which rows of the table (or of a book from the history) to read: one filter for both.
+pub use crate::history::BookFilter as RowFilter;
 
 /// Opens the table at `config.table_uri` at its latest version.
 ///

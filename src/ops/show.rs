@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::{OpsError, RowFilter, RowFormat, open_table, open_table_at, rfc3339, rows};
 use crate::config::{Config, DeadLetterDestination};
-use crate::history::{self, AsOf, BookFilter};
+use crate::history::{self, AsOf};
 use crate::table::schema::{LINEAGE_COLUMNS, PAYLOAD_COLUMNS, TableRow};
 
 /// Prints the rows `filter` selects: of the positions table now, or of the book at
@@ -84,13 +84,7 @@ pub async fn book(
         ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} of history  {bytes_per_sec}  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let wanted = BookFilter {
-        symbol: filter.symbol.clone(),
-        conid: filter.conid,
-        account: filter.account.clone(),
-        limit: filter.limit,
-    };
-    let found = history::book(&table, as_of, &config.delta.key_columns, &wanted, &Bar(bar.clone())).await?;
+    let found = history::book(&table, as_of, &config.delta.key_columns, filter, &Bar(bar.clone())).await?;
     bar.finish_and_clear();
     Ok(found)
 }
