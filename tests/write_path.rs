@@ -306,3 +306,109 @@ async fn a_batch_of_thousands_of_symbols_is_one_commit_with_its_offsets() {
     assert_eq!(table.recorded_offsets(std::slice::from_ref(&tp)).await.unwrap()[&tp].0, 999);
     assert_eq!(common::read_table(&path).await.len(), 1000);
 }
+
+/// Updates of one partition each, and the rows they leave: the newest per conid.
+#[derive(Default)]
+struct Model {
+    offset: i64,
+    rows: std::collections::BTreeMap<i64, (String, f64)>,
+}
+
+impl Model {
+    /// An update of `conid` at `ts` from `partition`, at the next offset.
+    fn next(&mut self, conid: i64, ts: i64, partition: i32) -> PositionUpdate {
+        self.offset += 1;
+        let symbol = format!("S{}", conid % 4);
+        self.rows.insert(conid, (symbol.clone(), ts as f64));
+        update(conid, &symbol, ts, partition, self.offset)
+    }
+
+    fn rows(&self) -> Vec<(i64, String, f64)> {
+        self.rows.iter().map(|(c, (s, p))| (*c, s.clone(), *p)).collect()
+    }
+}
+
+/// The rows of `path` as (conid, symbol, position), read through delta-rs (deletion
+/// vectors applied).
+async fn rows_of(path: &std::path::Path) -> Vec<(i64, String, f64)> {
+    let mut rows: Vec<_> =
+        common::read_table(path).await.into_values().map(|r| (r.conid, r.symbol, r.position)).collect();
+    rows.sort_by_key(|r| r.0);
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_the_saved_key_index_and_only_the_files_added_since() {
+    use position_sink::config::WriteMode;
+    use position_sink::table::saved_index::OBJECT;
+    for mode in [WriteMode::CopyOnWrite, WriteMode::DeletionVectors] {
+        let (_dir, path) = common::table_dir();
+        let config = DeltaConfig {
+            table_uri: path.display().to_string(),
+            partition_by: PartitionBy::None,
+            write_mode: mode,
+            max_rows_per_file: 10,
+            vector_min_rows: 1,
+            ..DeltaConfig::default()
+        };
+        let open = || async { PositionTable::open_or_create(&config, "g").await.expect("open") };
+        // 60 keys over two partitions, then updates that give files vectors or rewrite them.
+        let mut model = Model::default();
+        let first: Vec<_> = (1..=60).map(|c| model.next(c, 10, (c % 2) as i32)).collect();
+        let (writer, _) = open().await.write(&batch(first)).await.unwrap();
+        let (writer, _) = writer.write(&batch(vec![model.next(3, 20, 1), model.next(40, 20, 0)])).await.unwrap();
+        assert!(
+            open().await.save_key_index().await.unwrap().is_none(),
+            "a handle that never wrote has no index to save"
+        );
+        let saved = writer.save_key_index().await.unwrap().expect("saved");
+        assert_eq!(saved.keys, 60);
+        assert!(path.join(OBJECT).exists());
+
+        // Another writer changes the table after the save: files removed, given
+        // vectors and added, new keys among them.
+        let (other, _) = open().await.write(&batch(vec![model.next(5, 30, 1), model.next(30, 30, 0)])).await.unwrap();
+        let added: Vec<_> = (61..=70).map(|c| model.next(c, 30, 0)).collect();
+        let (other, report) = other.write(&batch(added)).await.unwrap();
+        assert!(report.files_added >= 1);
+        let live = other.delta().snapshot().unwrap().log_data().num_files();
+
+        // A restart reads the saved index and the files added since, and finds the keys
+        // of both: an update of a key of each is an update, not an insert.
+        let restarted = open().await;
+        let (_, report) = restarted
+            .write(&batch(vec![model.next(7, 40, 1), model.next(65, 40, 0), model.next(30, 40, 0)]))
+            .await
+            .unwrap();
+        assert_eq!((report.updated, report.inserted), (3, 0), "{mode:?}");
+        assert!(
+            report.index_files_read < live && report.index_files_read >= 1,
+            "{mode:?}: read {} of {live} live files",
+            report.index_files_read
+        );
+        assert_eq!(rows_of(&path).await, model.rows(), "{mode:?}");
+
+        // A damaged index is not used: every live file is read, and the table is right.
+        let mut object = std::fs::read(path.join(OBJECT)).unwrap();
+        let middle = object.len() / 2;
+        object[middle] ^= 0x10;
+        std::fs::write(path.join(OBJECT), &object).unwrap();
+        let restarted = open().await;
+        let live = restarted.delta().snapshot().unwrap().log_data().num_files();
+        let (_, report) = restarted.write(&batch(vec![model.next(8, 50, 0), model.next(71, 50, 1)])).await.unwrap();
+        assert_eq!((report.updated, report.inserted), (1, 1), "{mode:?}");
+        assert_eq!(report.index_files_read, live, "{mode:?}: every live file read");
+        assert_eq!(rows_of(&path).await, model.rows(), "{mode:?}");
+
+        // An index of another table at the same place (deleted and created again) is
+        // not used either.
+        let saved = std::fs::read(path.join(OBJECT)).unwrap();
+        std::fs::remove_dir_all(&path).unwrap();
+        let (fresh, _) = open().await.write(&batch(vec![update(1, "A", 1, 0, 1)])).await.unwrap();
+        std::fs::create_dir_all(path.join(OBJECT).parent().unwrap()).unwrap();
+        std::fs::write(path.join(OBJECT), saved).unwrap();
+        drop(fresh);
+        let (_, report) = open().await.write(&batch(vec![update(1, "A", 2, 0, 2)])).await.unwrap();
+        assert_eq!((report.updated, report.inserted, report.index_files_read), (1, 0, 1), "{mode:?}");
+    }
+}

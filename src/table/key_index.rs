@@ -14,7 +14,8 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use roaring::RoaringTreemap;
 
-use super::key_store::{Compact, KeyStore};
+use super::key_store::KeyStore;
+pub use super::key_store::{Columns, Compact, Rest};
 pub use super::key_store::{FileId, Slot, SourceId, Stamp};
 use crate::config::PartitionBy;
 use crate::maintenance::compaction::{FileShape, Purge, Thresholds};
@@ -51,7 +52,7 @@ impl FileGroup {
 }
 
 /// One live data file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IndexedFile {
     /// The path relative to the table root, as in the Delta log.
     pub path: String,
@@ -95,9 +96,88 @@ pub struct KeyIndex {
     duplicates: HashMap<Compact, Slot, foldhash::fast::RandomState>,
     sources: Vec<TopicPartition>,
     next_id: FileId,
+    /// The table version whose live files it was last brought to (`None`: never).
+    version: Option<u64>,
+}
+
+/// An index in parts, as saved beside the table (`crate::table::saved_index`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parts {
+    /// The table version whose live files the index was last brought to; it may also
+    /// know files committed after it.
+    pub version: u64,
+    /// The Kafka partitions rows name, by number.
+    pub sources: Vec<TopicPartition>,
+    /// The other key columns' values, by number.
+    pub rests: Vec<Rest>,
+    /// The live files, by number.
+    pub files: Vec<(FileId, IndexedFile)>,
+    /// Every key of a live file, sorted by key.
+    pub keys: Columns,
+    /// The second copies of keys held twice.
+    pub duplicates: Vec<(Compact, Slot)>,
 }
 
 impl KeyIndex {
+    /// The table version whose live files it was last brought to (`None`: never).
+    pub fn version(&self) -> Option<u64> {
+        self.version
+    }
+
+    /// Notes that the index now knows every live file of table version `version`.
+    pub fn brought_to(&mut self, version: u64) {
+        self.version = Some(version);
+    }
+
+    /// The index in parts, to save; `None` if it was never brought to a version.
+    pub fn export(&mut self) -> Option<Parts> {
+        let version = self.version?;
+        let files = &self.files;
+        let (keys, rests) = self.keys.export(|file| files.contains_key(&file));
+        let mut listed: Vec<(FileId, IndexedFile)> = self.files.iter().map(|(id, f)| (*id, f.clone())).collect();
+        listed.sort_unstable_by_key(|(id, _)| *id);
+        let mut duplicates: Vec<(Compact, Slot)> = self.duplicates.iter().map(|(k, s)| (*k, *s)).collect();
+        duplicates.sort_unstable_by_key(|(k, _)| *k);
+        Some(Parts { version, sources: self.sources.clone(), rests, files: listed, keys, duplicates })
+    }
+
+    /// The index `parts` describe, checked for consistency: every key's row lies in a
+    /// listed file, within its rows, and names a known partition.
+    ///
+    /// # Errors
+    /// What is inconsistent.
+    pub fn import(parts: Parts) -> Result<Self, String> {
+        let Parts { version, sources, rests, files, keys, duplicates } = parts;
+        let next_id = files.iter().map(|(id, _)| id + 1).max().unwrap_or(0);
+        // Rows per file number (absent: 0 rows, so no key may name it).
+        let mut rows = vec![0u64; next_id as usize];
+        for (id, file) in &files {
+            if rows[*id as usize] != 0 || file.rows == 0 {
+                return Err(format!("file {id} is listed twice or has no rows"));
+            }
+            rows[*id as usize] = file.rows as u64;
+        }
+        let holds = |slot: &Slot| {
+            rows.get(slot.file as usize).is_some_and(|n| u64::from(slot.row) < *n)
+                && (slot.stamp.source as usize) < sources.len()
+        };
+        if let Some(i) = (0..keys.len()).find(|i| !holds(&keys.slot(*i))) {
+            return Err(format!("key {} names a row no listed file holds", keys.key(i).conid));
+        }
+        if duplicates.iter().any(|(_, slot)| !holds(slot)) {
+            return Err("a second copy of a key names a row no listed file holds".into());
+        }
+        let keys = KeyStore::import(keys, rests)?;
+        let mut index = KeyIndex { keys, sources, next_id, version: Some(version), ..KeyIndex::default() };
+        for (id, file) in files {
+            index.by_path.insert(file.path.clone(), id);
+            index.by_group.entry(file.group.clone()).or_default().insert(id);
+            index.files.insert(id, file);
+        }
+        index.duplicates = duplicates.into_iter().collect();
+        Ok(index)
+    }
+
     /// Forgets the files that are no longer live (or whose deletion vector changed) and
     /// returns the live files it does not know yet, for the caller to read and pass to
     /// [`KeyIndex::add_file`].
@@ -449,6 +529,37 @@ mod tests {
         let rows: Vec<Row> =
             keys.into_iter().enumerate().map(|(row, key)| Row { row: row as u32, key, stamp: stamp(1) }).collect();
         index.add_file(live(path), group, rows.len(), RoaringTreemap::new(), rows)
+    }
+
+    #[test]
+    fn an_exported_index_imports_alike_and_an_inconsistent_one_is_refused() {
+        let mut index = KeyIndex::default();
+        assert!(index.export().is_none(), "never brought to a version");
+        let p1 = index.source("positions", 1);
+        let a = add(&mut index, "a", group(0), [key(1), key(2)]);
+        let b = add(&mut index, "b", group(1), [key(2), key(3)]);
+        index.hide_rows(b, "u1".into(), &[1u64].into_iter().collect());
+        index.brought_to(4);
+        let parts = index.export().expect("brought to version 4");
+        assert_eq!(parts.version, 4);
+        let mut imported = KeyIndex::import(parts.clone()).expect("consistent");
+        for conid in 1..=4 {
+            assert_eq!(imported.slot_of(&key(conid)), index.slot_of(&key(conid)), "key {conid}");
+        }
+        assert_eq!(imported.duplicates().map(|(k, s)| (k.conid, s.file)).collect::<Vec<_>>(), vec![(2, a)]);
+        assert_eq!(imported.file(b), index.file(b));
+        assert_eq!(imported.source("positions", 1), p1);
+        let c = add(&mut imported, "c", group(0), [key(9)]);
+        assert!(c > b, "new files get new numbers");
+        let mut unknown_file = parts.clone();
+        unknown_file.files.retain(|(id, _)| *id != b);
+        assert!(KeyIndex::import(unknown_file).is_err());
+        let mut past_the_end = parts.clone();
+        past_the_end.keys.rows[0] = 2;
+        assert!(KeyIndex::import(past_the_end).is_err());
+        let mut unknown_source = parts;
+        unknown_source.keys.sources[0] = 5;
+        assert!(KeyIndex::import(unknown_source).is_err());
     }
 
     #[test]

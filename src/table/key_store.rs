@@ -52,12 +52,14 @@ const MERGE_AT_LEAST: usize = 65_536;
 /// A key as stored: the conid and the number of its other columns' values (0: none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Compact {
-    conid: i64,
-    rest: u32,
+    /// The conid.
+    pub conid: i64,
+    /// The number of the key's other columns' values in [`KeyStore::rests`] (0: none).
+    pub rest: u32,
 }
 
-/// The other key columns' values of a key, by number.
-type Rest = (Option<String>, Option<String>, Option<String>);
+/// The other key columns' values of a key (account, sec_type, currency), by number.
+pub type Rest = (Option<String>, Option<String>, Option<String>);
 
 /// Key → slot.
 #[derive(Debug, Default)]
@@ -69,16 +71,23 @@ pub struct KeyStore {
 }
 
 /// Keys and their slots, column by column, sorted by key.
-#[derive(Debug, Default)]
-struct Columns {
-    conids: Vec<i64>,
-    /// Empty while every key's `rest` is 0 (a `conid` key).
-    rests: Vec<u32>,
-    files: Vec<FileId>,
-    rows: Vec<u32>,
-    timestamps: Vec<i64>,
-    offsets: Vec<i64>,
-    sources: Vec<SourceId>,
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Columns {
+    /// Each key's conid.
+    pub conids: Vec<i64>,
+    /// Each key's other columns' values by number; empty while every key's is 0 (a
+    /// `conid` key).
+    pub rests: Vec<u32>,
+    /// The file of each key's row.
+    pub files: Vec<FileId>,
+    /// The row's position in its file.
+    pub rows: Vec<u32>,
+    /// The row's event time.
+    pub timestamps: Vec<i64>,
+    /// The row's Kafka offset.
+    pub offsets: Vec<i64>,
+    /// The row's Kafka partition, by number.
+    pub sources: Vec<SourceId>,
 }
 
 impl Columns {
@@ -94,15 +103,23 @@ impl Columns {
         }
     }
 
-    fn len(&self) -> usize {
+    /// Keys held.
+    pub fn len(&self) -> usize {
         self.conids.len()
     }
 
-    fn key(&self, i: usize) -> Compact {
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.conids.is_empty()
+    }
+
+    /// The `i`-th key.
+    pub fn key(&self, i: usize) -> Compact {
         Compact { conid: self.conids[i], rest: self.rests.get(i).copied().unwrap_or(0) }
     }
 
-    fn slot(&self, i: usize) -> Slot {
+    /// The `i`-th key's slot.
+    pub fn slot(&self, i: usize) -> Slot {
         Slot {
             file: self.files[i],
             row: self.rows[i],
@@ -302,6 +319,37 @@ impl KeyStore {
         self.fresh.retain(|_, slot| is_live(slot.file));
     }
 
+    /// Every key whose file `is_live`, as sorted columns, and the other key columns'
+    /// values by number: what the saved index holds. The new keys are merged in first.
+    pub fn export(&mut self, is_live: impl Fn(FileId) -> bool) -> (Columns, Vec<Rest>) {
+        self.merge(Vec::new(), |_, _| {}, is_live);
+        (self.sorted.clone(), self.rests.clone())
+    }
+
+    /// A store holding `columns`, whose other key columns' values are `rests` by number.
+    ///
+    /// # Errors
+    /// What is inconsistent: columns of different lengths, keys out of order or
+    /// repeated, a number with no values.
+    pub fn import(columns: Columns, rests: Vec<Rest>) -> Result<Self, String> {
+        let n = columns.len();
+        let lengths = [columns.files.len(), columns.rows.len(), columns.timestamps.len(), columns.offsets.len()];
+        if lengths.iter().any(|len| *len != n)
+            || columns.sources.len() != n
+            || !(columns.rests.is_empty() || columns.rests.len() == n)
+        {
+            return Err("its key columns have different lengths".into());
+        }
+        if let Some(i) = (1..n).find(|i| columns.key(i - 1) >= columns.key(*i)) {
+            return Err(format!("its keys are not in order at entry {i}"));
+        }
+        if columns.rests.iter().any(|rest| *rest as usize >= rests.len().max(1)) {
+            return Err("a key names other key columns' values it does not hold".into());
+        }
+        let rest_ids = rests.iter().enumerate().skip(1).map(|(id, rest)| (rest.clone(), id as u32)).collect();
+        Ok(Self { sorted: columns, fresh: HashMap::default(), rests, rest_ids })
+    }
+
     /// Entries stored, gone ones included.
     pub fn entries(&self) -> usize {
         self.sorted.len() + self.fresh.len()
@@ -384,6 +432,31 @@ mod tests {
         store.merge(Vec::new(), |_, _| {}, |file| file != 1);
         assert_eq!(store.get(a), None);
         assert_eq!(store.get(b), Some(slot(2, 1)));
+    }
+
+    #[test]
+    fn an_exported_store_imports_with_every_key_and_new_keys_merged() {
+        let mut store = KeyStore::default();
+        let (a, b) = (key(&mut store, 5, None), key(&mut store, 5, Some("U1")));
+        store.merge(vec![(a, slot(1, 1)), (b, slot(2, 2))], |_, _| {}, |_| true);
+        let c = key(&mut store, 3, Some("U2"));
+        store.insert(c, slot(1, 3));
+        let gone = key(&mut store, 9, None);
+        store.insert(gone, slot(7, 4));
+        let (columns, rests) = store.export(|file| file != 7);
+        let imported = KeyStore::import(columns.clone(), rests.clone()).expect("consistent");
+        assert_eq!(imported.entries(), 3, "the gone file's key is left out");
+        for (k, s) in [(a, slot(1, 1)), (b, slot(2, 2)), (c, slot(1, 3))] {
+            assert_eq!(imported.get(k), Some(s));
+            assert_eq!(imported.find_compact(&imported.key_of(k)), Some(k));
+        }
+        let mut shuffled = columns.clone();
+        shuffled.conids.swap(0, 1);
+        assert!(KeyStore::import(shuffled, rests.clone()).is_err(), "keys out of order");
+        let mut short = columns.clone();
+        short.rows.pop();
+        assert!(KeyStore::import(short, rests.clone()).is_err(), "a short column");
+        assert!(KeyStore::import(columns, Vec::new()).is_err(), "values it does not hold");
     }
 
     #[test]

@@ -25,6 +25,7 @@ mod files;
 pub mod key_index;
 mod key_store;
 pub mod merge;
+pub mod saved_index;
 pub mod schema;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -37,6 +38,7 @@ use deltalake::kernel::{DeletionVectorDescriptor, Transaction};
 use deltalake::protocol::DeltaOperation;
 use deltalake::{DeltaTable, DeltaTableError};
 use tokio::sync::Mutex;
+use tracing::{info, warn};
 
 use crate::config::{DeltaConfig, PartitionBy, WriteMode};
 pub use crate::delta::TableError;
@@ -112,6 +114,10 @@ pub struct WriteReport {
     pub compaction_due: bool,
     /// Time spent in the merge and commit.
     pub elapsed: std::time::Duration,
+    /// Live files whose keys the write read to bring its key index up to date: every
+    /// file on a start without a usable saved index, the files added since it was saved
+    /// with one, those other writers added afterwards.
+    pub index_files_read: usize,
 }
 
 impl WriteReport {
@@ -133,8 +139,22 @@ impl WriteReport {
             recorded_before: HashMap::new(),
             compaction_due: false,
             elapsed: started.elapsed(),
+            index_files_read: 0,
         }
     }
+}
+
+/// A key index saved beside the table ([`PositionTable::save_key_index`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SavedIndex {
+    /// The version whose live files it knows.
+    pub version: u64,
+    /// Keys it holds.
+    pub keys: usize,
+    /// The object's size.
+    pub bytes: usize,
+    /// How long saving took.
+    pub elapsed: std::time::Duration,
 }
 
 /// The positions table, opened for one consumer group.
@@ -360,7 +380,7 @@ impl PositionTable {
 
         let index = self.index.clone();
         let mut index = index.lock().await;
-        self.sync_index(&mut index).await?;
+        report.index_files_read = self.sync_index(&mut index).await?;
         if self.write_mode == WriteMode::DeletionVectors {
             return self
                 .merge_hiding(&rows, batch.ingested_at_micros, transactions, &partitions, &mut index, report)
@@ -545,21 +565,34 @@ impl PositionTable {
     /// Brings the key index to this handle's version: forgets removed files and reads
     /// the keys of files it has not seen (all of them the first time; afterwards only
     /// those other writers added).
-    async fn sync_index(&self, index: &mut KeyIndex) -> Result<(), TableError> {
+    async fn sync_index(&self, index: &mut KeyIndex) -> Result<usize, TableError> {
         let read_err = TableError::on_read(&self.uri);
         let snapshot = self.table.snapshot().map_err(&read_err)?;
+        let version = snapshot.version().max(0) as u64;
         let mut listed: Vec<(LiveFile, Option<String>, Option<DeletionVectorDescriptor>)> = Vec::new();
+        let mut records: HashMap<String, usize> = HashMap::new();
         for view in snapshot.log_data().iter() {
             let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
             let dv = view.deletion_vector_descriptor();
             let file =
                 LiveFile { path: view.path().into_owned(), deletion_vector: dv.as_ref().map(deletion::unique_id) };
+            if let Some(n) = view.num_records() {
+                records.insert(file.path.clone(), n);
+            }
             listed.push((file, symbol, dv));
+        }
+        let starting = index.version().is_none();
+        if starting {
+            *index = self.load_saved_index(version, &records).await;
         }
         let live: Vec<LiveFile> = listed.iter().map(|(file, _, _)| file.clone()).collect();
         let unknown: HashSet<String> = index.sync(&live).into_iter().map(|f| f.path).collect();
+        if starting && index.version().is_some() {
+            info!(files_to_read = unknown.len(), live_files = live.len(), "catching the saved key index up");
+        }
         if unknown.is_empty() {
-            return Ok(());
+            index.brought_to(version);
+            return Ok(0);
         }
         let store = self.table.object_store();
         let mut key_names = vec!["conid", "timestamp", "kafka_topic", "kafka_partition", "kafka_offset"];
@@ -589,7 +622,80 @@ impl PositionTable {
             added.push((file, group, rows.num_rows(), deleted, live));
         }
         index.add_files(added);
-        Ok(())
+        index.brought_to(version);
+        Ok(unknown.len())
+    }
+
+    /// The table's saved key index ([`saved_index`]) if it is usable, its files' row
+    /// counts matching the log's (`records`, by path); an empty index otherwise, for
+    /// the caller to fill by reading every live file's keys.
+    async fn load_saved_index(&self, version: u64, records: &HashMap<String, usize>) -> KeyIndex {
+        let started = Instant::now();
+        let loaded = match self.identity() {
+            Some(identity) => saved_index::load(self.table.object_store(), identity, version).await,
+            None => Err(saved_index::Unusable::Missing),
+        };
+        let loaded = loaded.and_then(|index| {
+            let differing = index
+                .files()
+                .find(|(_, f)| records.get(&f.path).is_some_and(|n| *n != f.rows))
+                .map(|(_, f)| f.path.clone());
+            match differing {
+                Some(path) => Err(saved_index::Unusable::Corrupt(format!(
+                    "it counts other rows in {path} than the table's log does"
+                ))),
+                None => Ok(index),
+            }
+        });
+        match loaded {
+            Ok(index) => {
+                info!(
+                    table = %self.uri,
+                    saved_at_version = index.version(),
+                    keys = index.key_entries(),
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "read the saved key index"
+                );
+                index
+            }
+            Err(saved_index::Unusable::Missing) => KeyIndex::default(),
+            Err(error) => {
+                warn!(
+                    table = %self.uri,
+                    %error,
+                    "not using the saved key index; reading the keys of every live file instead (the next \
+                     maintenance run or shutdown saves it again)"
+                );
+                KeyIndex::default()
+            }
+        }
+    }
+
+    /// What a saved index must name to be this table's: its id, key columns and layout.
+    fn identity(&self) -> Option<saved_index::Identity> {
+        let snapshot = self.table.snapshot().ok()?;
+        Some(saved_index::Identity {
+            table_id: snapshot.metadata().id().to_string(),
+            key_columns: self.key_columns.clone(),
+            layout: self.layout,
+        })
+    }
+
+    /// Saves the key index beside the table ([`saved_index`]), as far as this worker
+    /// last brought it; nothing when it was never built (no flush yet).
+    ///
+    /// # Errors
+    /// [`TableError::Write`] when the object cannot be written.
+    pub async fn save_key_index(&self) -> Result<Option<SavedIndex>, TableError> {
+        let started = Instant::now();
+        let Some(identity) = self.identity() else { return Ok(None) };
+        let parts = self.index.lock().await.export();
+        let Some(parts) = parts else { return Ok(None) };
+        let (version, keys) = (parts.version, parts.keys.len());
+        let bytes = saved_index::save(self.table.object_store(), identity, parts)
+            .await
+            .map_err(|e| TableError::on_write(&self.uri, 0)(DeltaTableError::Generic(e)))?;
+        Ok(Some(SavedIndex { version, keys, bytes, elapsed: started.elapsed() }))
     }
 
     /// Reads every row of the touched files.

@@ -20,7 +20,7 @@ use crate::maintenance::run::Target;
 use crate::maintenance::{self, CleanReport, MaintenanceError};
 use crate::offsets::TopicPartition;
 use crate::status::Progress;
-use crate::table::Thresholds;
+use crate::table::{PositionTable, Thresholds};
 
 /// The table-wide run in progress, if any.
 pub(super) type Cleaning = JoinHandle<Vec<Result<CleanReport, MaintenanceError>>>;
@@ -102,8 +102,12 @@ impl super::Worker {
         let progress = self.progress.clone();
         let unreferenced = self.config.maintenance.unreferenced_file_age;
         let policy = self.config.retry.clone();
-        self.cleaning =
-            Some(tokio::spawn(async move { clean_tables(&targets, &progress, unreferenced, &policy).await }));
+        let positions = self.reader.clone();
+        self.cleaning = Some(tokio::spawn(async move {
+            let reports = clean_tables(&targets, &progress, unreferenced, &policy).await;
+            save_key_index(&positions).await;
+            reports
+        }));
     }
 
     /// Books a finished table-wide run.
@@ -192,6 +196,31 @@ impl Outputs {
             Err(error) => warn!(%error, "compaction failed; it is tried again at the next maintenance.interval"),
         }
         progress.update_maintenance(|m| m.last_compaction = Some((unix_now(), started.elapsed().as_secs_f64())));
+    }
+}
+
+/// At shutdown, once every durable offset is committed: saves the key index of
+/// `positions` (the worker's), so the next start reads one object instead of every live
+/// file's keys; given up at `deadline` (`worker.shutdown_timeout`).
+pub(super) async fn save_key_index_until(positions: PositionTable, deadline: Instant) {
+    if tokio::time::timeout_at(deadline, save_key_index(&positions)).await.is_err() {
+        warn!("the key index was not saved within worker.shutdown_timeout; the next start reads the table's files");
+    }
+}
+
+/// Saves the positions table's key index beside it (the worker's index, which `table`
+/// shares); a failure is logged, and the next start reads the table's files instead.
+async fn save_key_index(table: &PositionTable) {
+    match table.save_key_index().await {
+        Ok(Some(saved)) => info!(
+            version = saved.version,
+            keys = saved.keys,
+            bytes = saved.bytes,
+            duration_ms = saved.elapsed.as_millis() as u64,
+            "saved the key index"
+        ),
+        Ok(None) => {}
+        Err(error) => warn!(%error, "the key index could not be saved; the next start reads the table's files"),
     }
 }
 

@@ -550,6 +550,7 @@ impl Worker {
             }
         }
         self.commit_durable_until(deadline).await;
+        maintain::save_key_index_until(self.reader.clone(), deadline).await;
         Ok(())
     }
 }
