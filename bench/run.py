@@ -27,6 +27,35 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FIELD = re.compile(r'(\w+)=("[^"]*"|\S+)')
 
 
+# Per-request latency of the object store a restart reads (B8), like S3's.
+RESTART_LATENCY_MS = 30
+
+
+def latency_proxy(api_port, listen_port, upstream, latency_ms):
+    """A Toxiproxy proxy on `listen_port` in front of `upstream` that delays every
+    response by `latency_ms`; returns its endpoint."""
+    import urllib.request
+
+    def call(method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{api_port}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.read()
+        except urllib.error.HTTPError as error:
+            if method != "DELETE":
+                raise
+            return error.read()
+
+    call("DELETE", "/proxies/b8-latency")
+    call("POST", "/proxies", {"name": "b8-latency", "listen": f"127.0.0.1:{listen_port}", "upstream": upstream,
+                              "enabled": True})
+    call("POST", "/proxies/b8-latency/toxics", {"name": "latency", "type": "latency", "stream": "downstream",
+                                                "toxicity": 1.0, "attributes": {"latency": latency_ms}})
+    return f"http://127.0.0.1:{listen_port}"
+
+
 def log(message):
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
@@ -247,10 +276,17 @@ class Bench:
         """examples/flush_cost.rs against the local S3 server (scripts/s3.sh): each
         table's build, flushes, key index size and restart."""
         port = self.args.port + 300
-        s3 = os.path.join(os.path.dirname(self.args.kafka), "s3.sh")
+        scripts = os.path.dirname(self.args.kafka)
+        s3 = os.path.join(scripts, "s3.sh")
         subprocess.run([s3, "start", str(port)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The restarts read through Toxiproxy, which delays every response by RESTART_LATENCY_MS
+        # (an S3 request's round trip); the tables are built without it.
+        toxiproxy, api = os.path.join(scripts, "toxiproxy.sh"), port + 1
+        subprocess.run([toxiproxy, "start", str(api)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        slow = latency_proxy(api, port + 2, f"127.0.0.1:{port}", RESTART_LATENCY_MS)
         env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="test",
-                   AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true")
+                   AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true",
+                   FLUSH_COST_RESTART_ENDPOINT=slow, FLUSH_COST_RESTART_LATENCY_MS=str(RESTART_LATENCY_MS))
         results = []
         try:
             for layout, mode, symbols, keys in tables:
@@ -264,6 +300,8 @@ class Bench:
                     if line.strip():
                         results.append(json.loads(line))
         finally:
+            subprocess.run([toxiproxy, "stop", str(api)], check=False, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
             subprocess.run([s3, "stop", str(port)], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return results
 
@@ -500,8 +538,9 @@ def main():
         # A restart's first flush against an object store: the key index is built by
         # reading every live file's keys. At 2,000 symbols in the `symbol` layout (12,000
         # files) and at 10M keys in `none` with deletion vectors.
+        # 3,334 symbols over 6 partitions make 10,002 groups: a file each.
         results["B8"] = bench.restart_on_object_storage(
-            [("symbol", "copy_on_write", 2000, n(100_000)), ("none", "deletion_vectors", 2000, n(10_000_000))])
+            [("symbol", "copy_on_write", 3334, n(100_000)), ("none", "deletion_vectors", 2000, n(10_000_000))])
     if "B2" in only:
         results["B2"] = [bench.steady(20_000, max(10, int(60 * args.scale)), n(100_000), 2000, variant)
                          for variant in ("none", "none/deletion_vectors")]
@@ -569,13 +608,21 @@ def markdown(r):
         out += "\n"
     if r.get("B8") or r.get("B3"):
         out += ("\nThe key index and a restart (examples/flush_cost.rs: a new handle's first flush of 200 updates, "
-                "which reads every live file's keys):\n\n| storage | layout | write mode | keys | live files | "
-                "key index bytes per key | restart's first flush |\n|---|---|---|---|---|---|---|\n")
+                "reading every live file's keys, then with the saved key index; on the S3 server through a proxy "
+                "that delays each request):\n\n| storage | layout | write mode | keys | live files | "
+                "key index bytes per key | restart's first flush | with the saved index (files read) | "
+                "saved index |\n|---|---|---|---|---|---|---|---|---|\n")
         runs = [("local disk", x) for g in r.get("B3", []) for x in g["runs"]] + [("S3 server", x) for x in r.get("B8", [])]
         for storage, x in runs:
             if "restart_first_flush_seconds" in x:
+                if x.get("restart_latency_ms"):
+                    storage += f", {x['restart_latency_ms']} ms per request"
+                saved = (f"{x['restart_saved_index_first_flush_seconds']:.2f} s ({x['restart_saved_index_files_read']}) | "
+                         f"{x['saved_index_bytes'] / x['keys']:.1f} bytes/key, saved in {x['saved_index_seconds']:.2f} s"
+                         if "saved_index_bytes" in x else "| ")
                 out += (f"| {storage} | `{x['layout']}` | `{x['mode']}` | {x['keys']:,} | {x['live_files']:,} | "
-                        f"{x['index_bytes_per_key']:.1f} | {x['restart_first_flush_seconds']:.2f} s |\n")
+                        f"{x['index_bytes_per_key']:.1f} | {x['restart_first_flush_seconds']:.2f} s "
+                        f"({x.get('restart_files_read', '')}) | {saved} |\n")
         out += "\n"
     if "B4" in r:
         b4 = r["B4"]
@@ -651,8 +698,9 @@ def report(r):
                    f"largest / smallest {g['ratio']:.2f}")
     for x in r.get("B8", []):
         out.append(f"B8 (S3 server, {x['layout']}, {x['mode']}): {x['keys']} keys in {x['live_files']} files: key index "
-                   f"{x['index_bytes_per_key']:.1f} bytes/key; restart's first flush {x['restart_first_flush_seconds']:.2f} s; "
-                   f"10k flush {x['median_flush_seconds'] * 1000:.0f} ms")
+                   f"{x['index_bytes_per_key']:.1f} bytes/key; restart's first flush {x['restart_first_flush_seconds']:.2f} s, "
+                   f"{x.get('restart_saved_index_first_flush_seconds', 0):.2f} s with the saved index "
+                   f"({x.get('restart_latency_ms')} ms per request); 10k flush {x['median_flush_seconds'] * 1000:.0f} ms")
     for g in r.get("B3", []):
         for x in g["runs"]:
             out.append(f"B3 restart ({g['layout']}, {g['mode']}, {x['keys']} keys, {x.get('live_files')} files): key index "

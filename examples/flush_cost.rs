@@ -2,7 +2,8 @@
 //! worker's own write path (no Kafka): flushes of 10k random keys, then a sparse stream
 //! of flushes of 100 random keys; then the memory the key index takes per key, and a
 //! restart: a new handle's first flush of 200 updates, which builds the key index from
-//! the table. Prints one JSON line per table size.
+//! the table's files, and one that reads the saved key index instead. Prints one JSON
+//! line per table size.
 //!
 //! Usage: flush_cost DIR LAYOUT(symbol|none) MODE(copy_on_write|deletion_vectors) SYMBOLS KEYS...
 //! (DIR may be `s3://bucket/prefix`, with the `AWS_*` variables of the object store.)
@@ -131,16 +132,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }));
         }
         let (index_bytes, index_keys) = table.key_index_footprint().await;
-        // A restart: a new handle (an empty key index) and its first flush of 200 updates.
         drop(table);
-        let restarted = Instant::now();
-        let table = PositionTable::open_or_create(&config, "bench").await?;
-        let rows = (0..RESTART_FLUSH as i64).map(|i| {
-            offset += 1;
-            row((i * 7919) % keys, symbols, 3_000_000, offset)
-        });
-        table.write(&batch(rows.collect())).await?;
-        let restart_first_flush_seconds = restarted.elapsed().as_secs_f64();
+        // Restarts, each a new handle (an empty key index) and its first flush of 200
+        // updates, through FLUSH_COST_RESTART_ENDPOINT when set (the same object store
+        // behind a proxy that delays each request): first with no saved key index (it
+        // reads every live file's keys), then with the index that handle saved.
+        let mut restart_config = config.clone();
+        if let Ok(endpoint) = std::env::var("FLUSH_COST_RESTART_ENDPOINT") {
+            restart_config.storage_options.0.insert("AWS_ENDPOINT_URL".into(), endpoint);
+        }
+        let restart = |offset: &mut i64| {
+            let config = restart_config.clone();
+            let rows: Vec<PositionUpdate> = (0..RESTART_FLUSH as i64)
+                .map(|i| {
+                    *offset += 1;
+                    row((i * 7919) % keys, symbols, 3_000_000 + *offset, *offset)
+                })
+                .collect();
+            async move {
+                let started = Instant::now();
+                let table = PositionTable::open_or_create(&config, "bench").await?;
+                let (table, report) = table.write(&batch(rows)).await?;
+                Ok::<_, Box<dyn std::error::Error>>((table, report.index_files_read, started.elapsed().as_secs_f64()))
+            }
+        };
+        let (table, files_read_without, restart_first_flush_seconds) = restart(&mut offset).await?;
+        let saving = Instant::now();
+        let saved = table.save_key_index().await?.ok_or("no key index to save")?;
+        let save_seconds = saving.elapsed().as_secs_f64();
+        drop(table);
+        let (table, files_read_with, restart_saved_index_first_flush_seconds) = restart(&mut offset).await?;
         let live_files = table.delta().snapshot()?.log_data().num_files();
         let median = |sparse: bool| {
             let mut seconds: Vec<f64> = flushes
@@ -159,6 +180,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "median_sparse_flush_seconds": median(true), "row_bytes": row_bytes,
                 "index_bytes_per_key": index_bytes as f64 / index_keys.max(1) as f64, "index_keys": index_keys,
                 "restart_first_flush_seconds": restart_first_flush_seconds, "live_files": live_files,
+                "restart_files_read": files_read_without,
+                "restart_saved_index_first_flush_seconds": restart_saved_index_first_flush_seconds,
+                "restart_saved_index_files_read": files_read_with, "saved_index_bytes": saved.bytes,
+                "saved_index_seconds": save_seconds,
+                "restart_latency_ms": std::env::var("FLUSH_COST_RESTART_LATENCY_MS").ok(),
                 "flushes": flushes,
             })
         );
