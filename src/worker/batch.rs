@@ -40,8 +40,17 @@ impl Limits {
 pub struct Buffer {
     keys: Vec<KeyColumn>,
     limits: Limits,
-    /// The newest update per key, with its payload's size.
-    rows: HashMap<RowKey, (PositionUpdate, usize), foldhash::fast::RandomState>,
+    /// Where each key's newest update is in `rows`: a small entry (the conid, the number
+    /// of the key's other columns' values, a row number), so the map stays in cache
+    /// and an update is moved once, into `rows`.
+    slots: HashMap<(i64, u32), u32, foldhash::fast::RandomState>,
+    /// The other key columns' values of the keys (when the key has more than `conid`),
+    /// by number (from 1; 0: none).
+    rests: HashMap<RowKey, u32, foldhash::fast::RandomState>,
+    /// The newest update per key.
+    rows: Vec<PositionUpdate>,
+    /// The payload size of each of `rows`.
+    sizes: Vec<usize>,
     /// Every accepted update, in consumption order, with its payload's size: kept only
     /// when the history is written.
     every: Option<Vec<(Entry, usize)>>,
@@ -127,7 +136,10 @@ impl Buffer {
         Self {
             keys,
             limits,
-            rows: HashMap::default(),
+            slots: HashMap::default(),
+            rests: HashMap::default(),
+            rows: Vec::new(),
+            sizes: Vec::new(),
             every: keep_every.then(Vec::new),
             dead_letters: Vec::new(),
             offsets: OffsetMap::default(),
@@ -156,17 +168,37 @@ impl Buffer {
             every.push((Entry { update: update.clone(), kafka_timestamp_millis: kafka_time }, size));
             self.bytes += size;
         }
-        let key = update.key(&self.keys);
-        match self.rows.get_mut(&key) {
-            Some(current) if update.supersedes(&current.0) => {
-                self.bytes = self.bytes - current.1 + size;
-                *current = (update, size);
+        let key = (update.conid, self.rest_of(&update, true));
+        match self.slots.entry(key) {
+            std::collections::hash_map::Entry::Occupied(slot) => {
+                let at = *slot.get() as usize;
+                if update.supersedes(&self.rows[at]) {
+                    self.bytes = self.bytes - self.sizes[at] + size;
+                    self.rows[at] = update;
+                    self.sizes[at] = size;
+                }
             }
-            Some(_) => {}
-            None => {
+            std::collections::hash_map::Entry::Vacant(slot) => {
                 self.bytes += size;
-                self.rows.insert(key, (update, size));
+                slot.insert(self.rows.len() as u32);
+                self.rows.push(update);
+                self.sizes.push(size);
             }
+        }
+    }
+
+    /// The number of `update`'s other key columns' values (0 for a `conid` key), given
+    /// one on first use when `numbering`.
+    fn rest_of(&mut self, update: &PositionUpdate, numbering: bool) -> u32 {
+        if self.keys.iter().all(|k| *k == KeyColumn::Conid) {
+            return 0;
+        }
+        let mut rest = update.key(&self.keys);
+        rest.conid = 0;
+        let next = self.rests.len() as u32 + 1;
+        match numbering {
+            true => *self.rests.entry(rest).or_insert(next),
+            false => self.rests.get(&rest).copied().unwrap_or_default(),
         }
     }
 
@@ -227,7 +259,16 @@ impl Buffer {
         if revoked.is_empty() {
             return;
         }
-        self.rows.retain(|_, (u, _)| !revoked.contains(&u.source.tp));
+        let kept: Vec<bool> = self.rows.iter().map(|u| !revoked.contains(&u.source.tp)).collect();
+        let mut keep = kept.iter();
+        self.rows.retain(|_| *keep.next().unwrap_or(&true));
+        let mut keep = kept.iter();
+        self.sizes.retain(|_| *keep.next().unwrap_or(&true));
+        self.slots.clear();
+        for i in 0..self.rows.len() {
+            let rest = self.rest_of(&self.rows[i].clone(), false);
+            self.slots.insert((self.rows[i].conid, rest), i as u32);
+        }
         self.dead_letters.retain(|d| !revoked.contains(&d.source.tp));
         if let Some(every) = &mut self.every {
             every.retain(|(e, _)| !revoked.contains(&e.update.source.tp));
@@ -235,7 +276,7 @@ impl Buffer {
         for tp in revoked {
             self.offsets.remove(tp);
         }
-        self.bytes = self.rows.values().map(|(_, size)| size).sum::<usize>()
+        self.bytes = self.sizes.iter().sum::<usize>()
             + self.dead_letters.iter().map(DeadLetter::size).sum::<usize>()
             + self.every.iter().flatten().map(|(_, size)| size).sum::<usize>();
         if self.offsets.is_empty() {
@@ -247,8 +288,10 @@ impl Buffer {
 
     /// Hands over the buffered batch and starts an empty one.
     pub fn take(&mut self) -> Batch {
+        // The next batch is likely as large: room for it now, not by doubling as it grows.
+        let held = self.rows.len();
         let batch = Batch {
-            rows: self.rows.drain().map(|(_, (u, _))| u).collect(),
+            rows: std::mem::replace(&mut self.rows, Vec::with_capacity(held)),
             dead_letters: std::mem::take(&mut self.dead_letters),
             offsets: std::mem::take(&mut self.offsets),
             messages: self.messages,
@@ -256,6 +299,9 @@ impl Buffer {
             history: self.every.as_mut().map(|every| every.drain(..).map(|(e, _)| e).collect()).unwrap_or_default(),
             ingested_at_micros: chrono::Utc::now().timestamp_micros(),
         };
+        self.sizes.clear();
+        self.slots.clear();
+        self.rests.clear();
         self.messages = 0;
         self.read_bytes = 0;
         self.bytes = 0;
@@ -370,6 +416,28 @@ mod tests {
         let mut off = buffer();
         off.push(update(1, "A", 1, 0, 1), 10, None);
         assert!(off.take().history.is_empty(), "no history kept when it is off");
+    }
+
+    #[test]
+    fn with_more_key_columns_each_combination_is_a_row_also_after_a_partition_is_dropped() {
+        let keys = vec![KeyColumn::Conid, KeyColumn::Account];
+        let mut b = Buffer::new(keys, Limits { max_records: 100, max_bytes: 1000 }, false);
+        let with = |account: &str, ts, partition, offset| {
+            let mut u = update(1, "A", ts, partition, offset);
+            u.account = Some(account.into());
+            u
+        };
+        b.push(with("U1", 1, 0, 1), 10, None);
+        b.push(with("U2", 1, 1, 1), 10, None);
+        b.push(with("U3", 1, 0, 2), 10, None);
+        b.drop_partitions(&[TopicPartition::new("positions", 0)]);
+        b.push(with("U2", 5, 1, 2), 10, None);
+        b.push(with("U2", 3, 1, 3), 10, None);
+        b.push(with("U1", 2, 1, 4), 10, None);
+        let mut rows: Vec<(String, i64)> =
+            b.take().rows.into_iter().map(|u| (u.account.unwrap_or_default(), u.timestamp_micros)).collect();
+        rows.sort();
+        assert_eq!(rows, [("U1".to_string(), 2), ("U2".to_string(), 5)]);
     }
 
     #[test]

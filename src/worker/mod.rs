@@ -365,6 +365,7 @@ impl Worker {
                 self.handle(received).await?;
             }
         }
+        self.progress.observe_buffered_bytes(self.buffer.bytes());
         Ok(())
     }
 
@@ -395,7 +396,6 @@ impl Worker {
                 }
             },
         }
-        self.progress.observe_buffered_bytes(self.buffer.bytes());
         Ok(())
     }
 
