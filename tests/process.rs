@@ -1,4 +1,5 @@
-//! The binary as a user runs it: SIGTERM mid-window flushes, commits and exits 0.
+//! The binary as a user runs it: SIGTERM mid-window flushes, commits, saves the key
+//! index and exits 0; the next start reads that index.
 //! (SIGKILL at random moments is the kill loop of `tests/faults.rs`.)
 
 mod common;
@@ -38,4 +39,28 @@ async fn sigterm_mid_window_flushes_commits_and_exits_zero() {
     assert!(exit.success(), "SIGTERM exit status {exit}");
     assert_table_matches(&read_table(&table).await, &model(&produced));
     assert_eq!(committed_offsets(&group, &topic, 2), end_offsets(&produced, 2));
+
+    // The stop saved the key index; the next start reads it before its first flush
+    // instead of every file's keys, and the table stays exact.
+    let saved = table.join(position_sink::table::saved_index::OBJECT);
+    assert!(saved.exists(), "the key index was not saved at shutdown");
+    let mut produced = produced;
+    produced.extend(produce(&topic, &sample(300, 60, 44), None).await);
+    config.flush.interval = Duration::from_millis(500);
+    let config_file = write_config_file(dir.path(), &config);
+    let file = config_file.display().to_string();
+    let (mut child, loaded) =
+        spawn_binary(&["run", "--config", &file], &[], "warn,position_sink::table=info", "read the saved key index");
+    let read =
+        tokio::task::spawn_blocking(move || loaded.recv_timeout(Duration::from_secs(90)).is_ok()).await.expect("join");
+    assert!(read, "the restarted worker did not read the saved key index within 90 s");
+    let ends = end_offsets(&produced, 2);
+    wait_until(Duration::from_secs(90), "the new messages committed", async || {
+        committed_offsets(&group, &topic, 2) == ends
+    })
+    .await;
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "SIGTERM exit status {exit}");
+    assert_table_matches(&read_table(&table).await, &model(&produced));
 }

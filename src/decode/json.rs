@@ -102,6 +102,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for Raw<'a> {
 }
 
 fn parse_fields(text: &str) -> Result<Fields<'_>, Rejection> {
+    if let Some(fields) = scan_flat(text.as_bytes()) {
+        return Ok(fields);
+    }
+    parse_fields_fully(text)
+}
+
+/// [`parse_fields`] by serde_json: every JSON text, and the reason for what is not JSON.
+fn parse_fields_fully(text: &str) -> Result<Fields<'_>, Rejection> {
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<IgnoredAny>(text) {
             Ok(_) => Rejection::NotAnObject,
@@ -109,6 +117,138 @@ fn parse_fields(text: &str) -> Result<Fields<'_>, Rejection> {
         });
     }
     serde_json::from_str::<Fields>(text).map_err(|e| json_error(text, &e))
+}
+
+/// The fields of the JSON object `text` by a single pass over its bytes, for the texts
+/// producers write: one flat object whose strings have no escapes and whose values are
+/// strings, numbers, booleans or null. `None` for anything else (an escape, a nested
+/// value, a control character, a large integer, a syntax error), which serde_json then
+/// parses and explains ([`parse_fields_fully`]). What it returns is what serde_json
+/// would: the same values, numbers of the same kind, the same duplicate rule
+/// (`tests::the_fast_path_agrees_with_serde_json` compares both).
+fn scan_flat(text: &[u8]) -> Option<Fields<'_>> {
+    let mut at = skip_space(text, 0);
+    if text.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = skip_space(text, at + 1);
+    let mut fields = Fields::default();
+    if text.get(at) == Some(&b'}') {
+        return (skip_space(text, at + 1) == text.len()).then_some(fields);
+    }
+    loop {
+        let (key, next) = scan_string(text, at)?;
+        at = skip_space(text, next);
+        if text.get(at) != Some(&b':') {
+            return None;
+        }
+        at = skip_space(text, at + 1);
+        let (value, next) = scan_value(text, at)?;
+        if let Some(index) = FIELD_NAMES.iter().position(|known| *known == key) {
+            match &fields.slots[index] {
+                Some(first) if *first != value => {
+                    fields.duplicate.get_or_insert(FIELD_NAMES[index]);
+                }
+                Some(_) => {}
+                None => fields.slots[index] = Some(value),
+            }
+        }
+        at = skip_space(text, next);
+        match text.get(at) {
+            Some(b',') => at = skip_space(text, at + 1),
+            Some(b'}') => return (skip_space(text, at + 1) == text.len()).then_some(fields),
+            _ => return None,
+        }
+    }
+}
+
+/// The first byte at or after `at` that is not JSON whitespace.
+fn skip_space(text: &[u8], mut at: usize) -> usize {
+    while text.get(at).is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+        at += 1;
+    }
+    at
+}
+
+/// A string without escapes or control characters starting at `at` (its opening
+/// quote), and the byte after its closing quote.
+fn scan_string(text: &[u8], at: usize) -> Option<(&str, usize)> {
+    if text.get(at) != Some(&b'"') {
+        return None;
+    }
+    let start = at + 1;
+    let length = text.get(start..)?.iter().position(|b| matches!(b, b'"' | b'\\') || *b < 0x20)?;
+    let end = start + length;
+    if text[end] != b'"' {
+        return None;
+    }
+    // The text is UTF-8 and the quotes are ASCII: the bytes between them are whole characters.
+    Some((std::str::from_utf8(&text[start..end]).ok()?, end + 1))
+}
+
+/// A string, number, boolean or null starting at `at`, and the byte after it.
+fn scan_value(text: &[u8], at: usize) -> Option<(Raw<'_>, usize)> {
+    let literal = |word: &[u8], value: Raw<'static>| {
+        text.get(at..at + word.len()).filter(|found| *found == word).map(|_| (value, at + word.len()))
+    };
+    match text.get(at)? {
+        b'"' => scan_string(text, at).map(|(s, next)| (Raw::Str(Cow::Borrowed(s)), next)),
+        b't' => literal(b"true", Raw::Bool(true)),
+        b'f' => literal(b"false", Raw::Bool(false)),
+        b'n' => literal(b"null", Raw::Null),
+        b'-' | b'0'..=b'9' => scan_number(text, at),
+        _ => None,
+    }
+}
+
+/// A JSON number starting at `at`: an integer of at most 18 digits as serde_json holds
+/// it (non-negative: unsigned; negative: signed), anything with a fraction or an
+/// exponent parsed by serde_json itself, so that the float is the same to the bit.
+fn scan_number(text: &[u8], at: usize) -> Option<(Raw<'_>, usize)> {
+    let digits =
+        |from: usize| text.get(from..).map_or(0, |rest| rest.iter().take_while(|b| b.is_ascii_digit()).count());
+    let negative = text[at] == b'-';
+    let int_start = at + usize::from(negative);
+    let int_digits = digits(int_start);
+    if int_digits == 0 || (int_digits > 1 && text[int_start] == b'0') {
+        return None;
+    }
+    let mut end = int_start + int_digits;
+    let mut integral = true;
+    if text.get(end) == Some(&b'.') {
+        let fraction = digits(end + 1);
+        if fraction == 0 {
+            return None;
+        }
+        end += 1 + fraction;
+        integral = false;
+    }
+    if matches!(text.get(end), Some(b'e' | b'E')) {
+        end += 1;
+        if matches!(text.get(end), Some(b'+' | b'-')) {
+            end += 1;
+        }
+        let exponent = digits(end);
+        if exponent == 0 {
+            return None;
+        }
+        end += exponent;
+        integral = false;
+    }
+    let token = std::str::from_utf8(&text[at..end]).ok()?;
+    let number = if integral && int_digits <= 18 {
+        let magnitude: u64 = token.trim_start_matches('-').parse().ok()?;
+        if negative && magnitude == 0 {
+            // serde_json reads `-0` as the float -0.0.
+            return None;
+        }
+        if negative { serde_json::Number::from(-(magnitude as i64)) } else { serde_json::Number::from(magnitude) }
+    } else if integral {
+        return None;
+    } else {
+        serde_json::Number::from_f64(serde_json::from_str::<f64>(token).ok()?)?
+    };
+    Some((Raw::Number(number), end))
 }
 
 /// Tokens producers write for non-finite floats; JSON has none of them.
@@ -335,4 +475,89 @@ fn wrong_type(field: &'static str, expected: &'static str, found: &Raw<'_>) -> R
         Raw::Nested(_) => "an object".to_string(),
     };
     Rejection::WrongType { field, expected, found }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::offsets::{Offset, TopicPartition};
+    use crate::sample::{SampleSpec, generate};
+
+    fn at() -> Coordinates {
+        Coordinates { tp: TopicPartition::new("positions", 0), offset: Offset(1) }
+    }
+
+    /// What serde_json makes of `text`, and what the fast path makes of it if it takes it.
+    fn both(text: &str) -> (Result<PositionUpdate, Rejection>, Option<Result<PositionUpdate, Rejection>>) {
+        let full = parse_fields_fully(text).and_then(|f| f.into_update(at()));
+        let fast = scan_flat(text.as_bytes()).map(|f| f.into_update(at()));
+        (full, fast)
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_serde_json() {
+        let mut texts: Vec<String> = generate(SampleSpec { count: 3000, bad_percent: 20, ..SampleSpec::default() })
+            .into_iter()
+            .filter_map(|m| String::from_utf8(m.value).ok())
+            .collect();
+        texts.extend(
+            [
+                r#"{}"#,
+                r#" { "conid" : 1 , "symbol" : "A" , "position" : -0 , "timestamp" : 5 } "#,
+                r#"{"conid":-0,"symbol":"A","position":1,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":1,"timestamp":-0}"#,
+                r#"{"conid":1,"symbol":"A","position":-0.0,"timestamp":1e3}"#,
+                r#"{"conid":1,"symbol":"A","position":1.5e400,"timestamp":1}"#,
+                r#"{"conid":18446744073709551615,"symbol":"A","position":1,"timestamp":1}"#,
+                r#"{"conid":999999999999999999,"symbol":"A","position":0.1,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","symbol":"A","position":1,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":1,"position":1.0,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A\u0042","position":1,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":01,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":1.,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":NaN,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":1,"timestamp":1,}"#,
+                r#"{"conid":1,"symbol":"A","position":1,"timestamp":1}x"#,
+                r#"{"conid":true,"symbol":null,"position":"1","timestamp":[1]}"#,
+                "{\"conid\":1,\"symbol\":\"A\tB\",\"position\":1,\"timestamp\":1}",
+            ]
+            .map(String::from),
+        );
+        // Every valid message, and each cut short and with one byte changed, here and there.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut random = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        };
+        let bytes = b"{}[]\":,.-+eE0123456789 \\tnul";
+        let mut mutated = Vec::new();
+        for text in &texts {
+            for _ in 0..6 {
+                let mut b = text.clone().into_bytes();
+                match random(3) {
+                    0 => b.truncate(random(b.len())),
+                    1 if !b.is_empty() => {
+                        let i = random(b.len());
+                        b[i] = bytes[random(bytes.len())];
+                    }
+                    _ => b.insert(random(b.len()), bytes[random(bytes.len())]),
+                }
+                if let Ok(t) = String::from_utf8(b) {
+                    mutated.push(t);
+                }
+            }
+        }
+        texts.extend(mutated);
+        let mut taken = 0;
+        for text in &texts {
+            let (full, fast) = both(text);
+            if let Some(fast) = fast {
+                taken += 1;
+                assert_eq!(fast, full, "{text}");
+            }
+        }
+        assert!(taken > texts.len() / 3, "the fast path took {taken} of {} texts", texts.len());
+    }
 }

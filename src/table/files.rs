@@ -63,23 +63,15 @@ impl PositionTable {
                 }
             })
             .collect();
-        on_threads(writes).await.map_err(&write_err)
+        let largest = files.iter().map(|f| f.rows.get_array_memory_size() as u64).max().unwrap_or(0);
+        on_threads_sized(writes, largest).await.map_err(&write_err)
     }
 }
 
-/// Runs `tasks` on the runtime's threads, a few at a time (parquet encoding and
-/// decoding are CPU work), and returns their results in order.
-pub(super) async fn on_threads<T, F>(tasks: Vec<F>) -> Result<Vec<T>, DeltaTableError>
-where
-    T: Send + 'static,
-    F: Future<Output = Result<T, DeltaTableError>> + Send + 'static,
-{
-    on_threads_by(tasks, std::thread::available_parallelism().map_or(2, |n| n.get()) * 2).await
-}
-
-/// [`on_threads`] for tasks that mostly wait on storage (reading the keys of many
-/// small files from an object store): more of them at a time, so a restart's first
-/// read of thousands of files is not a queue of round trips.
+/// Runs `tasks` on the runtime's threads and returns their results in order, many at a
+/// time: for tasks that mostly wait on storage (reading the keys of many small files
+/// from an object store), so a restart's first read of thousands of files is not a
+/// queue of round trips.
 pub(super) async fn on_threads_io<T, F>(tasks: Vec<F>) -> Result<Vec<T>, DeltaTableError>
 where
     T: Send + 'static,
@@ -90,6 +82,24 @@ where
 
 /// Reads of key columns in flight at once (each holds one file's bytes).
 const IO_READS_AT_ONCE: usize = 32;
+
+/// Bytes of the files read or written at once, at most (their parquet bytes when read,
+/// their rows in memory when written), beyond one file at a time per thread.
+const BYTES_AT_ONCE: u64 = 64 << 20;
+
+/// [`on_threads_io`] for reads or writes of whole files of at most `largest` bytes: as many
+/// at a time as [`BYTES_AT_ONCE`] allows, up to [`IO_READS_AT_ONCE`], so that small
+/// files (the `symbol` layout at thousands of symbols) are not a queue of round trips
+/// to a store tens of milliseconds away, and large ones do not hold much memory at once.
+pub(super) async fn on_threads_sized<T, F>(tasks: Vec<F>, largest: u64) -> Result<Vec<T>, DeltaTableError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, DeltaTableError>> + Send + 'static,
+{
+    let cpu = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let by_size = (BYTES_AT_ONCE / largest.max(1)) as usize;
+    on_threads_by(tasks, by_size.clamp(cpu, IO_READS_AT_ONCE.max(cpu))).await
+}
 
 async fn on_threads_by<T, F>(tasks: Vec<F>, width: usize) -> Result<Vec<T>, DeltaTableError>
 where

@@ -721,11 +721,13 @@ impl PositionTable {
         let snapshot = self.table.snapshot().map_err(&read_err)?;
         let by_path: HashMap<&str, (FileId, &key_index::IndexedFile)> =
             touched.iter().filter_map(|id| index.file(*id).map(|f| (f.path.as_str(), (*id, f)))).collect();
+        let mut largest = 0u64;
         let wanted: Vec<(FileId, FileGroup, String, Option<String>, roaring::RoaringTreemap)> = snapshot
             .log_data()
             .iter()
             .filter_map(|view| {
                 let (id, file) = *by_path.get(view.path().as_ref())?;
+                largest = largest.max(view.size().max(0) as u64);
                 let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
                 let deleted = hiding.get(&id).map_or_else(|| file.deleted.clone(), |more| &file.deleted | more);
                 Some((id, file.group.clone(), view.path().into_owned(), symbol, deleted))
@@ -745,7 +747,7 @@ impl PositionTable {
                 }
             })
             .collect();
-        files::on_threads(reads).await.map_err(&read_err)
+        files::on_threads_sized(reads, largest).await.map_err(&read_err)
     }
 }
 
