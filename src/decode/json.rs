@@ -102,7 +102,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Raw<'a> {
 }
 
 fn parse_fields(text: &str) -> Result<Fields<'_>, Rejection> {
-    if let Some(fields) = scan_flat(text.as_bytes()) {
+    if let Some(fields) = scan_flat(text) {
         return Ok(fields);
     }
     parse_fields_fully(text)
@@ -126,7 +126,8 @@ fn parse_fields_fully(text: &str) -> Result<Fields<'_>, Rejection> {
 /// parses and explains ([`parse_fields_fully`]). What it returns is what serde_json
 /// would: the same values, numbers of the same kind, the same duplicate rule
 /// (`tests::the_fast_path_agrees_with_serde_json` compares both).
-fn scan_flat(text: &[u8]) -> Option<Fields<'_>> {
+fn scan_flat(json: &str) -> Option<Fields<'_>> {
+    let text = json.as_bytes();
     let mut at = skip_space(text, 0);
     if text.get(at) != Some(&b'{') {
         return None;
@@ -137,13 +138,13 @@ fn scan_flat(text: &[u8]) -> Option<Fields<'_>> {
         return (skip_space(text, at + 1) == text.len()).then_some(fields);
     }
     loop {
-        let (key, next) = scan_string(text, at)?;
+        let (key, next) = scan_string(json, at)?;
         at = skip_space(text, next);
         if text.get(at) != Some(&b':') {
             return None;
         }
         at = skip_space(text, at + 1);
-        let (value, next) = scan_value(text, at)?;
+        let (value, next) = scan_value(json, at)?;
         if let Some(index) = FIELD_NAMES.iter().position(|known| *known == key) {
             match &fields.slots[index] {
                 Some(first) if *first != value => {
@@ -172,7 +173,8 @@ fn skip_space(text: &[u8], mut at: usize) -> usize {
 
 /// A string without escapes or control characters starting at `at` (its opening
 /// quote), and the byte after its closing quote.
-fn scan_string(text: &[u8], at: usize) -> Option<(&str, usize)> {
+fn scan_string(json: &str, at: usize) -> Option<(&str, usize)> {
+    let text = json.as_bytes();
     if text.get(at) != Some(&b'"') {
         return None;
     }
@@ -182,17 +184,18 @@ fn scan_string(text: &[u8], at: usize) -> Option<(&str, usize)> {
     if text[end] != b'"' {
         return None;
     }
-    // The text is UTF-8 and the quotes are ASCII: the bytes between them are whole characters.
-    Some((std::str::from_utf8(&text[start..end]).ok()?, end + 1))
+    // The quotes are ASCII, so both ends lie between characters.
+    Some((json.get(start..end)?, end + 1))
 }
 
 /// A string, number, boolean or null starting at `at`, and the byte after it.
-fn scan_value(text: &[u8], at: usize) -> Option<(Raw<'_>, usize)> {
+fn scan_value(json: &str, at: usize) -> Option<(Raw<'_>, usize)> {
+    let text = json.as_bytes();
     let literal = |word: &[u8], value: Raw<'static>| {
         text.get(at..at + word.len()).filter(|found| *found == word).map(|_| (value, at + word.len()))
     };
     match text.get(at)? {
-        b'"' => scan_string(text, at).map(|(s, next)| (Raw::Str(Cow::Borrowed(s)), next)),
+        b'"' => scan_string(json, at).map(|(s, next)| (Raw::Str(Cow::Borrowed(s)), next)),
         b't' => literal(b"true", Raw::Bool(true)),
         b'f' => literal(b"false", Raw::Bool(false)),
         b'n' => literal(b"null", Raw::Null),
@@ -201,12 +204,19 @@ fn scan_value(text: &[u8], at: usize) -> Option<(Raw<'_>, usize)> {
     }
 }
 
-/// A JSON number starting at `at`: an integer of at most 18 digits as serde_json holds
-/// it (non-negative: unsigned; negative: signed), anything with a fraction or an
-/// exponent parsed by serde_json itself, so that the float is the same to the bit.
+/// Significant digits at most in a number the fast path reads: their value fits a
+/// `u64` with room, as serde_json accumulates it.
+const MAX_DIGITS: usize = 18;
+
+/// A JSON number starting at `at`, as serde_json reads it: an integer as an unsigned
+/// (non-negative) or signed (negative) number; with a fraction or an exponent, all its
+/// digits as one integer and a power of ten, the float being that integer times or
+/// divided by the power of ten (serde_json's arithmetic without `float_roundtrip`, so
+/// the same to the bit). Longer numbers, `-0`, and powers past 10^308 go to serde_json.
 fn scan_number(text: &[u8], at: usize) -> Option<(Raw<'_>, usize)> {
     let digits =
         |from: usize| text.get(from..).map_or(0, |rest| rest.iter().take_while(|b| b.is_ascii_digit()).count());
+    let value = |from: usize, n: usize| text[from..from + n].iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
     let negative = text[at] == b'-';
     let int_start = at + usize::from(negative);
     let int_digits = digits(int_start);
@@ -214,42 +224,58 @@ fn scan_number(text: &[u8], at: usize) -> Option<(Raw<'_>, usize)> {
         return None;
     }
     let mut end = int_start + int_digits;
+    let mut significand_digits = int_digits;
+    let mut significand = if int_digits <= MAX_DIGITS { value(int_start, int_digits) } else { return None };
+    let mut exponent: i32 = 0;
     let mut integral = true;
     if text.get(end) == Some(&b'.') {
         let fraction = digits(end + 1);
-        if fraction == 0 {
+        significand_digits += fraction;
+        if fraction == 0 || significand_digits > MAX_DIGITS {
             return None;
         }
+        significand = significand * 10u64.pow(fraction as u32) + value(end + 1, fraction);
+        exponent = -(fraction as i32);
         end += 1 + fraction;
         integral = false;
     }
     if matches!(text.get(end), Some(b'e' | b'E')) {
         end += 1;
-        if matches!(text.get(end), Some(b'+' | b'-')) {
-            end += 1;
-        }
-        let exponent = digits(end);
-        if exponent == 0 {
+        let sign = match text.get(end) {
+            Some(b'-') => -1,
+            Some(b'+') => 1,
+            _ => 0,
+        };
+        end += usize::from(sign != 0);
+        let written = digits(end);
+        if written == 0 || written > 3 {
             return None;
         }
-        end += exponent;
+        exponent += if sign < 0 { -1 } else { 1 } * value(end, written) as i32;
+        end += written;
         integral = false;
     }
-    let token = std::str::from_utf8(&text[at..end]).ok()?;
-    let number = if integral && int_digits <= 18 {
-        let magnitude: u64 = token.trim_start_matches('-').parse().ok()?;
-        if negative && magnitude == 0 {
+    let number = if integral {
+        match negative {
             // serde_json reads `-0` as the float -0.0.
+            true if significand == 0 => return None,
+            true => serde_json::Number::from(-(significand as i64)),
+            false => serde_json::Number::from(significand),
+        }
+    } else {
+        let power = *POWERS_OF_TEN.get(exponent.unsigned_abs() as usize)?;
+        let magnitude = if exponent >= 0 { significand as f64 * power } else { significand as f64 / power };
+        if magnitude.is_infinite() {
             return None;
         }
-        if negative { serde_json::Number::from(-(magnitude as i64)) } else { serde_json::Number::from(magnitude) }
-    } else if integral {
-        return None;
-    } else {
-        serde_json::Number::from_f64(serde_json::from_str::<f64>(token).ok()?)?
+        serde_json::Number::from_f64(if negative { -magnitude } else { magnitude })?
     };
     Some((Raw::Number(number), end))
 }
+
+/// 10^0 ..= 10^308 as floats, each the nearest to its power, as serde_json's table holds them.
+static POWERS_OF_TEN: std::sync::LazyLock<Vec<f64>> =
+    std::sync::LazyLock::new(|| (0..=308).map(|n| format!("1e{n}").parse().unwrap_or(f64::INFINITY)).collect());
 
 /// Tokens producers write for non-finite floats; JSON has none of them.
 const NON_FINITE_TOKENS: [&str; 7] = ["NaN", "-NaN", "Infinity", "-Infinity", "+Infinity", "inf", "-inf"];
@@ -490,7 +516,7 @@ mod tests {
     /// What serde_json makes of `text`, and what the fast path makes of it if it takes it.
     fn both(text: &str) -> (Result<PositionUpdate, Rejection>, Option<Result<PositionUpdate, Rejection>>) {
         let full = parse_fields_fully(text).and_then(|f| f.into_update(at()));
-        let fast = scan_flat(text.as_bytes()).map(|f| f.into_update(at()));
+        let fast = scan_flat(text).map(|f| f.into_update(at()));
         (full, fast)
     }
 
@@ -520,6 +546,14 @@ mod tests {
                 r#"{"conid":1,"symbol":"A","position":1,"timestamp":1}x"#,
                 r#"{"conid":true,"symbol":null,"position":"1","timestamp":[1]}"#,
                 "{\"conid\":1,\"symbol\":\"A\tB\",\"position\":1,\"timestamp\":1}",
+                r#"{"conid":1,"symbol":"A","position":1.7976931348623157e308,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":2e308,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":4.9e-324,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":1e-400,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":12345678901234567.5,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":0.30000000000000004,"timestamp":1}"#,
+                r#"{"conid":1,"symbol":"A","position":-123.456E+2,"timestamp":1.0}"#,
+                r#"{"conid":1,"symbol":"A","position":9007199254740993.0,"timestamp":1}"#,
             ]
             .map(String::from),
         );
@@ -550,6 +584,30 @@ mod tests {
             }
         }
         texts.extend(mutated);
+        // Numbers of every shape: sign, integer digits, fraction, exponent.
+        for _ in 0..20_000 {
+            let digits = |n: usize, random: &mut dyn FnMut(usize) -> usize| -> String {
+                (0..n).map(|_| char::from(b'0' + random(10) as u8)).collect()
+            };
+            let mut number = String::new();
+            if random(2) == 0 {
+                number.push('-');
+            }
+            let int_digits = 1 + random(20);
+            number += &digits(int_digits, &mut random);
+            if random(2) == 0 {
+                number.push('.');
+                let n = 1 + random(20);
+                number += &digits(n, &mut random);
+            }
+            if random(3) == 0 {
+                number.push(['e', 'E'][random(2)]);
+                number += ["", "+", "-"][random(3)];
+                let n = 1 + random(4);
+                number += &digits(n, &mut random);
+            }
+            texts.push(format!(r#"{{"conid":1,"symbol":"A","position":{number},"timestamp":1}}"#));
+        }
         let mut taken = 0;
         for text in &texts {
             let (full, fast) = both(text);
