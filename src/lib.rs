@@ -16,7 +16,9 @@
 //!  dead letters → Delta table (append + txn offsets)          dead_letter/table.rs
 //!    ▼
 //!  Arrow record batch → merge into the files holding its keys  table/ (schema, key_index,
-//!    (LWW) → one Delta commit: removes + adds + txn offsets      merge, files, commit)
+//!    (LWW) → one Delta commit: removes + adds + txn offsets      merge, files, commit;
+//!                                                                saved_index: the key index
+//!                                                                beside the table)
 //!    ▼
 //!  Kafka offset commit (after the Delta commits)              worker/commit.rs
 //!    (or, with dead letters in a Kafka topic: one Kafka transaction with the
