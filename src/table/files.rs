@@ -81,7 +81,7 @@ where
 }
 
 /// Reads of key columns in flight at once (each holds one file's bytes).
-const IO_READS_AT_ONCE: usize = 32;
+pub(super) const IO_READS_AT_ONCE: usize = 32;
 
 /// Bytes of the files read or written at once, at most (their parquet bytes when read,
 /// their rows in memory when written), beyond one file at a time per thread.

@@ -98,6 +98,9 @@ pub struct KeyIndex {
     next_id: FileId,
     /// The table version whose live files it was last brought to (`None`: never).
     version: Option<u64>,
+    /// The files, with their deletion vectors, of the index last saved or read
+    /// beside the table: what a start from it would not read again.
+    saved: HashMap<String, Option<String>>,
 }
 
 /// An index in parts, as saved beside the table (`crate::table::saved_index`).
@@ -127,6 +130,20 @@ impl KeyIndex {
     /// Notes that the index now knows every live file of table version `version`.
     pub fn brought_to(&mut self, version: u64) {
         self.version = Some(version);
+    }
+
+    /// What a start from the index last saved (or read) would read to catch up: the
+    /// live files it does not know as they are now, and their rows.
+    pub fn unsaved(&self) -> (usize, usize) {
+        self.files
+            .values()
+            .filter(|f| self.saved.get(&f.path) != Some(&f.deletion_vector))
+            .fold((0, 0), |(files, rows), f| (files + 1, rows + f.rows))
+    }
+
+    /// Notes that the index holding `files` (as [`Parts::files`] lists them) was saved.
+    pub fn saved_with(&mut self, files: &[(FileId, IndexedFile)]) {
+        self.saved = files.iter().map(|(_, f)| (f.path.clone(), f.deletion_vector.clone())).collect();
     }
 
     /// The index in parts, to save; `None` if it was never brought to a version.
@@ -169,6 +186,7 @@ impl KeyIndex {
         }
         let keys = KeyStore::import(keys, rests)?;
         let mut index = KeyIndex { keys, sources, next_id, version: Some(version), ..KeyIndex::default() };
+        index.saved_with(&files);
         for (id, file) in files {
             index.by_path.insert(file.path.clone(), id);
             index.by_group.entry(file.group.clone()).or_default().insert(id);
@@ -560,6 +578,25 @@ mod tests {
         let mut unknown_source = parts;
         unknown_source.keys.sources[0] = 5;
         assert!(KeyIndex::import(unknown_source).is_err());
+    }
+
+    #[test]
+    fn unsaved_counts_what_a_start_from_the_last_saved_index_would_read() {
+        let mut index = KeyIndex::default();
+        index.source("positions", 0);
+        let a = add(&mut index, "a", group(0), [key(1), key(2)]);
+        add(&mut index, "b", group(1), [key(3)]);
+        assert_eq!(index.unsaved(), (2, 3), "nothing saved yet: every file");
+        index.brought_to(1);
+        let parts = index.export().expect("brought to a version");
+        index.saved_with(&parts.files);
+        assert_eq!(index.unsaved(), (0, 0));
+        add(&mut index, "c", group(0), [key(4), key(5), key(6)]);
+        assert_eq!(index.unsaved(), (1, 3), "a file added since");
+        index.hide_rows(a, "v1".into(), &[0u64].into_iter().collect());
+        assert_eq!(index.unsaved(), (2, 5), "a file whose deletion vector changed since");
+        let read = KeyIndex::import(parts).expect("consistent");
+        assert_eq!(read.unsaved(), (0, 0), "an index read from beside the table is saved");
     }
 
     #[test]

@@ -144,6 +144,13 @@ impl WriteReport {
     }
 }
 
+/// Files a start catches its saved key index up by, at most, before maintenance saves
+/// it again: one round of reads ([`files::on_threads_io`] reads as many at once).
+pub const CATCH_UP_FILES: usize = files::IO_READS_AT_ONCE;
+
+/// Rows of those files, at most (their keys are read in about half a second).
+pub const CATCH_UP_ROWS: usize = 1_000_000;
+
 /// A key index saved beside the table ([`PositionTable::save_key_index`]).
 #[derive(Debug, Clone, Copy)]
 pub struct SavedIndex {
@@ -570,18 +577,19 @@ impl PositionTable {
         let snapshot = self.table.snapshot().map_err(&read_err)?;
         let version = snapshot.version().max(0) as u64;
         let mut listed: Vec<(LiveFile, Option<String>, Option<DeletionVectorDescriptor>)> = Vec::new();
+        let starting = index.version().is_none();
+        // The log's row counts check a saved index: only needed when it is read.
         let mut records: HashMap<String, usize> = HashMap::new();
         for view in snapshot.log_data().iter() {
             let symbol = view.partition_values_map().remove(PARTITION_COLUMN).flatten();
             let dv = view.deletion_vector_descriptor();
             let file =
                 LiveFile { path: view.path().into_owned(), deletion_vector: dv.as_ref().map(deletion::unique_id) };
-            if let Some(n) = view.num_records() {
+            if let Some(n) = view.num_records().filter(|_| starting) {
                 records.insert(file.path.clone(), n);
             }
             listed.push((file, symbol, dv));
         }
-        let starting = index.version().is_none();
         if starting {
             *index = self.load_saved_index(version, &records).await;
         }
@@ -692,10 +700,28 @@ impl PositionTable {
         let parts = self.index.lock().await.export();
         let Some(parts) = parts else { return Ok(None) };
         let (version, keys) = (parts.version, parts.keys.len());
+        let files: Vec<_> = parts.files.clone();
         let bytes = saved_index::save(self.table.object_store(), identity, parts)
             .await
             .map_err(|e| TableError::on_write(&self.uri, 0)(DeltaTableError::Generic(e)))?;
+        self.index.lock().await.saved_with(&files);
         Ok(Some(SavedIndex { version, keys, bytes, elapsed: started.elapsed() }))
+    }
+
+    /// [`PositionTable::save_key_index`] when a start from the index saved last would
+    /// read more than a round of files to catch up ([`CATCH_UP_FILES`] files or
+    /// [`CATCH_UP_ROWS`] rows); nothing otherwise: reading them costs a start about
+    /// what reading the index would, and saving costs time on every run.
+    ///
+    /// # Errors
+    /// [`TableError::Write`] when the object cannot be written.
+    pub async fn save_key_index_if_stale(&self) -> Result<Option<SavedIndex>, TableError> {
+        let (files, rows) = self.index.lock().await.unsaved();
+        if files <= CATCH_UP_FILES && rows <= CATCH_UP_ROWS {
+            tracing::debug!(table = %self.uri, files, rows, "the saved key index is recent enough; not saved");
+            return Ok(None);
+        }
+        self.save_key_index().await
     }
 
     /// Reads every row of the touched files.

@@ -7,7 +7,9 @@
 //!   and the dead-letter table's small files binned): on the one worker that owns
 //!   partition 0 of the first topic, every `maintenance.interval`, in a task beside
 //!   the loop (it changes no live file, so it conflicts with no flush). Whoever owns
-//!   that partition after a rebalance takes it over.
+//!   that partition after a rebalance takes it over. The run ends by saving the key
+//!   index beside the table when a start from the one saved last would read more
+//!   than a round of files; every worker saves it at shutdown.
 
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ use crate::maintenance::run::Target;
 use crate::maintenance::{self, CleanReport, MaintenanceError};
 use crate::offsets::TopicPartition;
 use crate::status::Progress;
-use crate::table::{PositionTable, Thresholds};
+use crate::table::{PositionTable, SavedIndex, TableError, Thresholds};
 
 /// The table-wide run in progress, if any.
 pub(super) type Cleaning = JoinHandle<Vec<Result<CleanReport, MaintenanceError>>>;
@@ -105,7 +107,7 @@ impl super::Worker {
         let positions = self.reader.clone();
         self.cleaning = Some(tokio::spawn(async move {
             let reports = clean_tables(&targets, &progress, unreferenced, &policy).await;
-            save_key_index(&positions).await;
+            log_saved(positions.save_key_index_if_stale().await);
             reports
         }));
     }
@@ -203,15 +205,15 @@ impl Outputs {
 /// `positions` (the worker's), so the next start reads one object instead of every live
 /// file's keys; given up at `deadline` (`worker.shutdown_timeout`).
 pub(super) async fn save_key_index_until(positions: PositionTable, deadline: Instant) {
-    if tokio::time::timeout_at(deadline, save_key_index(&positions)).await.is_err() {
+    if tokio::time::timeout_at(deadline, async { log_saved(positions.save_key_index().await) }).await.is_err() {
         warn!("the key index was not saved within worker.shutdown_timeout; the next start reads the table's files");
     }
 }
 
-/// Saves the positions table's key index beside it (the worker's index, which `table`
-/// shares); a failure is logged, and the next start reads the table's files instead.
-async fn save_key_index(table: &PositionTable) {
-    match table.save_key_index().await {
+/// Logs how saving the positions table's key index went; after a failure the next
+/// start reads the table's files instead.
+fn log_saved(saved: Result<Option<SavedIndex>, TableError>) {
+    match saved {
         Ok(Some(saved)) => info!(
             version = saved.version,
             keys = saved.keys,
