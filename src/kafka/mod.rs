@@ -49,30 +49,33 @@ pub type Taken<'c> = (Generation, Result<BorrowedMessage<'c>, KafkaError>);
 
 /// `first`, and the messages already waiting in the consumer's queue behind it (up to
 /// [`READY_AT_ONCE`], and while they fit in `room`: messages and bytes), in the order
-/// the consumer returned them, each with its generation.
+/// the consumer returned them, each with its generation; and whether the queue was
+/// drained (nothing more was waiting).
 pub fn take_ready<'c>(
     consumer: &'c SinkConsumer,
     first: Result<BorrowedMessage<'c>, KafkaError>,
     room: (usize, usize),
-) -> Vec<Taken<'c>> {
+) -> (Vec<Taken<'c>>, bool) {
     use futures::FutureExt;
-    let size = |m: &Result<BorrowedMessage<'_>, KafkaError>| {
-        m.as_ref().map_or(0, |m| m.payload_len() + m.key().map_or(0, <[u8]>::len))
-    };
     let (records, bytes) = room;
-    let mut taken = size(&first);
+    let mut taken = message_size(&first);
     let mut messages = Vec::with_capacity(16);
     messages.push((consumer.context().generation(), first));
     while messages.len() < READY_AT_ONCE.min(records) && taken < bytes {
         match consumer.recv().now_or_never() {
             Some(message) => {
-                taken += size(&message);
+                taken += message_size(&message);
                 messages.push((consumer.context().generation(), message));
             }
-            None => break,
+            None => return (messages, true),
         }
     }
-    messages
+    (messages, false)
+}
+
+/// A message's key and value bytes (0 for an error).
+pub fn message_size(message: &Result<BorrowedMessage<'_>, KafkaError>) -> usize {
+    message.as_ref().map_or(0, |m| m.payload_len() + m.key().map_or(0, <[u8]>::len))
 }
 
 /// The consumer type the worker uses.

@@ -25,7 +25,7 @@ mod resume;
 use receive::Received;
 use resume::Unreadable;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -213,7 +213,7 @@ struct Worker {
     consumer: Arc<SinkConsumer>,
     /// The commit request in flight, if any (one at a time).
     committing: Option<Committing>,
-    decode_options: DecodeOptions,
+    decode_options: Arc<DecodeOptions>,
     buffer: Buffer,
     partitions: Partitions,
     /// The destinations when no flush is running.
@@ -233,9 +233,14 @@ struct Worker {
     starts_tried_at: Option<Instant>,
     /// A batch that could not be read, while it is read again.
     unreadable: Option<Unreadable>,
-    /// Partitions moved (a seek) since the messages in hand were taken from the
-    /// consumer: the rest of their messages in hand are dropped.
-    moved: BTreeSet<TopicPartition>,
+    /// Chunks taken from the consumer so far.
+    chunks_taken: u64,
+    /// The chunk decoded while the one before it was handled, not handled yet.
+    decoded: Option<receive::Chunk>,
+    /// Partitions moved (a seek), each with the number of chunks taken from the
+    /// consumer before its last move: their messages in chunks taken before it are
+    /// dropped.
+    moved: HashMap<TopicPartition, u64>,
     /// The assignment generation at which each partition was last revoked: its
     /// messages in hand taken before it are dropped.
     revoked_at: BTreeMap<TopicPartition, kafka::Generation>,
@@ -262,7 +267,7 @@ impl Worker {
     ) -> Self {
         let limits = Limits::of(&config.flush);
         Self {
-            decode_options: config.decode_options(),
+            decode_options: Arc::new(config.decode_options()),
             buffer: Buffer::new(config.delta.key_columns.clone(), limits, outputs.want_every_update()),
             partitions: Partitions::new(outputs.positions_vouch_for_all(), &config.retry)
                 .with_unrecorded_from_start(config.kafka.auto_offset_reset == crate::config::OffsetReset::Earliest),
@@ -278,7 +283,9 @@ impl Worker {
             looked_up_at: None,
             starts_tried_at: None,
             unreadable: None,
-            moved: BTreeSet::new(),
+            chunks_taken: 0,
+            decoded: None,
+            moved: HashMap::new(),
             revoked_at: BTreeMap::new(),
             consumer: Arc::new(consumer),
             committing: None,
@@ -290,6 +297,7 @@ impl Worker {
     }
 
     async fn run(&mut self) -> Result<(), WorkerError> {
+        let consumer = Arc::clone(&self.consumer);
         let mut tick =
             tokio::time::interval_at(Instant::now() + self.config.flush.interval, self.config.flush.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -301,6 +309,7 @@ impl Worker {
             let read_resumes = self.unreadable.as_ref().and_then(|u| u.resumes_at);
             let can_read = !self.buffer.is_full() && read_resumes.is_none();
             let commit_retry = self.partitions.commit_retry_at();
+            let decoded = self.decoded.is_some();
             tokio::select! {
                 // Shutdown first, so a stop request never waits behind a backlog; then a
                 // finished flush, so offsets are committed and the next flush can start
@@ -325,11 +334,32 @@ impl Worker {
                 }
                 () = sleep_until(commit_retry), if commit_retry.is_some() => {}
                 () = sleep_until(read_resumes), if read_resumes.is_some() => self.resume_reading(),
-                message = self.consumer.recv(), if can_read => {
-                    // With it, whatever else is already waiting, decoded off this thread.
-                    let room = self.buffer.room();
-                    let ready = receive::receive_ready(&self.consumer, message, room, &self.decode_options);
-                    self.handle_ready(ready).await?;
+                message = consumer.recv(), if can_read => {
+                    // With it, whatever else is already waiting, decoded off this thread
+                    // while this thread handles the chunk decoded before.
+                    let room = self.room();
+                    let taken = self.chunks_taken;
+                    self.chunks_taken += 1;
+                    let options = Arc::clone(&self.decode_options);
+                    let before = self.decoded.take();
+                    let (chunk, drained, rest) = receive::receive_beside(&consumer, message, room, &options, taken, || {
+                        before.map_or(Ok(None), |before| self.handle_ready_now(before))
+                    });
+                    if let Some(rest) = rest? {
+                        self.handle_rest(rest).await?;
+                    }
+                    // Nothing more waiting: no reason to hold the chunk back.
+                    match drained {
+                        true => self.handle_ready(chunk).await?,
+                        false => self.decoded = Some(chunk),
+                    }
+                }
+                // Nothing ready to decode beside it (or no room to read): the chunk
+                // decoded last is handled now, never held back waiting for more.
+                () = std::future::ready(()), if decoded => {
+                    if let Some(chunk) = self.decoded.take() {
+                        self.handle_ready(chunk).await?;
+                    }
                 }
             }
             // Exiting when caught up, the last batch has nothing more to wait for.
@@ -346,30 +376,108 @@ impl Worker {
         self.drain().await
     }
 
+    /// What the buffer can still take, less the chunk decoded and not handled yet.
+    fn room(&self) -> (usize, usize) {
+        let (records, bytes) = self.buffer.room();
+        let (held, held_bytes) = self.decoded.as_ref().map_or((0, 0), |chunk| chunk.size);
+        (records.saturating_sub(held).max(1), bytes.saturating_sub(held_bytes).max(1))
+    }
+
     /// Handles the messages taken from the consumer at once, in order, each with the
     /// assignment generation it was taken at. A message is dropped, not written, when
     /// it was fetched from where reading no longer is: its partition was moved (a seek)
     /// after the messages were taken, or revoked after it was fetched. librdkafka drops
     /// such messages still in its queue, not those already taken out of it; the moves
     /// read them again where they are still due.
-    async fn handle_ready(&mut self, ready: Vec<(kafka::Generation, Received)>) -> Result<(), WorkerError> {
-        self.moved.clear();
+    async fn handle_ready(&mut self, chunk: receive::Chunk) -> Result<(), WorkerError> {
+        if let Some(rest) = self.handle_ready_now(chunk)? {
+            self.handle_rest(rest).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Worker::handle_ready`] as far as no message must wait for anything (a
+    /// partition's recorded offsets to read, a move back, a batch that cannot be read):
+    /// gives back the rest of the chunk, from the first message that must.
+    fn handle_ready_now(&mut self, mut chunk: receive::Chunk) -> Result<Option<receive::Chunk>, WorkerError> {
         // The consumer reports assignment changes only while messages are taken from
         // it, so every change these messages may predate is known now: once per chunk.
         self.apply_rebalances();
-        for (generation, received) in ready {
-            let stale = received.partition().is_some_and(|tp| {
-                self.moved.contains(tp) || self.revoked_at.get(tp).is_some_and(|revoked| generation < *revoked)
-            });
-            if !stale {
-                self.handle(received).await?;
+        let mut received = std::mem::take(&mut chunk.received).into_iter();
+        while let Some((generation, message)) = received.next() {
+            if self.is_stale(chunk.taken, generation, &message) {
+                continue;
+            }
+            if let Some(message) = self.handle_now(message)? {
+                chunk.received = std::iter::once((generation, message)).chain(received).collect();
+                return Ok(Some(chunk));
+            }
+        }
+        self.progress.observe_buffered_bytes(self.buffer.bytes());
+        Ok(None)
+    }
+
+    /// The rest of a chunk [`Worker::handle_ready_now`] gave back, each message waiting
+    /// for what it must.
+    async fn handle_rest(&mut self, chunk: receive::Chunk) -> Result<(), WorkerError> {
+        for (generation, message) in chunk.received {
+            if !self.is_stale(chunk.taken, generation, &message) {
+                self.handle(message).await?;
             }
         }
         self.progress.observe_buffered_bytes(self.buffer.bytes());
         Ok(())
     }
 
+    /// Whether a message of the chunk taken after `taken` others, at `generation`, was
+    /// fetched from where reading no longer is ([`Worker::handle_ready`]).
+    fn is_stale(&self, taken: u64, generation: kafka::Generation, received: &Received) -> bool {
+        received.partition().is_some_and(|tp| {
+            self.moved.get(tp).is_some_and(|moved| taken < *moved)
+                || self.revoked_at.get(tp).is_some_and(|revoked| generation < *revoked)
+        })
+    }
+
+    /// Handles `received` when nothing about it must wait; gives it back otherwise.
+    fn handle_now(&mut self, received: Received) -> Result<Option<Received>, WorkerError> {
+        let ready = |at: &Coordinates| self.partitions.is_ready_for(at);
+        let now = !self.partitions.has_to_load()
+            && match &received {
+                Received::Update(update, ..) => ready(&update.source),
+                Received::Invalid(dead_letter) => ready(&dead_letter.source),
+                Received::EndOfPartition => true,
+                Received::Error(error) => kafka::BatchFault::of(error).is_none(),
+            };
+        if !now {
+            return Ok(Some(received));
+        }
+        match received {
+            Received::Update(update, size, kafka_time) => {
+                self.note_readable(&update.source);
+                let seen = self.partitions.seen(&update.source);
+                if self.settle(&update.source, seen) {
+                    self.buffer.push(update, size, kafka_time);
+                }
+            }
+            Received::Invalid(dead_letter) => {
+                self.note_readable(&dead_letter.source);
+                let seen = self.partitions.seen(&dead_letter.source);
+                if self.settle(&dead_letter.source, seen) {
+                    self.log_rejection(&dead_letter);
+                    self.buffer.reject(dead_letter);
+                }
+            }
+            Received::EndOfPartition => self.note_end_of_partition(),
+            Received::Error(error) => {
+                self.check_connection()?;
+                warn!(%error, "Kafka consumer error; librdkafka retries by itself");
+            }
+        }
+        Ok(None)
+    }
+
     async fn handle(&mut self, received: Received) -> Result<(), WorkerError> {
+        let Some(received) = self.handle_now(received)? else { return Ok(()) };
         // No move to the table's starts with a message in hand: it was read before the
         // move would take effect. `Partitions::seen` asks for the move from it instead.
         self.load_recorded().await?;
@@ -445,7 +553,6 @@ impl Worker {
 
     /// Counts a consumed message and tells whether it still has to be written.
     async fn is_to_write(&mut self, at: &Coordinates) -> Result<bool, WorkerError> {
-        self.read_to_end = false;
         let mut seen = self.partitions.seen(at);
         if seen == Seen::Unknown {
             // A message of a partition whose assignment was not reported yet.
@@ -455,12 +562,22 @@ impl Worker {
             self.load_recorded().await?;
             seen = self.partitions.seen(at);
         }
-        if !matches!(seen, Seen::Rewind { .. }) {
+        if let Seen::Rewind { from } = seen {
             // A message dropped for a move back is read again, and counted then.
-            Progress::bump(&self.progress.messages);
+            self.read_to_end = false;
+            self.read_again_from(at, from).await?;
+            return Ok(false);
         }
+        Ok(self.settle(at, seen))
+    }
+
+    /// Counts a consumed message and tells whether it still has to be written, by what
+    /// [`Partitions::seen`] said of it (anything but a move back).
+    fn settle(&mut self, at: &Coordinates, seen: Seen) -> bool {
+        self.read_to_end = false;
+        Progress::bump(&self.progress.messages);
         match seen {
-            Seen::Write => Ok(true),
+            Seen::Write => true,
             Seen::Skip { seek_to } => {
                 Progress::bump(&self.progress.skipped_already_written);
                 if let Some(next) = seek_to {
@@ -469,14 +586,10 @@ impl Worker {
                         debug!(%error, "seek not possible yet; skipping message by message");
                     }
                 }
-                Ok(false)
+                false
             }
             // Stopping while the table was read: the message is read again next time.
-            Seen::Unknown => Ok(false),
-            Seen::Rewind { from } => {
-                self.read_again_from(at, from).await?;
-                Ok(false)
-            }
+            Seen::Unknown | Seen::Rewind { .. } => false,
         }
     }
 
@@ -515,7 +628,7 @@ impl Worker {
 
     /// Whether every assigned partition is read to its end and written.
     async fn is_caught_up(&mut self) -> Result<bool, WorkerError> {
-        if !self.buffer.is_empty() || self.in_flight.is_some() {
+        if !self.buffer.is_empty() || self.in_flight.is_some() || self.decoded.is_some() {
             return Ok(false);
         }
         self.sync_assignment().await?;

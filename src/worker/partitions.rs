@@ -310,6 +310,23 @@ impl Partitions {
         state.phase = Phase::Loaded(Loaded { floor, sought: false, start, read: Read::Nothing });
     }
 
+    /// Whether [`Partitions::seen`] will say to write or skip a message read at `at`
+    /// (not that its partition is unknown, nor to move back).
+    pub fn is_ready_for(&self, at: &Coordinates) -> bool {
+        let Some(PartitionState { phase: Phase::Loaded(loaded), .. }) = self.states.get(&at.tp) else { return false };
+        let behind = match loaded.start {
+            Move::Due(Start::At(offset)) => at.offset > offset,
+            Move::Due(Start::Beginning) => at.offset > Offset(0),
+            Move::None | Move::Made(_) => false,
+        };
+        !behind
+    }
+
+    /// Whether some partition's recorded offsets are still to be read ([`Partitions::to_load`]).
+    pub fn has_to_load(&self) -> bool {
+        self.states.values().any(|s| s.phase == Phase::Assigned)
+    }
+
     /// A message was read: whether to buffer it or skip it.
     pub fn seen(&mut self, at: &Coordinates) -> Seen {
         let Some(state) = self.states.get_mut(&at.tp) else { return Seen::Unknown };

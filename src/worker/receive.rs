@@ -40,30 +40,55 @@ impl Received {
 /// decoding threads costs more than it saves.
 const DECODED_IN_PARALLEL_FROM: usize = 64;
 
-/// `first`, and the messages already waiting behind it that fit in the buffer's
-/// `room` ([`kafka::take_ready`]), decoded and validated in order: large chunks on the
-/// decoding threads (rayon's pool, one per core), so that the loop's thread is not what
-/// bounds how fast a backlog is read. Nothing is reordered: the loop handles the results
-/// one by one, in the order the consumer returned the messages.
-pub fn receive_ready(
+/// Messages taken from the consumer at once, decoded, in the order the consumer
+/// returned them, each with the assignment generation it was taken at.
+pub struct Chunk {
+    /// How many chunks were taken before this one: a move of a partition (a seek)
+    /// made after it was taken drops its messages of that partition.
+    pub taken: u64,
+    /// What each message became.
+    pub received: Vec<(Generation, Received)>,
+    /// Messages and their bytes (key and value), until the chunk is handled.
+    pub size: (usize, usize),
+}
+
+/// `first`, and the messages already waiting behind it that fit in `room`
+/// ([`kafka::take_ready`]), decoded and validated in order on the decoding threads
+/// (rayon's pool, one per core) while `beside` runs on the loop's thread: the loop
+/// handles the chunk before this one meanwhile, so neither waits for the other.
+/// Small chunks are decoded on the loop's thread. Also says whether the consumer's
+/// queue was drained (nothing more was waiting).
+pub fn receive_beside<R>(
     consumer: &SinkConsumer,
     first: Result<BorrowedMessage<'_>, KafkaError>,
     room: (usize, usize),
     options: &DecodeOptions,
-) -> Vec<(Generation, Received)> {
-    let (generations, messages): (Vec<_>, Vec<_>) = kafka::take_ready(consumer, first, room).into_iter().unzip();
-    generations.into_iter().zip(decode_in_order(messages, options)).collect()
+    taken: u64,
+    beside: impl FnOnce() -> R,
+) -> (Chunk, bool, R) {
+    let (messages, drained) = kafka::take_ready(consumer, first, room);
+    let size = (messages.len(), messages.iter().map(|(_, m)| kafka::message_size(m)).sum());
+    let (generations, messages): (Vec<_>, Vec<_>) = messages.into_iter().unzip();
+    let (received, beside) = if messages.len() < DECODED_IN_PARALLEL_FROM {
+        let received: Vec<Received> = messages.into_iter().map(|m| receive(m, options)).collect();
+        (received, beside())
+    } else {
+        let mut received = Vec::new();
+        let beside = rayon::in_place_scope(|scope| {
+            scope.spawn(|_| received = decode_in_order(messages, options));
+            beside()
+        });
+        (received, beside)
+    };
+    (Chunk { taken, received: generations.into_iter().zip(received).collect(), size }, drained, beside)
 }
 
-/// [`receive`] for each of `messages`, split between the decoding threads when there
-/// are enough of them; the results are in the messages' order.
+/// [`receive`] for each of `messages`, split between the decoding threads; the
+/// results are in the messages' order.
 fn decode_in_order(
     mut messages: Vec<Result<BorrowedMessage<'_>, KafkaError>>,
     options: &DecodeOptions,
 ) -> Vec<Received> {
-    if messages.len() < DECODED_IN_PARALLEL_FROM {
-        return messages.into_iter().map(|m| receive(m, options)).collect();
-    }
     let second = messages.split_off(messages.len() / 2);
     let decode = |part: Vec<Result<BorrowedMessage<'_>, KafkaError>>| -> Vec<Received> {
         part.into_iter().map(|m| receive(m, options)).collect()

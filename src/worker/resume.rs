@@ -186,7 +186,7 @@ impl Worker {
         target: rdkafka::Offset,
     ) -> Result<(), rdkafka::error::KafkaError> {
         self.consumer.seek(&tp.topic, tp.partition.0, target, Duration::ZERO)?;
-        self.moved.insert(tp.clone());
+        self.moved.insert(tp.clone(), self.chunks_taken);
         Ok(())
     }
 
