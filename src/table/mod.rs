@@ -575,7 +575,7 @@ impl PositionTable {
     async fn sync_index(&self, index: &mut KeyIndex) -> Result<usize, TableError> {
         let read_err = TableError::on_read(&self.uri);
         let snapshot = self.table.snapshot().map_err(&read_err)?;
-        let version = snapshot.version().max(0) as u64;
+        let version = snapshot.version();
         let mut listed: Vec<(LiveFile, Option<String>, Option<DeletionVectorDescriptor>)> = Vec::new();
         let starting = index.version().is_none();
         // The log's row counts check a saved index: only needed when it is read.
