@@ -3,9 +3,6 @@
 //! partition and consumer errors passed on. The worker and `replay` receive through
 //! here, so both read a message the same way.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
-
 use rdkafka::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
@@ -58,10 +55,9 @@ pub struct Chunk {
 /// `first`, and the messages already waiting behind it that fit in `room`
 /// ([`kafka::take_ready`]), decoded and validated in order on the decoding threads
 /// (rayon's pool, one per core) while `beside` runs on the loop's thread: the loop
-/// handles the chunk before this one meanwhile, then decodes what is left of this one
-/// beside the pool, so no thread waits while another works. Small chunks are decoded
-/// on the loop's thread. Also says whether the consumer's queue was drained (nothing
-/// more was waiting).
+/// handles the chunk before this one meanwhile, so neither waits for the other.
+/// Small chunks are decoded on the loop's thread. Also says whether the consumer's
+/// queue was drained (nothing more was waiting).
 pub fn receive_beside<R>(
     consumer: &SinkConsumer,
     first: Result<BorrowedMessage<'_>, KafkaError>,
@@ -77,67 +73,29 @@ pub fn receive_beside<R>(
         let received: Vec<Received> = messages.into_iter().map(|m| receive(m, options)).collect();
         (received, beside())
     } else {
-        let parts = Parts::of(messages);
+        let mut received = Vec::new();
         let beside = rayon::in_place_scope(|scope| {
-            let threads = rayon::current_num_threads();
-            for _ in 0..threads {
-                scope.spawn(|_| parts.decode(options));
-            }
-            let beside = beside();
-            parts.decode(options);
-            beside
+            scope.spawn(|_| received = decode_in_order(messages, options));
+            beside()
         });
-        (parts.received(), beside)
+        (received, beside)
     };
     (Chunk { taken, received: generations.into_iter().zip(received).collect(), size }, drained, beside)
 }
 
-/// Messages in parts of [`PART`], each decoded by whichever thread claims it first.
-struct Parts<'c> {
-    parts: Vec<Mutex<Part<'c>>>,
-    next: AtomicUsize,
-}
-
-/// Messages decoded at once by one thread.
-const PART: usize = 64;
-
-enum Part<'c> {
-    Taken(Vec<Result<BorrowedMessage<'c>, KafkaError>>),
-    Decoded(Vec<Received>),
-}
-
-impl<'c> Parts<'c> {
-    fn of(mut messages: Vec<Result<BorrowedMessage<'c>, KafkaError>>) -> Self {
-        let mut parts = Vec::with_capacity(messages.len().div_ceil(PART));
-        while !messages.is_empty() {
-            let rest = messages.split_off(PART.min(messages.len()));
-            parts.push(Mutex::new(Part::Taken(std::mem::replace(&mut messages, rest))));
-        }
-        Self { parts, next: AtomicUsize::new(0) }
-    }
-
-    /// Decodes parts no thread has claimed yet, until none is left.
-    fn decode(&self, options: &DecodeOptions) {
-        while let Some(part) = self.parts.get(self.next.fetch_add(1, Ordering::Relaxed)) {
-            let mut part = part.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Part::Taken(messages) = &mut *part {
-                let decoded = std::mem::take(messages).into_iter().map(|m| receive(m, options)).collect();
-                *part = Part::Decoded(decoded);
-            }
-        }
-    }
-
-    /// What the messages became, in their order (every part decoded).
-    fn received(self) -> Vec<Received> {
-        let mut received = Vec::with_capacity(self.parts.len() * PART);
-        for part in self.parts {
-            match part.into_inner().unwrap_or_else(PoisonError::into_inner) {
-                Part::Decoded(decoded) => received.extend(decoded),
-                Part::Taken(_) => unreachable!("every part is claimed and decoded before the scope ends"),
-            }
-        }
-        received
-    }
+/// [`receive`] for each of `messages`, split between the decoding threads; the
+/// results are in the messages' order.
+fn decode_in_order(
+    mut messages: Vec<Result<BorrowedMessage<'_>, KafkaError>>,
+    options: &DecodeOptions,
+) -> Vec<Received> {
+    let second = messages.split_off(messages.len() / 2);
+    let decode = |part: Vec<Result<BorrowedMessage<'_>, KafkaError>>| -> Vec<Received> {
+        part.into_iter().map(|m| receive(m, options)).collect()
+    };
+    let (mut first, second) = rayon::join(|| decode(messages), || decode(second));
+    first.extend(second);
+    first
 }
 
 /// Decodes and validates what the consumer returned: the one decode step of the worker
